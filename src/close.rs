@@ -1,0 +1,39 @@
+//! Why the server closes a session, as WebSocket close codes.
+
+use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+
+/// A close code and its fixed reason text; see the close code table in
+/// PROTOCOL.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    /// 1000: the session ended normally.
+    pub const NORMAL: CloseReason = CloseReason::new(1000, "normal closure");
+    /// 1001: the server is shutting down; reconnect to another node or later.
+    pub const GOING_AWAY: CloseReason = CloseReason::new(1001, "server shutting down");
+    /// 1008: the client did not read fast enough; its send queue filled up or
+    /// a write timed out.
+    pub const SLOW_CONSUMER: CloseReason = CloseReason::new(1008, "slow consumer: send queue full");
+    /// 1009: a message exceeded the configured maximum size.
+    pub const MESSAGE_TOO_BIG: CloseReason = CloseReason::new(1009, "message too big");
+    /// 1011: the server hit an unexpected condition.
+    pub const INTERNAL: CloseReason = CloseReason::new(1011, "internal error");
+    /// 4000: no pong or other traffic from the client within the ping timeout.
+    pub const HEARTBEAT_TIMEOUT: CloseReason = CloseReason::new(4000, "heartbeat timeout");
+
+    pub const fn new(code: u16, reason: &'static str) -> CloseReason {
+        CloseReason { code, reason }
+    }
+
+    /// The close frame to send.
+    pub fn frame(self) -> CloseFrame {
+        CloseFrame {
+            code: CloseCode::from(self.code),
+            reason: self.reason.into(),
+        }
+    }
+}

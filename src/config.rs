@@ -1,0 +1,184 @@
+//! Server settings: one struct, each field a `--flag` and a `WSPROTO_*`
+//! environment variable, each with a safe default.
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use tokio::net::{lookup_host, TcpListener};
+
+/// Every setting of a wsproto server. [`Config::default`] is what
+/// `wsproto-server` runs with when given no flags.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct Config {
+    /// Address to listen on: `:8080` (every interface), `host:port` or `[v6]:port`.
+    #[arg(long, env = "WSPROTO_LISTEN", default_value = ":8080")]
+    pub listen: ListenAddr,
+
+    /// URL path of the opcode-protocol WebSocket endpoint.
+    #[arg(long, env = "WSPROTO_WS_PATH", default_value = "/ws", value_parser = parse_path)]
+    pub ws_path: String,
+
+    /// Largest message a client may send, in bytes (opcode word included);
+    /// larger ones are refused with close code 1009 before being buffered.
+    #[arg(long, env = "WSPROTO_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_message_size: usize,
+
+    /// Frames that may wait in one session's send queue; a client that lets
+    /// it fill up is closed with 1008.
+    #[arg(long, env = "WSPROTO_SEND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(usize))]
+    pub send_queue: usize,
+
+    /// How often the server pings each client.
+    #[arg(long, env = "WSPROTO_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A client silent this long (no pong, no frame) is closed with 4000.
+    #[arg(long, env = "WSPROTO_PING_TIMEOUT", default_value = "50s", value_parser = humantime::parse_duration)]
+    pub ping_timeout: Duration,
+
+    /// A write to a client that takes longer than this closes it as a slow consumer.
+    #[arg(long, env = "WSPROTO_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
+    #[arg(long, env = "WSPROTO_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// On shutdown, how long to wait for clients to answer Close 1001.
+    #[arg(long, env = "WSPROTO_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: ListenAddr::AnyInterface(8080),
+            ws_path: "/ws".into(),
+            max_message_size: 64 * 1024,
+            send_queue: 256,
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(50),
+            write_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn parse_path(path: &str) -> Result<String, String> {
+    match path.starts_with('/') {
+        true => Ok(path.to_owned()),
+        false => Err(format!("path must start with '/': {path:?}")),
+    }
+}
+
+/// Where to listen, in the forms Go programs accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `:PORT`: every interface, IPv6 and IPv4 where the system allows.
+    AnyInterface(u16),
+    /// `IP:PORT` or `[IPv6]:PORT`.
+    Socket(SocketAddr),
+    /// `HOST:PORT`, resolved when binding.
+    Host(String, u16),
+}
+
+/// A listen address that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid listen address {0:?}: expected :PORT, HOST:PORT or [IPv6]:PORT")]
+pub struct ListenAddrError(String);
+
+impl FromStr for ListenAddr {
+    type Err = ListenAddrError;
+
+    fn from_str(s: &str) -> Result<ListenAddr, ListenAddrError> {
+        let err = || ListenAddrError(s.to_owned());
+        if let Some(port) = s.strip_prefix(':') {
+            return port.parse().map(ListenAddr::AnyInterface).map_err(|_| err());
+        }
+        if let Ok(addr) = s.parse() {
+            return Ok(ListenAddr::Socket(addr));
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+        let port = port.parse().map_err(|_| err())?;
+        if host.is_empty() || host.contains(':') || host.contains('[') {
+            return Err(err());
+        }
+        Ok(ListenAddr::Host(host.to_owned(), port))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::AnyInterface(port) => write!(f, ":{port}"),
+            ListenAddr::Socket(addr) => write!(f, "{addr}"),
+            ListenAddr::Host(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Binds a listener. `:PORT` tries the IPv6 wildcard first (which also
+    /// accepts IPv4 on Linux) and falls back to `0.0.0.0` where IPv6 is off.
+    ///
+    /// # Errors
+    /// When the host does not resolve or no address can be bound.
+    pub async fn bind(&self) -> std::io::Result<TcpListener> {
+        match self {
+            ListenAddr::AnyInterface(port) => match TcpListener::bind(("::", *port)).await {
+                Ok(listener) => Ok(listener),
+                Err(_) => TcpListener::bind(("0.0.0.0", *port)).await,
+            },
+            ListenAddr::Socket(addr) => TcpListener::bind(addr).await,
+            ListenAddr::Host(host, port) => {
+                let mut last_err = None;
+                for addr in lookup_host((host.as_str(), *port)).await? {
+                    match TcpListener::bind(addr).await {
+                        Ok(listener) => return Ok(listener),
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                Err(last_err.unwrap_or_else(|| std::io::Error::other(format!("{host} resolves to no address"))))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn defaults_match_the_flags_defaults() {
+        // Env vars would override the flag defaults; none are set in tests.
+        assert!(std::env::vars().all(|(k, _)| !k.starts_with("WSPROTO_")));
+        assert_eq!(Cli::parse_from(["wsproto-server"]).config, Config::default());
+    }
+
+    #[test]
+    fn listen_addresses_in_go_and_socket_forms() {
+        assert_eq!(":8080".parse(), Ok(ListenAddr::AnyInterface(8080)));
+        assert_eq!(
+            "127.0.0.1:9000".parse(),
+            Ok(ListenAddr::Socket("127.0.0.1:9000".parse().unwrap()))
+        );
+        assert_eq!("[::1]:9000".parse(), Ok(ListenAddr::Socket("[::1]:9000".parse().unwrap())));
+        assert_eq!("localhost:80".parse(), Ok(ListenAddr::Host("localhost".into(), 80)));
+        for bad in ["8080", ":", ":99999", "host:", "::1:80", "[::1]", ""] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn ws_path_must_be_absolute() {
+        assert!(Cli::try_parse_from(["s", "--ws-path", "ws"]).is_err());
+        assert_eq!(Cli::parse_from(["s", "--ws-path", "/x"]).config.ws_path, "/x");
+    }
+}

@@ -1,0 +1,111 @@
+//! Error codes of error frames, and the error type handlers return.
+
+use std::fmt;
+
+/// Stable numeric codes carried by `wsproto.v1.Error` frames.
+///
+/// The numbers never change meaning. Codes below 1000 belong to the
+/// protocol; applications use 1000 and up through [`HandlerError::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// The binary message is shorter than its header (4 bytes, or 8 with a request id).
+    FrameTooShort = 1,
+    /// Reserved bits 30..24 of the opcode word are set.
+    ReservedFlags = 2,
+    /// A text message arrived; the protocol is binary frames only.
+    TextNotSupported = 3,
+    /// No handler is registered for the opcode (or it is server → client only).
+    UnknownOpcode = 10,
+    /// The payload does not decode as the opcode's payload type.
+    BadPayload = 11,
+    /// The handler failed for a reason that is not the client's fault.
+    Internal = 12,
+}
+
+impl ErrorCode {
+    /// The code's number on the wire.
+    pub fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    /// Upper-case name, as in PROTOCOL.md.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::FrameTooShort => "FRAME_TOO_SHORT",
+            ErrorCode::ReservedFlags => "RESERVED_FLAGS",
+            ErrorCode::TextNotSupported => "TEXT_NOT_SUPPORTED",
+            ErrorCode::UnknownOpcode => "UNKNOWN_OPCODE",
+            ErrorCode::BadPayload => "BAD_PAYLOAD",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    /// The protocol code with this number, if any.
+    pub fn from_u32(code: u32) -> Option<ErrorCode> {
+        [
+            ErrorCode::FrameTooShort,
+            ErrorCode::ReservedFlags,
+            ErrorCode::TextNotSupported,
+            ErrorCode::UnknownOpcode,
+            ErrorCode::BadPayload,
+            ErrorCode::Internal,
+        ]
+        .into_iter()
+        .find(|c| c.as_u32() == code)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.as_u32(), self.name())
+    }
+}
+
+/// A handler's refusal; becomes an error frame for the request, echoing its
+/// request id. The connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (code {code})")]
+pub struct HandlerError {
+    code: u32,
+    message: String,
+}
+
+impl HandlerError {
+    /// An error with an application-defined code (1000 and up by convention).
+    pub fn new(code: u32, message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An error with a protocol code.
+    pub fn protocol(code: ErrorCode, message: impl Into<String>) -> HandlerError {
+        HandlerError::new(code.as_u32(), message)
+    }
+
+    /// The payload does not fit the opcode.
+    pub fn bad_payload(message: impl Into<String>) -> HandlerError {
+        HandlerError::protocol(ErrorCode::BadPayload, message)
+    }
+
+    /// Something failed on the server's side.
+    pub fn internal(message: impl Into<String>) -> HandlerError {
+        HandlerError::protocol(ErrorCode::Internal, message)
+    }
+
+    pub fn code(&self) -> u32 {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<prost::DecodeError> for HandlerError {
+    fn from(err: prost::DecodeError) -> HandlerError {
+        HandlerError::bad_payload(format!("payload is not a valid message: {err}"))
+    }
+}

@@ -1,0 +1,326 @@
+//! The server: accept loop, HTTP routes, WebSocket upgrades and graceful
+//! shutdown.
+//!
+//! Routes: the opcode protocol at [`Config::ws_path`] (`/ws`), a plain
+//! echo WebSocket at `/echo` (for diagnostics and conformance suites), and
+//! `GET /healthz`.
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Request, State},
+    response::{IntoResponse, Response},
+    routing::get,
+    Extension, Json,
+};
+use futures_util::{SinkExt, StreamExt};
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_tungstenite::{
+    tungstenite::protocol::{Role, WebSocketConfig},
+    WebSocketStream,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_service::Service;
+use tracing::{debug, info, warn};
+
+use crate::{
+    close::CloseReason,
+    session::{self, Session},
+    upgrade::{self, UpgradeError},
+    Config, Hub, Router,
+};
+
+/// How long a client may take to send its HTTP request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read buffer per connection: small, because most frames are small and
+/// idle connections should cost little; it grows for larger messages.
+const READ_BUFFER: usize = 4 * 1024;
+/// Outgoing bytes buffered before a write is forced (frames are flushed per
+/// batch anyway).
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+}
+
+#[derive(Clone)]
+struct AppState {
+    config: Arc<Config>,
+    router: Arc<Router>,
+    hub: Hub,
+    /// One permit per open WebSocket, so upgrades past the cap are refused.
+    connections: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    ws_config: WebSocketConfig,
+}
+
+/// The client's address, attached to each request by the accept loop.
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(SocketAddr);
+
+impl Server {
+    /// Binds `config.listen` and prepares to serve `router`.
+    ///
+    /// # Errors
+    /// When the address cannot be bound, or `config.ws_path` collides with
+    /// a built-in route.
+    pub async fn bind(config: Config, router: Router) -> io::Result<Server> {
+        let listener = config.listen.bind().await?;
+        Server::from_listener(listener, config, router)
+    }
+
+    /// Serves `router` on an already-bound listener (`config.listen` is
+    /// ignored); what tests use with port 0.
+    ///
+    /// # Errors
+    /// When `config.ws_path` collides with a built-in route.
+    pub fn from_listener(listener: TcpListener, config: Config, router: Router) -> io::Result<Server> {
+        if matches!(config.ws_path.as_str(), "/echo" | "/healthz") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("--ws-path {} collides with a built-in route", config.ws_path),
+            ));
+        }
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(WRITE_BUFFER)
+            .max_write_buffer_size(WRITE_BUFFER + config.max_message_size.max(READ_BUFFER) * 2)
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size));
+        let state = AppState {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            config: Arc::new(config),
+            router: Arc::new(router),
+            hub: Hub::new(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ws_config,
+        };
+        Ok(Server { listener, state })
+    }
+
+    /// The address the server listens on.
+    ///
+    /// # Errors
+    /// As [`TcpListener::local_addr`].
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// This server's hub of sessions.
+    pub fn hub(&self) -> Hub {
+        self.state.hub.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, sends Close
+    /// 1001 to every session and waits up to [`Config::shutdown_timeout`]
+    /// for them to finish.
+    ///
+    /// Accept errors (such as running out of file descriptors) are logged
+    /// and retried after a pause; they never end the loop.
+    ///
+    /// # Errors
+    /// None at present; the signature leaves room for fatal listener errors.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let Server { listener, state } = self;
+        let app = axum::Router::new()
+            .route(&state.config.ws_path, get(protocol_endpoint))
+            .route("/echo", get(echo_endpoint))
+            .route("/healthz", get(healthz))
+            .with_state(state.clone());
+
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        warn!(%err, "accept failed; retrying shortly");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let app = app.clone();
+            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(PeerAddr(peer));
+                app.clone().call(request)
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            let shutdown = state.shutdown.clone();
+            state.tasks.spawn(async move {
+                tokio::pin!(connection);
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(err) = result {
+                    debug!(%peer, %err, "http connection ended with an error");
+                }
+            });
+        }
+
+        drop(listener);
+        let open = state.hub.len();
+        info!(sessions = open, "shutting down: closing sessions with 1001");
+        state.shutdown.cancel();
+        state.tasks.close();
+        // Sessions give clients shutdown_timeout to answer; allow a little
+        // more for the last writes before giving up on them.
+        let deadline = state.config.shutdown_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(deadline, state.tasks.wait()).await.is_err() {
+            warn!(sessions = state.hub.len(), "shutdown deadline passed; dropping remaining connections");
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Checks that a session may start, and spawns `serve` on the upgraded
+/// connection once the 101 response has gone out.
+fn upgrade_then<F, Fut>(state: &AppState, mut request: Request, serve: F) -> Response
+where
+    F: FnOnce(WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let (response, on_upgrade) = match upgrade::accept(&mut request) {
+        Ok(accepted) => accepted,
+        Err(err) => return err.into_response(),
+    };
+    if state.shutdown.is_cancelled() {
+        return UpgradeError::Unavailable.into_response();
+    }
+    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        debug!("connection limit reached; upgrade refused");
+        return UpgradeError::Unavailable.into_response();
+    };
+    let ws_config = state.ws_config;
+    state.tasks.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => return debug!(%err, "upgrade failed"),
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+        serve(ws).await;
+        drop(permit);
+    });
+    response
+}
+
+async fn protocol_endpoint(
+    State(state): State<AppState>,
+    Extension(PeerAddr(peer)): Extension<PeerAddr>,
+    request: Request,
+) -> Response {
+    let (hub, router, config, shutdown) = (
+        state.hub.clone(),
+        state.router.clone(),
+        state.config.clone(),
+        state.shutdown.clone(),
+    );
+    upgrade_then(&state, request, move |ws| {
+        let session = Session::new(hub, None, Some(peer), config.send_queue);
+        session::run(ws, session, router, config, shutdown)
+    })
+}
+
+async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Response {
+    let (config, shutdown) = (state.config.clone(), state.shutdown.clone());
+    upgrade_then(&state, request, move |ws| echo(ws, config, shutdown))
+}
+
+/// `/echo`: sends every text or binary message back unchanged. One task
+/// reads and writes in turn, so there is still exactly one writer.
+async fn echo(
+    mut ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(config.write_timeout, ws.close(Some(CloseReason::GOING_AWAY.frame()))).await;
+                // Wait for the client's answering close.
+                let _ = tokio::time::timeout(config.shutdown_timeout, async { while ws.next().await.is_some() {} }).await;
+                return;
+            }
+            message = tokio::time::timeout(config.ping_timeout, ws.next()) => message,
+        };
+        match message {
+            Ok(Some(Ok(message))) if message.is_text() || message.is_binary() => {
+                match tokio::time::timeout(config.write_timeout, ws.send(message)).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_)))) => {
+                let close = ws.close(Some(CloseReason::MESSAGE_TOO_BIG.frame()));
+                let _ = tokio::time::timeout(config.write_timeout, close).await;
+                return;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return,
+            Err(_idle) => {
+                let close = ws.close(Some(CloseReason::HEARTBEAT_TIMEOUT.frame()));
+                let _ = tokio::time::timeout(config.write_timeout, close).await;
+                return;
+            }
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Health {
+    status: &'static str,
+    sessions: usize,
+}
+
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        sessions: state.hub.len(),
+    })
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            warn!(%err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                warn!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+}

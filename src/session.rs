@@ -1,0 +1,400 @@
+//! One WebSocket connection: the [`Session`] handle handlers act through,
+//! and the loop that runs the connection.
+//!
+//! Each connection runs as two tasks: this one reads and dispatches frames in
+//! order; a writer task owns the sink and is the only thing that ever writes
+//! to the socket. Everything else — replies, pushes from other sessions,
+//! heartbeat pings, close frames — goes through the session's bounded
+//! [`SessionQueue`], so a client that stops reading fills its own queue and
+//! is closed; it never blocks a producer.
+
+use std::{
+    any::{Any, TypeId},
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::{
+    tungstenite::{error::Error as WsError, Message},
+    WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace};
+use wsproto_proto::v1;
+
+use crate::{
+    close::CloseReason,
+    error::ErrorCode,
+    frame::Frame,
+    hub::Hub,
+    opcode,
+    queue::{Batch, PushError, SessionQueue},
+    router::Router,
+    Config,
+};
+
+/// Most frames the writer moves from the queue into one socket write.
+const WRITE_BATCH: usize = 64;
+
+/// A handle to one connected client; cheap to clone.
+///
+/// Handlers receive it with every frame; it identifies the client and is
+/// the way to send it frames from anywhere.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: Arc<str>,
+    user_id: Option<Arc<str>>,
+    remote_addr: Option<SocketAddr>,
+    connected_at: Instant,
+    queue: SessionQueue,
+    hub: Hub,
+    frames_received: AtomicU64,
+    frames_sent: AtomicU64,
+    /// Milliseconds after `connected_at` when the client was last heard from.
+    last_seen_ms: AtomicU64,
+    locals: Mutex<HashMap<TypeId, Box<dyn Any + Send>>>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        hub: Hub,
+        user_id: Option<Arc<str>>,
+        remote_addr: Option<SocketAddr>,
+        queue_capacity: usize,
+    ) -> Session {
+        Session {
+            inner: Arc::new(Inner {
+                id: hub.next_session_id(),
+                user_id,
+                remote_addr,
+                connected_at: Instant::now(),
+                queue: SessionQueue::new(queue_capacity),
+                hub,
+                frames_received: AtomicU64::new(0),
+                frames_sent: AtomicU64::new(0),
+                last_seen_ms: AtomicU64::new(0),
+                locals: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A session with no socket behind it, registered with `hub`: what it is
+    /// sent stays in [`Session::queue`]. For testing and fuzzing handlers.
+    pub fn detached(hub: &Hub, queue_capacity: usize) -> Session {
+        let session = Session::new(hub.clone(), None, None, queue_capacity);
+        hub.register(&session);
+        session
+    }
+
+    /// Unique across the nodes of a deployment.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The user this session acts for, when known.
+    pub fn user_id(&self) -> Option<&str> {
+        self.inner.user_id.as_deref()
+    }
+
+    /// The client's address as the server saw it.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.inner.remote_addr
+    }
+
+    /// How long the session has been open.
+    pub fn connected_for(&self) -> Duration {
+        self.inner.connected_at.elapsed()
+    }
+
+    /// The hub of the node this session is on.
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    /// The session's send queue.
+    pub fn queue(&self) -> &SessionQueue {
+        &self.inner.queue
+    }
+
+    /// Frames received from the client so far.
+    pub fn frames_received(&self) -> u64 {
+        self.inner.frames_received.load(Ordering::Relaxed)
+    }
+
+    /// Frames written to the client so far.
+    pub fn frames_sent(&self) -> u64 {
+        self.inner.frames_sent.load(Ordering::Relaxed)
+    }
+
+    /// Queues a frame for the client.
+    ///
+    /// # Errors
+    /// When the session is closing, or its queue is full (the session is
+    /// then closed as a slow consumer).
+    pub fn send(&self, frame: &Frame) -> Result<(), PushError> {
+        self.send_encoded(frame.encode())
+    }
+
+    /// Queues an already-encoded frame; lets one encoding serve many sessions.
+    ///
+    /// # Errors
+    /// As [`Session::send`].
+    pub fn send_encoded(&self, frame: Bytes) -> Result<(), PushError> {
+        self.inner.queue.push(frame)
+    }
+
+    /// Queues an ERROR frame. Failure to queue is ignored: the session is
+    /// closing then, and the client will learn that from the close frame.
+    pub fn send_error(&self, code: u32, message: String, opcode: u32, request_id: Option<u32>) {
+        debug!(session = %self.id(), code, opcode, %message, "error frame");
+        let error = v1::Error { code, message, opcode };
+        let frame = Frame::new(opcode::ERROR, error.encode_to_vec()).with_request_id(request_id);
+        let _ = self.send(&frame);
+    }
+
+    /// Runs `f` on this session's value of type `T` (created with
+    /// `T::default()` on first use). Handlers keep per-connection state here;
+    /// it is dropped with the session.
+    pub fn with_local<T: Default + Send + 'static, R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut locals = self.inner.locals.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = locals.entry(TypeId::of::<T>()).or_insert_with(|| Box::new(T::default()));
+        match slot.downcast_mut::<T>() {
+            Some(value) => f(value),
+            None => unreachable!("locals are keyed by their own TypeId"),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.inner.connected_at.elapsed().as_millis() as u64;
+        self.inner.last_seen_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.inner.last_seen_ms.load(Ordering::Relaxed));
+        self.inner.connected_at.elapsed().saturating_sub(last)
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id())
+            .field("user_id", &self.user_id())
+            .field("remote_addr", &self.remote_addr())
+            .finish()
+    }
+}
+
+/// Runs one opcode-protocol connection until it ends, then unregisters it.
+pub(crate) async fn run<S>(
+    ws: WebSocketStream<S>,
+    session: Session,
+    router: Arc<Router>,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let hub = session.hub().clone();
+    hub.register(&session);
+    debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
+    send_welcome(&session, &config);
+
+    let (sink, mut stream) = ws.split();
+    // Cancelled when either half is done: the other half then stops too.
+    let terminate = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(sink, session.clone(), config.clone(), terminate.clone()));
+
+    let queue = session.queue().clone();
+    let mut close_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if close_deadline.is_none() && queue.close_reason().is_some() {
+            close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
+        }
+        let message = tokio::select! {
+            biased;
+            _ = terminate.cancelled() => break,
+            _ = shutdown.cancelled(), if close_deadline.is_none() => {
+                queue.close(CloseReason::GOING_AWAY);
+                continue;
+            }
+            _ = queue.closing(), if close_deadline.is_none() => continue,
+            _ = sleep_until(close_deadline), if close_deadline.is_some() => break,
+            message = stream.next() => message,
+        };
+        match message {
+            None => break,
+            Some(Err(WsError::Capacity(err))) => {
+                debug!(session = %session.id(), %err, "message over the size limit");
+                queue.close(CloseReason::MESSAGE_TOO_BIG);
+                // The rest of the oversized message is still on the wire, so
+                // nothing more can be read; let the writer send the close.
+                let _ = tokio::time::timeout(config.write_timeout, terminate.cancelled()).await;
+                break;
+            }
+            Some(Err(err)) => {
+                debug!(session = %session.id(), %err, "read failed");
+                break;
+            }
+            Some(Ok(message)) => {
+                session.touch();
+                if close_deadline.is_some() {
+                    // Closing: wait for the client's close, act on nothing else.
+                    continue;
+                }
+                handle_message(&session, &router, message).await;
+            }
+        }
+    }
+
+    terminate.cancel();
+    let _ = writer.await;
+    hub.unregister(session.id());
+    debug!(
+        session = %session.id(),
+        reason = ?queue.close_reason(),
+        received = session.frames_received(),
+        sent = session.frames_sent(),
+        "session closed"
+    );
+}
+
+async fn handle_message(session: &Session, router: &Router, message: Message) {
+    match message {
+        Message::Binary(data) => {
+            session.inner.frames_received.fetch_add(1, Ordering::Relaxed);
+            router.handle_message(session, data).await;
+        }
+        Message::Text(text) => {
+            session.inner.frames_received.fetch_add(1, Ordering::Relaxed);
+            trace!(session = %session.id(), kind = "text", len = text.len(), "frame in");
+            session.send_error(
+                ErrorCode::TextNotSupported.as_u32(),
+                "text messages are not supported; send binary frames".into(),
+                0,
+                None,
+            );
+        }
+        // Pongs only count as liveness (done by the caller); tungstenite
+        // answers pings and close frames itself.
+        Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
+    }
+}
+
+fn send_welcome(session: &Session, config: &Config) {
+    let welcome = v1::Welcome {
+        session_id: session.id().to_owned(),
+        user_id: session.user_id().unwrap_or_default().to_owned(),
+        server: crate::SERVER_NAME.to_owned(),
+        protocol_version: crate::PROTOCOL_VERSION,
+        ping_interval_ms: config.ping_interval.as_millis().try_into().unwrap_or(u32::MAX),
+        max_message_size: config.max_message_size.try_into().unwrap_or(u32::MAX),
+    };
+    let _ = session.send(&Frame::new(opcode::WELCOME, welcome.encode_to_vec()));
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes every frame of `batch` into the socket's buffer, then flushes
+/// once: a burst of queued frames costs one write, not one per frame.
+async fn write_batch<S>(
+    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    batch: &mut Vec<Bytes>,
+) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for frame in batch.drain(..) {
+        sink.feed(Message::Binary(frame)).await?;
+    }
+    sink.flush().await
+}
+
+enum WriterWork {
+    Batch(Batch),
+    Heartbeat,
+}
+
+/// The only task that writes to the socket: drains the queue in batches
+/// (one flush per batch), pings on an interval and closes silent clients.
+async fn write_loop<S>(
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    session: Session,
+    config: Arc<Config>,
+    terminate: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let queue = session.queue().clone();
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let period = config.ping_interval;
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        let work = tokio::select! {
+            biased;
+            _ = terminate.cancelled() => break,
+            batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
+            _ = heartbeat.tick() => WriterWork::Heartbeat,
+        };
+        let write = match work {
+            WriterWork::Batch(Batch::Frames) => {
+                let count = batch.len() as u64;
+                let result = tokio::time::timeout(config.write_timeout, write_batch(&mut sink, &mut batch)).await;
+                if matches!(result, Ok(Ok(()))) {
+                    session.inner.frames_sent.fetch_add(count, Ordering::Relaxed);
+                }
+                result
+            }
+            WriterWork::Batch(Batch::Close(reason)) => {
+                debug!(session = %session.id(), code = reason.code, reason = reason.reason, "closing");
+                let close = Message::Close(Some(reason.frame()));
+                let result = tokio::time::timeout(config.write_timeout, sink.send(close)).await;
+                if matches!(result, Ok(Ok(()))) {
+                    // The reader waits for the client's answering close.
+                    return;
+                }
+                result
+            }
+            WriterWork::Heartbeat => {
+                if session.silent_for() > config.ping_timeout {
+                    queue.close(CloseReason::HEARTBEAT_TIMEOUT);
+                    continue;
+                }
+                tokio::time::timeout(config.write_timeout, sink.send(Message::Ping(Bytes::new()))).await
+            }
+        };
+        match write {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                debug!(session = %session.id(), %err, "write failed");
+                break;
+            }
+            Err(_) => {
+                debug!(session = %session.id(), "write timed out; slow consumer");
+                queue.close(CloseReason::SLOW_CONSUMER);
+                break;
+            }
+        }
+    }
+    terminate.cancel();
+}
