@@ -216,7 +216,8 @@ pub(crate) async fn run<S>(
     let (sink, mut stream) = ws.split();
     // Cancelled when either half is done: the other half then stops too.
     let terminate = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(sink, session.clone(), config.clone(), terminate.clone()));
+    let mut writer = tokio::spawn(write_loop(sink, session.clone(), config.clone(), terminate.clone()));
+    let mut writer_done = false;
 
     let queue = session.queue().clone();
     let mut close_deadline: Option<tokio::time::Instant> = None;
@@ -242,7 +243,7 @@ pub(crate) async fn run<S>(
                 queue.close(CloseReason::MESSAGE_TOO_BIG);
                 // The rest of the oversized message is still on the wire, so
                 // nothing more can be read; let the writer send the close.
-                let _ = tokio::time::timeout(config.write_timeout, terminate.cancelled()).await;
+                writer_done = tokio::time::timeout(config.write_timeout, &mut writer).await.is_ok();
                 break;
             }
             Some(Err(err)) => {
@@ -261,7 +262,9 @@ pub(crate) async fn run<S>(
     }
 
     terminate.cancel();
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
     hub.unregister(session.id());
     debug!(
         session = %session.id(),
@@ -313,17 +316,17 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Writes every frame of `batch` into the socket's buffer, then flushes
-/// once: a burst of queued frames costs one write, not one per frame.
-async fn write_batch<S>(
+/// Writes `messages` into the socket's buffer, then flushes once: a burst
+/// of queued frames costs one write, not one per frame.
+async fn write_all<S>(
     sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    batch: &mut Vec<Bytes>,
+    messages: &mut Vec<Message>,
 ) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for frame in batch.drain(..) {
-        sink.feed(Message::Binary(frame)).await?;
+    for message in messages.drain(..) {
+        sink.feed(message).await?;
     }
     sink.flush().await
 }
@@ -345,6 +348,7 @@ async fn write_loop<S>(
 {
     let queue = session.queue().clone();
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut messages = Vec::with_capacity(WRITE_BATCH);
     let period = config.ping_interval;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -356,35 +360,34 @@ async fn write_loop<S>(
             batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
             _ = heartbeat.tick() => WriterWork::Heartbeat,
         };
-        let write = match work {
-            WriterWork::Batch(Batch::Frames) => {
-                let count = batch.len() as u64;
-                let result = tokio::time::timeout(config.write_timeout, write_batch(&mut sink, &mut batch)).await;
-                if matches!(result, Ok(Ok(()))) {
-                    session.inner.frames_sent.fetch_add(count, Ordering::Relaxed);
-                }
-                result
-            }
+        let mut closing = false;
+        match work {
+            WriterWork::Batch(Batch::Frames) => messages.extend(batch.drain(..).map(Message::Binary)),
             WriterWork::Batch(Batch::Close(reason)) => {
                 debug!(session = %session.id(), code = reason.code, reason = reason.reason, "closing");
-                let close = Message::Close(Some(reason.frame()));
-                let result = tokio::time::timeout(config.write_timeout, sink.send(close)).await;
-                if matches!(result, Ok(Ok(()))) {
-                    // The reader waits for the client's answering close.
-                    return;
-                }
-                result
+                messages.push(Message::Close(Some(reason.frame())));
+                closing = true;
             }
-            WriterWork::Heartbeat => {
-                if session.silent_for() > config.ping_timeout {
-                    queue.close(CloseReason::HEARTBEAT_TIMEOUT);
-                    continue;
-                }
-                tokio::time::timeout(config.write_timeout, sink.send(Message::Ping(Bytes::new()))).await
+            WriterWork::Heartbeat if session.silent_for() > config.ping_timeout => {
+                queue.close(CloseReason::HEARTBEAT_TIMEOUT);
+                continue;
             }
+            WriterWork::Heartbeat => messages.push(Message::Ping(Bytes::new())),
+        }
+        let frames = messages.iter().filter(|m| m.is_binary()).count() as u64;
+        let written = tokio::select! {
+            biased;
+            _ = terminate.cancelled() => break,
+            written = tokio::time::timeout(config.write_timeout, write_all(&mut sink, &mut messages)) => written,
         };
-        match write {
-            Ok(Ok(())) => {}
+        match written {
+            Ok(Ok(())) if closing => {
+                // The reader waits for the client's answering close.
+                return;
+            }
+            Ok(Ok(())) => {
+                session.inner.frames_sent.fetch_add(frames, Ordering::Relaxed);
+            }
             Ok(Err(err)) => {
                 debug!(session = %session.id(), %err, "write failed");
                 break;

@@ -1,1 +1,7 @@
+//! The wsproto client: an async [`Client`] for the opcode protocol, and the
+//! payload [`schema`] helpers the `wsproto-client` CLI is built from.
 
+pub mod client;
+pub mod schema;
+
+pub use client::{error_of, Client, ClientError};

@@ -1,1 +1,218 @@
-fn main() {}
+//! `wsproto-client`: send opcode frames to a wsproto server and print what
+//! comes back.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use wsproto::{frame::MAX_OPCODE, opcode, Frame};
+use wsproto_client::{error_of, schema, Client, ClientError};
+
+/// Request id of the PING sent after the user's frames: the server answers
+/// frames in order, so its PONG means every reply has arrived.
+const BARRIER_ID: u32 = u32::MAX;
+
+#[derive(Parser)]
+#[command(name = "wsproto-client", version, about = "Client for wsproto servers")]
+struct Cli {
+    /// Server endpoint.
+    #[arg(long, global = true, env = "WSPROTO_URL", default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send one frame (or one per tick with --every) and print the replies.
+    Send(SendArgs),
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Opcode number (e.g. 110) or built-in name (e.g. add_friend).
+    #[arg(value_parser = parse_opcode)]
+    opcode: u32,
+
+    /// Payload as UTF-8 text.
+    #[arg(conflicts_with_all = ["hex", "file", "json"])]
+    text: Option<String>,
+
+    /// Payload as hex digits.
+    #[arg(long)]
+    hex: Option<String>,
+
+    /// Payload read from a file.
+    #[arg(long)]
+    file: Option<PathBuf>,
+
+    /// Payload as JSON, encoded as the opcode's protobuf request message.
+    #[arg(long, conflicts_with_all = ["hex", "file"])]
+    json: Option<String>,
+
+    /// Send on this interval (e.g. 1s, 250ms) until Ctrl-C or --count.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    every: Option<Duration>,
+
+    /// With --every: stop after this many frames.
+    #[arg(long, requires = "every")]
+    count: Option<u64>,
+
+    /// Attach a request id (the replies echo it).
+    #[arg(long)]
+    request_id: bool,
+
+    /// Give up when no reply arrives for this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+
+    /// Also print the WELCOME frame and the PONG that ends the exchange.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn parse_opcode(s: &str) -> Result<u32, String> {
+    if let Ok(code) = s.parse::<u32>() {
+        return match code <= MAX_OPCODE {
+            true => Ok(code),
+            false => Err(format!("opcode {code} exceeds the 24-bit maximum {MAX_OPCODE}")),
+        };
+    }
+    opcode::BUILTIN
+        .iter()
+        .find(|spec| spec.name.eq_ignore_ascii_case(s))
+        .map(|spec| spec.code)
+        .ok_or_else(|| format!("{s:?} is neither a number nor a built-in opcode name"))
+}
+
+impl SendArgs {
+    fn payload(&self) -> anyhow::Result<Bytes> {
+        Ok(match (&self.text, &self.hex, &self.file, &self.json) {
+            (Some(text), ..) => Bytes::from(text.clone()),
+            (_, Some(hex), ..) => schema::payload_from_hex(hex)?,
+            (_, _, Some(path), _) => std::fs::read(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .into(),
+            (.., Some(json)) => schema::payload_from_json(self.opcode, json)?,
+            _ => Bytes::new(),
+        })
+    }
+}
+
+/// Prints one frame from the server; returns whether it was an error frame.
+fn print_frame(frame: &Frame, verbose: bool) -> bool {
+    if let Some(error) = error_of(frame) {
+        let code = wsproto::ErrorCode::from_u32(error.code).map_or("application error", |c| c.name());
+        eprintln!(
+            "error: server replied {code} ({}) to opcode {}: {}",
+            error.code, error.opcode, error.message
+        );
+        return true;
+    }
+    let is_barrier = frame.opcode == opcode::PONG && frame.request_id == Some(BARRIER_ID);
+    if verbose || (frame.opcode != opcode::WELCOME && !is_barrier) {
+        println!("{}", schema::describe(frame));
+    }
+    false
+}
+
+async fn send(url: &str, args: SendArgs) -> anyhow::Result<bool> {
+    let payload = args.payload()?;
+    let mut client = Client::connect(url).await?;
+    let mut request_id = 0u32;
+    let mut frame = move || {
+        request_id += 1;
+        Frame::new(args.opcode, payload.clone()).with_request_id(args.request_id.then_some(request_id))
+    };
+    let barrier = Frame::new(opcode::PING, Bytes::new()).with_request_id(Some(BARRIER_ID));
+
+    let mut ticks = args.every.map(tokio::time::interval);
+    let mut sent = 0u64;
+    let mut done_sending = false;
+    if ticks.is_none() {
+        client.send(&frame()).await?;
+        client.send(&barrier).await?;
+        done_sending = true;
+    }
+    let mut failed = false;
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    loop {
+        tokio::select! {
+            _ = &mut interrupt => break,
+            _ = tick(&mut ticks), if !done_sending => {
+                client.send(&frame()).await?;
+                sent += 1;
+                if args.count.is_some_and(|count| sent >= count) {
+                    client.send(&barrier).await?;
+                    done_sending = true;
+                }
+            }
+            // While sending on a timer, silence is normal; after the last
+            // frame, the replies must come within the timeout.
+            received = recv(&mut client, done_sending.then_some(args.timeout)) => {
+                let frame = received?;
+                failed |= print_frame(&frame, args.verbose);
+                if frame.opcode == opcode::PONG && frame.request_id == Some(BARRIER_ID) {
+                    break;
+                }
+            }
+        }
+    }
+    client.close(1000).await?;
+    Ok(!failed)
+}
+
+async fn recv(client: &mut Client, timeout: Option<Duration>) -> Result<Frame, ClientError> {
+    match timeout {
+        Some(timeout) => client.recv_timeout(timeout).await,
+        None => client.recv().await,
+    }
+}
+
+async fn tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(ticks) => {
+            ticks.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Send(args) => send(&cli.url, args).await,
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opcodes_by_number_or_name() {
+        assert_eq!(parse_opcode("110"), Ok(110));
+        assert_eq!(parse_opcode("add_friend"), Ok(110));
+        assert_eq!(parse_opcode("ECHO"), Ok(100));
+        assert!(parse_opcode("16777216").is_err());
+        assert!(parse_opcode("nope").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

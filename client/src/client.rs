@@ -1,0 +1,235 @@
+//! An async client for the opcode protocol, used by the CLI and the tests.
+
+use std::{collections::VecDeque, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    tungstenite::{self, protocol::CloseFrame, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+use wsproto::{frame::FrameError, opcode, proto::v1, Frame};
+
+/// How long [`Client::close`] waits for the server's answering close.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// What went wrong talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL does not parse or is not ws:// / wss://.
+    #[error("invalid URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    /// No TCP connection could be made.
+    #[error("cannot connect to {url}: {error}")]
+    Connect { url: String, error: std::io::Error },
+    /// The server answered the upgrade with an HTTP error.
+    #[error("server refused the WebSocket upgrade: HTTP {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
+    Refused { status: u16, body: String },
+    /// The server closed the connection.
+    #[error("server closed the connection: {code} {reason}")]
+    Closed { code: u16, reason: String },
+    /// The server sent bytes that are not a frame.
+    #[error("server sent an invalid frame: {0}")]
+    BadFrame(#[from] FrameError),
+    /// The server sent a frame other than the one the protocol calls for.
+    #[error("expected {expected}, got a frame with opcode {opcode}")]
+    Unexpected { expected: &'static str, opcode: u32 },
+    /// The server sent a text message; the protocol is binary.
+    #[error("server sent a text message")]
+    UnexpectedText,
+    /// Nothing arrived in time.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The WebSocket failed.
+    #[error("connection failed: {0}")]
+    WebSocket(#[from] tungstenite::Error),
+}
+
+/// A connection to a wsproto server.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read while waiting for a particular reply, in arrival order.
+    pending: VecDeque<Frame>,
+    next_request_id: u32,
+}
+
+impl Client {
+    /// Connects and completes the WebSocket handshake.
+    ///
+    /// # Errors
+    /// [`ClientError::Url`], [`ClientError::Connect`] or
+    /// [`ClientError::Refused`], each saying what failed.
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _response)) => Ok(Client {
+                ws,
+                pending: VecDeque::new(),
+                next_request_id: 1,
+            }),
+            Err(err) => Err(connect_error(url, err)),
+        }
+    }
+
+    /// Sends one frame.
+    ///
+    /// # Errors
+    /// When the connection is gone.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        self.send_raw(Message::Binary(frame.encode())).await
+    }
+
+    /// Sends any WebSocket message, valid frame or not (tests use this).
+    ///
+    /// # Errors
+    /// When the connection is gone.
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), ClientError> {
+        Ok(self.ws.send(message).await?)
+    }
+
+    /// The next frame from the server.
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`] once the server has closed the connection,
+    /// and the other variants when the connection fails or the server
+    /// breaks the protocol.
+    pub async fn recv(&mut self) -> Result<Frame, ClientError> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(frame);
+        }
+        self.read_frame().await
+    }
+
+    /// [`Client::recv`], giving up after `timeout`.
+    ///
+    /// # Errors
+    /// As [`Client::recv`], and [`ClientError::Timeout`].
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Frame, ClientError> {
+        tokio::time::timeout(timeout, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, ClientError> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Binary(data))) => return Ok(Frame::decode(data)?),
+                Some(Ok(Message::Text(_))) => return Err(ClientError::UnexpectedText),
+                Some(Ok(Message::Close(frame))) => return Err(closed(frame)),
+                Some(Ok(_)) => continue,
+                Some(Err(tungstenite::Error::ConnectionClosed)) | None => return Err(closed(None)),
+                Some(Err(err)) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// A request id not used yet on this connection.
+    pub fn next_request_id(&mut self) -> u32 {
+        let id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Sends `opcode` + `payload` with a fresh request id and returns the
+    /// frame that answers it (a reply, an ACK or an ERROR frame). Frames
+    /// that arrive meanwhile stay queued for [`Client::recv`].
+    ///
+    /// # Errors
+    /// As [`Client::recv`].
+    pub async fn call(&mut self, opcode: u32, payload: impl Into<Bytes>) -> Result<Frame, ClientError> {
+        let id = self.next_request_id();
+        self.send(&Frame::new(opcode, payload).with_request_id(Some(id))).await?;
+        loop {
+            let frame = self.read_frame().await?;
+            if frame.request_id == Some(id) {
+                return Ok(frame);
+            }
+            self.pending.push_back(frame);
+        }
+    }
+
+    /// Reads the WELCOME frame that opens every session.
+    ///
+    /// # Errors
+    /// When the first frame is not a valid WELCOME.
+    pub async fn welcome(&mut self) -> Result<v1::Welcome, ClientError> {
+        let frame = self.recv_timeout(Duration::from_secs(5)).await?;
+        let unexpected = ClientError::Unexpected {
+            expected: "a WELCOME frame",
+            opcode: frame.opcode,
+        };
+        match frame.opcode {
+            opcode::WELCOME => v1::Welcome::decode(frame.payload).map_err(|_| unexpected),
+            _ => Err(unexpected),
+        }
+    }
+
+    /// Sends Close `code` and waits up to [`CLOSE_WAIT`] for the server's
+    /// answering close, as a well-behaved client does. Returns the server's
+    /// close frame, if one arrived.
+    ///
+    /// # Errors
+    /// When the close frame cannot be sent.
+    pub async fn close(mut self, code: u16) -> Result<Option<CloseFrame>, ClientError> {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: "".into(),
+        };
+        self.ws.close(Some(frame)).await?;
+        let answer = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(message) = self.ws.next().await {
+                if let Ok(Message::Close(frame)) = message {
+                    return frame;
+                }
+            }
+            None
+        });
+        Ok(answer.await.ok().flatten())
+    }
+}
+
+/// The ERROR payload of `frame`, when it is an ERROR frame.
+pub fn error_of(frame: &Frame) -> Option<v1::Error> {
+    (frame.opcode == opcode::ERROR)
+        .then(|| v1::Error::decode(frame.payload.clone()).ok())
+        .flatten()
+}
+
+fn closed(frame: Option<CloseFrame>) -> ClientError {
+    match frame {
+        Some(frame) => ClientError::Closed {
+            code: frame.code.into(),
+            reason: frame.reason.to_string(),
+        },
+        None => ClientError::Closed {
+            code: 1006,
+            reason: "connection closed without a close frame".into(),
+        },
+    }
+}
+
+fn connect_error(url: &str, err: tungstenite::Error) -> ClientError {
+    match err {
+        tungstenite::Error::Io(error) => ClientError::Connect {
+            url: url.to_owned(),
+            error,
+        },
+        tungstenite::Error::Http(response) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .unwrap_or_default();
+            ClientError::Refused {
+                status: response.status().as_u16(),
+                body,
+            }
+        }
+        tungstenite::Error::Url(reason) => ClientError::Url {
+            url: url.to_owned(),
+            reason: reason.to_string(),
+        },
+        other => other.into(),
+    }
+}

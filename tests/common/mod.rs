@@ -1,0 +1,117 @@
+//! Shared set-up: a real server on port 0 and real clients.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use wsproto::{handlers, Config, Hub, Router};
+pub use wsproto_client::{error_of, Client};
+
+/// A server running in this process on 127.0.0.1 and a free port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    /// Starts the built-in handlers with `config`.
+    pub async fn start(config: Config) -> TestServer {
+        TestServer::with_router(config, handlers::builtin()).await
+    }
+
+    /// Starts `router` with `config`.
+    pub async fn with_router(config: Config, router: Router) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = wsproto::Server::from_listener(listener, config, router).unwrap();
+        let (addr, hub) = (server.local_addr().unwrap(), server.hub());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            hub,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The opcode-protocol endpoint.
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Another path on this server.
+    pub fn url_of(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    /// A client connected to `/ws`, past its WELCOME frame.
+    pub async fn client(&self) -> Client {
+        let mut client = Client::connect(&self.url()).await.unwrap();
+        client.welcome().await.unwrap();
+        client
+    }
+
+    /// Waits until the hub holds `n` sessions; panics after 10 s.
+    pub async fn wait_for_sessions(&self, n: usize) {
+        let hub = self.hub.clone();
+        let waited = tokio::time::timeout(Duration::from_secs(10), async move {
+            while hub.len() != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        if waited.await.is_err() {
+            panic!("expected {n} sessions, have {}", self.hub.len());
+        }
+    }
+
+    /// Triggers graceful shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap()
+    }
+}
+
+/// A config for tests: loopback, and quick timeouts.
+pub fn config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shutdown_timeout: Duration::from_secs(2),
+        ..Config::default()
+    }
+}
+
+/// Asserts `frame` is an ERROR frame with `code` about `opcode`.
+pub fn assert_error(frame: &wsproto::Frame, code: wsproto::ErrorCode, opcode: u32) {
+    let error = error_of(frame).unwrap_or_else(|| panic!("expected an error frame, got {frame:?}"));
+    assert_eq!((error.code, error.opcode), (code.as_u32(), opcode), "{error:?}");
+}
+
+/// Opens a WebSocket at the TCP level (handshake done by hand) and returns
+/// the socket right after the 101 response: a client that does nothing the
+/// library would do for it, such as answering pings.
+pub async fn raw_websocket(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tcp
+}
+
+/// Whether `bytes` (server → client, so unmasked) contain a close frame with `code`.
+pub fn contains_close_frame(bytes: &[u8], code: u16) -> bool {
+    bytes.windows(4).any(|w| w[0] == 0x88 && w[1] >= 2 && w[1] < 126 && u16::from_be_bytes([w[2], w[3]]) == code)
+}

@@ -1,0 +1,203 @@
+//! Connection handling where naive servers break: heartbeats, clients that
+//! stop reading, shutdown, and many connections at once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{config, TestServer};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use wsproto::{opcode, Config, Frame};
+use wsproto_client::{Client, ClientError};
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_dropped() {
+    let server = TestServer::start(Config {
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(400),
+        shutdown_timeout: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+
+    // A live client reads (and so answers pings) while it waits.
+    let mut live = server.client().await;
+    // A dead one never reads or answers anything after the handshake.
+    let mut dead = common::raw_websocket(server.addr, "/ws").await;
+    server.wait_for_sessions(2).await;
+
+    assert!(matches!(
+        live.recv_timeout(Duration::from_millis(1500)).await,
+        Err(ClientError::Timeout(_))
+    ));
+    server.wait_for_sessions(1).await;
+    assert_eq!(live.call(opcode::ECHO, "alive").await.unwrap().payload, "alive");
+
+    // What the dead client would have read: pings, then a close with 4000,
+    // then the end of the connection.
+    let mut received = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut dead, &mut received).await.unwrap();
+    assert!(common::contains_close_frame(&received, 4000), "{received:x?}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_delay_another_client() {
+    let server = TestServer::start(Config {
+        send_queue: 32,
+        // Long, so only the queue bound can save the other client.
+        write_timeout: Duration::from_secs(60),
+        shutdown_timeout: Duration::from_millis(500),
+        ..config()
+    })
+    .await;
+
+    // The stuck client floods echo requests and never reads a reply.
+    let (mut stuck, _) = tokio_tungstenite::connect_async(server.url()).await.unwrap();
+    let flood = tokio::spawn(async move {
+        let frame = Frame::new(opcode::ECHO, vec![0u8; 16 * 1024]).encode();
+        for _ in 0..4000 {
+            if stuck.send(Message::Binary(frame.clone())).await.is_err() {
+                break;
+            }
+        }
+        stuck
+    });
+
+    let mut other = server.client().await;
+    let started = Instant::now();
+    for i in 0..200 {
+        let text = format!("round trip {i}");
+        assert_eq!(other.call(opcode::ECHO, text.clone()).await.unwrap().payload, text);
+    }
+    let elapsed = started.elapsed();
+    // Far below the stuck client's 60 s write timeout: nothing waited on it.
+    assert!(elapsed < Duration::from_secs(10), "200 round trips took {elapsed:?}");
+
+    // The stuck client overflowed its queue and was cut off.
+    server.wait_for_sessions(1).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
+    assert_eq!(other.call(opcode::ECHO, "after").await.unwrap().payload, "after");
+}
+
+#[tokio::test]
+async fn shutdown_sends_close_1001_to_every_client_and_returns() {
+    let server = TestServer::start(config()).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(server.client().await);
+    }
+    let echo = tokio_tungstenite::connect_async(server.url_of("/echo")).await.unwrap().0;
+    let addr = server.addr;
+
+    let started = Instant::now();
+    let shutdown = tokio::spawn(server.shutdown());
+    for client in &mut clients {
+        match client.recv_timeout(Duration::from_secs(5)).await {
+            Err(ClientError::Closed { code, .. }) => assert_eq!(code, 1001),
+            other => panic!("expected close 1001, got {other:?}"),
+        }
+    }
+    let mut echo = echo;
+    let mut close_code = None;
+    while let Some(Ok(message)) = echo.next().await {
+        if let Message::Close(Some(frame)) = message {
+            close_code = Some(u16::from(frame.code));
+        }
+    }
+    assert_eq!(close_code, Some(1001));
+
+    shutdown.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4), "run returned after {:?}", started.elapsed());
+    assert!(Client::connect(&format!("ws://{addr}/ws")).await.is_err(), "no longer accepting");
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_connections_each_complete_round_trips() {
+    const CONNECTIONS: usize = 1000;
+    let server = TestServer::start(config()).await;
+    let url = server.url();
+    let all_connected = std::sync::Arc::new(tokio::sync::Barrier::new(CONNECTIONS + 1));
+
+    let mut tasks = Vec::new();
+    for i in 0..CONNECTIONS {
+        let (url, all_connected) = (url.clone(), all_connected.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&url).await?;
+            client.welcome().await?;
+            all_connected.wait().await;
+            for round in 0..3 {
+                let text = format!("{i}/{round}");
+                let reply = client.call(opcode::ECHO, text.clone()).await?;
+                assert_eq!(reply.payload, text);
+            }
+            client.close(1000).await?;
+            Ok::<_, ClientError>(())
+        }));
+    }
+    all_connected.wait().await;
+    assert_eq!(server.hub.len(), CONNECTIONS);
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    server.wait_for_sessions(0).await;
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_refused_with_503() {
+    let server = TestServer::start(Config {
+        max_connections: 2,
+        ..config()
+    })
+    .await;
+    let _a = server.client().await;
+    let _b = server.client().await;
+    match Client::connect(&server.url()).await {
+        Err(ClientError::Refused { status, .. }) => assert_eq!(status, 503),
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    drop(_a);
+    server.wait_for_sessions(1).await;
+    server.client().await;
+}
+
+#[tokio::test]
+async fn http_endpoints_answer_with_proper_statuses() {
+    let server = TestServer::start(config()).await;
+    let _client = server.client().await;
+    let get = |path: &str| {
+        let addr = server.addr;
+        let path = path.to_owned();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            tcp.read_to_string(&mut response).await.unwrap();
+            response
+        }
+    };
+    let health = get("/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.ends_with(r#"{"status":"ok","sessions":1}"#), "{health}");
+    // A plain GET to a WebSocket endpoint is told to upgrade.
+    let plain = get("/ws").await;
+    assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
+    assert!(plain.to_lowercase().contains("sec-websocket-version: 13"), "{plain}");
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn the_echo_endpoint_echoes_any_message() {
+    let server = TestServer::start(config()).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.url_of("/echo")).await.unwrap();
+    for message in [
+        Message::Text("plain text".into()),
+        Message::Binary(vec![1, 2].into()),
+        Message::Binary(Default::default()),
+    ] {
+        ws.send(message.clone()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), message);
+    }
+}
