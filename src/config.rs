@@ -93,7 +93,10 @@ impl FromStr for ListenAddr {
     fn from_str(s: &str) -> Result<ListenAddr, ListenAddrError> {
         let err = || ListenAddrError(s.to_owned());
         if let Some(port) = s.strip_prefix(':') {
-            return port.parse().map(ListenAddr::AnyInterface).map_err(|_| err());
+            return port
+                .parse()
+                .map(ListenAddr::AnyInterface)
+                .map_err(|_| err());
         }
         if let Ok(addr) = s.parse() {
             return Ok(ListenAddr::Socket(addr));
@@ -138,7 +141,9 @@ impl ListenAddr {
                         Err(e) => last_err = Some(e),
                     }
                 }
-                Err(last_err.unwrap_or_else(|| std::io::Error::other(format!("{host} resolves to no address"))))
+                Err(last_err.unwrap_or_else(|| {
+                    std::io::Error::other(format!("{host} resolves to no address"))
+                }))
             }
         }
     }
@@ -159,7 +164,10 @@ mod tests {
     fn defaults_match_the_flags_defaults() {
         // Env vars would override the flag defaults; none are set in tests.
         assert!(std::env::vars().all(|(k, _)| !k.starts_with("WSPROTO_")));
-        assert_eq!(Cli::parse_from(["wsproto-server"]).config, Config::default());
+        assert_eq!(
+            Cli::parse_from(["wsproto-server"]).config,
+            Config::default()
+        );
     }
 
     #[test]
@@ -169,16 +177,28 @@ mod tests {
             "127.0.0.1:9000".parse(),
             Ok(ListenAddr::Socket("127.0.0.1:9000".parse().unwrap()))
         );
-        assert_eq!("[::1]:9000".parse(), Ok(ListenAddr::Socket("[::1]:9000".parse().unwrap())));
-        assert_eq!("localhost:80".parse(), Ok(ListenAddr::Host("localhost".into(), 80)));
+        assert_eq!(
+            "[::1]:9000".parse(),
+            Ok(ListenAddr::Socket("[::1]:9000".parse().unwrap()))
+        );
+        assert_eq!(
+            "localhost:80".parse(),
+            Ok(ListenAddr::Host("localhost".into(), 80))
+        );
         for bad in ["8080", ":", ":99999", "host:", "::1:80", "[::1]", ""] {
-            assert!(bad.parse::<ListenAddr>().is_err(), "{bad:?} should not parse");
+            assert!(
+                bad.parse::<ListenAddr>().is_err(),
+                "{bad:?} should not parse"
+            );
         }
     }
 
     #[test]
     fn ws_path_must_be_absolute() {
         assert!(Cli::try_parse_from(["s", "--ws-path", "ws"]).is_err());
-        assert_eq!(Cli::parse_from(["s", "--ws-path", "/x"]).config.ws_path, "/x");
+        assert_eq!(
+            Cli::parse_from(["s", "--ws-path", "/x"]).config.ws_path,
+            "/x"
+        );
     }
 }

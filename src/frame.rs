@@ -66,7 +66,8 @@ impl FrameError {
     pub fn opcode(&self) -> u32 {
         match *self {
             FrameError::TooShort { .. } => 0,
-            FrameError::MissingRequestId { opcode, .. } | FrameError::ReservedFlags { opcode, .. } => opcode,
+            FrameError::MissingRequestId { opcode, .. }
+            | FrameError::ReservedFlags { opcode, .. } => opcode,
         }
     }
 
@@ -86,7 +87,10 @@ impl Frame {
     /// If `opcode` exceeds [`MAX_OPCODE`]: opcodes are chosen by the program,
     /// so that is a programming error.
     pub fn new(opcode: u32, payload: impl Into<Bytes>) -> Frame {
-        assert!(opcode <= MAX_OPCODE, "opcode {opcode} exceeds the 24-bit maximum");
+        assert!(
+            opcode <= MAX_OPCODE,
+            "opcode {opcode} exceeds the 24-bit maximum"
+        );
         Frame {
             opcode,
             request_id: None,
@@ -112,12 +116,20 @@ impl Frame {
         let word = BigEndian::read_u32(&message[..OPCODE_LEN]);
         let opcode = word & MAX_OPCODE;
         let has_id = word & REQUEST_ID_FLAG != 0;
-        let header_len = if has_id { OPCODE_LEN + REQUEST_ID_LEN } else { OPCODE_LEN };
-        let request_id =
-            (has_id && message.len() >= header_len).then(|| BigEndian::read_u32(&message[OPCODE_LEN..header_len]));
+        let header_len = if has_id {
+            OPCODE_LEN + REQUEST_ID_LEN
+        } else {
+            OPCODE_LEN
+        };
+        let request_id = (has_id && message.len() >= header_len)
+            .then(|| BigEndian::read_u32(&message[OPCODE_LEN..header_len]));
         let bits = word & RESERVED_FLAGS;
         if bits != 0 {
-            return Err(FrameError::ReservedFlags { opcode, request_id, bits });
+            return Err(FrameError::ReservedFlags {
+                opcode,
+                request_id,
+                bits,
+            });
         }
         if has_id && request_id.is_none() {
             return Err(FrameError::MissingRequestId {
@@ -135,7 +147,11 @@ impl Frame {
 
     /// Bytes this frame occupies once encoded.
     pub fn encoded_len(&self) -> usize {
-        let id_len = if self.request_id.is_some() { REQUEST_ID_LEN } else { 0 };
+        let id_len = if self.request_id.is_some() {
+            REQUEST_ID_LEN
+        } else {
+            0
+        };
         OPCODE_LEN + id_len + self.payload.len()
     }
 
@@ -194,7 +210,7 @@ impl fmt::Debug for Frame {
     }
 }
 
-/// Displays bytes as text when they are UTF-8 and as hex otherwise, cut
+/// Displays bytes as text when they are printable UTF-8 and as hex otherwise, cut
 /// after `limit` bytes; used by the debug log and the CLI.
 pub struct Preview<'a> {
     bytes: &'a [u8],
@@ -221,7 +237,14 @@ impl fmt::Display for Preview<'_> {
             }
             Err(_) => None,
         };
-        match text {
+        // Control characters (beyond line breaks and tabs) mean binary data
+        // that happens to be valid UTF-8.
+        let printable = |text: &&str| {
+            !text
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        };
+        match text.filter(printable) {
             Some(text) => write!(f, "{text:?}{more}"),
             None => {
                 f.write_str("0x")?;
@@ -277,7 +300,13 @@ mod tests {
             assert_eq!(err.opcode(), 0);
         }
         let err = Frame::decode(Bytes::from_static(&[0x80, 0, 0, 111, 1])).unwrap_err();
-        assert_eq!(err, FrameError::MissingRequestId { opcode: 111, len: 5 });
+        assert_eq!(
+            err,
+            FrameError::MissingRequestId {
+                opcode: 111,
+                len: 5
+            }
+        );
     }
 
     #[test]
@@ -304,11 +333,16 @@ mod tests {
 
     #[test]
     fn preview_shows_text_or_hex() {
-        assert_eq!(Preview::new("我们都好".as_bytes(), 64).to_string(), "\"我们都好\"");
+        assert_eq!(
+            Preview::new("我们都好".as_bytes(), 64).to_string(),
+            "\"我们都好\""
+        );
         assert_eq!(Preview::new(&[0xff, 0x00], 64).to_string(), "0xff00");
         // Cut inside the second character: still text, marked as cut.
         assert_eq!(Preview::new("我们".as_bytes(), 4).to_string(), "\"我\"…");
         assert_eq!(Preview::new(&[1, 2, 3], 2).to_string(), "0x0102…");
+        assert_eq!(Preview::new(b"a\x00b", 64).to_string(), "0x610062");
+        assert_eq!(Preview::new(b"line\n", 64).to_string(), "\"line\\n\"");
     }
 
     fn any_frame() -> impl Strategy<Value = Frame> {
@@ -317,7 +351,9 @@ mod tests {
             proptest::option::of(any::<u32>()),
             proptest::collection::vec(any::<u8>(), 0..256),
         )
-            .prop_map(|(opcode, request_id, payload)| Frame::new(opcode, payload).with_request_id(request_id))
+            .prop_map(|(opcode, request_id, payload)| {
+                Frame::new(opcode, payload).with_request_id(request_id)
+            })
     }
 
     proptest! {

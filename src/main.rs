@@ -5,7 +5,11 @@ use tracing_subscriber::EnvFilter;
 use wsproto::{handlers, Config, Server};
 
 #[derive(Parser)]
-#[command(name = "wsproto-server", version, about = "WebSocket server for the wsproto binary opcode protocol")]
+#[command(
+    name = "wsproto-server",
+    version,
+    about = "WebSocket server for the wsproto binary opcode protocol"
+)]
 struct Cli {
     #[command(flatten)]
     config: Config,

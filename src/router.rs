@@ -87,8 +87,14 @@ impl Router {
     /// When `opcode` is reserved (below 100), above the 24-bit maximum, or
     /// already registered: each is a programming error, caught at start-up.
     pub fn route(mut self, opcode: u32, handler: impl Handler) -> Router {
-        assert!(!opcode::is_reserved(opcode), "opcode {opcode} is reserved for the protocol");
-        assert!(opcode <= MAX_OPCODE, "opcode {opcode} exceeds the 24-bit maximum");
+        assert!(
+            !opcode::is_reserved(opcode),
+            "opcode {opcode} is reserved for the protocol"
+        );
+        assert!(
+            opcode <= MAX_OPCODE,
+            "opcode {opcode} exceeds the 24-bit maximum"
+        );
         let previous = self.handlers.insert(opcode, Box::new(handler));
         assert!(previous.is_none(), "opcode {opcode} is already routed");
         self
@@ -113,10 +119,17 @@ impl Router {
             Err(err) => {
                 debug!(session = %session.id(), kind = "binary", len, %err, "bad frame");
                 let code = match err {
-                    FrameError::TooShort { .. } | FrameError::MissingRequestId { .. } => ErrorCode::FrameTooShort,
+                    FrameError::TooShort { .. } | FrameError::MissingRequestId { .. } => {
+                        ErrorCode::FrameTooShort
+                    }
                     FrameError::ReservedFlags { .. } => ErrorCode::ReservedFlags,
                 };
-                session.send_error(code.as_u32(), err.to_string(), err.opcode(), err.request_id());
+                session.send_error(
+                    code.as_u32(),
+                    err.to_string(),
+                    err.opcode(),
+                    err.request_id(),
+                );
                 return;
             }
         };
@@ -139,7 +152,9 @@ impl Router {
                 let call = AssertUnwindSafe(handler.call(session.clone(), frame));
                 call.catch_unwind().await.unwrap_or_else(|_| {
                     warn!(session = %session.id(), opcode = op, "handler panicked");
-                    Err(HandlerError::internal(format!("handler for opcode {op} failed")))
+                    Err(HandlerError::internal(format!(
+                        "handler for opcode {op} failed"
+                    )))
                 })
             }
             None => Err(HandlerError::protocol(

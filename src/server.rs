@@ -79,11 +79,18 @@ impl Server {
     ///
     /// # Errors
     /// When `config.ws_path` collides with a built-in route.
-    pub fn from_listener(listener: TcpListener, config: Config, router: Router) -> io::Result<Server> {
+    pub fn from_listener(
+        listener: TcpListener,
+        config: Config,
+        router: Router,
+    ) -> io::Result<Server> {
         if matches!(config.ws_path.as_str(), "/echo" | "/healthz") {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("--ws-path {} collides with a built-in route", config.ws_path),
+                format!(
+                    "--ws-path {} collides with a built-in route",
+                    config.ws_path
+                ),
             ));
         }
         let ws_config = WebSocketConfig::default()
@@ -183,8 +190,14 @@ impl Server {
         // Sessions give clients shutdown_timeout to answer; allow a little
         // more for the last writes before giving up on them.
         let deadline = state.config.shutdown_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(deadline, state.tasks.wait()).await.is_err() {
-            warn!(sessions = state.hub.len(), "shutdown deadline passed; dropping remaining connections");
+        if tokio::time::timeout(deadline, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = state.hub.len(),
+                "shutdown deadline passed; dropping remaining connections"
+            );
         }
         info!("shutdown complete");
         Ok(())
@@ -215,7 +228,9 @@ where
             Ok(upgraded) => upgraded,
             Err(err) => return debug!(%err, "upgrade failed"),
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
         serve(ws).await;
         drop(permit);
     });

@@ -160,7 +160,11 @@ impl Session {
     /// closing then, and the client will learn that from the close frame.
     pub fn send_error(&self, code: u32, message: String, opcode: u32, request_id: Option<u32>) {
         debug!(session = %self.id(), code, opcode, %message, "error frame");
-        let error = v1::Error { code, message, opcode };
+        let error = v1::Error {
+            code,
+            message,
+            opcode,
+        };
         let frame = Frame::new(opcode::ERROR, error.encode_to_vec()).with_request_id(request_id);
         let _ = self.send(&frame);
     }
@@ -170,7 +174,9 @@ impl Session {
     /// it is dropped with the session.
     pub fn with_local<T: Default + Send + 'static, R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         let mut locals = self.inner.locals.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = locals.entry(TypeId::of::<T>()).or_insert_with(|| Box::new(T::default()));
+        let slot = locals
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(T::default()));
         match slot.downcast_mut::<T>() {
             Some(value) => f(value),
             None => unreachable!("locals are keyed by their own TypeId"),
@@ -216,7 +222,12 @@ pub(crate) async fn run<S>(
     let (sink, mut stream) = ws.split();
     // Cancelled when either half is done: the other half then stops too.
     let terminate = CancellationToken::new();
-    let mut writer = tokio::spawn(write_loop(sink, session.clone(), config.clone(), terminate.clone()));
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        session.clone(),
+        config.clone(),
+        terminate.clone(),
+    ));
     let mut writer_done = false;
 
     let queue = session.queue().clone();
@@ -243,7 +254,9 @@ pub(crate) async fn run<S>(
                 queue.close(CloseReason::MESSAGE_TOO_BIG);
                 // The rest of the oversized message is still on the wire, so
                 // nothing more can be read; let the writer send the close.
-                writer_done = tokio::time::timeout(config.write_timeout, &mut writer).await.is_ok();
+                writer_done = tokio::time::timeout(config.write_timeout, &mut writer)
+                    .await
+                    .is_ok();
                 break;
             }
             Some(Err(err)) => {
@@ -278,11 +291,17 @@ pub(crate) async fn run<S>(
 async fn handle_message(session: &Session, router: &Router, message: Message) {
     match message {
         Message::Binary(data) => {
-            session.inner.frames_received.fetch_add(1, Ordering::Relaxed);
+            session
+                .inner
+                .frames_received
+                .fetch_add(1, Ordering::Relaxed);
             router.handle_message(session, data).await;
         }
         Message::Text(text) => {
-            session.inner.frames_received.fetch_add(1, Ordering::Relaxed);
+            session
+                .inner
+                .frames_received
+                .fetch_add(1, Ordering::Relaxed);
             trace!(session = %session.id(), kind = "text", len = text.len(), "frame in");
             session.send_error(
                 ErrorCode::TextNotSupported.as_u32(),
@@ -303,7 +322,11 @@ fn send_welcome(session: &Session, config: &Config) {
         user_id: session.user_id().unwrap_or_default().to_owned(),
         server: crate::SERVER_NAME.to_owned(),
         protocol_version: crate::PROTOCOL_VERSION,
-        ping_interval_ms: config.ping_interval.as_millis().try_into().unwrap_or(u32::MAX),
+        ping_interval_ms: config
+            .ping_interval
+            .as_millis()
+            .try_into()
+            .unwrap_or(u32::MAX),
         max_message_size: config.max_message_size.try_into().unwrap_or(u32::MAX),
     };
     let _ = session.send(&Frame::new(opcode::WELCOME, welcome.encode_to_vec()));
@@ -362,7 +385,9 @@ async fn write_loop<S>(
         };
         let mut closing = false;
         match work {
-            WriterWork::Batch(Batch::Frames) => messages.extend(batch.drain(..).map(Message::Binary)),
+            WriterWork::Batch(Batch::Frames) => {
+                messages.extend(batch.drain(..).map(Message::Binary))
+            }
             WriterWork::Batch(Batch::Close(reason)) => {
                 debug!(session = %session.id(), code = reason.code, reason = reason.reason, "closing");
                 messages.push(Message::Close(Some(reason.frame())));
@@ -386,7 +411,10 @@ async fn write_loop<S>(
                 return;
             }
             Ok(Ok(())) => {
-                session.inner.frames_sent.fetch_add(frames, Ordering::Relaxed);
+                session
+                    .inner
+                    .frames_sent
+                    .fetch_add(frames, Ordering::Relaxed);
             }
             Ok(Err(err)) => {
                 debug!(session = %session.id(), %err, "write failed");

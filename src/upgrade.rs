@@ -37,7 +37,9 @@ impl UpgradeError {
     pub fn status(self) -> StatusCode {
         match self {
             UpgradeError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            UpgradeError::NotWebSocket | UpgradeError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
+            UpgradeError::NotWebSocket | UpgradeError::UnsupportedVersion => {
+                StatusCode::UPGRADE_REQUIRED
+            }
             UpgradeError::MissingKey => StatusCode::BAD_REQUEST,
             UpgradeError::NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
             UpgradeError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -51,7 +53,10 @@ impl IntoResponse for UpgradeError {
         if self.status() == StatusCode::UPGRADE_REQUIRED {
             let headers = response.headers_mut();
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
         }
         response
     }
@@ -81,10 +86,16 @@ pub fn accept(request: &mut Request) -> Result<(Response, OnUpgrade), UpgradeErr
     {
         return Err(UpgradeError::NotWebSocket);
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
         return Err(UpgradeError::UnsupportedVersion);
     }
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or(UpgradeError::MissingKey)?;
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(UpgradeError::MissingKey)?;
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = request
         .extensions_mut()

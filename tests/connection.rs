@@ -32,13 +32,21 @@ async fn a_client_that_stops_answering_pings_is_dropped() {
         Err(ClientError::Timeout(_))
     ));
     server.wait_for_sessions(1).await;
-    assert_eq!(live.call(opcode::ECHO, "alive").await.unwrap().payload, "alive");
+    assert_eq!(
+        live.call(opcode::ECHO, "alive").await.unwrap().payload,
+        "alive"
+    );
 
     // What the dead client would have read: pings, then a close with 4000,
     // then the end of the connection.
     let mut received = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut dead, &mut received).await.unwrap();
-    assert!(common::contains_close_frame(&received, 4000), "{received:x?}");
+    tokio::io::AsyncReadExt::read_to_end(&mut dead, &mut received)
+        .await
+        .unwrap();
+    assert!(
+        common::contains_close_frame(&received, 4000),
+        "{received:x?}"
+    );
 }
 
 #[tokio::test]
@@ -53,7 +61,9 @@ async fn a_client_that_stops_reading_does_not_delay_another_client() {
     .await;
 
     // The stuck client floods echo requests and never reads a reply.
-    let (mut stuck, _) = tokio_tungstenite::connect_async(server.url()).await.unwrap();
+    let (mut stuck, _) = tokio_tungstenite::connect_async(server.url())
+        .await
+        .unwrap();
     let flood = tokio::spawn(async move {
         let frame = Frame::new(opcode::ECHO, vec![0u8; 16 * 1024]).encode();
         for _ in 0..4000 {
@@ -68,16 +78,29 @@ async fn a_client_that_stops_reading_does_not_delay_another_client() {
     let started = Instant::now();
     for i in 0..200 {
         let text = format!("round trip {i}");
-        assert_eq!(other.call(opcode::ECHO, text.clone()).await.unwrap().payload, text);
+        assert_eq!(
+            other
+                .call(opcode::ECHO, text.clone())
+                .await
+                .unwrap()
+                .payload,
+            text
+        );
     }
     let elapsed = started.elapsed();
     // Far below the stuck client's 60 s write timeout: nothing waited on it.
-    assert!(elapsed < Duration::from_secs(10), "200 round trips took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "200 round trips took {elapsed:?}"
+    );
 
     // The stuck client overflowed its queue and was cut off.
     server.wait_for_sessions(1).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
-    assert_eq!(other.call(opcode::ECHO, "after").await.unwrap().payload, "after");
+    assert_eq!(
+        other.call(opcode::ECHO, "after").await.unwrap().payload,
+        "after"
+    );
 }
 
 #[tokio::test]
@@ -87,7 +110,10 @@ async fn shutdown_sends_close_1001_to_every_client_and_returns() {
     for _ in 0..3 {
         clients.push(server.client().await);
     }
-    let echo = tokio_tungstenite::connect_async(server.url_of("/echo")).await.unwrap().0;
+    let echo = tokio_tungstenite::connect_async(server.url_of("/echo"))
+        .await
+        .unwrap()
+        .0;
     let addr = server.addr;
 
     let started = Instant::now();
@@ -108,8 +134,15 @@ async fn shutdown_sends_close_1001_to_every_client_and_returns() {
     assert_eq!(close_code, Some(1001));
 
     shutdown.await.unwrap().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(4), "run returned after {:?}", started.elapsed());
-    assert!(Client::connect(&format!("ws://{addr}/ws")).await.is_err(), "no longer accepting");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "run returned after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        Client::connect(&format!("ws://{addr}/ws")).await.is_err(),
+        "no longer accepting"
+    );
 }
 
 #[tokio::test]
@@ -180,18 +213,26 @@ async fn http_endpoints_answer_with_proper_statuses() {
     };
     let health = get("/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-    assert!(health.ends_with(r#"{"status":"ok","sessions":1}"#), "{health}");
+    assert!(
+        health.ends_with(r#"{"status":"ok","sessions":1}"#),
+        "{health}"
+    );
     // A plain GET to a WebSocket endpoint is told to upgrade.
     let plain = get("/ws").await;
     assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
-    assert!(plain.to_lowercase().contains("sec-websocket-version: 13"), "{plain}");
+    assert!(
+        plain.to_lowercase().contains("sec-websocket-version: 13"),
+        "{plain}"
+    );
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
 }
 
 #[tokio::test]
 async fn the_echo_endpoint_echoes_any_message() {
     let server = TestServer::start(config()).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.url_of("/echo")).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.url_of("/echo"))
+        .await
+        .unwrap();
     for message in [
         Message::Text("plain text".into()),
         Message::Binary(vec![1, 2].into()),

@@ -62,6 +62,12 @@ impl Client {
     /// [`ClientError::Url`], [`ClientError::Connect`] or
     /// [`ClientError::Refused`], each saying what failed.
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+            return Err(ClientError::Url {
+                url: url.to_owned(),
+                reason: "the scheme must be ws:// or wss://".into(),
+            });
+        }
         match tokio_tungstenite::connect_async(url).await {
             Ok((ws, _response)) => Ok(Client {
                 ws,
@@ -137,9 +143,14 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::recv`].
-    pub async fn call(&mut self, opcode: u32, payload: impl Into<Bytes>) -> Result<Frame, ClientError> {
+    pub async fn call(
+        &mut self,
+        opcode: u32,
+        payload: impl Into<Bytes>,
+    ) -> Result<Frame, ClientError> {
         let id = self.next_request_id();
-        self.send(&Frame::new(opcode, payload).with_request_id(Some(id))).await?;
+        self.send(&Frame::new(opcode, payload).with_request_id(Some(id)))
+            .await?;
         loop {
             let frame = self.read_frame().await?;
             if frame.request_id == Some(id) {

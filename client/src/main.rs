@@ -17,7 +17,12 @@ const BARRIER_ID: u32 = u32::MAX;
 #[command(name = "wsproto-client", version, about = "Client for wsproto servers")]
 struct Cli {
     /// Server endpoint.
-    #[arg(long, global = true, env = "WSPROTO_URL", default_value = "ws://127.0.0.1:8080/ws")]
+    #[arg(
+        long,
+        global = true,
+        env = "WSPROTO_URL",
+        default_value = "ws://127.0.0.1:8080/ws"
+    )]
     url: String,
 
     #[command(subcommand)]
@@ -77,7 +82,9 @@ fn parse_opcode(s: &str) -> Result<u32, String> {
     if let Ok(code) = s.parse::<u32>() {
         return match code <= MAX_OPCODE {
             true => Ok(code),
-            false => Err(format!("opcode {code} exceeds the 24-bit maximum {MAX_OPCODE}")),
+            false => Err(format!(
+                "opcode {code} exceeds the 24-bit maximum {MAX_OPCODE}"
+            )),
         };
     }
     opcode::BUILTIN
@@ -104,7 +111,8 @@ impl SendArgs {
 /// Prints one frame from the server; returns whether it was an error frame.
 fn print_frame(frame: &Frame, verbose: bool) -> bool {
     if let Some(error) = error_of(frame) {
-        let code = wsproto::ErrorCode::from_u32(error.code).map_or("application error", |c| c.name());
+        let code =
+            wsproto::ErrorCode::from_u32(error.code).map_or("application error", |c| c.name());
         eprintln!(
             "error: server replied {code} ({}) to opcode {}: {}",
             error.code, error.opcode, error.message
@@ -124,7 +132,8 @@ async fn send(url: &str, args: SendArgs) -> anyhow::Result<bool> {
     let mut request_id = 0u32;
     let mut frame = move || {
         request_id += 1;
-        Frame::new(args.opcode, payload.clone()).with_request_id(args.request_id.then_some(request_id))
+        Frame::new(args.opcode, payload.clone())
+            .with_request_id(args.request_id.then_some(request_id))
     };
     let barrier = Frame::new(opcode::PING, Bytes::new()).with_request_id(Some(BARRIER_ID));
 

@@ -10,4 +10,5 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of every schema in this crate, for tools
 /// that print or parse payloads by message name (e.g. `prost-reflect`).
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor_set.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/descriptor_set.bin"));

@@ -8,7 +8,11 @@ use crate::{Frame, HandlerResult, Reply, Session};
 pub async fn get_info(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::InfoRequest = frame.message()?;
     let (friend_count, friends) = session.with_local(|friends: &mut FriendList| {
-        let list = if request.include_friends { friends.0.clone() } else { Vec::new() };
+        let list = if request.include_friends {
+            friends.0.clone()
+        } else {
+            Vec::new()
+        };
         (friends.0.len() as u32, list)
     });
     let hub = session.hub();
@@ -19,7 +23,10 @@ pub async fn get_info(session: Session, frame: Frame) -> HandlerResult {
         session: Some(v1::SessionInfo {
             session_id: session.id().to_owned(),
             user_id: session.user_id().unwrap_or_default().to_owned(),
-            remote_addr: session.remote_addr().map(|a| a.to_string()).unwrap_or_default(),
+            remote_addr: session
+                .remote_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             connected_ms: session.connected_for().as_millis() as u64,
             frames_received: session.frames_received(),
             frames_sent: session.frames_sent(),

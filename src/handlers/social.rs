@@ -27,7 +27,9 @@ pub async fn add_friend(session: Session, frame: Frame) -> HandlerResult {
         let already_friends = friends.0.iter().any(|f| f == name);
         if !already_friends {
             if friends.0.len() >= MAX_FRIENDS {
-                return Err(HandlerError::bad_payload(format!("at most {MAX_FRIENDS} friends")));
+                return Err(HandlerError::bad_payload(format!(
+                    "at most {MAX_FRIENDS} friends"
+                )));
             }
             friends.0.push(name.to_owned());
         }

@@ -89,7 +89,11 @@ pub fn config() -> Config {
 /// Asserts `frame` is an ERROR frame with `code` about `opcode`.
 pub fn assert_error(frame: &wsproto::Frame, code: wsproto::ErrorCode, opcode: u32) {
     let error = error_of(frame).unwrap_or_else(|| panic!("expected an error frame, got {frame:?}"));
-    assert_eq!((error.code, error.opcode), (code.as_u32(), opcode), "{error:?}");
+    assert_eq!(
+        (error.code, error.opcode),
+        (code.as_u32(), opcode),
+        "{error:?}"
+    );
 }
 
 /// Opens a WebSocket at the TCP level (handshake done by hand) and returns
@@ -107,11 +111,17 @@ pub async fn raw_websocket(addr: SocketAddr, path: &str) -> tokio::net::TcpStrea
     while !head.ends_with(b"\r\n\r\n") {
         head.push(tcp.read_u8().await.unwrap());
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     tcp
 }
 
 /// Whether `bytes` (server → client, so unmasked) contain a close frame with `code`.
 pub fn contains_close_frame(bytes: &[u8], code: u16) -> bool {
-    bytes.windows(4).any(|w| w[0] == 0x88 && w[1] >= 2 && w[1] < 126 && u16::from_be_bytes([w[2], w[3]]) == code)
+    bytes.windows(4).any(|w| {
+        w[0] == 0x88 && w[1] >= 2 && w[1] < 126 && u16::from_be_bytes([w[2], w[3]]) == code
+    })
 }

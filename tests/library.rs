@@ -1,0 +1,127 @@
+//! Building a server from the library: custom handlers, replies, pushes,
+//! errors, and what the router does around them.
+
+mod common;
+
+use bytes::Bytes;
+use common::{assert_error, config, TestServer};
+use wsproto::{opcode, ErrorCode, Frame, HandlerError, HandlerResult, Reply, Router, Session};
+
+async fn silent(_session: Session, _frame: Frame) -> HandlerResult {
+    Ok(Reply::None)
+}
+
+async fn push_three_then_reply(session: Session, frame: Frame) -> HandlerResult {
+    for i in 0..3 {
+        session.send(&Frame::new(301, format!("push {i}"))).unwrap();
+    }
+    Ok(Reply::Frame {
+        opcode: 302,
+        payload: frame.payload,
+    })
+}
+
+async fn refuse(_session: Session, _frame: Frame) -> HandlerResult {
+    Err(HandlerError::new(1234, "not today"))
+}
+
+async fn explode(_session: Session, _frame: Frame) -> HandlerResult {
+    panic!("handler bug")
+}
+
+fn router() -> Router {
+    Router::new()
+        .route(300, silent)
+        .route(301, push_three_then_reply)
+        .route(303, refuse)
+        .route(304, explode)
+        .route(305, |session: Session, _frame: Frame| async move {
+            Ok(Reply::text(session.id().to_owned()))
+        })
+}
+
+#[tokio::test]
+async fn a_request_with_an_id_and_no_reply_gets_an_ack() {
+    let server = TestServer::with_router(config(), router()).await;
+    let mut client = server.client().await;
+    let ack = client.call(300, "x").await.unwrap();
+    assert_eq!(ack.opcode, opcode::ACK);
+    assert!(ack.payload.is_empty());
+    // Without a request id, nothing at all comes back.
+    client.send(&Frame::new(300, "x")).await.unwrap();
+    assert_eq!(client.call(305, Bytes::new()).await.unwrap().opcode, 305);
+}
+
+#[tokio::test]
+async fn handlers_push_frames_before_their_reply_in_order() {
+    let server = TestServer::with_router(config(), router()).await;
+    let mut client = server.client().await;
+    let reply = client.call(301, "payload").await.unwrap();
+    assert_eq!((reply.opcode, &reply.payload[..]), (302, &b"payload"[..]));
+    for i in 0..3 {
+        let push = client.recv().await.unwrap();
+        assert_eq!(push, Frame::new(301, format!("push {i}")));
+    }
+}
+
+#[tokio::test]
+async fn handler_errors_and_panics_become_error_frames() {
+    let server = TestServer::with_router(config(), router()).await;
+    let mut client = server.client().await;
+
+    let refused = client.call(303, "").await.unwrap();
+    let error = common::error_of(&refused).unwrap();
+    assert_eq!(
+        (error.code, error.opcode, error.message.as_str()),
+        (1234, 303, "not today")
+    );
+
+    let exploded = client.call(304, "").await.unwrap();
+    assert_error(&exploded, ErrorCode::Internal, 304);
+    // The session survived its handler's panic.
+    assert_eq!(client.call(305, "").await.unwrap().opcode, 305);
+}
+
+#[tokio::test]
+async fn only_routed_opcodes_are_served() {
+    let server = TestServer::with_router(config(), router()).await;
+    let mut client = server.client().await;
+    assert_error(
+        &client.call(opcode::ECHO, "").await.unwrap(),
+        ErrorCode::UnknownOpcode,
+        100,
+    );
+    // The protocol's own PING works whatever the router holds.
+    assert_eq!(
+        client.call(opcode::PING, "").await.unwrap().opcode,
+        opcode::PONG
+    );
+}
+
+#[test]
+#[should_panic(expected = "already routed")]
+fn routing_an_opcode_twice_is_a_programming_error() {
+    let _ = Router::new().route(300, silent).route(300, silent);
+}
+
+#[test]
+#[should_panic(expected = "reserved")]
+fn reserved_opcodes_cannot_be_routed() {
+    let _ = Router::new().route(opcode::PING, silent);
+}
+
+#[test]
+fn builtin_router_serves_the_documented_opcodes() {
+    assert_eq!(wsproto::handlers::builtin().opcodes(), [100, 110, 111]);
+}
+
+/// Handlers can be tested without a network through a detached session.
+#[tokio::test]
+async fn handlers_run_against_a_detached_session() {
+    let hub = wsproto::Hub::new();
+    let session = Session::detached(&hub, 16);
+    router()
+        .handle_message(&session, Frame::new(301, "x").encode())
+        .await;
+    assert_eq!(session.queue().len(), 4);
+}
