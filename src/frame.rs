@@ -18,7 +18,7 @@ use std::fmt;
 use byteorder::{BigEndian, ByteOrder};
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::error::HandlerError;
+use crate::error::{ErrorCode, HandlerError};
 
 /// Length of the opcode word.
 pub const OPCODE_LEN: usize = 4;
@@ -68,6 +68,16 @@ impl FrameError {
             FrameError::TooShort { .. } => 0,
             FrameError::MissingRequestId { opcode, .. }
             | FrameError::ReservedFlags { opcode, .. } => opcode,
+        }
+    }
+
+    /// The code of the error frame a server answers this with.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooShort { .. } | FrameError::MissingRequestId { .. } => {
+                ErrorCode::FrameTooShort
+            }
+            FrameError::ReservedFlags { .. } => ErrorCode::ReservedFlags,
         }
     }
 

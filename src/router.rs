@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use crate::{
     error::{ErrorCode, HandlerError},
-    frame::{Frame, FrameError, Preview, MAX_OPCODE},
+    frame::{Frame, Preview, MAX_OPCODE},
     opcode,
     session::Session,
 };
@@ -118,14 +118,8 @@ impl Router {
             Ok(frame) => frame,
             Err(err) => {
                 debug!(session = %session.id(), kind = "binary", len, %err, "bad frame");
-                let code = match err {
-                    FrameError::TooShort { .. } | FrameError::MissingRequestId { .. } => {
-                        ErrorCode::FrameTooShort
-                    }
-                    FrameError::ReservedFlags { .. } => ErrorCode::ReservedFlags,
-                };
                 session.send_error(
-                    code.as_u32(),
+                    err.error_code().as_u32(),
                     err.to_string(),
                     err.opcode(),
                     err.request_id(),
