@@ -91,12 +91,12 @@ impl Session {
         }
     }
 
-    /// A session with no socket behind it, registered with `hub`: what it is
-    /// sent stays in [`Session::queue`]. For testing and fuzzing handlers.
+    /// A session with no socket behind it: what it is sent stays in
+    /// [`Session::queue`]. For testing and fuzzing handlers. It uses `hub`
+    /// but is not registered there (only connections are), so dropping it
+    /// frees it.
     pub fn detached(hub: &Hub, queue_capacity: usize) -> Session {
-        let session = Session::new(hub.clone(), None, None, queue_capacity);
-        hub.register(&session);
-        session
+        Session::new(hub.clone(), None, None, queue_capacity)
     }
 
     /// Unique across the nodes of a deployment.
