@@ -96,7 +96,6 @@ impl Server {
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(WRITE_BUFFER)
-            .max_write_buffer_size(WRITE_BUFFER + config.max_message_size.max(READ_BUFFER) * 2)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
         let state = AppState {
@@ -156,6 +155,8 @@ impl Server {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let app = app.clone();
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(PeerAddr(peer));

@@ -28,13 +28,13 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, trace};
+use tracing::debug;
 use wsproto_proto::v1;
 
 use crate::{
     close::CloseReason,
     error::ErrorCode,
-    frame::Frame,
+    frame::{Frame, Preview},
     hub::Hub,
     opcode,
     queue::{Batch, PushError, SessionQueue},
@@ -302,7 +302,13 @@ async fn handle_message(session: &Session, router: &Router, message: Message) {
                 .inner
                 .frames_received
                 .fetch_add(1, Ordering::Relaxed);
-            trace!(session = %session.id(), kind = "text", len = text.len(), "frame in");
+            debug!(
+                session = %session.id(),
+                kind = "text",
+                len = text.len(),
+                payload = %Preview::new(text.as_bytes(), 32),
+                "frame in"
+            );
             session.send_error(
                 ErrorCode::TextNotSupported.as_u32(),
                 "text messages are not supported; send binary frames".into(),

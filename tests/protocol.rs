@@ -276,3 +276,34 @@ async fn oversized_message_is_refused_with_1009_and_others_are_unaffected() {
     );
     server.wait_for_sessions(1).await;
 }
+
+/// Replies may be larger than what clients may send (the limit is on input).
+#[tokio::test]
+async fn a_reply_larger_than_the_message_limit_is_delivered() {
+    let server = TestServer::start(wsproto::Config {
+        max_message_size: 4096,
+        ..config()
+    })
+    .await;
+    let mut client = server.client().await;
+    for i in 0..wsproto::handlers::MAX_FRIENDS {
+        let name = format!("{i:04}{}", "好".repeat(60));
+        client
+            .send(&Frame::new(opcode::ADD_FRIEND, name))
+            .await
+            .unwrap();
+    }
+    let full = client.call(opcode::ADD_FRIEND, "one more").await.unwrap();
+    assert_error(&full, ErrorCode::BadPayload, opcode::ADD_FRIEND);
+    let request = v1::InfoRequest {
+        include_friends: true,
+    }
+    .encode_to_vec();
+    let reply = client.call(opcode::GET_INFO, request).await.unwrap();
+    assert!(reply.payload.len() > 150_000, "{}", reply.payload.len());
+    let info = v1::Info::decode(reply.payload).unwrap();
+    assert_eq!(
+        info.session.unwrap().friends.len(),
+        wsproto::handlers::MAX_FRIENDS
+    );
+}
