@@ -11,17 +11,17 @@ pub struct CloseReason {
 }
 
 impl CloseReason {
-    /// 1000: the session ended normally.
+    /// 1000: the session ended normally (the server answers a client's
+    /// close with the client's own code; this is for closes it starts).
     pub const NORMAL: CloseReason = CloseReason::new(1000, "normal closure");
     /// 1001: the server is shutting down; reconnect to another node or later.
     pub const GOING_AWAY: CloseReason = CloseReason::new(1001, "server shutting down");
-    /// 1008: the client did not read fast enough; its send queue filled up or
-    /// a write timed out.
+    /// 1008: the client did not read fast enough and its send queue filled
+    /// up. (A write that times out cannot deliver a close frame at all; that
+    /// connection is dropped, which the client sees as 1006.)
     pub const SLOW_CONSUMER: CloseReason = CloseReason::new(1008, "slow consumer: send queue full");
     /// 1009: a message exceeded the configured maximum size.
     pub const MESSAGE_TOO_BIG: CloseReason = CloseReason::new(1009, "message too big");
-    /// 1011: the server hit an unexpected condition.
-    pub const INTERNAL: CloseReason = CloseReason::new(1011, "internal error");
     /// 4000: no pong or other traffic from the client within the ping timeout.
     pub const HEARTBEAT_TIMEOUT: CloseReason = CloseReason::new(4000, "heartbeat timeout");
 

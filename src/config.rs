@@ -35,7 +35,8 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_PING_TIMEOUT", default_value = "50s", value_parser = humantime::parse_duration)]
     pub ping_timeout: Duration,
 
-    /// A write to a client that takes longer than this closes it as a slow consumer.
+    /// A write to a client that takes longer than this drops the connection
+    /// (the client is too slow even to take a close frame).
     #[arg(long, env = "WSPROTO_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
 

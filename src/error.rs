@@ -21,6 +21,8 @@ pub enum ErrorCode {
     BadPayload = 11,
     /// The handler failed for a reason that is not the client's fault.
     Internal = 12,
+    /// The request would take the session past a limit (e.g. friends, subscriptions).
+    LimitExceeded = 13,
 }
 
 impl ErrorCode {
@@ -38,6 +40,7 @@ impl ErrorCode {
             ErrorCode::UnknownOpcode => "UNKNOWN_OPCODE",
             ErrorCode::BadPayload => "BAD_PAYLOAD",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::LimitExceeded => "LIMIT_EXCEEDED",
         }
     }
 
@@ -50,6 +53,7 @@ impl ErrorCode {
             ErrorCode::UnknownOpcode,
             ErrorCode::BadPayload,
             ErrorCode::Internal,
+            ErrorCode::LimitExceeded,
         ]
         .into_iter()
         .find(|c| c.as_u32() == code)

@@ -37,6 +37,7 @@ pub mod queue;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod topic;
 pub mod upgrade;
 
 pub use close::CloseReason;

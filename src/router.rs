@@ -160,6 +160,12 @@ impl Router {
             Ok(Reply::None) if request_id.is_none() => return,
             Ok(Reply::None) => Frame::new(opcode::ACK, Bytes::new()),
             Ok(Reply::Payload(payload)) => Frame::new(op, payload),
+            Ok(Reply::Frame { opcode, .. }) if opcode > MAX_OPCODE => {
+                warn!(session = %session.id(), opcode = op, reply = opcode, "handler replied with an invalid opcode");
+                let message = format!("handler for opcode {op} failed");
+                session.send_error(ErrorCode::Internal.as_u32(), message, op, request_id);
+                return;
+            }
             Ok(Reply::Frame { opcode, payload }) => Frame::new(opcode, payload),
             Err(err) => {
                 session.send_error(err.code(), err.message().to_owned(), op, request_id);

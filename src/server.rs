@@ -10,7 +10,7 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use axum::{
     extract::{Request, State},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{any, get},
     Extension, Json,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -135,8 +135,9 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let Server { listener, state } = self;
         let app = axum::Router::new()
-            .route(&state.config.ws_path, get(protocol_endpoint))
-            .route("/echo", get(echo_endpoint))
+            // any(): the upgrade itself answers a non-GET with 405 and a reason.
+            .route(&state.config.ws_path, any(protocol_endpoint))
+            .route("/echo", any(echo_endpoint))
             .route("/healthz", get(healthz))
             .with_state(state.clone());
 

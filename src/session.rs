@@ -214,10 +214,11 @@ pub(crate) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let hub = session.hub().clone();
-    hub.register(&session);
-    debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
+    // WELCOME is queued before the session is reachable through the hub, so
+    // it is always the first frame.
     send_welcome(&session, &config);
+    let _registration = Registration::new(&session);
+    debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
 
     let (sink, mut stream) = ws.split();
     // Cancelled when either half is done: the other half then stops too.
@@ -278,7 +279,6 @@ pub(crate) async fn run<S>(
     if !writer_done {
         let _ = writer.await;
     }
-    hub.unregister(session.id());
     debug!(
         session = %session.id(),
         reason = ?queue.close_reason(),
@@ -334,6 +334,11 @@ fn send_welcome(session: &Session, config: &Config) {
             .try_into()
             .unwrap_or(u32::MAX),
         max_message_size: config.max_message_size.try_into().unwrap_or(u32::MAX),
+        ping_timeout_ms: config
+            .ping_timeout
+            .as_millis()
+            .try_into()
+            .unwrap_or(u32::MAX),
     };
     let _ = session.send(&Frame::new(opcode::WELCOME, welcome.encode_to_vec()));
 }
@@ -358,6 +363,23 @@ where
         sink.feed(message).await?;
     }
     sink.flush().await
+}
+
+/// Keeps a session registered with its hub for as long as it lives; the
+/// drop unregisters it even if the connection task panics.
+struct Registration(Session);
+
+impl Registration {
+    fn new(session: &Session) -> Registration {
+        session.hub().register(session);
+        Registration(session.clone())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.0.hub().unregister(self.0.id());
+    }
 }
 
 enum WriterWork {

@@ -38,6 +38,12 @@ fn router() -> Router {
         .route(305, |session: Session, _frame: Frame| async move {
             Ok(Reply::text(session.id().to_owned()))
         })
+        .route(306, |_session: Session, _frame: Frame| async move {
+            Ok(Reply::Frame {
+                opcode: 0x0100_0000,
+                payload: Bytes::new(),
+            })
+        })
 }
 
 #[tokio::test]
@@ -78,6 +84,8 @@ async fn handler_errors_and_panics_become_error_frames() {
 
     let exploded = client.call(304, "").await.unwrap();
     assert_error(&exploded, ErrorCode::Internal, 304);
+    let invalid_reply = client.call(306, "").await.unwrap();
+    assert_error(&invalid_reply, ErrorCode::Internal, 306);
     // The session survived its handler's panic.
     assert_eq!(client.call(305, "").await.unwrap().opcode, 305);
 }

@@ -294,7 +294,7 @@ async fn a_reply_larger_than_the_message_limit_is_delivered() {
             .unwrap();
     }
     let full = client.call(opcode::ADD_FRIEND, "one more").await.unwrap();
-    assert_error(&full, ErrorCode::BadPayload, opcode::ADD_FRIEND);
+    assert_error(&full, ErrorCode::LimitExceeded, opcode::ADD_FRIEND);
     let request = v1::InfoRequest {
         include_friends: true,
     }

@@ -1,6 +1,6 @@
 use wsproto_proto::v1;
 
-use crate::{Frame, HandlerError, HandlerResult, Reply, Session};
+use crate::{ErrorCode, Frame, HandlerError, HandlerResult, Reply, Session};
 
 /// Longest friend name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 64;
@@ -27,9 +27,8 @@ pub async fn add_friend(session: Session, frame: Frame) -> HandlerResult {
         let already_friends = friends.0.iter().any(|f| f == name);
         if !already_friends {
             if friends.0.len() >= MAX_FRIENDS {
-                return Err(HandlerError::bad_payload(format!(
-                    "at most {MAX_FRIENDS} friends"
-                )));
+                let message = format!("at most {MAX_FRIENDS} friends");
+                return Err(HandlerError::protocol(ErrorCode::LimitExceeded, message));
             }
             friends.0.push(name.to_owned());
         }

@@ -1,0 +1,970 @@
+// wsproto.js — a dependency-free browser (and Node) client for the wsproto
+// frame protocol. ES module; no build step.
+//
+// The protocol (proto/PROTOCOL.md): one binary WebSocket message is one frame.
+//
+//   +--------------------------------+----------------------+-----------------+
+//   | opcode word, u32 big-endian    | request id, u32 BE   | payload         |
+//   | bit 31: R (request id follows) | present iff R is set | 0..n bytes      |
+//   | bits 30..24: reserved, zero    |                      |                 |
+//   | bits 23..0: opcode             |                      |                 |
+//   +--------------------------------+----------------------+-----------------+
+//
+// Payloads of the reserved opcodes are proto3 messages
+// (proto/wsproto/v1/*.proto); this file carries a tiny hand-written protobuf
+// codec for exactly those messages, so the page needs no protobuf library.
+//
+// Exports:
+//   OP, ERROR_CODE, DELIVERY_KIND, PRESENCE_ACTION   numeric constants
+//   encodeFrame / decodeFrame / FrameError           the frame codec
+//   encodeMessage / decodeMessage / messages         the protobuf codec
+//   WsprotoError                                     an ERROR frame as an Error
+//   WsprotoClient                                    the reconnecting client
+
+// ---------------------------------------------------------------------------
+// Constants
+// ---------------------------------------------------------------------------
+
+/** Opcodes of the protocol (0–99) and the built-in application opcodes. */
+export const OP = Object.freeze({
+  ERROR: 1,
+  WELCOME: 2,
+  PING: 3,
+  PONG: 4,
+  ACK: 5,
+  SUBSCRIBE: 10,
+  UNSUBSCRIBE: 11,
+  PUBLISH: 12,
+  DELIVERY: 13,
+  JOIN: 14,
+  LEAVE: 15,
+  SAY: 16,
+  SEND: 17,
+  PRESENCE: 18,
+  PRESENCE_EVENT: 19,
+  ECHO: 100,
+  ADD_FRIEND: 110,
+  GET_INFO: 111,
+});
+
+/** `wsproto.v1.Error.code` values (PROTOCOL.md §5, docs/pubsub.md). */
+export const ERROR_CODE = Object.freeze({
+  FRAME_TOO_SHORT: 1,
+  RESERVED_FLAGS: 2,
+  TEXT_NOT_SUPPORTED: 3,
+  UNKNOWN_OPCODE: 10,
+  BAD_PAYLOAD: 11,
+  INTERNAL: 12,
+  INVALID_TOPIC: 13,
+  PERMISSION_DENIED: 14,
+  NOT_IN_ROOM: 15,
+});
+
+/** `wsproto.v1.Delivery.Kind`. */
+export const DELIVERY_KIND = Object.freeze({ TOPIC: 0, ROOM: 1, DIRECT: 2, BROADCAST: 3 });
+
+/** `wsproto.v1.PresenceEvent.Action`. */
+export const PRESENCE_ACTION = Object.freeze({ JOIN: 0, LEAVE: 1 });
+
+const REQUEST_ID_FLAG = 0x8000_0000;
+const RESERVED_FLAGS = 0x7f00_0000;
+const MAX_OPCODE = 0x00ff_ffff;
+const MAX_REQUEST_ID = 0xffff_ffff;
+
+const utf8Encoder = new TextEncoder();
+const utf8Decoder = new TextDecoder('utf-8'); // lenient: bad bytes become U+FFFD
+const strictUtf8Decoder = new TextDecoder('utf-8', { fatal: true });
+
+// ---------------------------------------------------------------------------
+// Frames
+// ---------------------------------------------------------------------------
+
+/**
+ * A message that is not a valid frame. `code` is the name of the ERROR code a
+ * server answers it with ('FRAME_TOO_SHORT' or 'RESERVED_FLAGS'), `errorCode`
+ * its number, `opcode` the opcode that error reports and `requestId` the id
+ * it echoes (null when none could be read).
+ */
+export class FrameError extends Error {
+  constructor(code, message, opcode, requestId = null) {
+    super(message);
+    this.name = 'FrameError';
+    this.code = code;
+    this.errorCode = ERROR_CODE[code];
+    this.opcode = opcode;
+    this.requestId = requestId;
+  }
+}
+
+/** Views `data` (ArrayBuffer, typed array or DataView) as a Uint8Array without copying. */
+function asBytes(data) {
+  if (data instanceof Uint8Array) return data;
+  if (data instanceof ArrayBuffer) return new Uint8Array(data);
+  if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  if (data == null) return new Uint8Array(0);
+  throw new TypeError('expected an ArrayBuffer or Uint8Array');
+}
+
+/**
+ * Encodes one frame.
+ * @param {number} opcode 0..0xFFFFFF
+ * @param {Uint8Array|ArrayBuffer} [payload] may be empty
+ * @param {number|null} [requestId] 0..0xFFFFFFFF, or null/undefined for none
+ * @returns {Uint8Array}
+ */
+export function encodeFrame(opcode, payload, requestId = null) {
+  if (!Number.isInteger(opcode) || opcode < 0 || opcode > MAX_OPCODE) {
+    throw new RangeError(`opcode ${opcode} is not an integer in 0..${MAX_OPCODE}`);
+  }
+  const hasId = requestId !== null && requestId !== undefined;
+  if (hasId && (!Number.isInteger(requestId) || requestId < 0 || requestId > MAX_REQUEST_ID)) {
+    throw new RangeError(`request id ${requestId} is not an integer in 0..${MAX_REQUEST_ID}`);
+  }
+  const body = asBytes(payload);
+  const headerLen = hasId ? 8 : 4;
+  const out = new Uint8Array(headerLen + body.length);
+  const view = new DataView(out.buffer);
+  // `>>> 0` keeps the word unsigned: `|` on bit 31 yields a negative int32.
+  view.setUint32(0, hasId ? (opcode | REQUEST_ID_FLAG) >>> 0 : opcode);
+  if (hasId) view.setUint32(4, requestId);
+  out.set(body, headerLen);
+  return out;
+}
+
+/**
+ * Decodes one frame; the payload is a view into `data`, not a copy.
+ * Checks run in the order PROTOCOL.md §2 gives: length, reserved bits (which
+ * win over a missing id), then the request id's length.
+ * @param {ArrayBuffer|Uint8Array} data one binary WebSocket message
+ * @returns {{opcode: number, requestId: number|null, payload: Uint8Array}}
+ * @throws {FrameError}
+ */
+export function decodeFrame(data) {
+  const bytes = asBytes(data);
+  if (bytes.length < 4) {
+    throw new FrameError(
+      'FRAME_TOO_SHORT',
+      `frame is ${bytes.length} bytes long, shorter than its 4-byte opcode`,
+      0,
+    );
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const word = view.getUint32(0);
+  const opcode = word & MAX_OPCODE;
+  const hasId = (word & REQUEST_ID_FLAG) !== 0;
+  const requestId = hasId && bytes.length >= 8 ? view.getUint32(4) : null;
+  if ((word & RESERVED_FLAGS) !== 0) {
+    const bits = (word & RESERVED_FLAGS) >>> 0;
+    throw new FrameError(
+      'RESERVED_FLAGS',
+      `reserved bits 0x${bits.toString(16).padStart(8, '0')} of the opcode word are set`,
+      opcode,
+      requestId,
+    );
+  }
+  if (hasId && requestId === null) {
+    throw new FrameError(
+      'FRAME_TOO_SHORT',
+      `frame announces a request id but is only ${bytes.length} bytes long`,
+      opcode,
+    );
+  }
+  return { opcode, requestId, payload: bytes.subarray(hasId ? 8 : 4) };
+}
+
+// ---------------------------------------------------------------------------
+// Protobuf (proto3 binary encoding), just enough for the messages below
+// ---------------------------------------------------------------------------
+//
+// A field is a key varint (field_number << 3 | wire_type) followed by its
+// value. Wire types: 0 varint (uint32, uint64, bool, enum), 1 fixed 64-bit,
+// 2 length-delimited (string, bytes, embedded message, packed repeated),
+// 5 fixed 32-bit. proto3 omits fields at their default value, so an empty
+// payload is a message with every field at its default. Decoders skip fields
+// they do not know, by wire type.
+//
+// uint64 fields are plain JS Numbers: exact up to 2^53 - 1, which covers
+// sequence numbers and millisecond timestamps.
+
+/**
+ * Schemas: message name -> { fieldNumber: [jsName, type, repeated?] }.
+ * type is 'string' | 'bytes' | 'bool' | 'uint32' | 'uint64' | 'enum' or the
+ * name of another message here. JS names are the proto names in camelCase.
+ */
+const SCHEMAS = {
+  // protocol.proto
+  Error: { 1: ['code', 'uint32'], 2: ['message', 'string'], 3: ['opcode', 'uint32'] },
+  Welcome: {
+    1: ['sessionId', 'string'],
+    2: ['userId', 'string'],
+    3: ['server', 'string'],
+    4: ['protocolVersion', 'uint32'],
+    5: ['pingIntervalMs', 'uint32'],
+    6: ['maxMessageSize', 'uint32'],
+  },
+  // pubsub.proto
+  Subscribe: { 1: ['topics', 'string', true] },
+  Unsubscribe: { 1: ['topics', 'string', true] },
+  Publish: { 1: ['topic', 'string'], 2: ['data', 'bytes'], 3: ['opcode', 'uint32'] },
+  Published: {
+    1: ['topic', 'string'],
+    2: ['room', 'string'],
+    3: ['seq', 'uint64'],
+    4: ['sessions', 'uint32'],
+  },
+  Sender: { 1: ['sessionId', 'string'], 2: ['userId', 'string'] },
+  Delivery: {
+    1: ['kind', 'enum'],
+    2: ['topic', 'string'],
+    3: ['room', 'string'],
+    4: ['sender', 'Sender'],
+    5: ['seq', 'uint64'],
+    6: ['data', 'bytes'],
+    7: ['opcode', 'uint32'],
+    8: ['publishedAtMs', 'uint64'],
+  },
+  Join: { 1: ['room', 'string'], 2: ['presenceEvents', 'bool'] },
+  Leave: { 1: ['room', 'string'] },
+  Say: { 1: ['room', 'string'], 2: ['data', 'bytes'], 3: ['includeSelf', 'bool'] },
+  Send: { 1: ['userId', 'string'], 2: ['sessionId', 'string'], 3: ['data', 'bytes'] },
+  Member: { 1: ['sessionId', 'string'], 2: ['userId', 'string'] },
+  PresenceRequest: { 1: ['room', 'string'], 2: ['topic', 'string'] },
+  Presence: {
+    1: ['room', 'string'],
+    2: ['topic', 'string'],
+    3: ['count', 'uint32'],
+    4: ['members', 'Member', true],
+  },
+  PresenceEvent: {
+    1: ['room', 'string'],
+    2: ['action', 'enum'],
+    3: ['member', 'Member'],
+    4: ['count', 'uint32'],
+  },
+  // app.proto (built-in application opcodes)
+  FriendAdded: { 1: ['name', 'string'], 2: ['friendCount', 'uint32'], 3: ['alreadyFriends', 'bool'] },
+  InfoRequest: { 1: ['includeFriends', 'bool'] },
+  Info: {
+    1: ['server', 'string'],
+    2: ['uptimeMs', 'uint64'],
+    3: ['sessions', 'uint32'],
+    4: ['session', 'SessionInfo'],
+  },
+  SessionInfo: {
+    1: ['sessionId', 'string'],
+    2: ['userId', 'string'],
+    3: ['remoteAddr', 'string'],
+    4: ['connectedMs', 'uint64'],
+    5: ['framesReceived', 'uint64'],
+    6: ['framesSent', 'uint64'],
+    7: ['friendCount', 'uint32'],
+    8: ['friends', 'string', true],
+  },
+};
+
+const VARINT_TYPES = new Set(['uint32', 'uint64', 'bool', 'enum']);
+
+/** Grows as needed; collects the bytes of one message. */
+class Writer {
+  constructor() {
+    this.buf = new Uint8Array(64);
+    this.len = 0;
+  }
+  reserve(n) {
+    if (this.len + n <= this.buf.length) return;
+    const next = new Uint8Array(Math.max(this.buf.length * 2, this.len + n));
+    next.set(this.buf.subarray(0, this.len));
+    this.buf = next;
+  }
+  // Seven bits per byte, least significant group first, high bit = "more".
+  // Division instead of `>>>` so values above 2^32 (uint64) stay exact.
+  varint(value) {
+    if (!Number.isSafeInteger(value) || value < 0) {
+      throw new RangeError(`${value} is not an unsigned integer below 2^53`);
+    }
+    this.reserve(10);
+    while (value >= 0x80) {
+      this.buf[this.len++] = (value % 0x80) | 0x80;
+      value = Math.floor(value / 0x80);
+    }
+    this.buf[this.len++] = value;
+  }
+  bytes(bytes) {
+    this.varint(bytes.length);
+    this.reserve(bytes.length);
+    this.buf.set(bytes, this.len);
+    this.len += bytes.length;
+  }
+  finish() {
+    return this.buf.slice(0, this.len);
+  }
+}
+
+/** Reads fields off a byte slice; every length is checked before use. */
+class Reader {
+  constructor(bytes) {
+    this.bytes = bytes;
+    this.pos = 0;
+  }
+  get done() {
+    return this.pos >= this.bytes.length;
+  }
+  varint() {
+    let result = 0;
+    let scale = 1;
+    for (let i = 0; i < 10; i++) {
+      if (this.pos >= this.bytes.length) throw new RangeError('protobuf: truncated varint');
+      const b = this.bytes[this.pos++];
+      result += (b & 0x7f) * scale;
+      if (b < 0x80) return result;
+      scale *= 0x80;
+    }
+    throw new RangeError('protobuf: varint longer than 10 bytes');
+  }
+  take(n) {
+    if (n > this.bytes.length - this.pos) throw new RangeError('protobuf: truncated field');
+    const out = this.bytes.subarray(this.pos, this.pos + n);
+    this.pos += n;
+    return out;
+  }
+  skip(wireType) {
+    switch (wireType) {
+      case 0: this.varint(); break;
+      case 1: this.take(8); break;
+      case 2: this.take(this.varint()); break;
+      case 5: this.take(4); break;
+      default: throw new RangeError(`protobuf: unsupported wire type ${wireType}`);
+    }
+  }
+}
+
+function defaultValue(type, repeated) {
+  if (repeated) return [];
+  switch (type) {
+    case 'string': return '';
+    case 'bytes': return new Uint8Array(0);
+    case 'bool': return false;
+    case 'uint32': case 'uint64': case 'enum': return 0;
+    default: return null; // embedded message: absent
+  }
+}
+
+function writeField(w, number, type, value) {
+  if (VARINT_TYPES.has(type)) {
+    w.varint((number << 3) | 0);
+    w.varint(type === 'bool' ? (value ? 1 : 0) : value);
+  } else {
+    w.varint((number << 3) | 2);
+    if (type === 'string') w.bytes(utf8Encoder.encode(value));
+    else if (type === 'bytes') w.bytes(toBytes(value));
+    else w.bytes(encodeMessage(type, value));
+  }
+}
+
+function isDefault(type, value) {
+  if (value === undefined || value === null) return true;
+  switch (type) {
+    case 'string': return value === '';
+    case 'bytes': return toBytes(value).length === 0;
+    case 'bool': return !value;
+    case 'uint32': case 'uint64': case 'enum': return value === 0;
+    default: return false; // a set embedded message is written even when empty
+  }
+}
+
+/**
+ * Encodes a plain object as protobuf message `type` (a key of `messages`).
+ * Missing fields are defaults; fields are written in field-number order and
+ * defaults are omitted, as proto3 encoders (prost included) do.
+ * `bytes` fields accept a Uint8Array, an ArrayBuffer or a string (UTF-8).
+ * @returns {Uint8Array}
+ */
+export function encodeMessage(type, obj = {}) {
+  const schema = SCHEMAS[type];
+  if (!schema) throw new TypeError(`unknown message type ${type}`);
+  const w = new Writer();
+  for (const [number, [name, fieldType, repeated]] of Object.entries(schema)) {
+    const value = obj?.[name];
+    if (repeated) {
+      // Repeated strings and messages are one field per element (never packed).
+      for (const item of value ?? []) writeField(w, Number(number), fieldType, item);
+    } else if (!isDefault(fieldType, value)) {
+      writeField(w, Number(number), fieldType, value);
+    }
+  }
+  return w.finish();
+}
+
+/**
+ * Decodes protobuf message `type` into a plain object with every field
+ * present (defaults for absent ones; null for absent embedded messages).
+ * `bytes` fields are views into `bytes`, not copies. Unknown fields are skipped.
+ * @throws {RangeError} on truncated or malformed input
+ */
+export function decodeMessage(type, bytes) {
+  const schema = SCHEMAS[type];
+  if (!schema) throw new TypeError(`unknown message type ${type}`);
+  const out = {};
+  for (const [name, fieldType, repeated] of Object.values(schema)) {
+    out[name] = defaultValue(fieldType, repeated);
+  }
+  const r = new Reader(asBytes(bytes));
+  while (!r.done) {
+    const key = r.varint();
+    const number = Math.floor(key / 8);
+    const wireType = key % 8;
+    const field = schema[number];
+    if (!field) {
+      r.skip(wireType);
+      continue;
+    }
+    const [name, fieldType, repeated] = field;
+    const expected = VARINT_TYPES.has(fieldType) ? 0 : 2;
+    if (wireType !== expected) {
+      throw new RangeError(`protobuf: ${type}.${name} has wire type ${wireType}, expected ${expected}`);
+    }
+    let value;
+    if (fieldType === 'bool') value = r.varint() !== 0;
+    else if (fieldType === 'uint32') value = r.varint() % 0x1_0000_0000; // proto truncates to 32 bits
+    else if (VARINT_TYPES.has(fieldType)) value = r.varint();
+    else {
+      const chunk = r.take(r.varint());
+      if (fieldType === 'string') value = utf8Decoder.decode(chunk);
+      else if (fieldType === 'bytes') value = chunk;
+      else value = decodeMessage(fieldType, chunk);
+    }
+    if (repeated) out[name].push(value);
+    else out[name] = value; // proto3: the last occurrence wins
+  }
+  return out;
+}
+
+/** `messages.Delivery.encode(obj)` / `messages.Delivery.decode(bytes)`, and so on. */
+export const messages = Object.freeze(
+  Object.fromEntries(
+    Object.keys(SCHEMAS).map((type) => [
+      type,
+      Object.freeze({
+        encode: (obj) => encodeMessage(type, obj),
+        decode: (bytes) => decodeMessage(type, bytes),
+      }),
+    ]),
+  ),
+);
+
+/** A string becomes its UTF-8 bytes; binary data is viewed as a Uint8Array. */
+export function toBytes(data) {
+  if (typeof data === 'string') return utf8Encoder.encode(data);
+  return asBytes(data);
+}
+
+/** The bytes as text when they are valid UTF-8, otherwise undefined. */
+export function utf8OrUndefined(bytes) {
+  try {
+    return strictUtf8Decoder.decode(bytes);
+  } catch {
+    return undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------
+
+/**
+ * An ERROR frame (or a local failure) as an Error. For ERROR frames `code` is
+ * the numeric `wsproto.v1.Error.code` and `opcode` the offending opcode; local
+ * failures use string codes: 'TIMEOUT', 'CLOSED', 'NOT_CONNECTED',
+ * 'UNEXPECTED_REPLY'.
+ */
+export class WsprotoError extends Error {
+  constructor(code, message, opcode = 0) {
+    super(message);
+    this.name = 'WsprotoError';
+    this.code = code;
+    this.opcode = opcode;
+  }
+}
+
+const WS_OPEN = 1; // WebSocket.OPEN, without depending on a global
+
+function detail(type, value) {
+  return new CustomEvent(type, { detail: value });
+}
+
+function asList(topics) {
+  return typeof topics === 'string' ? [topics] : [...topics];
+}
+
+/**
+ * A reconnecting wsproto client.
+ *
+ * Events (all CustomEvent; the payload is `event.detail`):
+ *   open          the socket opened (before any WELCOME)
+ *   welcome       Welcome — the session is ready
+ *   joined        Presence — reply to a JOIN, including the automatic
+ *                 re-joins after a reconnect (so member lists can be rebuilt)
+ *   delivery      Delivery, plus `text` (the data as a string when it is UTF-8)
+ *   presence      PresenceEvent
+ *   error         Error (code, message, opcode) not answering a pending
+ *                 request; also frames that do not decode ({code: 'DECODE'})
+ *                 and failures of the automatic re-subscribe/re-join
+ *   frame         every decoded incoming frame {opcode, requestId, payload}
+ *   close         {code, reason, wasClean} — a socket closed
+ *   reconnecting  {delayMs, attempt} — the next connect is scheduled
+ *
+ * Subscriptions and rooms are remembered: after a reconnect the client sends
+ * one SUBSCRIBE with every topic and a JOIN per room (with the same
+ * presence_events flag) before anything else. Requests made while
+ * disconnected are queued and sent after those, so a SAY issued during a
+ * reconnect reaches a room the session is back in (the server answers a
+ * session's frames in order).
+ */
+export class WsprotoClient extends EventTarget {
+  /**
+   * @param {string} url e.g. `ws://host/ws?user=alice`
+   * @param {object} [options]
+   * @param {boolean} [options.reconnect=true]
+   * @param {number} [options.minDelayMs=500]   first reconnect delay
+   * @param {number} [options.maxDelayMs=10000] reconnect delay cap
+   * @param {number} [options.heartbeatMs=15000] PING period; 0 disables the
+   *   heartbeat and the watchdog (which drops a socket silent for 2.5 periods)
+   * @param {number} [options.requestTimeoutMs=10000] default request timeout
+   * @param {typeof WebSocket} [options.WebSocket] constructor to use (tests, Node)
+   */
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.options = {
+      reconnect: true,
+      minDelayMs: 500,
+      maxDelayMs: 10000,
+      heartbeatMs: 15000,
+      requestTimeoutMs: 10000,
+      ...options,
+    };
+    /** The last WELCOME, or null before the first one. */
+    this.welcome = null;
+
+    this._WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
+    this._ws = null;
+    this._closedByUser = false;
+    this._attempt = 0; // consecutive failed connects, for the back-off
+    this._reconnectTimer = null;
+    this._heartbeatTimer = null;
+    this._watchdogTimer = null;
+    this._lastReceived = 0;
+    this._nextRequestId = 1;
+    this._pending = new Map(); // request id -> {resolve, reject, timer}
+    this._queue = []; // frames (Uint8Array) waiting for the socket to open
+    this._topics = new Set(); // what the app subscribed to
+    this._rooms = new Map(); // room -> {presenceEvents}
+    this._openWaiters = []; // {resolve, reject} for calls made while disconnected
+
+    this._connect();
+  }
+
+  /** True while the socket is open. */
+  get connected() {
+    return this._ws !== null && this._ws.readyState === WS_OPEN;
+  }
+
+  /** Topics the client keeps subscribed to. */
+  get topics() {
+    return [...this._topics];
+  }
+
+  /** Rooms the client keeps joined. */
+  get rooms() {
+    return [...this._rooms.keys()];
+  }
+
+  // --- requests -----------------------------------------------------------
+
+  /**
+   * Sends a frame with a fresh request id and resolves with the reply frame
+   * that echoes it ({opcode, requestId, payload}). Rejects with a
+   * WsprotoError whose `.code` is the ERROR code when the server answers with
+   * ERROR, and on timeout or when the socket closes first. While
+   * disconnected the frame is queued until the socket opens (the timeout
+   * runs from the call).
+   */
+  request(opcode, payload = new Uint8Array(0), { timeoutMs = this.options.requestTimeoutMs } = {}) {
+    if (this._closedByUser) {
+      return Promise.reject(new WsprotoError('CLOSED', 'client is closed', opcode));
+    }
+    if (!this._willConnect) {
+      return Promise.reject(new WsprotoError('NOT_CONNECTED', 'not connected and not reconnecting', opcode));
+    }
+    const id = this._allocateRequestId();
+    const frame = encodeFrame(opcode, toBytes(payload), id);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        this._queue = this._queue.filter((queued) => queued.id !== id);
+        reject(new WsprotoError('TIMEOUT', `no reply to opcode ${opcode} within ${timeoutMs} ms`, opcode));
+      }, timeoutMs);
+      this._pending.set(id, { resolve, reject, timer, opcode });
+      if (this.connected) this._ws.send(frame);
+      else this._queue.push({ id, frame });
+    });
+  }
+
+  /** Sends a frame without a request id (fire and forget). Returns false when not connected. */
+  sendFrame(opcode, payload = new Uint8Array(0)) {
+    if (!this.connected) return false;
+    this._ws.send(encodeFrame(opcode, toBytes(payload)));
+    return true;
+  }
+
+  /** Subscribes to topics or patterns (string or array); remembered across reconnects. */
+  async subscribe(topics) {
+    const list = asList(topics);
+    if (list.length === 0) return;
+    list.forEach((t) => this._topics.add(t));
+    if (!this.connected) {
+      // The SUBSCRIBE sent on (re)connect covers them.
+      const replay = await this._nextOpen();
+      await replay.subscribed;
+      return;
+    }
+    await this._call(OP.SUBSCRIBE, 'Subscribe', { topics: list }, OP.ACK);
+  }
+
+  /** Unsubscribes and forgets the topics. */
+  async unsubscribe(topics) {
+    const list = asList(topics);
+    if (list.length === 0) return;
+    list.forEach((t) => this._topics.delete(t));
+    if (!this.connected) return; // nothing to undo on a socket that is not there
+    await this._call(OP.UNSUBSCRIBE, 'Unsubscribe', { topics: list }, OP.ACK);
+  }
+
+  /**
+   * Publishes data (string or bytes) to a topic or pattern. Resolves to Published.
+   * @param {{opcode?: number}} [options] application opcode passed through
+   */
+  publish(topic, data, { opcode = 0 } = {}) {
+    return this._call(OP.PUBLISH, 'Publish', { topic, data: toBytes(data), opcode }, OP.PUBLISH, 'Published');
+  }
+
+  /**
+   * Joins a room (remembered across reconnects). Resolves to the Presence
+   * of the room; also dispatched as a `joined` event.
+   */
+  async join(room, { presenceEvents = false } = {}) {
+    this._rooms.set(room, { presenceEvents });
+    if (!this.connected) {
+      const replay = await this._nextOpen();
+      const joined = replay.joined.get(room);
+      if (joined) return joined;
+      // Left again, or joined with other flags, before the socket opened.
+    }
+    return this._join(room);
+  }
+
+  /** Leaves a room and forgets it. */
+  async leave(room) {
+    this._rooms.delete(room);
+    if (!this.connected) return;
+    await this._call(OP.LEAVE, 'Leave', { room }, OP.ACK);
+  }
+
+  /**
+   * Says data (string or bytes) to a joined room. By default the sender does
+   * not receive its own message; pass `{includeSelf: true}` to get it as a
+   * delivery too. Resolves to Published.
+   */
+  say(room, data, { includeSelf = false } = {}) {
+    return this._call(OP.SAY, 'Say', { room, data: toBytes(data), includeSelf }, OP.SAY, 'Published');
+  }
+
+  /** Sends data directly to every session of `userId`, or to one `sessionId`. Resolves to Published. */
+  send({ userId = '', sessionId = '' }, data) {
+    return this._call(OP.SEND, 'Send', { userId, sessionId, data: toBytes(data) }, OP.SEND, 'Published');
+  }
+
+  /** Who is in `{room}`, or how many sessions subscribe to `{topic}`. Resolves to Presence. */
+  presence({ room = '', topic = '' }) {
+    return this._call(OP.PRESENCE, 'PresenceRequest', { room, topic }, OP.PRESENCE, 'Presence');
+  }
+
+  /** Closes with 1000 and stops reconnecting; pending requests reject with code 'CLOSED'. */
+  close(code = 1000, reason = '') {
+    this._closedByUser = true;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._stopTimers();
+    this._failPending(new WsprotoError('CLOSED', 'client closed'), true);
+    const ws = this._ws;
+    if (ws) {
+      if (ws.readyState <= WS_OPEN) ws.close(code, reason);
+      // The socket's close event still arrives and is reported once.
+    }
+  }
+
+  // --- internals ------------------------------------------------------------
+
+  _allocateRequestId() {
+    // Ids wrap within 1..0xFFFFFFFE, skipping ids still in use. 0xFFFFFFFF
+    // is left to tools (wsproto-client uses it as its end-of-batch barrier).
+    for (;;) {
+      const id = this._nextRequestId;
+      this._nextRequestId = id >= 0xffff_fffe ? 1 : id + 1;
+      if (!this._pending.has(id)) return id;
+    }
+  }
+
+  /** request() + reply-opcode check + payload decode. */
+  async _call(opcode, requestType, fields, replyOpcode, replyType = null) {
+    const reply = await this.request(opcode, encodeMessage(requestType, fields));
+    if (reply.opcode !== replyOpcode) {
+      throw new WsprotoError(
+        'UNEXPECTED_REPLY',
+        `opcode ${opcode} was answered with opcode ${reply.opcode}, expected ${replyOpcode}`,
+        opcode,
+      );
+    }
+    return replyType ? decodeMessage(replyType, reply.payload) : undefined;
+  }
+
+  async _join(room) {
+    const { presenceEvents } = this._rooms.get(room) ?? { presenceEvents: false };
+    const presence = await this._call(OP.JOIN, 'Join', { room, presenceEvents }, OP.JOIN, 'Presence');
+    this.dispatchEvent(detail('joined', presence));
+    return presence;
+  }
+
+  /** False once the client will not open another socket. */
+  get _willConnect() {
+    return !this._closedByUser && (this._ws !== null || this._reconnectTimer !== null);
+  }
+
+  /**
+   * Resolves with the replay promises ({subscribed, joined}) of the next
+   * open; rejects after requestTimeoutMs (the topic or room stays
+   * remembered and is still replayed when the socket finally opens).
+   */
+  _nextOpen() {
+    if (!this._willConnect) {
+      return Promise.reject(new WsprotoError('NOT_CONNECTED', 'not connected and not reconnecting'));
+    }
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        resolve: (value) => {
+          clearTimeout(timer);
+          resolve(value);
+        },
+        reject: (err) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      };
+      const timer = setTimeout(() => {
+        this._openWaiters = this._openWaiters.filter((w) => w !== waiter);
+        reject(new WsprotoError('TIMEOUT', `not connected within ${this.options.requestTimeoutMs} ms`));
+      }, this.options.requestTimeoutMs);
+      this._openWaiters.push(waiter);
+    });
+  }
+
+  _connect() {
+    this._reconnectTimer = null;
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url);
+    } catch (err) {
+      // A malformed URL throws synchronously; retrying will not help.
+      this._closedByUser = true;
+      this._failPending(new WsprotoError('CLOSED', `cannot connect: ${err.message}`), true);
+      queueMicrotask(() => this.dispatchEvent(detail('close', { code: 1006, reason: String(err.message), wasClean: false })));
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this._ws = ws;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (event) => this._onMessage(ws, event);
+    ws.onclose = (event) => this._onClose(ws, event.code, event.reason, event.wasClean);
+    ws.onerror = () => {}; // always followed by close, which carries more
+  }
+
+  _onOpen(ws) {
+    if (ws !== this._ws) return;
+    this._attempt = 0;
+    this._lastReceived = Date.now();
+    this._startTimers();
+
+    // Replay what the app asked for, before anything queued: one SUBSCRIBE
+    // with every topic, then a JOIN per room.
+    const topics = [...this._topics];
+    const subscribed = topics.length
+      ? this._call(OP.SUBSCRIBE, 'Subscribe', { topics }, OP.ACK)
+      : Promise.resolve();
+    subscribed.catch((err) => this._replayFailed(err, { topics }));
+    const joined = new Map();
+    for (const room of this._rooms.keys()) {
+      const p = this._join(room);
+      p.catch((err) => this._replayFailed(err, { room }));
+      joined.set(room, p);
+    }
+
+    const queue = this._queue;
+    this._queue = [];
+    for (const { frame } of queue) ws.send(frame);
+
+    const waiters = this._openWaiters;
+    this._openWaiters = [];
+    for (const w of waiters) w.resolve({ subscribed, joined });
+    // Dispatched last, so frames a listener sends follow the replay.
+    this.dispatchEvent(detail('open', { url: this.url }));
+  }
+
+  _replayFailed(err, what) {
+    if (err.code === 'CLOSED') return; // the next open replays again
+    this.dispatchEvent(detail('error', { code: err.code, message: err.message, opcode: err.opcode, ...what }));
+  }
+
+  _onMessage(ws, event) {
+    if (ws !== this._ws) return;
+    this._lastReceived = Date.now();
+    if (typeof event.data === 'string') return; // not part of the protocol
+    let frame;
+    try {
+      frame = decodeFrame(event.data);
+    } catch (err) {
+      this.dispatchEvent(detail('error', { code: 'DECODE', message: err.message, opcode: err.opcode ?? 0 }));
+      return;
+    }
+    this.dispatchEvent(detail('frame', frame));
+    try {
+      this._handleFrame(frame);
+    } catch (err) {
+      // A payload that does not decode as its schema says.
+      this.dispatchEvent(detail('error', { code: 'DECODE', message: err.message, opcode: frame.opcode }));
+    }
+  }
+
+  _handleFrame(frame) {
+    const { opcode, requestId } = frame;
+    const pending = requestId !== null ? this._pending.get(requestId) : undefined;
+    if (pending) {
+      this._pending.delete(requestId);
+      clearTimeout(pending.timer);
+      if (opcode === OP.ERROR) {
+        const e = decodeMessage('Error', frame.payload);
+        pending.reject(new WsprotoError(e.code, e.message, e.opcode));
+      } else {
+        pending.resolve(frame);
+      }
+      return;
+    }
+    switch (opcode) {
+      case OP.WELCOME:
+        this.welcome = decodeMessage('Welcome', frame.payload);
+        this.dispatchEvent(detail('welcome', this.welcome));
+        break;
+      case OP.DELIVERY: {
+        const delivery = decodeMessage('Delivery', frame.payload);
+        delivery.text = utf8OrUndefined(delivery.data);
+        this.dispatchEvent(detail('delivery', delivery));
+        break;
+      }
+      case OP.PRESENCE_EVENT:
+        this.dispatchEvent(detail('presence', decodeMessage('PresenceEvent', frame.payload)));
+        break;
+      case OP.ERROR:
+        this.dispatchEvent(detail('error', decodeMessage('Error', frame.payload)));
+        break;
+      default:
+        // PONGs to heartbeats, late replies to timed-out requests and
+        // application pushes: available through the `frame` event.
+        break;
+    }
+  }
+
+  _onClose(ws, code, reason, wasClean) {
+    if (ws !== this._ws) return;
+    this._ws = null;
+    this._stopTimers();
+    const willRetry = !this._closedByUser && this.options.reconnect;
+    // Sent requests can no longer be answered. Queued ones wait for the next
+    // socket, unless there will be none.
+    this._failPending(new WsprotoError('CLOSED', `connection closed (${code})`), !willRetry);
+    // Schedule first, so `close` listeners already see a client that reconnects.
+    const retry = willRetry ? this._scheduleReconnect() : null;
+    this.dispatchEvent(detail('close', { code, reason, wasClean }));
+    if (retry) this.dispatchEvent(detail('reconnecting', retry));
+  }
+
+  /** Rejects sent requests (and, if `all`, queued ones and open waiters). */
+  _failPending(err, all) {
+    const queued = new Set(this._queue.map((q) => q.id));
+    for (const [id, p] of this._pending) {
+      if (!all && queued.has(id)) continue;
+      this._pending.delete(id);
+      clearTimeout(p.timer);
+      p.reject(new WsprotoError(err.code, err.message, p.opcode));
+    }
+    if (all) {
+      this._queue = [];
+      this._rejectOpenWaiters(err);
+    }
+  }
+
+  _rejectOpenWaiters(err) {
+    const waiters = this._openWaiters;
+    this._openWaiters = [];
+    for (const w of waiters) w.reject(err);
+  }
+
+  /** Exponential back-off with "equal jitter": a random delay in [d/2, d]. */
+  _scheduleReconnect() {
+    this._attempt += 1;
+    const { minDelayMs, maxDelayMs } = this.options;
+    const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** (this._attempt - 1));
+    const delayMs = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+    this._reconnectTimer = setTimeout(() => this._connect(), delayMs);
+    return { delayMs, attempt: this._attempt };
+  }
+
+  // Heartbeat: browsers answer the server's WebSocket pings but cannot see
+  // them, so a half-open connection is only noticed by sending. Every
+  // heartbeatMs the client sends PING (opcode 3, payload: a timestamp); the
+  // server's PONG, or any other frame, proves the socket alive. When nothing
+  // at all arrived for 2.5 heartbeats the socket is dropped and replaced.
+  _startTimers() {
+    const { heartbeatMs } = this.options;
+    if (!heartbeatMs) return;
+    this._heartbeatTimer = setInterval(() => this.sendFrame(OP.PING, String(Date.now())), heartbeatMs);
+    this._armWatchdog(2.5 * heartbeatMs);
+  }
+
+  _armWatchdog(delayMs) {
+    this._watchdogTimer = setTimeout(() => {
+      const limit = 2.5 * this.options.heartbeatMs;
+      const silentMs = Date.now() - this._lastReceived;
+      if (silentMs < limit) {
+        this._armWatchdog(limit - silentMs); // something arrived meanwhile
+        return;
+      }
+      const ws = this._ws;
+      if (!ws) return;
+      // Don't wait for a close handshake a dead peer will never answer:
+      // detach, close, and report the close ourselves.
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      try {
+        ws.close(4000, 'heartbeat timeout');
+      } catch {
+        // already closing
+      }
+      this._onClose(ws, 4000, 'heartbeat timeout', false);
+    }, delayMs);
+  }
+
+  _stopTimers() {
+    clearInterval(this._heartbeatTimer);
+    clearTimeout(this._watchdogTimer);
+    this._heartbeatTimer = null;
+    this._watchdogTimer = null;
+  }
+}
