@@ -5,7 +5,11 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["wsproto/v1/protocol.proto", "wsproto/v1/app.proto"];
+    let files = [
+        "wsproto/v1/protocol.proto",
+        "wsproto/v1/pubsub.proto",
+        "wsproto/v1/app.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

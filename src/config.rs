@@ -5,6 +5,8 @@ use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 use tokio::net::{lookup_host, TcpListener};
 
+use crate::{queue::DeliveryPolicy, topic::Topic};
+
 /// Every setting of a wsproto server. [`Config::default`] is what
 /// `wsproto-server` runs with when given no flags.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -47,6 +49,34 @@ pub struct Config {
     /// On shutdown, how long to wait for clients to answer Close 1001.
     #[arg(long, env = "WSPROTO_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Key for the HTTP publish API (`Authorization: Bearer KEY`); without
+    /// one the API is off.
+    #[arg(long, env = "WSPROTO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Queue policy for topics overlapping PATTERN, as
+    /// `PATTERN=disconnect|drop-oldest|conflate[,critical]`; repeatable
+    /// (`;`-separated in the env var), first match wins. Default: disconnect.
+    #[arg(long = "topic-policy", env = "WSPROTO_TOPIC_POLICY", value_delimiter = ';', value_parser = parse_topic_policy)]
+    pub topic_policies: Vec<(Topic, DeliveryPolicy)>,
+
+    /// Topic patterns clients may PUBLISH to over WebSocket; repeatable
+    /// (`,`-separated). Default: none — backends publish through the HTTP API.
+    #[arg(
+        long = "client-publish",
+        env = "WSPROTO_CLIENT_PUBLISH",
+        value_delimiter = ','
+    )]
+    pub client_publish: Vec<Topic>,
+
+    /// Subscriptions one session may hold.
+    #[arg(long, env = "WSPROTO_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    pub max_subscriptions: usize,
+
+    /// Rooms one session may be in.
+    #[arg(long, env = "WSPROTO_MAX_ROOMS", default_value_t = 100)]
+    pub max_rooms: usize,
 }
 
 impl Default for Config {
@@ -61,8 +91,24 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(5),
+            api_key: None,
+            topic_policies: Vec::new(),
+            client_publish: Vec::new(),
+            max_subscriptions: 1000,
+            max_rooms: 100,
         }
     }
+}
+
+fn parse_topic_policy(s: &str) -> Result<(Topic, DeliveryPolicy), String> {
+    let (pattern, policy) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected PATTERN=POLICY, got {s:?}"))?;
+    let pattern = Topic::parse(pattern.trim()).map_err(|e| e.to_string())?;
+    let policy = policy
+        .parse()
+        .map_err(|e: crate::queue::PolicyError| e.to_string())?;
+    Ok((pattern, policy))
 }
 
 fn parse_path(path: &str) -> Result<String, String> {
@@ -192,6 +238,33 @@ mod tests {
                 "{bad:?} should not parse"
             );
         }
+    }
+
+    #[test]
+    fn topic_policies_and_client_publish_patterns() {
+        let cli = Cli::parse_from([
+            "s",
+            "--topic-policy",
+            "alarm.#=critical",
+            "--topic-policy",
+            "rowdata.#=conflate",
+            "--client-publish",
+            "chat.#,demo.*",
+        ]);
+        let policies: Vec<String> = cli
+            .config
+            .topic_policies
+            .iter()
+            .map(|(t, p)| format!("{t}={p}"))
+            .collect();
+        assert_eq!(
+            policies,
+            ["alarm.#=disconnect,critical", "rowdata.#=conflate"]
+        );
+        assert_eq!(cli.config.client_publish.len(), 2);
+        assert!(Cli::try_parse_from(["s", "--topic-policy", "alarm"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--topic-policy", "a..b=conflate"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--topic-policy", "a=sometimes"]).is_err());
     }
 
     #[test]

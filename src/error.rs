@@ -23,6 +23,12 @@ pub enum ErrorCode {
     Internal = 12,
     /// The request would take the session past a limit (e.g. friends, subscriptions).
     LimitExceeded = 13,
+    /// A topic or room name is not valid (see PROTOCOL.md, Topics).
+    InvalidTopic = 14,
+    /// The session may not subscribe or publish there.
+    PermissionDenied = 15,
+    /// SAY to a room the session has not joined.
+    NotInRoom = 16,
 }
 
 impl ErrorCode {
@@ -41,6 +47,9 @@ impl ErrorCode {
             ErrorCode::BadPayload => "BAD_PAYLOAD",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::LimitExceeded => "LIMIT_EXCEEDED",
+            ErrorCode::InvalidTopic => "INVALID_TOPIC",
+            ErrorCode::PermissionDenied => "PERMISSION_DENIED",
+            ErrorCode::NotInRoom => "NOT_IN_ROOM",
         }
     }
 
@@ -54,6 +63,9 @@ impl ErrorCode {
             ErrorCode::BadPayload,
             ErrorCode::Internal,
             ErrorCode::LimitExceeded,
+            ErrorCode::InvalidTopic,
+            ErrorCode::PermissionDenied,
+            ErrorCode::NotInRoom,
         ]
         .into_iter()
         .find(|c| c.as_u32() == code)
@@ -105,6 +117,12 @@ impl HandlerError {
 
     pub fn message(&self) -> &str {
         &self.message
+    }
+}
+
+impl From<crate::topic::TopicError> for HandlerError {
+    fn from(err: crate::topic::TopicError) -> HandlerError {
+        HandlerError::protocol(ErrorCode::InvalidTopic, err.to_string())
     }
 }
 

@@ -26,12 +26,15 @@
 //! - [`hub`]: this node's sessions. [`server`]: HTTP, upgrade, accept loop,
 //!   shutdown; [`upgrade`]: the handshake. [`config`]: settings.
 
+pub mod api;
+pub mod broker;
 pub mod close;
 pub mod config;
 pub mod error;
 pub mod frame;
 pub mod handlers;
 pub mod hub;
+pub mod identity;
 pub mod opcode;
 pub mod queue;
 pub mod router;

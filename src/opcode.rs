@@ -17,6 +17,28 @@ pub const PONG: u32 = 4;
 /// no other reply. Empty payload.
 pub const ACK: u32 = 5;
 
+/// Client → server: subscribe to topics (`wsproto.v1.Subscribe`).
+pub const SUBSCRIBE: u32 = 10;
+/// Client → server: end subscriptions (`wsproto.v1.Unsubscribe`).
+pub const UNSUBSCRIBE: u32 = 11;
+/// Client → server: publish to a topic (`wsproto.v1.Publish`); replies `Published`.
+pub const PUBLISH: u32 = 12;
+/// Server → client: a message for this session (`wsproto.v1.Delivery`).
+pub const DELIVERY: u32 = 13;
+/// Client → server: join a room (`wsproto.v1.Join`); replies `Presence`.
+pub const JOIN: u32 = 14;
+/// Client → server: leave a room (`wsproto.v1.Leave`).
+pub const LEAVE: u32 = 15;
+/// Client → server: say something in a room (`wsproto.v1.Say`); replies `Published`.
+pub const SAY: u32 = 16;
+/// Client → server: message a user or session (`wsproto.v1.Send`); replies `Published`.
+pub const SEND: u32 = 17;
+/// Client → server: who is in a room, or how many subscribe to a topic
+/// (`wsproto.v1.PresenceRequest`); replies `Presence`.
+pub const PRESENCE: u32 = 18;
+/// Server → client: a member joined or left a room (`wsproto.v1.PresenceEvent`).
+pub const PRESENCE_EVENT: u32 = 19;
+
 /// First opcode available to applications.
 pub const FIRST_APPLICATION: u32 = 100;
 /// Echo: replies with the same opcode and payload.
@@ -84,6 +106,66 @@ pub const BUILTIN: &[OpcodeSpec] = &[
         name: "ACK",
         request: PayloadKind::None,
         reply: PayloadKind::Empty,
+    },
+    OpcodeSpec {
+        code: SUBSCRIBE,
+        name: "SUBSCRIBE",
+        request: PayloadKind::Message("wsproto.v1.Subscribe"),
+        reply: PayloadKind::None,
+    },
+    OpcodeSpec {
+        code: UNSUBSCRIBE,
+        name: "UNSUBSCRIBE",
+        request: PayloadKind::Message("wsproto.v1.Unsubscribe"),
+        reply: PayloadKind::None,
+    },
+    OpcodeSpec {
+        code: PUBLISH,
+        name: "PUBLISH",
+        request: PayloadKind::Message("wsproto.v1.Publish"),
+        reply: PayloadKind::Message("wsproto.v1.Published"),
+    },
+    OpcodeSpec {
+        code: DELIVERY,
+        name: "DELIVERY",
+        request: PayloadKind::None,
+        reply: PayloadKind::Message("wsproto.v1.Delivery"),
+    },
+    OpcodeSpec {
+        code: JOIN,
+        name: "JOIN",
+        request: PayloadKind::Message("wsproto.v1.Join"),
+        reply: PayloadKind::Message("wsproto.v1.Presence"),
+    },
+    OpcodeSpec {
+        code: LEAVE,
+        name: "LEAVE",
+        request: PayloadKind::Message("wsproto.v1.Leave"),
+        reply: PayloadKind::None,
+    },
+    OpcodeSpec {
+        code: SAY,
+        name: "SAY",
+        request: PayloadKind::Message("wsproto.v1.Say"),
+        reply: PayloadKind::Message("wsproto.v1.Published"),
+    },
+    OpcodeSpec {
+        code: SEND,
+        name: "SEND",
+        request: PayloadKind::Message("wsproto.v1.Send"),
+        reply: PayloadKind::Message("wsproto.v1.Published"),
+    },
+    OpcodeSpec {
+        code: PRESENCE,
+        name: "PRESENCE",
+        request: PayloadKind::Message("wsproto.v1.PresenceRequest"),
+        reply: PayloadKind::Message("wsproto.v1.Presence"),
+    },
+    OpcodeSpec {
+        code: PRESENCE_EVENT,
+        name: "PRESENCE_EVENT",
+        request: PayloadKind::None,
+        reply: PayloadKind::Message("wsproto.v1.PresenceEvent"),
     },
     OpcodeSpec {
         code: ECHO,

@@ -3,10 +3,13 @@
 //! its socket.
 //!
 //! Producers never wait: a push either succeeds at once or fails, so a slow
-//! client can never stall whoever is sending to it. A full queue closes the
-//! session as a slow consumer and frees what was pending.
+//! client can never stall whoever is sending to it. What happens when the
+//! queue is full depends on each frame's [`DeliveryPolicy`]: by default the
+//! session is closed as a slow consumer (1008) and what was pending is
+//! freed; topics may instead drop their oldest frames or keep only their
+//! newest, and critical topics are evicted last.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, fmt, str::FromStr, sync::Arc};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -23,6 +26,80 @@ pub enum PushError {
     /// The session is already closing.
     #[error("session is closing")]
     Closed,
+}
+
+/// What a full queue does to make room, per topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Close the session with 1008: no message of this topic is ever lost
+    /// silently.
+    #[default]
+    Disconnect,
+    /// Drop the oldest droppable frame (or, if none, this one).
+    DropOldest,
+    /// Keep only the newest pending frame of the topic (what a live
+    /// dashboard wants); when full, like `DropOldest`.
+    Conflate,
+}
+
+/// How one topic's frames are treated in a session queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeliveryPolicy {
+    pub overflow: Overflow,
+    /// Never evicted or conflated; when the queue is full, non-critical
+    /// frames make room first.
+    pub critical: bool,
+}
+
+/// A policy that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid policy {0:?}: expected disconnect, drop-oldest or conflate, optionally followed by ,critical")]
+pub struct PolicyError(String);
+
+impl FromStr for DeliveryPolicy {
+    type Err = PolicyError;
+
+    /// `disconnect`, `drop-oldest`, `conflate` or `critical` (= disconnect,
+    /// critical), each optionally followed by `,critical`.
+    fn from_str(s: &str) -> Result<DeliveryPolicy, PolicyError> {
+        let mut policy = DeliveryPolicy::default();
+        for word in s.split(',').map(str::trim) {
+            match word {
+                "disconnect" => policy.overflow = Overflow::Disconnect,
+                "drop-oldest" => policy.overflow = Overflow::DropOldest,
+                "conflate" => policy.overflow = Overflow::Conflate,
+                "critical" => policy.critical = true,
+                _ => return Err(PolicyError(s.to_owned())),
+            }
+        }
+        Ok(policy)
+    }
+}
+
+impl fmt::Display for DeliveryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let overflow = match self.overflow {
+            Overflow::Disconnect => "disconnect",
+            Overflow::DropOldest => "drop-oldest",
+            Overflow::Conflate => "conflate",
+        };
+        f.write_str(overflow)?;
+        if self.critical {
+            f.write_str(",critical")?;
+        }
+        Ok(())
+    }
+}
+
+/// What became of a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued (possibly after evicting an older, lower-priority frame).
+    Queued,
+    /// Replaced the pending frame of the same conflated topic.
+    Conflated,
+    /// The queue was full and this frame was the one to go.
+    Dropped,
 }
 
 /// What the writer should do next.
@@ -50,8 +127,23 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Entry>,
     close: Option<CloseReason>,
+    /// Frames dropped or conflated away so far.
+    dropped: u64,
+}
+
+struct Entry {
+    frame: Bytes,
+    policy: DeliveryPolicy,
+    /// The topic a conflated frame belongs to.
+    topic: Option<Arc<str>>,
+}
+
+impl Entry {
+    fn evictable(&self) -> bool {
+        !self.policy.critical && self.policy.overflow != Overflow::Disconnect
+    }
 }
 
 impl SessionQueue {
@@ -73,29 +165,87 @@ impl SessionQueue {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues an encoded frame for the writer.
+    /// Queues an encoded reply or control frame for the writer (the default
+    /// policy: a full queue closes the session).
     ///
     /// # Errors
     /// [`PushError::Full`] when the queue was full (the session is then
     /// closed with 1008 and its pending frames dropped), and
     /// [`PushError::Closed`] when the session is already closing.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        self.push_with(frame, DeliveryPolicy::default(), None)
+            .map(drop)
+    }
+
+    /// Queues a frame of `topic` under `policy`.
+    ///
+    /// # Errors
+    /// As [`SessionQueue::push`]; `Full` only when the policies leave no
+    /// other way to make room.
+    pub fn push_with(
+        &self,
+        frame: Bytes,
+        policy: DeliveryPolicy,
+        topic: Option<&Arc<str>>,
+    ) -> Result<Pushed, PushError> {
         let mut state = self.state();
         if state.close.is_some() {
             return Err(PushError::Closed);
         }
-        if state.frames.len() >= self.inner.capacity {
-            state.frames = VecDeque::new();
-            state.close = Some(CloseReason::SLOW_CONSUMER);
-            drop(state);
-            self.inner.wake.notify_one();
-            self.inner.closing.cancel();
-            return Err(PushError::Full);
+        let entry = Entry {
+            frame,
+            policy,
+            topic: topic.cloned(),
+        };
+        if policy.overflow == Overflow::Conflate && !policy.critical {
+            let pending = state.frames.iter_mut().find(|e| {
+                e.policy.overflow == Overflow::Conflate
+                    && !e.policy.critical
+                    && e.topic.is_some()
+                    && e.topic == entry.topic
+            });
+            if let Some(pending) = pending {
+                *pending = entry;
+                state.dropped += 1;
+                return Ok(Pushed::Conflated);
+            }
         }
-        state.frames.push_back(frame);
+        if state.frames.len() >= self.inner.capacity {
+            // Lower-priority frames make room first.
+            let victim = state.frames.iter().position(Entry::evictable).or_else(|| {
+                policy
+                    .critical
+                    .then(|| state.frames.iter().position(|e| !e.policy.critical))
+                    .flatten()
+            });
+            match victim {
+                Some(victim) => {
+                    state.frames.remove(victim);
+                    state.dropped += 1;
+                }
+                None if entry.evictable() => {
+                    state.dropped += 1;
+                    return Ok(Pushed::Dropped);
+                }
+                None => {
+                    state.frames = VecDeque::new();
+                    state.close = Some(CloseReason::SLOW_CONSUMER);
+                    drop(state);
+                    self.inner.wake.notify_one();
+                    self.inner.closing.cancel();
+                    return Err(PushError::Full);
+                }
+            }
+        }
+        state.frames.push_back(entry);
         drop(state);
         self.inner.wake.notify_one();
-        Ok(())
+        Ok(Pushed::Queued)
+    }
+
+    /// Frames dropped or conflated away so far under non-disconnect policies.
+    pub fn dropped(&self) -> u64 {
+        self.state().dropped
     }
 
     /// Asks the writer to close the session after the frames already queued.
@@ -141,7 +291,7 @@ impl SessionQueue {
                 let mut state = self.state();
                 if !state.frames.is_empty() {
                     let n = state.frames.len().min(max.max(1));
-                    out.extend(state.frames.drain(..n));
+                    out.extend(state.frames.drain(..n).map(|e| e.frame));
                     return Batch::Frames;
                 }
                 if let Some(reason) = state.close {
@@ -189,6 +339,120 @@ mod tests {
             Batch::Close(CloseReason::SLOW_CONSUMER)
         );
         assert!(out.is_empty());
+    }
+
+    fn policy(s: &str) -> DeliveryPolicy {
+        s.parse().unwrap()
+    }
+
+    async fn drain(queue: &SessionQueue) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        if !queue.is_empty() {
+            queue.next_batch(&mut out, usize::MAX).await;
+        }
+        out
+    }
+
+    #[test]
+    fn policies_parse() {
+        assert_eq!(policy("disconnect"), DeliveryPolicy::default());
+        assert_eq!(
+            policy("conflate,critical"),
+            DeliveryPolicy {
+                overflow: Overflow::Conflate,
+                critical: true
+            }
+        );
+        assert_eq!(policy("critical").overflow, Overflow::Disconnect);
+        assert_eq!(policy("drop-oldest").to_string(), "drop-oldest");
+        assert!("sometimes".parse::<DeliveryPolicy>().is_err());
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_keeps_the_newest_frames_and_counts_drops() {
+        let queue = SessionQueue::new(3);
+        let topic: Arc<str> = "t".into();
+        for i in 0..5u8 {
+            let pushed = queue.push_with(Bytes::from(vec![i]), policy("drop-oldest"), Some(&topic));
+            assert_eq!(pushed, Ok(Pushed::Queued));
+        }
+        assert_eq!(queue.dropped(), 2);
+        assert_eq!(drain(&queue).await, [vec![2u8], vec![3], vec![4]]);
+    }
+
+    #[tokio::test]
+    async fn conflate_keeps_one_pending_frame_per_topic() {
+        let queue = SessionQueue::new(8);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        for i in 0..3u8 {
+            queue
+                .push_with(Bytes::from(vec![i]), policy("conflate"), Some(&a))
+                .unwrap();
+            queue
+                .push_with(Bytes::from(vec![10 + i]), policy("conflate"), Some(&b))
+                .unwrap();
+        }
+        assert_eq!(queue.dropped(), 4);
+        assert_eq!(drain(&queue).await, [vec![2u8], vec![12]]);
+    }
+
+    #[tokio::test]
+    async fn critical_frames_push_out_the_others_and_only_they_can_overflow() {
+        let queue = SessionQueue::new(3);
+        let (alarm, data): (Arc<str>, Arc<str>) = ("alarm".into(), "data".into());
+        queue.push(Bytes::from_static(b"reply")).unwrap();
+        queue
+            .push_with(
+                Bytes::from_static(b"d1"),
+                policy("drop-oldest"),
+                Some(&data),
+            )
+            .unwrap();
+        queue
+            .push_with(
+                Bytes::from_static(b"d2"),
+                policy("drop-oldest"),
+                Some(&data),
+            )
+            .unwrap();
+        // Full: the alarm evicts droppable data first, then the reply.
+        queue
+            .push_with(Bytes::from_static(b"a1"), policy("critical"), Some(&alarm))
+            .unwrap();
+        queue
+            .push_with(Bytes::from_static(b"a2"), policy("critical"), Some(&alarm))
+            .unwrap();
+        queue
+            .push_with(Bytes::from_static(b"a3"), policy("critical"), Some(&alarm))
+            .unwrap();
+        // Data can no longer get in, and is dropped rather than closing the session.
+        let pushed = queue.push_with(
+            Bytes::from_static(b"d3"),
+            policy("drop-oldest"),
+            Some(&data),
+        );
+        assert_eq!(pushed, Ok(Pushed::Dropped));
+        assert_eq!(queue.dropped(), 4);
+        // Critical frames alone overflow: now the session goes.
+        let overflow = queue.push_with(Bytes::from_static(b"a4"), policy("critical"), Some(&alarm));
+        assert_eq!(overflow, Err(PushError::Full));
+        assert_eq!(queue.close_reason(), Some(CloseReason::SLOW_CONSUMER));
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_frame_takes_the_place_of_a_droppable_one() {
+        let queue = SessionQueue::new(2);
+        let data: Arc<str> = "data".into();
+        queue
+            .push_with(Bytes::from_static(b"d1"), policy("conflate"), Some(&data))
+            .unwrap();
+        queue.push(Bytes::from_static(b"r1")).unwrap();
+        queue.push(Bytes::from_static(b"r2")).unwrap();
+        assert_eq!(
+            drain(&queue).await,
+            [Bytes::from_static(b"r1"), Bytes::from_static(b"r2")]
+        );
+        assert_eq!(queue.close_reason(), None);
     }
 
     #[tokio::test]

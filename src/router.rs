@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 use crate::{
     error::{ErrorCode, HandlerError},
     frame::{Frame, Preview, MAX_OPCODE},
+    handlers::pubsub,
     opcode,
     session::Session,
 };
@@ -70,15 +71,34 @@ where
 }
 
 /// Maps application opcodes to handlers, and answers the protocol's own.
-#[derive(Default)]
 pub struct Router {
     handlers: HashMap<u32, Box<dyn Handler>>,
 }
 
+impl Default for Router {
+    fn default() -> Router {
+        Router::new()
+    }
+}
+
 impl Router {
-    /// A table with no application opcodes.
+    /// A table with the protocol's own opcodes (pub/sub, rooms, presence)
+    /// and no application opcodes.
     pub fn new() -> Router {
-        Router::default()
+        let protocol: [(u32, Box<dyn Handler>); 9] = [
+            (opcode::SUBSCRIBE, Box::new(pubsub::subscribe)),
+            (opcode::UNSUBSCRIBE, Box::new(pubsub::unsubscribe)),
+            (opcode::PUBLISH, Box::new(pubsub::publish_to_topic)),
+            (opcode::JOIN, Box::new(pubsub::join)),
+            (opcode::LEAVE, Box::new(pubsub::leave)),
+            (opcode::SAY, Box::new(pubsub::say)),
+            (opcode::SEND, Box::new(pubsub::send)),
+            (opcode::PRESENCE, Box::new(pubsub::presence)),
+            (opcode::PING, Box::new(pong)),
+        ];
+        Router {
+            handlers: protocol.into_iter().collect(),
+        }
     }
 
     /// Registers `handler` for `opcode`.
@@ -102,7 +122,12 @@ impl Router {
 
     /// The application opcodes that have a handler, in ascending order.
     pub fn opcodes(&self) -> Vec<u32> {
-        let mut opcodes: Vec<u32> = self.handlers.keys().copied().collect();
+        let mut opcodes: Vec<u32> = self
+            .handlers
+            .keys()
+            .copied()
+            .filter(|&op| !opcode::is_reserved(op))
+            .collect();
         opcodes.sort_unstable();
         opcodes
     }
@@ -138,10 +163,6 @@ impl Router {
         );
         let (op, request_id) = (frame.opcode, frame.request_id);
         let result = match self.handlers.get(&op) {
-            _ if op == opcode::PING => Ok(Reply::Frame {
-                opcode: opcode::PONG,
-                payload: frame.payload,
-            }),
             Some(handler) => {
                 let call = AssertUnwindSafe(handler.call(session.clone(), frame));
                 call.catch_unwind().await.unwrap_or_else(|_| {
@@ -175,6 +196,14 @@ impl Router {
         // A full queue closes the session; nothing else to do here.
         let _ = session.send(&reply.with_request_id(request_id));
     }
+}
+
+/// Opcode 3: answers PONG with the same payload.
+async fn pong(_session: Session, frame: Frame) -> HandlerResult {
+    Ok(Reply::Frame {
+        opcode: opcode::PONG,
+        payload: frame.payload,
+    })
 }
 
 fn unknown_opcode_message(op: u32) -> String {

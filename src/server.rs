@@ -8,9 +8,11 @@
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
+    body::Bytes,
     extract::{Request, State},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    routing::{any, get},
+    routing::{any, get, post},
     Extension, Json,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -26,8 +28,13 @@ use tower_service::Service;
 use tracing::{debug, info, warn};
 
 use crate::{
+    api,
+    broker::MemoryBroker,
     close::CloseReason,
+    hub::HubConfig,
+    identity::Identity,
     session::{self, Session},
+    topic::Topic,
     upgrade::{self, UpgradeError},
     Config, Hub, Router,
 };
@@ -98,11 +105,16 @@ impl Server {
             .write_buffer_size(WRITE_BUFFER)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
+        let hub_config = HubConfig {
+            policies: config.topic_policies.clone(),
+            max_subscriptions: config.max_subscriptions,
+            max_rooms: config.max_rooms,
+        };
         let state = AppState {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             config: Arc::new(config),
             router: Arc::new(router),
-            hub: Hub::new(),
+            hub: Hub::with_config(hub_config, Arc::new(MemoryBroker::new())),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ws_config,
@@ -139,7 +151,12 @@ impl Server {
             .route(&state.config.ws_path, any(protocol_endpoint))
             .route("/echo", any(echo_endpoint))
             .route("/healthz", get(healthz))
+            .route("/api/publish", post(publish_endpoint))
             .with_state(state.clone());
+        match state.config.api_key {
+            Some(_) => info!("publish API enabled at POST /api/publish"),
+            None => info!("publish API is off: no --api-key configured"),
+        }
 
         tokio::pin!(shutdown);
         loop {
@@ -239,11 +256,73 @@ where
     response
 }
 
+/// What the connect URL asks for: `?user=ID&subscribe=TOPIC&subscribe=…`.
+struct ConnectParams {
+    user_id: Option<Arc<str>>,
+    subscriptions: Vec<Topic>,
+}
+
+/// Longest user id accepted from the connect URL.
+const MAX_USER_ID_LEN: usize = 64;
+
+impl ConnectParams {
+    fn parse(query: Option<&str>) -> Result<ConnectParams, String> {
+        let mut params = ConnectParams {
+            user_id: None,
+            subscriptions: Vec::new(),
+        };
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            match &*key {
+                "user" => {
+                    let valid = !value.is_empty()
+                        && value.len() <= MAX_USER_ID_LEN
+                        && !value.chars().any(|c| c.is_control() || c.is_whitespace());
+                    if !valid {
+                        return Err(format!(
+                            "user must be 1 to {MAX_USER_ID_LEN} bytes without spaces"
+                        ));
+                    }
+                    params.user_id = Some(value.as_ref().into());
+                }
+                "subscribe" => params
+                    .subscriptions
+                    .push(Topic::parse(&value).map_err(|e| format!("subscribe: {e}"))?),
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+}
+
 async fn protocol_endpoint(
     State(state): State<AppState>,
     Extension(PeerAddr(peer)): Extension<PeerAddr>,
     request: Request,
 ) -> Response {
+    let params = match ConnectParams::parse(request.uri().query()) {
+        Ok(params) => params,
+        Err(reason) => return (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response(),
+    };
+    let identity = Identity {
+        user_id: params.user_id,
+        subscribe: vec![Topic::parse("#").expect("'#' is a valid pattern")],
+        publish: state.config.client_publish.clone(),
+    };
+    if let Some(topic) = params
+        .subscriptions
+        .iter()
+        .find(|t| !identity.may_subscribe(t))
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            format!("not allowed to subscribe to {topic}\n"),
+        )
+            .into_response();
+    }
+    if params.subscriptions.len() > state.config.max_subscriptions {
+        let reason = format!("at most {} subscriptions", state.config.max_subscriptions);
+        return (StatusCode::BAD_REQUEST, reason).into_response();
+    }
     let (hub, router, config, shutdown) = (
         state.hub.clone(),
         state.router.clone(),
@@ -251,9 +330,20 @@ async fn protocol_endpoint(
         state.shutdown.clone(),
     );
     upgrade_then(&state, request, move |ws| {
-        let session = Session::new(hub, None, Some(peer), config.send_queue);
-        session::run(ws, session, router, config, shutdown)
+        let session = Session::new(hub, identity, Some(peer), config.send_queue);
+        session::run(ws, session, params.subscriptions, router, config, shutdown)
     })
+}
+
+async fn publish_endpoint(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match api::publish(&state.hub, state.config.api_key.as_deref(), &headers, &body).await {
+        Ok(published) => Json(published).into_response(),
+        Err(err) => err.into_response(),
+    }
 }
 
 async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Response {

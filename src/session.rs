@@ -36,9 +36,11 @@ use crate::{
     error::ErrorCode,
     frame::{Frame, Preview},
     hub::Hub,
+    identity::Identity,
     opcode,
     queue::{Batch, PushError, SessionQueue},
     router::Router,
+    topic::Topic,
     Config,
 };
 
@@ -56,7 +58,7 @@ pub struct Session {
 
 struct Inner {
     id: Arc<str>,
-    user_id: Option<Arc<str>>,
+    identity: Identity,
     remote_addr: Option<SocketAddr>,
     connected_at: Instant,
     queue: SessionQueue,
@@ -71,14 +73,14 @@ struct Inner {
 impl Session {
     pub(crate) fn new(
         hub: Hub,
-        user_id: Option<Arc<str>>,
+        identity: Identity,
         remote_addr: Option<SocketAddr>,
         queue_capacity: usize,
     ) -> Session {
         Session {
             inner: Arc::new(Inner {
                 id: hub.next_session_id(),
-                user_id,
+                identity,
                 remote_addr,
                 connected_at: Instant::now(),
                 queue: SessionQueue::new(queue_capacity),
@@ -95,8 +97,8 @@ impl Session {
     /// [`Session::queue`]. For testing and fuzzing handlers. It uses `hub`
     /// but is not registered there (only connections are), so dropping it
     /// frees it.
-    pub fn detached(hub: &Hub, queue_capacity: usize) -> Session {
-        Session::new(hub.clone(), None, None, queue_capacity)
+    pub fn detached(hub: &Hub, identity: Identity, queue_capacity: usize) -> Session {
+        Session::new(hub.clone(), identity, None, queue_capacity)
     }
 
     /// Unique across the nodes of a deployment.
@@ -106,7 +108,12 @@ impl Session {
 
     /// The user this session acts for, when known.
     pub fn user_id(&self) -> Option<&str> {
-        self.inner.user_id.as_deref()
+        self.inner.identity.user_id.as_deref()
+    }
+
+    /// Who the session acts for and what it may subscribe and publish to.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
     }
 
     /// The client's address as the server saw it.
@@ -208,6 +215,7 @@ impl std::fmt::Debug for Session {
 pub(crate) async fn run<S>(
     ws: WebSocketStream<S>,
     session: Session,
+    subscriptions: Vec<Topic>,
     router: Arc<Router>,
     config: Arc<Config>,
     shutdown: CancellationToken,
@@ -218,6 +226,10 @@ pub(crate) async fn run<S>(
     // it is always the first frame.
     send_welcome(&session, &config);
     let _registration = Registration::new(&session);
+    for topic in &subscriptions {
+        // Checked against permissions and the limit at upgrade.
+        let _ = session.hub().subscribe(session.id(), topic);
+    }
     debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
 
     let (sink, mut stream) = ws.split();

@@ -90,12 +90,31 @@ impl Topic {
         self.0.split('.')
     }
 
+    /// Whether every name matching `other` also matches `self`.
+    pub fn covers(&self, other: &Topic) -> bool {
+        let a: Vec<&str> = self.segments().collect();
+        let b: Vec<&str> = other.segments().collect();
+        covers(&a, &b)
+    }
+
     /// Whether some topic name matches both `self` and `other`: the rule
     /// deciding whether a publication reaches a subscription.
     pub fn overlaps(&self, other: &Topic) -> bool {
         let a: Vec<&str> = self.segments().collect();
         let b: Vec<&str> = other.segments().collect();
         overlap(&a, &b)
+    }
+}
+
+/// Whether every name matching `inner` also matches `outer`: the rule for
+/// permissions, so `rowdata.#` allows subscribing to `rowdata.*.42`.
+fn covers(outer: &[&str], inner: &[&str]) -> bool {
+    match (outer.split_first(), inner.split_first()) {
+        (Some((&"#", _)), _) => true,
+        (None, None) => true,
+        (None, _) | (_, None) => false,
+        (_, Some((&"#", _))) => false,
+        (Some((x, outer)), Some((y, inner))) => (*x == "*" || x == y) && covers(outer, inner),
     }
 }
 
@@ -332,6 +351,28 @@ mod tests {
         for (a, b, expected) in cases {
             assert_eq!(t(a).overlaps(&t(b)), expected, "{a} vs {b}");
             assert_eq!(t(b).overlaps(&t(a)), expected, "{b} vs {a}");
+        }
+    }
+
+    #[test]
+    fn covers_rule() {
+        let cases = [
+            ("#", "anything.at.#", true),
+            ("rowdata.#", "rowdata.*.42", true),
+            ("rowdata.#", "rowdata", true),
+            ("rowdata.*", "rowdata.temp", true),
+            ("rowdata.*", "rowdata.*", true),
+            ("rowdata.*", "rowdata.#", false),
+            ("rowdata.temp", "rowdata.*", false),
+            ("chat.*", "chat.a.b", false),
+            ("a", "a", true),
+        ];
+        for (outer, inner, expected) in cases {
+            assert_eq!(
+                t(outer).covers(&t(inner)),
+                expected,
+                "{outer} covers {inner}"
+            );
         }
     }
 

@@ -127,7 +127,7 @@ fn builtin_router_serves_the_documented_opcodes() {
 #[tokio::test]
 async fn handlers_run_against_a_detached_session() {
     let hub = wsproto::Hub::new();
-    let session = Session::detached(&hub, 16);
+    let session = Session::detached(&hub, Default::default(), 16);
     router()
         .handle_message(&session, Frame::new(301, "x").encode())
         .await;

@@ -201,6 +201,7 @@ const SCHEMAS = {
     4: ['protocolVersion', 'uint32'],
     5: ['pingIntervalMs', 'uint32'],
     6: ['maxMessageSize', 'uint32'],
+    7: ['pingTimeoutMs', 'uint32'],
   },
   // pubsub.proto
   Subscribe: { 1: ['topics', 'string', true] },
@@ -259,6 +260,8 @@ const SCHEMAS = {
     6: ['framesSent', 'uint64'],
     7: ['friendCount', 'uint32'],
     8: ['friends', 'string', true],
+    9: ['dropped', 'uint64'],
+    10: ['subscriptions', 'string', true],
   },
 };
 
@@ -475,7 +478,7 @@ export function utf8OrUndefined(bytes) {
  * An ERROR frame (or a local failure) as an Error. For ERROR frames `code` is
  * the numeric `wsproto.v1.Error.code` and `opcode` the offending opcode; local
  * failures use string codes: 'TIMEOUT', 'CLOSED', 'NOT_CONNECTED',
- * 'UNEXPECTED_REPLY'.
+ * 'UNEXPECTED_REPLY', 'LEFT' (leave() before a pending join() was sent).
  */
 export class WsprotoError extends Error {
   constructor(code, message, opcode = 0) {
@@ -553,7 +556,8 @@ export class WsprotoClient extends EventTarget {
     this._reconnectTimer = null;
     this._heartbeatTimer = null;
     this._watchdogTimer = null;
-    this._lastReceived = 0;
+    this._lastReceived = 0; // Date.now() of the last incoming message
+    this._unansweredPingAt = 0; // when the first PING since then was sent
     this._nextRequestId = 1;
     this._pending = new Map(); // request id -> {resolve, reject, timer}
     this._queue = []; // frames (Uint8Array) waiting for the socket to open
@@ -655,10 +659,11 @@ export class WsprotoClient extends EventTarget {
   async join(room, { presenceEvents = false } = {}) {
     this._rooms.set(room, { presenceEvents });
     if (!this.connected) {
+      // The JOINs sent on (re)connect cover it, with the latest flags.
       const replay = await this._nextOpen();
       const joined = replay.joined.get(room);
-      if (joined) return joined;
-      // Left again, or joined with other flags, before the socket opened.
+      if (!joined) throw new WsprotoError('LEFT', `left room ${room} before the socket opened`, OP.JOIN);
+      return joined;
     }
     return this._join(room);
   }
@@ -746,6 +751,7 @@ export class WsprotoClient extends EventTarget {
    * remembered and is still replayed when the socket finally opens).
    */
   _nextOpen() {
+    if (this._closedByUser) return Promise.reject(new WsprotoError('CLOSED', 'client is closed'));
     if (!this._willConnect) {
       return Promise.reject(new WsprotoError('NOT_CONNECTED', 'not connected and not reconnecting'));
     }
@@ -827,6 +833,7 @@ export class WsprotoClient extends EventTarget {
   _onMessage(ws, event) {
     if (ws !== this._ws) return;
     this._lastReceived = Date.now();
+    this._unansweredPingAt = 0;
     if (typeof event.data === 'string') return; // not part of the protocol
     let frame;
     try {
@@ -932,19 +939,38 @@ export class WsprotoClient extends EventTarget {
   // heartbeatMs the client sends PING (opcode 3, payload: a timestamp); the
   // server's PONG, or any other frame, proves the socket alive. When nothing
   // at all arrived for 2.5 heartbeats the socket is dropped and replaced.
+  //
+  // Background tabs may run timers late (Chrome throttles them to once a
+  // minute after a while), so silence alone is not proof: the socket is only
+  // dropped when a PING has also gone unanswered for a full heartbeat.
   _startTimers() {
     const { heartbeatMs } = this.options;
     if (!heartbeatMs) return;
-    this._heartbeatTimer = setInterval(() => this.sendFrame(OP.PING, String(Date.now())), heartbeatMs);
+    this._unansweredPingAt = 0;
+    this._heartbeatTimer = setInterval(() => this._ping(), heartbeatMs);
     this._armWatchdog(2.5 * heartbeatMs);
+  }
+
+  _ping() {
+    if (this.sendFrame(OP.PING, String(Date.now())) && !this._unansweredPingAt) {
+      this._unansweredPingAt = Date.now();
+    }
   }
 
   _armWatchdog(delayMs) {
     this._watchdogTimer = setTimeout(() => {
-      const limit = 2.5 * this.options.heartbeatMs;
-      const silentMs = Date.now() - this._lastReceived;
+      const { heartbeatMs } = this.options;
+      const limit = 2.5 * heartbeatMs;
+      const now = Date.now();
+      const silentMs = now - this._lastReceived;
       if (silentMs < limit) {
         this._armWatchdog(limit - silentMs); // something arrived meanwhile
+        return;
+      }
+      if (!this._unansweredPingAt || now - this._unansweredPingAt < heartbeatMs) {
+        // Timers ran late and no PING has had its chance yet: ask now.
+        this._ping();
+        this._armWatchdog(heartbeatMs);
         return;
       }
       const ws = this._ws;

@@ -33,6 +33,13 @@ pub enum ClientError {
     /// The server sent bytes that are not a frame.
     #[error("server sent an invalid frame: {0}")]
     BadFrame(#[from] FrameError),
+    /// The server answered a request with an ERROR frame.
+    #[error("server replied {} ({code}) to opcode {opcode}: {message}", wsproto::ErrorCode::from_u32(*.code).map_or("application error", |c| c.name()))]
+    ErrorFrame {
+        code: u32,
+        message: String,
+        opcode: u32,
+    },
     /// The server sent a frame other than the one the protocol calls for.
     #[error("expected {expected}, got a frame with opcode {opcode}")]
     Unexpected { expected: &'static str, opcode: u32 },
@@ -197,6 +204,111 @@ impl Client {
             None
         });
         Ok(answer.await.ok().flatten())
+    }
+}
+
+impl Client {
+    /// Sends a request with a fresh id and returns the reply payload decoded
+    /// as `R`, or the ERROR frame as [`ClientError::ErrorFrame`]. An ACK
+    /// decodes as `R::default()`.
+    ///
+    /// # Errors
+    /// As [`Client::call`], and for an ERROR or undecodable reply.
+    pub async fn request<R: prost::Message + Default>(
+        &mut self,
+        opcode: u32,
+        request: &impl prost::Message,
+    ) -> Result<R, ClientError> {
+        let reply = self.call(opcode, request.encode_to_vec()).await?;
+        if let Some(error) = error_of(&reply) {
+            return Err(ClientError::ErrorFrame {
+                code: error.code,
+                message: error.message,
+                opcode: error.opcode,
+            });
+        }
+        R::decode(reply.payload).map_err(|_| ClientError::Unexpected {
+            expected: "a reply payload of the documented type",
+            opcode: reply.opcode,
+        })
+    }
+
+    /// Subscribes to topics or patterns.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn subscribe(&mut self, topics: &[&str]) -> Result<(), ClientError> {
+        let topics = topics.iter().map(|t| t.to_string()).collect();
+        self.request::<()>(opcode::SUBSCRIBE, &v1::Subscribe { topics })
+            .await
+    }
+
+    /// Publishes to a topic (where the server permits it).
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        data: impl Into<Bytes>,
+    ) -> Result<v1::Published, ClientError> {
+        let publish = v1::Publish {
+            topic: topic.into(),
+            data: data.into(),
+            opcode: 0,
+        };
+        self.request(opcode::PUBLISH, &publish).await
+    }
+
+    /// Joins a room and returns who is in it.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn join(
+        &mut self,
+        room: &str,
+        presence_events: bool,
+    ) -> Result<v1::Presence, ClientError> {
+        let join = v1::Join {
+            room: room.into(),
+            presence_events,
+        };
+        self.request(opcode::JOIN, &join).await
+    }
+
+    /// Says something in a joined room.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn say(
+        &mut self,
+        room: &str,
+        data: impl Into<Bytes>,
+        include_self: bool,
+    ) -> Result<v1::Published, ClientError> {
+        let say = v1::Say {
+            room: room.into(),
+            data: data.into(),
+            include_self,
+        };
+        self.request(opcode::SAY, &say).await
+    }
+
+    /// The next DELIVERY frame, skipping nothing else: any other frame is
+    /// an [`ClientError::Unexpected`].
+    ///
+    /// # Errors
+    /// As [`Client::recv_timeout`].
+    pub async fn delivery(&mut self, timeout: Duration) -> Result<v1::Delivery, ClientError> {
+        let frame = self.recv_timeout(timeout).await?;
+        let unexpected = ClientError::Unexpected {
+            expected: "a DELIVERY frame",
+            opcode: frame.opcode,
+        };
+        match frame.opcode {
+            opcode::DELIVERY => v1::Delivery::decode(frame.payload).map_err(|_| unexpected),
+            _ => Err(unexpected),
+        }
     }
 }
 

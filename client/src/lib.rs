@@ -2,6 +2,7 @@
 //! payload [`schema`] helpers the `wsproto-client` CLI is built from.
 
 pub mod client;
+pub mod http;
 pub mod schema;
 
 pub use client::{error_of, Client, ClientError};

@@ -34,7 +34,7 @@ fn messages(mut data: &[u8]) -> impl Iterator<Item = Bytes> + '_ {
 fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let hub = Hub::new();
-        let session = Session::detached(&hub, 64);
+        let session = Session::detached(&hub, Default::default(), 64);
         let mut replies = Vec::new();
         for message in messages(data) {
             let request = Frame::decode(message.clone()).ok();

@@ -32,6 +32,12 @@ pub async fn get_info(session: Session, frame: Frame) -> HandlerResult {
             frames_sent: session.frames_sent(),
             friend_count,
             friends,
+            dropped: session.queue().dropped(),
+            subscriptions: hub
+                .subscriptions(session.id())
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
         }),
     }))
 }

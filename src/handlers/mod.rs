@@ -8,6 +8,7 @@
 
 mod echo;
 mod info;
+pub mod pubsub;
 mod social;
 
 pub use echo::echo;

@@ -50,9 +50,28 @@ impl TestServer {
 
     /// A client connected to `/ws`, past its WELCOME frame.
     pub async fn client(&self) -> Client {
-        let mut client = Client::connect(&self.url()).await.unwrap();
+        self.client_with("").await
+    }
+
+    /// A client connected to `/ws?QUERY`, past its WELCOME frame.
+    pub async fn client_with(&self, query: &str) -> Client {
+        let url = match query {
+            "" => self.url(),
+            query => format!("{}?{query}", self.url()),
+        };
+        let mut client = Client::connect(&url).await.unwrap();
         client.welcome().await.unwrap();
         client
+    }
+
+    /// POSTs `json` to the publish API with `key`; returns status and JSON body.
+    pub async fn publish_api(&self, key: Option<&str>, json: &str) -> (u16, serde_json::Value) {
+        let url = format!("http://{}/api/publish", self.addr);
+        let (status, body) = wsproto_client::http::post_json(&url, key, json)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status.as_u16(), body)
     }
 
     /// Waits until the hub holds `n` sessions; panics after 10 s.
@@ -77,11 +96,15 @@ impl TestServer {
     }
 }
 
+/// The API key test servers are started with.
+pub const API_KEY: &str = "test-key";
+
 /// A config for tests: loopback, and quick timeouts.
 pub fn config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         shutdown_timeout: Duration::from_secs(2),
+        api_key: Some(API_KEY.into()),
         ..Config::default()
     }
 }

@@ -1,0 +1,193 @@
+//! Opcodes 10–18: topics, rooms, direct messages and presence. They are
+//! part of the protocol, so every [`Router`](crate::Router) serves them.
+
+use std::sync::Arc;
+
+use wsproto_proto::v1;
+
+use crate::{
+    hub::{HubError, Publication, Published, Sender, Target},
+    topic::Topic,
+    ErrorCode, Frame, HandlerError, HandlerResult, Reply, Session,
+};
+
+fn hub_error(err: HubError) -> HandlerError {
+    match err {
+        HubError::TooManySubscriptions(_) | HubError::TooManyRooms(_) => {
+            HandlerError::protocol(ErrorCode::LimitExceeded, err.to_string())
+        }
+        HubError::NotConnected => HandlerError::internal(err.to_string()),
+    }
+}
+
+fn permission_denied(action: &str, topic: &Topic) -> HandlerError {
+    HandlerError::protocol(
+        ErrorCode::PermissionDenied,
+        format!("not allowed to {action} {topic}"),
+    )
+}
+
+/// Parses every topic of a request; at least one is required.
+fn topics(names: &[String]) -> Result<Vec<Topic>, HandlerError> {
+    if names.is_empty() {
+        return Err(HandlerError::bad_payload("no topics given"));
+    }
+    names.iter().map(|name| Ok(Topic::parse(name)?)).collect()
+}
+
+/// A room name: a topic name without wildcards.
+fn room(name: &str) -> Result<Topic, HandlerError> {
+    let room = Topic::parse(name)?;
+    match room.is_name() {
+        true => Ok(room),
+        false => Err(HandlerError::protocol(
+            ErrorCode::InvalidTopic,
+            format!("room {name:?}: wildcards are not allowed in room names"),
+        )),
+    }
+}
+
+async fn publish(session: &Session, publication: Publication) -> Result<Published, HandlerError> {
+    session
+        .hub()
+        .publish(publication)
+        .await
+        .map_err(|err| HandlerError::internal(err.to_string()))
+}
+
+fn published(topic: &str, room: &str, published: Published) -> Reply {
+    Reply::message(&v1::Published {
+        topic: topic.to_owned(),
+        room: room.to_owned(),
+        seq: published.seq,
+        sessions: published.sessions as u32,
+    })
+}
+
+/// Opcode 10: subscribes to every topic given, or to none if any is
+/// invalid or not permitted.
+pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Subscribe = frame.message()?;
+    let topics = topics(&request.topics)?;
+    if let Some(topic) = topics.iter().find(|t| !session.identity().may_subscribe(t)) {
+        return Err(permission_denied("subscribe to", topic));
+    }
+    for topic in &topics {
+        session
+            .hub()
+            .subscribe(session.id(), topic)
+            .map_err(hub_error)?;
+    }
+    Ok(Reply::None)
+}
+
+/// Opcode 11: ends subscriptions; unknown ones are ignored.
+pub async fn unsubscribe(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Unsubscribe = frame.message()?;
+    for topic in topics(&request.topics)? {
+        session.hub().unsubscribe(session.id(), &topic);
+    }
+    Ok(Reply::None)
+}
+
+/// Opcode 12: publishes to a topic the session may publish to.
+pub async fn publish_to_topic(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Publish = frame.message()?;
+    let topic = Topic::parse(&request.topic)?;
+    if !session.identity().may_publish(&topic) {
+        return Err(permission_denied("publish to", &topic));
+    }
+    let mut publication = Publication::new(
+        Target::Topic(topic.clone()),
+        Some(Sender::of(&session)),
+        request.data,
+    );
+    publication.opcode = request.opcode;
+    let result = publish(&session, publication).await?;
+    Ok(published(topic.as_str(), "", result))
+}
+
+/// Opcode 14: joins a room and replies with who is in it.
+pub async fn join(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Join = frame.message()?;
+    let room = room(&request.room)?;
+    let presence = session
+        .hub()
+        .join(session.id(), &room, request.presence_events)
+        .map_err(hub_error)?;
+    Ok(Reply::message(&presence))
+}
+
+/// Opcode 15: leaves a room; leaving a room one is not in is harmless.
+pub async fn leave(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Leave = frame.message()?;
+    let room = room(&request.room)?;
+    session.hub().leave(session.id(), room.as_str());
+    Ok(Reply::None)
+}
+
+/// Opcode 16: sends to every member of a joined room, the sender only if
+/// it asks to be included.
+pub async fn say(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Say = frame.message()?;
+    let room = room(&request.room)?;
+    if !session.hub().is_member(session.id(), room.as_str()) {
+        return Err(HandlerError::protocol(
+            ErrorCode::NotInRoom,
+            format!("join room {room} before saying anything in it"),
+        ));
+    }
+    let exclude = (!request.include_self).then(|| Arc::<str>::from(session.id()));
+    let target = Target::Room {
+        room: room.as_str().into(),
+        exclude,
+    };
+    let result = publish(
+        &session,
+        Publication::new(target, Some(Sender::of(&session)), request.data),
+    )
+    .await?;
+    Ok(published("", room.as_str(), result))
+}
+
+/// Opcode 17: a direct message to every session of a user, or to one session.
+pub async fn send(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Send = frame.message()?;
+    let target = match (request.user_id.is_empty(), request.session_id.is_empty()) {
+        (false, true) => Target::User(request.user_id.into()),
+        (true, false) => Target::Session(request.session_id.into()),
+        _ => {
+            return Err(HandlerError::bad_payload(
+                "give exactly one of user_id and session_id",
+            ))
+        }
+    };
+    let result = publish(
+        &session,
+        Publication::new(target, Some(Sender::of(&session)), request.data),
+    )
+    .await?;
+    Ok(published("", "", result))
+}
+
+/// Opcode 18: who is in a room, or how many sessions subscribe to a topic.
+pub async fn presence(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::PresenceRequest = frame.message()?;
+    let presence = match (request.room.is_empty(), request.topic.is_empty()) {
+        (false, true) => session.hub().room_presence(room(&request.room)?.as_str()),
+        (true, false) => {
+            let topic = Topic::parse(&request.topic)?;
+            v1::Presence {
+                topic: topic.to_string(),
+                count: session.hub().subscriber_count(&topic) as u32,
+                ..Default::default()
+            }
+        }
+        _ => {
+            return Err(HandlerError::bad_payload(
+                "give exactly one of room and topic",
+            ))
+        }
+    };
+    Ok(Reply::message(&presence))
+}

@@ -1,0 +1,32 @@
+//! Who a session acts for and what it may do, decided once at upgrade.
+//!
+//! Handlers only ever read a session's [`Identity`]; where it comes from
+//! (the connect URL in insecure mode today, verified credentials later)
+//! does not concern them.
+
+use std::sync::Arc;
+
+use crate::topic::Topic;
+
+/// The user behind a session and its permissions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The user id, when known.
+    pub user_id: Option<Arc<str>>,
+    /// Patterns the session may subscribe to.
+    pub subscribe: Vec<Topic>,
+    /// Patterns the session may publish to with PUBLISH.
+    pub publish: Vec<Topic>,
+}
+
+impl Identity {
+    /// Whether the session may subscribe to `topic` (a name or a pattern).
+    pub fn may_subscribe(&self, topic: &Topic) -> bool {
+        self.subscribe.iter().any(|allowed| allowed.covers(topic))
+    }
+
+    /// Whether the session may publish to `topic` (a name or a pattern).
+    pub fn may_publish(&self, topic: &Topic) -> bool {
+        self.publish.iter().any(|allowed| allowed.covers(topic))
+    }
+}

@@ -1,0 +1,263 @@
+// WsprotoClient against a fake WebSocket: request ids, replies and errors,
+// replay after reconnect, heartbeat watchdog, events. Run: node --test web/test/
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  decodeFrame,
+  decodeMessage,
+  encodeFrame,
+  encodeMessage,
+  OP,
+  WsprotoClient,
+} from '../wsproto.js';
+
+/** Stands in for the browser's WebSocket; the test plays the server. */
+class FakeWebSocket {
+  static instances = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.binaryType = 'blob';
+    this.sent = [];
+    this.closedWith = null;
+    FakeWebSocket.instances.push(this);
+  }
+  send(bytes) {
+    if (this.readyState !== 1) throw new Error('send on a socket that is not open');
+    this.sent.push({ ...decodeFrame(bytes.slice()), at: Date.now() });
+  }
+  close(code = 1005, reason = '') {
+    this.closedWith = { code, reason };
+    if (this.readyState === 3) return;
+    this.readyState = 2;
+    setTimeout(() => this.serverClose(code, reason), 0);
+  }
+  // --- the server's side ---
+  open() {
+    this.readyState = 1;
+    this.onopen?.({});
+  }
+  push(opcode, payload = new Uint8Array(), requestId = null) {
+    const bytes = encodeFrame(opcode, payload, requestId);
+    // Browsers hand binary messages over as ArrayBuffers with binaryType 'arraybuffer'.
+    this.onmessage?.({ data: bytes.buffer });
+  }
+  serverClose(code = 1006, reason = '') {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.onclose?.({ code, reason, wasClean: code !== 1006 });
+  }
+}
+
+const latest = () => FakeWebSocket.instances.at(-1);
+const tick = (ms = 0) => new Promise((resolve) => setTimeout(resolve, ms));
+const nextEvent = (target, type) =>
+  new Promise((resolve) => target.addEventListener(type, (e) => resolve(e.detail), { once: true }));
+
+function client(options = {}) {
+  FakeWebSocket.instances = [];
+  return new WsprotoClient('ws://test/ws?user=alice', {
+    WebSocket: FakeWebSocket,
+    heartbeatMs: 0,
+    minDelayMs: 5,
+    maxDelayMs: 20,
+    requestTimeoutMs: 500,
+    ...options,
+  });
+}
+
+test('requests carry fresh ids and resolve on the echoing reply', async () => {
+  const c = client();
+  const ws = latest();
+  assert.equal(ws.binaryType, 'arraybuffer');
+  ws.open();
+  const published = c.publish('demo.value', '42.5');
+  const presence = c.presence({ room: 'lobby' });
+  const [pub, pres] = ws.sent;
+  assert.equal(pub.opcode, OP.PUBLISH);
+  assert.notEqual(pub.requestId, pres.requestId);
+  const sentPublish = decodeMessage('Publish', pub.payload);
+  assert.equal(sentPublish.topic, 'demo.value');
+  assert.equal(new TextDecoder().decode(sentPublish.data), '42.5');
+
+  // Answers in any order are matched by id.
+  ws.push(OP.PRESENCE, encodeMessage('Presence', { room: 'lobby', count: 1, members: [{ sessionId: 's', userId: 'a' }] }), pres.requestId);
+  ws.push(OP.PUBLISH, encodeMessage('Published', { topic: 'demo.value', seq: 7, sessions: 2 }), pub.requestId);
+  assert.deepEqual(await published, { topic: 'demo.value', room: '', seq: 7, sessions: 2 });
+  assert.deepEqual((await presence).members, [{ sessionId: 's', userId: 'a' }]);
+  c.close();
+});
+
+test('an ERROR echoing the id rejects with its code; others become error events', async () => {
+  const c = client();
+  const ws = latest();
+  ws.open();
+  const said = c.say('lobby', 'hi');
+  const { requestId } = ws.sent[0];
+  const unsolicited = nextEvent(c, 'error');
+  ws.push(OP.ERROR, encodeMessage('Error', { code: 3, message: 'text', opcode: 0 }));
+  ws.push(OP.ERROR, encodeMessage('Error', { code: 15, message: 'not in room lobby', opcode: OP.SAY }), requestId);
+  await assert.rejects(said, (err) => err.code === 15 && err.opcode === OP.SAY && /not in room/.test(err.message));
+  assert.equal((await unsolicited).code, 3);
+  c.close();
+});
+
+test('requests time out, and reject when the client closes', async () => {
+  const c = client({ requestTimeoutMs: 30 });
+  latest().open();
+  await assert.rejects(c.request(OP.ECHO, 'x'), { code: 'TIMEOUT' });
+  const pending = c.request(OP.ECHO, 'y', { timeoutMs: 5000 });
+  c.close();
+  await assert.rejects(pending, { code: 'CLOSED' });
+  await assert.rejects(c.request(OP.ECHO, 'z'), { code: 'CLOSED' });
+});
+
+test('subscribe and join before open are sent on open, before queued requests', async () => {
+  const c = client();
+  const ws = latest();
+  const subscribed = c.subscribe(['demo.value', 'alarm.#']);
+  const joined = c.join('lobby', { presenceEvents: true });
+  const said = c.say('lobby', 'early', { includeSelf: true });
+  const opened = nextEvent(c, 'open');
+  ws.open();
+  await opened;
+  assert.deepEqual(ws.sent.map((f) => f.opcode), [OP.SUBSCRIBE, OP.JOIN, OP.SAY]);
+  assert.deepEqual(decodeMessage('Subscribe', ws.sent[0].payload).topics, ['demo.value', 'alarm.#']);
+  assert.deepEqual(decodeMessage('Join', ws.sent[1].payload), { room: 'lobby', presenceEvents: true });
+  assert.equal(decodeMessage('Say', ws.sent[2].payload).includeSelf, true);
+
+  const joinedEvent = nextEvent(c, 'joined');
+  ws.push(OP.ACK, undefined, ws.sent[0].requestId);
+  ws.push(OP.JOIN, encodeMessage('Presence', { room: 'lobby', count: 1 }), ws.sent[1].requestId);
+  ws.push(OP.SAY, encodeMessage('Published', { room: 'lobby', seq: 1 }), ws.sent[2].requestId);
+  await subscribed;
+  assert.equal((await joined).count, 1);
+  assert.equal((await joinedEvent).room, 'lobby');
+  assert.equal((await said).seq, 1);
+  c.close();
+});
+
+test('after a drop the client reconnects and replays topics and rooms', async () => {
+  const c = client();
+  let ws = latest();
+  ws.open();
+  c.subscribe('a.b');
+  c.subscribe('c.*');
+  c.join('lobby', { presenceEvents: true });
+  c.join('quiet');
+  c.unsubscribe('a.b');
+  for (const f of ws.sent) ws.push(f.opcode === OP.JOIN ? OP.JOIN : OP.ACK, undefined, f.requestId);
+  const inFlight = c.publish('x', 'y');
+
+  const closed = nextEvent(c, 'close');
+  const reconnecting = nextEvent(c, 'reconnecting');
+  ws.serverClose(1001, 'server shutting down');
+  assert.deepEqual(await closed, { code: 1001, reason: 'server shutting down', wasClean: true });
+  const { delayMs, attempt } = await reconnecting;
+  assert.equal(attempt, 1);
+  assert.ok(delayMs >= 2 && delayMs <= 5, `delay ${delayMs}`);
+  await assert.rejects(inFlight, { code: 'CLOSED' });
+
+  await tick(10);
+  assert.equal(FakeWebSocket.instances.length, 2);
+  ws = latest();
+  ws.open();
+  assert.deepEqual(ws.sent.map((f) => f.opcode), [OP.SUBSCRIBE, OP.JOIN, OP.JOIN]);
+  assert.deepEqual(decodeMessage('Subscribe', ws.sent[0].payload).topics, ['c.*']);
+  assert.deepEqual(decodeMessage('Join', ws.sent[1].payload), { room: 'lobby', presenceEvents: true });
+  assert.deepEqual(decodeMessage('Join', ws.sent[2].payload), { room: 'quiet', presenceEvents: false });
+  c.close();
+});
+
+test('back-off grows up to maxDelayMs while connects fail', async () => {
+  const c = client({ minDelayMs: 4, maxDelayMs: 16 });
+  const delays = [];
+  c.addEventListener('reconnecting', (e) => delays.push(e.detail));
+  for (let i = 0; i < 5; i++) {
+    latest().serverClose(1006);
+    await tick(20);
+  }
+  c.close();
+  assert.deepEqual(delays.map((d) => d.attempt), [1, 2, 3, 4, 5]);
+  const ceilings = [4, 8, 16, 16, 16];
+  delays.forEach(({ delayMs }, i) => assert.ok(delayMs >= ceilings[i] / 2 && delayMs <= ceilings[i], `${i}: ${delayMs}`));
+});
+
+test('heartbeat sends PING and a silent socket is dropped and replaced', async () => {
+  const c = client({ heartbeatMs: 40 });
+  const ws = latest();
+  ws.open();
+  await tick(50);
+  assert.ok(ws.sent.some((f) => f.opcode === OP.PING && f.requestId === null), 'a PING was sent');
+  // Traffic keeps it alive past 2.5 heartbeats (100 ms)...
+  for (let i = 0; i < 8; i++) {
+    ws.push(OP.PONG);
+    await tick(20);
+  }
+  assert.equal(ws.closedWith, null);
+  // ...silence does not.
+  const closed = nextEvent(c, 'close');
+  assert.deepEqual(await closed, { code: 4000, reason: 'heartbeat timeout', wasClean: false });
+  assert.deepEqual(ws.closedWith, { code: 4000, reason: 'heartbeat timeout' });
+  await tick(30);
+  assert.equal(FakeWebSocket.instances.length, 2);
+  c.close();
+});
+
+test('late timers (background tabs) get a PING before the socket is dropped', async () => {
+  const c = client({ heartbeatMs: 40 });
+  const ws = latest();
+  ws.open();
+  clearInterval(c._heartbeatTimer); // as if the tab's interval never ran
+  const { code } = await nextEvent(c, 'close');
+  const closedAt = Date.now();
+  assert.equal(code, 4000);
+  const pings = ws.sent.filter((f) => f.opcode === OP.PING);
+  assert.equal(pings.length, 1, 'the watchdog sent a PING first');
+  assert.ok(closedAt - pings[0].at >= 38, `dropped ${closedAt - pings[0].at} ms after that PING`);
+  c.close();
+});
+
+test('welcome, delivery and presence events decode their payloads', async () => {
+  const c = client();
+  const ws = latest();
+  ws.open();
+  const welcome = nextEvent(c, 'welcome');
+  ws.push(OP.WELCOME, encodeMessage('Welcome', { sessionId: 's1', userId: 'alice', protocolVersion: 1 }));
+  assert.equal((await welcome).userId, 'alice');
+  assert.equal(c.welcome.sessionId, 's1');
+
+  const delivery = nextEvent(c, 'delivery');
+  ws.push(OP.DELIVERY, encodeMessage('Delivery', { kind: 1, room: 'lobby', sender: { sessionId: 's2', userId: 'bob' }, seq: 3, data: 'héllo' }));
+  const d = await delivery;
+  assert.equal(d.text, 'héllo');
+  assert.equal(d.sender.userId, 'bob');
+  assert.equal(d.seq, 3);
+
+  const binary = nextEvent(c, 'delivery');
+  ws.push(OP.DELIVERY, encodeMessage('Delivery', { topic: 't', data: new Uint8Array([0xff, 0xfe]) }));
+  assert.equal((await binary).text, undefined);
+
+  const presence = nextEvent(c, 'presence');
+  ws.push(OP.PRESENCE_EVENT, encodeMessage('PresenceEvent', { room: 'lobby', action: 1, member: { sessionId: 's2', userId: 'bob' }, count: 1 }));
+  assert.deepEqual(await presence, { room: 'lobby', action: 1, member: { sessionId: 's2', userId: 'bob' }, count: 1 });
+
+  const bad = nextEvent(c, 'error');
+  ws.onmessage({ data: new Uint8Array([0, 0]).buffer });
+  assert.equal((await bad).code, 'DECODE');
+  c.close();
+});
+
+test('close() closes with 1000 and does not reconnect', async () => {
+  const c = client();
+  const ws = latest();
+  ws.open();
+  const closed = nextEvent(c, 'close');
+  c.close();
+  assert.equal((await closed).code, 1000);
+  assert.deepEqual(ws.closedWith, { code: 1000, reason: '' });
+  await tick(30);
+  assert.equal(FakeWebSocket.instances.length, 1);
+  await assert.rejects(c.join('lobby'), { code: 'CLOSED' });
+});
