@@ -278,6 +278,14 @@ impl Hub {
             .map(|e| e.session.clone())
     }
 
+    /// The open sessions of a user.
+    pub fn sessions_of_user(&self, user_id: &str) -> Vec<Session> {
+        let state = self.read();
+        let ids = state.users.get(user_id).into_iter().flatten();
+        ids.filter_map(|id| state.sessions.get(id).map(|e| e.session.clone()))
+            .collect()
+    }
+
     /// How long this node has been up.
     pub fn uptime(&self) -> Duration {
         self.inner.started_at.elapsed()

@@ -1,0 +1,205 @@
+//! Clients that stop reading, under each queue policy: everyone else still
+//! gets every message, the stuck client's queue stays bounded, and the
+//! policy's outcome is visible.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{config, TestServer};
+use wsproto::{proto::v1, Config, Session};
+use wsproto_client::{Client, ClientError};
+
+const QUEUE: usize = 64;
+/// Enough bytes to fill the stuck client's socket buffers many times over.
+const MESSAGES: u64 = 3000;
+const SIZE: usize = 8 * 1024;
+
+async fn start() -> TestServer {
+    TestServer::start(Config {
+        send_queue: QUEUE,
+        write_timeout: Duration::from_secs(60),
+        shutdown_timeout: Duration::from_millis(500),
+        client_publish: vec!["#".parse().unwrap()],
+        topic_policies: vec![
+            ("feed.drop".parse().unwrap(), "drop-oldest".parse().unwrap()),
+            (
+                "feed.conflate".parse().unwrap(),
+                "conflate".parse().unwrap(),
+            ),
+            ("alarm.#".parse().unwrap(), "critical".parse().unwrap()),
+        ],
+        ..config()
+    })
+    .await
+}
+
+/// A subscriber that reads in its own task until it has seen sequence
+/// number `last`; resolves to every sequence number it got, in order.
+fn healthy_reader(mut client: Client, last: u64) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&last) {
+            seqs.push(client.delivery(Duration::from_secs(30)).await.unwrap().seq);
+        }
+        seqs
+    })
+}
+
+fn every(count: u64) -> Vec<u64> {
+    (1..=count).collect()
+}
+
+/// Publishes `count` messages to `topic`, one round trip each.
+async fn publish_many(publisher: &mut Client, topic: &str, count: u64) {
+    let data = vec![7u8; SIZE];
+    for _ in 0..count {
+        publisher.publish(topic, data.clone()).await.unwrap();
+    }
+}
+
+fn stuck_session(server: &TestServer) -> Session {
+    server
+        .hub
+        .sessions_of_user("stuck")
+        .pop()
+        .expect("stuck client connected")
+}
+
+/// Reads until the client has been quiet for a while; returns the deliveries.
+async fn drain(client: &mut Client) -> Vec<v1::Delivery> {
+    let mut deliveries = Vec::new();
+    loop {
+        match client.delivery(Duration::from_millis(500)).await {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(ClientError::Timeout(_)) => return deliveries,
+            Err(err) => panic!("{err}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_policy_closes_the_stuck_client_and_the_rest_get_everything() {
+    let server = start().await;
+    let _stuck = server.client_with("user=stuck&subscribe=feed.strict").await;
+    let healthy = healthy_reader(server.client_with("subscribe=feed.strict").await, MESSAGES);
+    let mut publisher = server.client().await;
+
+    let started = Instant::now();
+    publish_many(&mut publisher, "feed.strict", MESSAGES).await;
+    assert_eq!(
+        healthy.await.unwrap(),
+        every(MESSAGES),
+        "the healthy subscriber got everything"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Only the stuck one is gone.
+    server.wait_for_sessions(2).await;
+    assert!(server.hub.sessions_of_user("stuck").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_the_stuck_client_with_a_bounded_queue() {
+    let server = start().await;
+    let mut stuck = server.client_with("user=stuck&subscribe=feed.drop").await;
+    let healthy = healthy_reader(server.client_with("subscribe=feed.drop").await, MESSAGES);
+    let mut publisher = server.client().await;
+
+    publish_many(&mut publisher, "feed.drop", MESSAGES).await;
+    assert_eq!(
+        healthy.await.unwrap(),
+        every(MESSAGES),
+        "the healthy subscriber got everything"
+    );
+
+    let session = stuck_session(&server);
+    assert!(session.queue().len() <= QUEUE);
+    let dropped = session.queue().dropped();
+    assert!(
+        dropped > 0,
+        "nothing was dropped; the test did not fill the socket"
+    );
+
+    // Once it reads again, it gets what was kept: the newest, with gaps
+    // where the oldest were dropped.
+    let deliveries = drain(&mut stuck).await;
+    assert_eq!(deliveries.last().unwrap().seq, MESSAGES);
+    assert_eq!(deliveries.len() as u64 + dropped, MESSAGES);
+    assert!(deliveries.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflate_keeps_only_the_newest_pending_message() {
+    let server = start().await;
+    let mut stuck = server
+        .client_with("user=stuck&subscribe=feed.conflate")
+        .await;
+    let healthy = healthy_reader(
+        server.client_with("subscribe=feed.conflate").await,
+        MESSAGES,
+    );
+    let mut publisher = server.client().await;
+
+    publish_many(&mut publisher, "feed.conflate", MESSAGES).await;
+    // A reader that keeps up gets (nearly) every value; conflation only
+    // merges values that were pending at the same moment.
+    let seqs = healthy.await.unwrap();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert!(
+        seqs.len() as u64 > MESSAGES * 9 / 10,
+        "healthy reader got {} of {MESSAGES}",
+        seqs.len()
+    );
+
+    let session = stuck_session(&server);
+    assert!(
+        session.queue().len() <= 1,
+        "one pending message per conflated topic"
+    );
+    let dropped = session.queue().dropped();
+    assert!(dropped > 0);
+    let deliveries = drain(&mut stuck).await;
+    assert_eq!(
+        deliveries.last().unwrap().seq,
+        MESSAGES,
+        "the newest value arrives"
+    );
+    assert_eq!(deliveries.len() as u64 + dropped, MESSAGES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_alarms_are_never_dropped_and_alone_can_overflow() {
+    let server = start().await;
+    let mut stuck = server
+        .client_with("user=stuck&subscribe=feed.drop&subscribe=alarm.%23")
+        .await;
+    let mut publisher = server.client().await;
+
+    // Alarms among a flood of droppable data.
+    let alarms = 30;
+    for _ in 0..alarms {
+        publish_many(&mut publisher, "feed.drop", MESSAGES / alarms).await;
+        publisher.publish("alarm.fire", "fire!").await.unwrap();
+    }
+    let session = stuck_session(&server);
+    assert!(session.queue().dropped() > 0);
+    let deliveries = drain(&mut stuck).await;
+    let alarm_seqs: Vec<u64> = deliveries
+        .iter()
+        .filter(|d| d.topic == "alarm.fire")
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(
+        alarm_seqs,
+        (1..=alarms).collect::<Vec<_>>(),
+        "every alarm, in order"
+    );
+
+    // Critical messages alone overflowing the queue end the session (1008).
+    publish_many(&mut publisher, "alarm.fire", MESSAGES).await;
+    server.wait_for_sessions(1).await;
+}
