@@ -42,6 +42,7 @@ pub mod server;
 pub mod session;
 pub mod topic;
 pub mod upgrade;
+pub mod web;
 
 pub use close::CloseReason;
 pub use config::{Config, ListenAddr};

@@ -36,7 +36,7 @@ use crate::{
     session::{self, Session},
     topic::Topic,
     upgrade::{self, UpgradeError},
-    Config, Hub, Router,
+    web, Config, Hub, Router,
 };
 
 /// How long a client may take to send its HTTP request headers.
@@ -91,7 +91,10 @@ impl Server {
         config: Config,
         router: Router,
     ) -> io::Result<Server> {
-        if matches!(config.ws_path.as_str(), "/echo" | "/healthz") {
+        if matches!(
+            config.ws_path.as_str(),
+            "/" | "/echo" | "/healthz" | "/api/publish" | "/demo.js" | "/wsproto.js"
+        ) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -152,6 +155,7 @@ impl Server {
             .route("/echo", any(echo_endpoint))
             .route("/healthz", get(healthz))
             .route("/api/publish", post(publish_endpoint))
+            .merge(web::routes())
             .with_state(state.clone());
         match state.config.api_key {
             Some(_) => info!("publish API enabled at POST /api/publish"),

@@ -55,9 +55,10 @@ export const ERROR_CODE = Object.freeze({
   UNKNOWN_OPCODE: 10,
   BAD_PAYLOAD: 11,
   INTERNAL: 12,
-  INVALID_TOPIC: 13,
-  PERMISSION_DENIED: 14,
-  NOT_IN_ROOM: 15,
+  LIMIT_EXCEEDED: 13,
+  INVALID_TOPIC: 14,
+  PERMISSION_DENIED: 15,
+  NOT_IN_ROOM: 16,
 });
 
 /** `wsproto.v1.Delivery.Kind`. */

@@ -148,3 +148,14 @@ pub fn contains_close_frame(bytes: &[u8], code: u16) -> bool {
         w[0] == 0x88 && w[1] >= 2 && w[1] < 126 && u16::from_be_bytes([w[2], w[3]]) == code
     })
 }
+
+/// A plain `GET path` over HTTP/1.1; returns the whole response as text.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    response
+}
