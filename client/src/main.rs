@@ -6,8 +6,14 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use wsproto::{frame::MAX_OPCODE, opcode, Frame};
-use wsproto_client::{error_of, schema, Client, ClientError};
+use prost::Message as _;
+use wsproto::{
+    frame::{Preview, MAX_OPCODE},
+    opcode,
+    proto::v1,
+    Frame,
+};
+use wsproto_client::{error_of, http, schema, Client, ClientError};
 
 /// Request id of the PING sent after the user's frames: the server answers
 /// frames in order, so its PONG means every reply has arrived.
@@ -33,6 +39,47 @@ struct Cli {
 enum Command {
     /// Send one frame (or one per tick with --every) and print the replies.
     Send(SendArgs),
+    /// Publish to a topic through the server's HTTP publish API (or, with
+    /// --ws, over the WebSocket where the server permits it).
+    Publish(PublishArgs),
+    /// Subscribe to topics (and join rooms) and print deliveries as they arrive.
+    Listen(ListenArgs),
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// Topic or pattern (e.g. `alarm.fire`, `rowdata.temp.#`).
+    topic: String,
+
+    /// Message data, as UTF-8 text.
+    data: String,
+
+    /// API key of the publish API.
+    #[arg(long, env = "WSPROTO_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+
+    /// Publish with opcode 12 over the WebSocket instead of the HTTP API.
+    #[arg(long, conflicts_with = "api_key")]
+    ws: bool,
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// Topic or pattern to subscribe to; repeatable.
+    #[arg(long = "subscribe", short = 's')]
+    topics: Vec<String>,
+
+    /// Room to join (with presence events); repeatable.
+    #[arg(long = "join")]
+    rooms: Vec<String>,
+
+    /// Connect as this user (honoured by servers in insecure mode).
+    #[arg(long)]
+    user: Option<String>,
+
+    /// Exit after this many deliveries.
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 #[derive(Args)]
@@ -174,6 +221,107 @@ async fn send(url: &str, args: SendArgs) -> anyhow::Result<bool> {
     Ok(!failed)
 }
 
+/// The publish API's URL on the server of a `ws://HOST/PATH` URL.
+fn api_url(ws_url: &str) -> anyhow::Result<String> {
+    let rest = ws_url
+        .strip_prefix("ws://")
+        .context("--url must be ws://HOST:PORT/PATH to find the publish API")?;
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    Ok(format!("http://{host}/api/publish"))
+}
+
+async fn publish(url: &str, args: PublishArgs) -> anyhow::Result<bool> {
+    if args.ws {
+        let mut client = Client::connect(url).await?;
+        let published = client.publish(&args.topic, args.data).await?;
+        println!(
+            "published to {}: seq={} sessions={}",
+            published.topic, published.seq, published.sessions
+        );
+        client.close(1000).await?;
+        return Ok(true);
+    }
+    let body = serde_json::json!({ "topic": args.topic, "data": args.data }).to_string();
+    let (status, response) =
+        http::post_json(&api_url(url)?, args.api_key.as_deref(), &body).await?;
+    let json: serde_json::Value = serde_json::from_slice(&response).unwrap_or_default();
+    if !status.is_success() {
+        let reason = json["error"].as_str().unwrap_or("no reason given");
+        anyhow::bail!("publish API answered HTTP {}: {reason}", status.as_u16());
+    }
+    println!(
+        "published to {}: seq={} sessions={}",
+        args.topic, json["seq"], json["sessions"]
+    );
+    Ok(true)
+}
+
+/// One delivery as a line: where it came from, its number, sender and data.
+fn describe_delivery(delivery: &v1::Delivery) -> String {
+    let source = match delivery.kind() {
+        v1::delivery::Kind::Topic => format!("topic={}", delivery.topic),
+        v1::delivery::Kind::Room => format!("room={}", delivery.room),
+        v1::delivery::Kind::Direct => "direct".to_owned(),
+        v1::delivery::Kind::Broadcast => "broadcast".to_owned(),
+    };
+    let sender = match &delivery.sender {
+        Some(sender) if !sender.user_id.is_empty() => sender.user_id.clone(),
+        Some(sender) => sender.session_id.clone(),
+        None => "-".to_owned(),
+    };
+    format!(
+        "{source} seq={} from={sender} {}",
+        delivery.seq,
+        Preview::new(&delivery.data, usize::MAX)
+    )
+}
+
+async fn listen(url: &str, args: ListenArgs) -> anyhow::Result<bool> {
+    if args.topics.is_empty() && args.rooms.is_empty() && args.user.is_none() {
+        anyhow::bail!("nothing to listen to: give --subscribe TOPIC, --join ROOM or --user ID");
+    }
+    let url = match &args.user {
+        Some(user) => {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            let user: String = form_urlencoded::byte_serialize(user.as_bytes()).collect();
+            format!("{url}{separator}user={user}")
+        }
+        None => url.to_owned(),
+    };
+    let mut client = Client::connect(&url).await?;
+    if !args.topics.is_empty() {
+        let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
+        client.subscribe(&topics).await?;
+    }
+    for room in &args.rooms {
+        let presence = client.join(room, true).await?;
+        eprintln!("joined {room}: {} member(s)", presence.count);
+    }
+    let mut received = 0u64;
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    while args.count.is_none_or(|count| received < count) {
+        let frame = tokio::select! {
+            _ = &mut interrupt => break,
+            frame = client.recv() => frame?,
+        };
+        match frame.opcode {
+            opcode::DELIVERY => {
+                let delivery =
+                    v1::Delivery::decode(frame.payload).context("undecodable DELIVERY")?;
+                println!("{}", describe_delivery(&delivery));
+                received += 1;
+            }
+            opcode::WELCOME => {}
+            _ => {
+                print_frame(&frame, false);
+            }
+        }
+    }
+    client.close(1000).await?;
+    Ok(true)
+}
+
 async fn recv(client: &mut Client, timeout: Option<Duration>) -> Result<Frame, ClientError> {
     match timeout {
         Some(timeout) => client.recv_timeout(timeout).await,
@@ -195,6 +343,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Send(args) => send(&cli.url, args).await,
+        Command::Publish(args) => publish(&cli.url, args).await,
+        Command::Listen(args) => listen(&cli.url, args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -217,6 +367,19 @@ mod tests {
         assert_eq!(parse_opcode("ECHO"), Ok(100));
         assert!(parse_opcode("16777216").is_err());
         assert!(parse_opcode("nope").is_err());
+    }
+
+    #[test]
+    fn the_publish_api_lives_on_the_websocket_server() {
+        assert_eq!(
+            api_url("ws://127.0.0.1:8080/ws").unwrap(),
+            "http://127.0.0.1:8080/api/publish"
+        );
+        assert_eq!(
+            api_url("ws://[::1]:9/x?user=a").unwrap(),
+            "http://[::1]:9/api/publish"
+        );
+        assert!(api_url("wss://example.com/ws").is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use wsproto::{handlers, Config, Frame, Hub, Router, Server, Session};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_wsproto-client");
+const API_KEY: &str = "cli-test-key";
 
 struct Running {
     url: String,
@@ -31,7 +32,11 @@ async fn start_server() -> Running {
             handlers::add_friend(session, frame)
         });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::from_listener(listener, Config::default(), router).unwrap();
+    let config = Config {
+        api_key: Some(API_KEY.into()),
+        ..Config::default()
+    };
+    let server = Server::from_listener(listener, config, router).unwrap();
     let url = format!("ws://{}/ws", server.local_addr().unwrap());
     let hub = server.hub();
     tokio::spawn(server.run(std::future::pending()));
@@ -207,4 +212,64 @@ async fn ctrl_c_closes_with_1000_and_exits_zero() {
     })
     .await
     .expect("session closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_prints_what_publish_sends() {
+    let server = start_server().await;
+    let listener = tokio::process::Command::new(CLIENT)
+        .args([
+            "--url",
+            &server.url,
+            "listen",
+            "--subscribe",
+            "alarm.#",
+            "--count",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let alarms = "alarm.#".parse().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while server.hub.subscriber_count(&alarms) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("listener subscribed");
+
+    for text in ["smoke in hall 3", "all clear"] {
+        let output = client(
+            &server.url,
+            &["publish", "alarm.fire", text, "--api-key", API_KEY],
+        )
+        .await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(
+            stdout(&output).starts_with("published to alarm.fire: seq="),
+            "{}",
+            stdout(&output)
+        );
+    }
+    let output = tokio::time::timeout(Duration::from_secs(10), listener.wait_with_output())
+        .await
+        .expect("listener exits after --count")
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        stdout(&output),
+        "topic=alarm.fire seq=1 from=- \"smoke in hall 3\"\ntopic=alarm.fire seq=2 from=- \"all clear\"\n"
+    );
+
+    let refused = client(
+        &server.url,
+        &["publish", "alarm.fire", "x", "--api-key", "wrong"],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        stderr(&refused),
+        "error: publish API answered HTTP 401: missing or invalid API key\n"
+    );
 }
