@@ -296,6 +296,7 @@ pub(crate) async fn run<S>(
         reason = ?queue.close_reason(),
         received = session.frames_received(),
         sent = session.frames_sent(),
+        dropped = queue.dropped(),
         "session closed"
     );
 }

@@ -35,14 +35,15 @@ async fn start() -> TestServer {
 }
 
 /// A subscriber that reads in its own task until it has seen sequence
-/// number `last`; resolves to every sequence number it got, in order.
-fn healthy_reader(mut client: Client, last: u64) -> tokio::task::JoinHandle<Vec<u64>> {
+/// number `last`; resolves to every sequence number it got, in order, and
+/// the client (still connected).
+fn healthy_reader(mut client: Client, last: u64) -> tokio::task::JoinHandle<(Vec<u64>, Client)> {
     tokio::spawn(async move {
         let mut seqs = Vec::new();
         while seqs.last() != Some(&last) {
             seqs.push(client.delivery(Duration::from_secs(30)).await.unwrap().seq);
         }
-        seqs
+        (seqs, client)
     })
 }
 
@@ -87,8 +88,9 @@ async fn disconnect_policy_closes_the_stuck_client_and_the_rest_get_everything()
 
     let started = Instant::now();
     publish_many(&mut publisher, "feed.strict", MESSAGES).await;
+    let (seqs, _healthy) = healthy.await.unwrap();
     assert_eq!(
-        healthy.await.unwrap(),
+        seqs,
         every(MESSAGES),
         "the healthy subscriber got everything"
     );
@@ -110,8 +112,9 @@ async fn drop_oldest_keeps_the_stuck_client_with_a_bounded_queue() {
     let mut publisher = server.client().await;
 
     publish_many(&mut publisher, "feed.drop", MESSAGES).await;
+    let (seqs, _healthy) = healthy.await.unwrap();
     assert_eq!(
-        healthy.await.unwrap(),
+        seqs,
         every(MESSAGES),
         "the healthy subscriber got everything"
     );
@@ -147,7 +150,7 @@ async fn conflate_keeps_only_the_newest_pending_message() {
     publish_many(&mut publisher, "feed.conflate", MESSAGES).await;
     // A reader that keeps up gets (nearly) every value; conflation only
     // merges values that were pending at the same moment.
-    let seqs = healthy.await.unwrap();
+    let (seqs, _healthy) = healthy.await.unwrap();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     assert!(
         seqs.len() as u64 > MESSAGES * 9 / 10,

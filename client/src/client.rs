@@ -172,14 +172,25 @@ impl Client {
     /// # Errors
     /// When the first frame is not a valid WELCOME.
     pub async fn welcome(&mut self) -> Result<v1::Welcome, ClientError> {
-        let frame = self.recv_timeout(Duration::from_secs(5)).await?;
+        self.recv_message(opcode::WELCOME, "a WELCOME frame", Duration::from_secs(5))
+            .await
+    }
+
+    /// The next frame, which must have `opcode` and a payload of type `M`.
+    async fn recv_message<M: prost::Message + Default>(
+        &mut self,
+        opcode: u32,
+        expected: &'static str,
+        timeout: Duration,
+    ) -> Result<M, ClientError> {
+        let frame = self.recv_timeout(timeout).await?;
         let unexpected = ClientError::Unexpected {
-            expected: "a WELCOME frame",
+            expected,
             opcode: frame.opcode,
         };
-        match frame.opcode {
-            opcode::WELCOME => v1::Welcome::decode(frame.payload).map_err(|_| unexpected),
-            _ => Err(unexpected),
+        match frame.opcode == opcode {
+            true => M::decode(frame.payload).map_err(|_| unexpected),
+            false => Err(unexpected),
         }
     }
 
@@ -300,15 +311,8 @@ impl Client {
     /// # Errors
     /// As [`Client::recv_timeout`].
     pub async fn delivery(&mut self, timeout: Duration) -> Result<v1::Delivery, ClientError> {
-        let frame = self.recv_timeout(timeout).await?;
-        let unexpected = ClientError::Unexpected {
-            expected: "a DELIVERY frame",
-            opcode: frame.opcode,
-        };
-        match frame.opcode {
-            opcode::DELIVERY => v1::Delivery::decode(frame.payload).map_err(|_| unexpected),
-            _ => Err(unexpected),
-        }
+        self.recv_message(opcode::DELIVERY, "a DELIVERY frame", timeout)
+            .await
     }
 }
 
