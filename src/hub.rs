@@ -123,7 +123,7 @@ pub enum HubError {
 /// Settings of a hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubConfig {
-    /// Per-topic queue policies; the first pattern overlapping a
+    /// Per-topic queue policies; the first pattern covering a
     /// publication's topic wins, else the default (disconnect).
     pub policies: Vec<(Topic, DeliveryPolicy)>,
     pub max_subscriptions: usize,
@@ -308,18 +308,31 @@ impl Hub {
     /// # Errors
     /// Past the per-session subscription limit, or for an unknown session.
     pub fn subscribe(&self, session_id: &str, topic: &Topic) -> Result<bool, HubError> {
+        self.subscribe_all(session_id, std::slice::from_ref(topic))
+            .map(|added| added > 0)
+    }
+
+    /// Subscribes a session to every topic given, or, past the limit, to
+    /// none of them; returns how many were new.
+    ///
+    /// # Errors
+    /// Past the per-session subscription limit, or for an unknown session.
+    pub fn subscribe_all(&self, session_id: &str, topics: &[Topic]) -> Result<usize, HubError> {
         let max = self.inner.config.max_subscriptions;
         let mut state = self.write();
         let (id, entry) = entry_mut(&mut state.sessions, session_id)?;
-        if entry.topics.contains(topic) {
-            return Ok(false);
-        }
-        if entry.topics.len() >= max {
+        let new: HashSet<&Topic> = topics
+            .iter()
+            .filter(|t| !entry.topics.contains(*t))
+            .collect();
+        if entry.topics.len() + new.len() > max {
             return Err(HubError::TooManySubscriptions(max));
         }
-        entry.topics.insert(topic.clone());
-        state.topics.insert(topic, id);
-        Ok(true)
+        entry.topics.extend(new.iter().map(|t| (*t).clone()));
+        for topic in &new {
+            state.topics.insert(topic, id.clone());
+        }
+        Ok(new.len())
     }
 
     /// Ends a subscription; returns false if there was none.
@@ -491,7 +504,7 @@ impl Hub {
             .config
             .policies
             .iter()
-            .find(|(pattern, _)| pattern.overlaps(topic))
+            .find(|(pattern, _)| pattern.covers(topic))
             .map(|(_, policy)| *policy)
             .unwrap_or_default()
     }
@@ -545,13 +558,13 @@ fn entry_mut<'a>(
 fn room_presence(room: &str, members: &HashMap<Arc<str>, Member>) -> v1::Presence {
     let mut listed: Vec<v1::Member> = members
         .iter()
-        .take(MAX_LISTED_MEMBERS)
         .map(|(id, m)| v1::Member {
             session_id: id.to_string(),
             user_id: m.user_id.as_deref().unwrap_or_default().to_owned(),
         })
         .collect();
     listed.sort_by(|a, b| (&a.user_id, &a.session_id).cmp(&(&b.user_id, &b.session_id)));
+    listed.truncate(MAX_LISTED_MEMBERS);
     v1::Presence {
         room: room.to_owned(),
         topic: String::new(),

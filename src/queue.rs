@@ -46,8 +46,8 @@ pub enum Overflow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeliveryPolicy {
     pub overflow: Overflow,
-    /// Never evicted or conflated; when the queue is full, non-critical
-    /// frames make room first.
+    /// Never evicted or conflated; when the queue is full, droppable
+    /// (drop-oldest, conflate) frames make room first.
     pub critical: bool,
 }
 
@@ -211,13 +211,10 @@ impl SessionQueue {
             }
         }
         if state.frames.len() >= self.inner.capacity {
-            // Lower-priority frames make room first.
-            let victim = state.frames.iter().position(Entry::evictable).or_else(|| {
-                policy
-                    .critical
-                    .then(|| state.frames.iter().position(|e| !e.policy.critical))
-                    .flatten()
-            });
+            // Droppable frames make room first. Replies, errors and
+            // disconnect-policy frames are never dropped silently, so when
+            // they and critical frames fill the queue the session goes.
+            let victim = state.frames.iter().position(Entry::evictable);
             match victim {
                 Some(victim) => {
                     state.frames.remove(victim);
@@ -397,10 +394,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn critical_frames_push_out_the_others_and_only_they_can_overflow() {
+    async fn critical_frames_push_out_droppable_ones_and_only_they_can_overflow() {
         let queue = SessionQueue::new(3);
         let (alarm, data): (Arc<str>, Arc<str>) = ("alarm".into(), "data".into());
-        queue.push(Bytes::from_static(b"reply")).unwrap();
         queue
             .push_with(
                 Bytes::from_static(b"d1"),
@@ -415,10 +411,10 @@ mod tests {
                 Some(&data),
             )
             .unwrap();
-        // Full: the alarm evicts droppable data first, then the reply.
         queue
             .push_with(Bytes::from_static(b"a1"), policy("critical"), Some(&alarm))
             .unwrap();
+        // Full: alarms evict droppable data.
         queue
             .push_with(Bytes::from_static(b"a2"), policy("critical"), Some(&alarm))
             .unwrap();
@@ -432,11 +428,24 @@ mod tests {
             Some(&data),
         );
         assert_eq!(pushed, Ok(Pushed::Dropped));
-        assert_eq!(queue.dropped(), 4);
+        assert_eq!(queue.dropped(), 3);
         // Critical frames alone overflow: now the session goes.
         let overflow = queue.push_with(Bytes::from_static(b"a4"), policy("critical"), Some(&alarm));
         assert_eq!(overflow, Err(PushError::Full));
         assert_eq!(queue.close_reason(), Some(CloseReason::SLOW_CONSUMER));
+    }
+
+    #[tokio::test]
+    async fn replies_are_never_evicted_even_by_critical_frames() {
+        let queue = SessionQueue::new(2);
+        let alarm: Arc<str> = "alarm".into();
+        queue.push(Bytes::from_static(b"reply")).unwrap();
+        queue
+            .push_with(Bytes::from_static(b"a1"), policy("critical"), Some(&alarm))
+            .unwrap();
+        let overflow = queue.push_with(Bytes::from_static(b"a2"), policy("critical"), Some(&alarm));
+        assert_eq!(overflow, Err(PushError::Full));
+        assert_eq!(queue.dropped(), 0);
     }
 
     #[tokio::test]

@@ -288,9 +288,12 @@ impl ConnectParams {
                     }
                     params.user_id = Some(value.as_ref().into());
                 }
-                "subscribe" => params
-                    .subscriptions
-                    .push(Topic::parse(&value).map_err(|e| format!("subscribe: {e}"))?),
+                "subscribe" => {
+                    let topic = Topic::parse(&value).map_err(|e| format!("subscribe: {e}"))?;
+                    if !params.subscriptions.contains(&topic) {
+                        params.subscriptions.push(topic);
+                    }
+                }
                 _ => {}
             }
         }
@@ -324,7 +327,7 @@ async fn protocol_endpoint(
             .into_response();
     }
     if params.subscriptions.len() > state.config.max_subscriptions {
-        let reason = format!("at most {} subscriptions", state.config.max_subscriptions);
+        let reason = format!("at most {} subscriptions\n", state.config.max_subscriptions);
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
     let (hub, router, config, shutdown) = (

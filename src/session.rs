@@ -93,12 +93,11 @@ impl Session {
         }
     }
 
-    /// A session with no socket behind it: what it is sent stays in
-    /// [`Session::queue`]. For testing and fuzzing handlers. It uses `hub`
-    /// but is not registered there (only connections are), so dropping it
-    /// frees it.
-    pub fn detached(hub: &Hub, identity: Identity, queue_capacity: usize) -> Session {
-        Session::new(hub.clone(), identity, None, queue_capacity)
+    /// A session with no socket behind it, registered with `hub` until the
+    /// returned guard is dropped: what it is sent stays in
+    /// [`Session::queue`]. For testing and fuzzing handlers.
+    pub fn detached(hub: &Hub, identity: Identity, queue_capacity: usize) -> Registration {
+        Registration::new(&Session::new(hub.clone(), identity, None, queue_capacity))
     }
 
     /// Unique across the nodes of a deployment.
@@ -378,14 +377,23 @@ where
     sink.flush().await
 }
 
-/// Keeps a session registered with its hub for as long as it lives; the
-/// drop unregisters it even if the connection task panics.
-struct Registration(Session);
+/// Keeps a session registered with its hub while it lives; dropping it
+/// unregisters the session and everything it held, even if the task that
+/// owns it panics.
+pub struct Registration(Session);
 
 impl Registration {
     fn new(session: &Session) -> Registration {
         session.hub().register(session);
         Registration(session.clone())
+    }
+}
+
+impl std::ops::Deref for Registration {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        &self.0
     }
 }
 

@@ -123,13 +123,17 @@ fn builtin_router_serves_the_documented_opcodes() {
     assert_eq!(wsproto::handlers::builtin().opcodes(), [100, 110, 111]);
 }
 
-/// Handlers can be tested without a network through a detached session.
+/// Handlers can be tested without a network through a detached session,
+/// which is registered with the hub until dropped.
 #[tokio::test]
 async fn handlers_run_against_a_detached_session() {
     let hub = wsproto::Hub::new();
     let session = Session::detached(&hub, Default::default(), 16);
+    assert_eq!(hub.len(), 1);
     router()
         .handle_message(&session, Frame::new(301, "x").encode())
         .await;
     assert_eq!(session.queue().len(), 4);
+    drop(session);
+    assert!(hub.is_empty());
 }

@@ -1,6 +1,7 @@
-//! Arbitrary message sequences through the router and the built-in handlers
-//! of one session, with no network: every message gets exactly one reply
-//! frame, and every reply is a well-formed frame.
+//! Arbitrary message sequences through the router, the built-in handlers
+//! and the hub, from one session that may subscribe and publish anywhere,
+//! with no network: every frame queued is well formed, a request with an id
+//! always gets an answer echoing it, and the session leaves nothing behind.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -8,11 +9,19 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use wsproto::{handlers, opcode, proto::v1, queue::Batch, Frame, Hub, Router, Session};
+use wsproto::{
+    handlers, identity::Identity, opcode, proto::v1, queue::Batch, topic::Topic, Frame, Hub,
+    Router, Session,
+};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
 }
 
 fn router() -> &'static Router {
@@ -34,22 +43,44 @@ fn messages(mut data: &[u8]) -> impl Iterator<Item = Bytes> + '_ {
 fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let hub = Hub::new();
-        let session = Session::detached(&hub, Default::default(), 64);
-        let mut replies = Vec::new();
+        let everything: Topic = "#".parse().unwrap();
+        let identity = Identity {
+            user_id: Some("fuzz".into()),
+            subscribe: vec![everything.clone()],
+            publish: vec![everything],
+        };
+        let session = Session::detached(&hub, identity, 256);
+        let mut frames = Vec::new();
         for message in messages(data) {
             let request = Frame::decode(message.clone()).ok();
             router().handle_message(&session, message).await;
 
-            assert_eq!(session.queue().len(), 1, "one reply per message");
-            replies.clear();
-            assert_eq!(session.queue().next_batch(&mut replies, 8).await, Batch::Frames);
-            let reply = Frame::decode(replies[0].clone()).expect("replies are valid frames");
-            if reply.opcode == opcode::ERROR {
-                v1::Error::decode(reply.payload.clone()).expect("error payloads decode");
+            frames.clear();
+            while !session.queue().is_empty() {
+                assert_eq!(
+                    session.queue().next_batch(&mut frames, 256).await,
+                    Batch::Frames
+                );
             }
-            if let Some(request) = request {
-                assert_eq!(reply.request_id, request.request_id, "replies echo the request id");
+            for frame in &frames {
+                let frame = Frame::decode(frame.clone()).expect("queued frames are valid");
+                if frame.opcode == opcode::ERROR {
+                    v1::Error::decode(frame.payload.clone()).expect("error payloads decode");
+                }
+            }
+            // A request with an id always gets an answer (a reply, an ACK or
+            // an ERROR), queued last; one without may get none (e.g. LEAVE).
+            if let Some(id) = request.and_then(|r| r.request_id) {
+                let answer = frames.last().expect("a request with an id gets an answer");
+                assert_eq!(Frame::decode(answer.clone()).unwrap().request_id, Some(id));
             }
         }
+        drop(session);
+        assert!(hub.is_empty());
+        assert_eq!(
+            hub.index_sizes(),
+            (0, 0, true),
+            "the session left nothing behind"
+        );
     });
 });

@@ -14,7 +14,12 @@ fuzz_target!(|data: &[u8]| {
             let _ = Preview::new(&frame.payload, 32).to_string();
         }
         Err(err) => {
-            let _ = (err.error_code(), err.opcode(), err.request_id(), err.to_string());
+            let _ = (
+                err.error_code(),
+                err.opcode(),
+                err.request_id(),
+                err.to_string(),
+            );
         }
     }
 });

@@ -1,37 +1,44 @@
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::Mutex,
+};
 
 use super::{BoxFuture, Broker, BrokerError};
 use crate::hub::{Hub, Publication, Published, Target};
 
-/// Most topics and rooms whose sequence numbers are remembered; past it the
-/// counters start over (a client sees the sequence restart at 1), which
-/// keeps memory bounded however many topics are published to.
-const MAX_SEQUENCES: usize = 100_000;
+/// Counters are split over this many locks, so publications to different
+/// topics rarely wait on each other.
+const SHARDS: usize = 16;
+/// Most topics and rooms whose sequence numbers one shard remembers; past
+/// it an arbitrary other counter is forgotten (that topic's sequence starts
+/// again at 1), which keeps memory bounded however many topics are used.
+const MAX_SEQUENCES_PER_SHARD: usize = 8192;
 
-/// The single-node broker: delivers straight to the local hub.
-#[derive(Debug, Default)]
+/// The single-node broker: numbers each publication and delivers it
+/// straight to the local hub.
+///
+/// A topic's (or room's) publications are numbered and delivered under the
+/// same lock, so every subscriber sees them in sequence order even when
+/// several tasks publish to the topic at once.
+#[derive(Debug)]
 pub struct MemoryBroker {
-    sequences: Mutex<HashMap<String, u64>>,
+    hasher: RandomState,
+    shards: Vec<Mutex<HashMap<String, u64>>>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> MemoryBroker {
+        MemoryBroker {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
 }
 
 impl MemoryBroker {
     pub fn new() -> MemoryBroker {
         MemoryBroker::default()
-    }
-
-    fn next_seq(&self, target: &Target) -> u64 {
-        let key = match target {
-            Target::Topic(topic) => format!("t:{topic}"),
-            Target::Room { room, .. } => format!("r:{room}"),
-            _ => return 0,
-        };
-        let mut sequences = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
-        if sequences.len() >= MAX_SEQUENCES && !sequences.contains_key(&key) {
-            sequences.clear();
-        }
-        let seq = sequences.entry(key).or_insert(0);
-        *seq += 1;
-        *seq
     }
 }
 
@@ -41,8 +48,34 @@ impl Broker for MemoryBroker {
         hub: &'a Hub,
         publication: Publication,
     ) -> BoxFuture<'a, Result<Published, BrokerError>> {
-        let seq = self.next_seq(&publication.target);
-        let sessions = hub.deliver(&publication, seq);
-        Box::pin(std::future::ready(Ok(Published { seq, sessions })))
+        let key = match &publication.target {
+            Target::Topic(topic) => Some(format!("t:{topic}")),
+            Target::Room { room, .. } => Some(format!("r:{room}")),
+            _ => None,
+        };
+        let published = match key {
+            None => Published {
+                seq: 0,
+                sessions: hub.deliver(&publication, 0),
+            },
+            Some(key) => {
+                let shard = &self.shards[self.hasher.hash_one(&key) as usize % SHARDS];
+                let mut sequences = shard.lock().unwrap_or_else(|e| e.into_inner());
+                if sequences.len() >= MAX_SEQUENCES_PER_SHARD && !sequences.contains_key(&key) {
+                    if let Some(idle) = sequences.keys().next().cloned() {
+                        sequences.remove(&idle);
+                    }
+                }
+                let seq = sequences.entry(key).or_insert(0);
+                *seq += 1;
+                // Delivery only queues frames (it never waits on a socket),
+                // so holding the shard lock across it is brief.
+                Published {
+                    seq: *seq,
+                    sessions: hub.deliver(&publication, *seq),
+                }
+            }
+        };
+        Box::pin(std::future::ready(Ok(published)))
     }
 }
