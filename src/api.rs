@@ -13,8 +13,11 @@
 //! the message was handed to; `400 {"error": …}` for a bad body; `401` for a
 //! missing or wrong key; `404` when the server has no key (the API is off).
 
+use std::time::Duration;
+
 use axum::{
     body::Bytes,
+    extract::Request,
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -41,6 +44,9 @@ pub enum ApiError {
     /// 400: the body is not a valid publish request.
     #[error("{0}")]
     BadRequest(String),
+    /// 413: the body is over [`MAX_BODY`] (or could not be read).
+    #[error("request body over {MAX_BODY} bytes")]
+    TooLarge,
     /// 503: the broker could not take the message.
     #[error("{0}")]
     Unavailable(String),
@@ -53,6 +59,7 @@ impl ApiError {
             ApiError::Disabled => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -169,18 +176,30 @@ impl PublishRequest {
     }
 }
 
-/// Handles one publish request end to end.
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// How long a client may take to send the body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handles one publish request end to end: the key is checked before the
+/// body is read, and the body is bounded in size and time.
 ///
 /// # Errors
 /// An [`ApiError`] for the response.
 pub async fn publish(
     hub: &Hub,
     api_key: Option<&str>,
-    headers: &HeaderMap,
-    body: &[u8],
+    request: Request,
 ) -> Result<PublishResponse, ApiError> {
-    authorize(api_key, headers)?;
-    let publication = PublishRequest::parse(body)?.publication()?;
+    authorize(api_key, request.headers())?;
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        axum::body::to_bytes(request.into_body(), MAX_BODY),
+    )
+    .await
+    .map_err(|_| ApiError::BadRequest("request body took too long".into()))?
+    .map_err(|_| ApiError::TooLarge)?;
+    let publication = PublishRequest::parse(&body)?.publication()?;
     let published = hub
         .publish(publication)
         .await

@@ -5,7 +5,7 @@ use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 use tokio::net::{lookup_host, TcpListener};
 
-use crate::{queue::DeliveryPolicy, topic::Topic};
+use crate::{origin::OriginPattern, queue::DeliveryPolicy, topic::Topic};
 
 /// Every setting of a wsproto server. [`Config::default`] is what
 /// `wsproto-server` runs with when given no flags.
@@ -25,21 +25,28 @@ pub struct Config {
     pub max_message_size: usize,
 
     /// Frames that may wait in one session's send queue; a client that lets
-    /// it fill up is closed with 1008.
+    /// it fill up is closed with 1008 (or loses droppable frames, per
+    /// --topic-policy).
     #[arg(long, env = "WSPROTO_SEND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(usize))]
     pub send_queue: usize,
 
+    /// Bytes that may wait in one session's send queue (a single larger
+    /// frame still goes through an empty queue); keeps memory per client
+    /// bounded whatever it asks for.
+    #[arg(long, env = "WSPROTO_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    pub send_queue_bytes: usize,
+
     /// How often the server pings each client.
-    #[arg(long, env = "WSPROTO_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WSPROTO_PING_INTERVAL", default_value = "20s", value_parser = parse_positive_duration)]
     pub ping_interval: Duration,
 
     /// A client silent this long (no pong, no frame) is closed with 4000.
-    #[arg(long, env = "WSPROTO_PING_TIMEOUT", default_value = "50s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WSPROTO_PING_TIMEOUT", default_value = "50s", value_parser = parse_positive_duration)]
     pub ping_timeout: Duration,
 
     /// A write to a client that takes longer than this drops the connection
     /// (the client is too slow even to take a close frame).
-    #[arg(long, env = "WSPROTO_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WSPROTO_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub write_timeout: Duration,
 
     /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
@@ -47,7 +54,7 @@ pub struct Config {
     pub max_connections: usize,
 
     /// On shutdown, how long to wait for clients to answer Close 1001.
-    #[arg(long, env = "WSPROTO_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WSPROTO_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub shutdown_timeout: Duration,
 
     /// Key for the HTTP publish API (`Authorization: Bearer KEY`); without
@@ -55,7 +62,7 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// Queue policy for topics overlapping PATTERN, as
+    /// Queue policy for topics covered by PATTERN, as
     /// `PATTERN=disconnect|drop-oldest|conflate[,critical]`; repeatable
     /// (`;`-separated in the env var), first match wins. Default: disconnect.
     #[arg(long = "topic-policy", env = "WSPROTO_TOPIC_POLICY", value_delimiter = ';', value_parser = parse_topic_policy)]
@@ -77,6 +84,20 @@ pub struct Config {
     /// Rooms one session may be in.
     #[arg(long, env = "WSPROTO_MAX_ROOMS", default_value_t = 100)]
     pub max_rooms: usize,
+
+    /// Browser origins allowed besides same-origin pages:
+    /// `https://app.example.com`, `https://*.example.com`, or `*` for any;
+    /// repeatable (`,`-separated). Refused origins get HTTP 403.
+    #[arg(
+        long = "allowed-origin",
+        env = "WSPROTO_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<OriginPattern>,
+
+    /// Open WebSocket sessions allowed from one IP address; more get HTTP 429.
+    #[arg(long, env = "WSPROTO_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Config {
@@ -86,6 +107,7 @@ impl Default for Config {
             ws_path: "/ws".into(),
             max_message_size: 64 * 1024,
             send_queue: 256,
+            send_queue_bytes: 1024 * 1024,
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(50),
             write_timeout: Duration::from_secs(10),
@@ -96,7 +118,19 @@ impl Default for Config {
             client_publish: Vec::new(),
             max_subscriptions: 1000,
             max_rooms: 100,
+            allowed_origins: Vec::new(),
+            max_connections_per_ip: 1000,
         }
+    }
+}
+
+/// A duration such as `20s` or `500ms`; zero would disable the check it
+/// configures (or, for the ping interval, make no sense at all).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(duration) if duration.is_zero() => Err("must be more than zero".into()),
+        Ok(duration) => Ok(duration),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -236,8 +236,8 @@ impl Hub {
     /// Removes a session and everything it held: subscriptions, room
     /// memberships (announced to those who asked) and its user entry.
     pub(crate) fn unregister(&self, session_id: &str) {
-        let mut events = Vec::new();
         {
+            let mut events = Vec::new();
             let mut state = self.write();
             let Some((id, entry)) = state.sessions.remove_entry(session_id) else {
                 return;
@@ -256,8 +256,10 @@ impl Hub {
                     }
                 }
             }
+            // Queued under the lock, so listeners see joins and leaves in
+            // the order they happened (queuing never waits).
+            send_all(events);
         }
-        send_all(events);
     }
 
     /// Sessions open on this node.
@@ -374,7 +376,7 @@ impl Hub {
     ) -> Result<v1::Presence, HubError> {
         let max = self.inner.config.max_rooms;
         let room: Arc<str> = room.as_str().into();
-        let (presence, events) = {
+        let presence = {
             let mut state = self.write();
             let (id, entry) = entry_mut(&mut state.sessions, session_id)?;
             let joined = !entry.rooms.contains(&room);
@@ -403,15 +405,15 @@ impl Hub {
                 ),
                 false => Vec::new(),
             };
-            (room_presence(&room, members), events)
+            send_all(events);
+            room_presence(&room, members)
         };
-        send_all(events);
         Ok(presence)
     }
 
     /// Removes a session from a room; returns false if it was not there.
     pub fn leave(&self, session_id: &str, room: &str) -> bool {
-        let events = {
+        {
             let mut state = self.write();
             let Ok((id, entry)) = entry_mut(&mut state.sessions, session_id) else {
                 return false;
@@ -419,9 +421,8 @@ impl Hub {
             if !entry.rooms.remove(room) {
                 return false;
             }
-            leave_room(&mut state, room, &id)
-        };
-        send_all(events);
+            send_all(leave_room(&mut state, room, &id));
+        }
         true
     }
 

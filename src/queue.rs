@@ -123,11 +123,14 @@ struct Inner {
     /// Cancelled once a close reason is set, for whoever waits on that.
     closing: CancellationToken,
     capacity: usize,
+    max_bytes: usize,
 }
 
 #[derive(Default)]
 struct State {
     frames: VecDeque<Entry>,
+    /// Bytes of the frames pending.
+    bytes: usize,
     close: Option<CloseReason>,
     /// Frames dropped or conflated away so far.
     dropped: u64,
@@ -147,14 +150,23 @@ impl Entry {
 }
 
 impl SessionQueue {
-    /// A queue holding at most `capacity` frames (at least one).
+    /// A queue holding at most `capacity` frames (at least one), with no
+    /// limit on their bytes.
     pub fn new(capacity: usize) -> SessionQueue {
+        SessionQueue::with_limits(capacity, usize::MAX)
+    }
+
+    /// A queue holding at most `capacity` frames and `max_bytes` bytes; a
+    /// single frame larger than `max_bytes` is only taken into an empty
+    /// queue, so large replies still get through.
+    pub fn with_limits(capacity: usize, max_bytes: usize) -> SessionQueue {
         SessionQueue {
             inner: Arc::new(Inner {
                 state: std::sync::Mutex::new(State::default()),
                 wake: Notify::new(),
                 closing: CancellationToken::new(),
                 capacity: capacity.max(1),
+                max_bytes,
             }),
         }
     }
@@ -205,19 +217,27 @@ impl SessionQueue {
                     && e.topic == entry.topic
             });
             if let Some(pending) = pending {
-                *pending = entry;
+                let added = entry.frame.len();
+                let removed = std::mem::replace(pending, entry).frame.len();
+                state.bytes = state.bytes - removed + added;
                 state.dropped += 1;
                 return Ok(Pushed::Conflated);
             }
         }
-        if state.frames.len() >= self.inner.capacity {
+        let len = entry.frame.len();
+        let full = |state: &State| {
+            state.frames.len() >= self.inner.capacity
+                || (state.bytes + len > self.inner.max_bytes && !state.frames.is_empty())
+        };
+        while full(&state) {
             // Droppable frames make room first. Replies, errors and
             // disconnect-policy frames are never dropped silently, so when
             // they and critical frames fill the queue the session goes.
-            let victim = state.frames.iter().position(Entry::evictable);
-            match victim {
+            match state.frames.iter().position(Entry::evictable) {
                 Some(victim) => {
-                    state.frames.remove(victim);
+                    if let Some(evicted) = state.frames.remove(victim) {
+                        state.bytes -= evicted.frame.len();
+                    }
                     state.dropped += 1;
                 }
                 None if entry.evictable() => {
@@ -226,6 +246,7 @@ impl SessionQueue {
                 }
                 None => {
                     state.frames = VecDeque::new();
+                    state.bytes = 0;
                     state.close = Some(CloseReason::SLOW_CONSUMER);
                     drop(state);
                     self.inner.wake.notify_one();
@@ -234,6 +255,7 @@ impl SessionQueue {
                 }
             }
         }
+        state.bytes += len;
         state.frames.push_back(entry);
         drop(state);
         self.inner.wake.notify_one();
@@ -274,6 +296,11 @@ impl SessionQueue {
         self.state().frames.len()
     }
 
+    /// Bytes of the frames waiting to be written.
+    pub fn bytes(&self) -> usize {
+        self.state().bytes
+    }
+
     /// True when no frame is waiting.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -288,7 +315,11 @@ impl SessionQueue {
                 let mut state = self.state();
                 if !state.frames.is_empty() {
                     let n = state.frames.len().min(max.max(1));
-                    out.extend(state.frames.drain(..n).map(|e| e.frame));
+                    let state = &mut *state;
+                    for entry in state.frames.drain(..n) {
+                        state.bytes -= entry.frame.len();
+                        out.push(entry.frame);
+                    }
                     return Batch::Frames;
                 }
                 if let Some(reason) = state.close {
@@ -462,6 +493,45 @@ mod tests {
             [Bytes::from_static(b"r1"), Bytes::from_static(b"r2")]
         );
         assert_eq!(queue.close_reason(), None);
+    }
+
+    #[tokio::test]
+    async fn the_byte_budget_bounds_memory_like_the_frame_count() {
+        let queue = SessionQueue::with_limits(100, 10);
+        let data: Arc<str> = "data".into();
+        queue
+            .push_with(
+                Bytes::from_static(b"12345"),
+                policy("drop-oldest"),
+                Some(&data),
+            )
+            .unwrap();
+        queue
+            .push_with(
+                Bytes::from_static(b"67890"),
+                policy("drop-oldest"),
+                Some(&data),
+            )
+            .unwrap();
+        // 5 more bytes do not fit: the oldest droppable frame makes room.
+        queue
+            .push_with(
+                Bytes::from_static(b"abcde"),
+                policy("drop-oldest"),
+                Some(&data),
+            )
+            .unwrap();
+        assert_eq!((queue.len(), queue.bytes(), queue.dropped()), (2, 10, 1));
+        // Replies cannot be dropped, so a reply that does not fit closes the session.
+        assert_eq!(queue.push(Bytes::from_static(b"0123456789")), Ok(()));
+        assert_eq!(queue.push(Bytes::from_static(b"x")), Err(PushError::Full));
+        assert_eq!(queue.bytes(), 0);
+
+        // A frame bigger than the whole budget still goes into an empty queue.
+        let roomy = SessionQueue::with_limits(100, 10);
+        roomy.push(Bytes::from(vec![0u8; 1000])).unwrap();
+        assert_eq!(drain(&roomy).await.len(), 1);
+        assert_eq!(roomy.bytes(), 0);
     }
 
     #[tokio::test]

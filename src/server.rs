@@ -8,9 +8,8 @@
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
-    body::Bytes,
     extract::{Request, State},
-    http::{HeaderMap, StatusCode},
+    http::StatusCode,
     response::{IntoResponse, Response},
     routing::{any, get, post},
     Extension, Json,
@@ -33,6 +32,9 @@ use crate::{
     close::CloseReason,
     hub::HubConfig,
     identity::Identity,
+    limit::AddressLimit,
+    origin::OriginPolicy,
+    queue::SessionQueue,
     session::{self, Session},
     topic::Topic,
     upgrade::{self, UpgradeError},
@@ -61,7 +63,11 @@ struct AppState {
     hub: Hub,
     /// One permit per open WebSocket, so upgrades past the cap are refused.
     connections: Arc<Semaphore>,
+    per_address: AddressLimit,
+    origins: OriginPolicy,
     shutdown: CancellationToken,
+    /// Cancelled when the shutdown deadline passes: sessions still open end at once.
+    abort: CancellationToken,
     tasks: TaskTracker,
     ws_config: WebSocketConfig,
 }
@@ -91,6 +97,18 @@ impl Server {
         config: Config,
         router: Router,
     ) -> io::Result<Server> {
+        let durations = [
+            config.ping_interval,
+            config.ping_timeout,
+            config.write_timeout,
+            config.shutdown_timeout,
+        ];
+        if durations.iter().any(Duration::is_zero) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ping interval, ping timeout, write timeout and shutdown timeout must be more than zero",
+            ));
+        }
         if matches!(
             config.ws_path.as_str(),
             "/" | "/echo" | "/healthz" | "/api/publish" | "/demo.js" | "/wsproto.js"
@@ -113,12 +131,19 @@ impl Server {
             max_subscriptions: config.max_subscriptions,
             max_rooms: config.max_rooms,
         };
+        let origins = OriginPolicy::new(config.allowed_origins.clone());
+        if origins.allows_any() {
+            warn!("--allowed-origin '*': any web page may open WebSockets to this server");
+        }
         let state = AppState {
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            per_address: AddressLimit::new(config.max_connections_per_ip),
+            origins,
             config: Arc::new(config),
             router: Arc::new(router),
             hub: Hub::with_config(hub_config, Arc::new(MemoryBroker::new())),
             shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ws_config,
         };
@@ -139,8 +164,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then stops accepting, sends Close
-    /// 1001 to every session and waits up to [`Config::shutdown_timeout`]
-    /// for them to finish.
+    /// 1001 to every session and waits for them to finish; after
+    /// [`Config::shutdown_timeout`] (plus a second for the last writes) the
+    /// connections still open are cut.
     ///
     /// Accept errors (such as running out of file descriptors) are logged
     /// and retried after a pause; they never end the loop.
@@ -219,8 +245,10 @@ impl Server {
         {
             warn!(
                 sessions = state.hub.len(),
-                "shutdown deadline passed; dropping remaining connections"
+                "shutdown deadline passed; closing remaining connections"
             );
+            state.abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), state.tasks.wait()).await;
         }
         info!("shutdown complete");
         Ok(())
@@ -238,14 +266,28 @@ where
         Ok(accepted) => accepted,
         Err(err) => return err.into_response(),
     };
+    let headers = request.headers();
+    let origin = headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
+    let host = headers.get(http::header::HOST).map(|v| v.as_bytes());
+    if let Err(err) = state.origins.check(origin, host) {
+        debug!(%err, "upgrade refused");
+        return UpgradeError::OriginNotAllowed.into_response();
+    }
     if state.shutdown.is_cancelled() {
         return UpgradeError::Unavailable.into_response();
     }
+    let Some(PeerAddr(peer)) = request.extensions().get::<PeerAddr>().copied() else {
+        return UpgradeError::NotUpgradable.into_response();
+    };
+    let Some(address_permit) = state.per_address.try_acquire(peer.ip()) else {
+        debug!(%peer, "per-address connection limit reached; upgrade refused");
+        return UpgradeError::TooManyFromAddress.into_response();
+    };
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         debug!("connection limit reached; upgrade refused");
         return UpgradeError::Unavailable.into_response();
     };
-    let ws_config = state.ws_config;
+    let (ws_config, abort) = (state.ws_config, state.abort.clone());
     state.tasks.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -254,8 +296,11 @@ where
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
                 .await;
-        serve(ws).await;
-        drop(permit);
+        tokio::select! {
+            _ = serve(ws) => {}
+            _ = abort.cancelled() => {}
+        }
+        drop((permit, address_permit));
     });
     response
 }
@@ -330,24 +375,30 @@ async fn protocol_endpoint(
         let reason = format!("at most {} subscriptions\n", state.config.max_subscriptions);
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
-    let (hub, router, config, shutdown) = (
+    let (hub, router, config, shutdown, abort) = (
         state.hub.clone(),
         state.router.clone(),
         state.config.clone(),
         state.shutdown.clone(),
+        state.abort.clone(),
     );
     upgrade_then(&state, request, move |ws| {
-        let session = Session::new(hub, identity, Some(peer), config.send_queue);
-        session::run(ws, session, params.subscriptions, router, config, shutdown)
+        let queue = SessionQueue::with_limits(config.send_queue, config.send_queue_bytes);
+        let session = Session::new(hub, identity, Some(peer), queue);
+        session::run(
+            ws,
+            session,
+            params.subscriptions,
+            router,
+            config,
+            shutdown,
+            abort,
+        )
     })
 }
 
-async fn publish_endpoint(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    match api::publish(&state.hub, state.config.api_key.as_deref(), &headers, &body).await {
+async fn publish_endpoint(State(state): State<AppState>, request: Request) -> Response {
+    match api::publish(&state.hub, state.config.api_key.as_deref(), request).await {
         Ok(published) => Json(published).into_response(),
         Err(err) => err.into_response(),
     }

@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -24,7 +24,10 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::{
-    tungstenite::{error::Error as WsError, Message},
+    tungstenite::{
+        error::{Error as WsError, ProtocolError},
+        Message,
+    },
     WebSocketStream,
 };
 use tokio_util::sync::CancellationToken;
@@ -67,6 +70,8 @@ struct Inner {
     frames_sent: AtomicU64,
     /// Milliseconds after `connected_at` when the client was last heard from.
     last_seen_ms: AtomicU64,
+    /// A handler is running for this session.
+    handling: AtomicBool,
     locals: Mutex<HashMap<TypeId, Box<dyn Any + Send>>>,
 }
 
@@ -75,7 +80,7 @@ impl Session {
         hub: Hub,
         identity: Identity,
         remote_addr: Option<SocketAddr>,
-        queue_capacity: usize,
+        queue: SessionQueue,
     ) -> Session {
         Session {
             inner: Arc::new(Inner {
@@ -83,11 +88,12 @@ impl Session {
                 identity,
                 remote_addr,
                 connected_at: Instant::now(),
-                queue: SessionQueue::new(queue_capacity),
+                queue,
                 hub,
                 frames_received: AtomicU64::new(0),
                 frames_sent: AtomicU64::new(0),
                 last_seen_ms: AtomicU64::new(0),
+                handling: AtomicBool::new(false),
                 locals: Mutex::new(HashMap::new()),
             }),
         }
@@ -97,7 +103,8 @@ impl Session {
     /// returned guard is dropped: what it is sent stays in
     /// [`Session::queue`]. For testing and fuzzing handlers.
     pub fn detached(hub: &Hub, identity: Identity, queue_capacity: usize) -> Registration {
-        Registration::new(&Session::new(hub.clone(), identity, None, queue_capacity))
+        let queue = SessionQueue::new(queue_capacity);
+        Registration::new(&Session::new(hub.clone(), identity, None, queue))
     }
 
     /// Unique across the nodes of a deployment.
@@ -211,6 +218,7 @@ impl std::fmt::Debug for Session {
 }
 
 /// Runs one opcode-protocol connection until it ends, then unregisters it.
+/// `shutdown` asks for a Close 1001 handshake; `abort` ends it at once.
 pub(crate) async fn run<S>(
     ws: WebSocketStream<S>,
     session: Session,
@@ -218,6 +226,7 @@ pub(crate) async fn run<S>(
     router: Arc<Router>,
     config: Arc<Config>,
     shutdown: CancellationToken,
+    abort: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -225,15 +234,14 @@ pub(crate) async fn run<S>(
     // it is always the first frame.
     send_welcome(&session, &config);
     let _registration = Registration::new(&session);
-    for topic in &subscriptions {
-        // Checked against permissions and the limit at upgrade.
-        let _ = session.hub().subscribe(session.id(), topic);
-    }
+    // Checked against permissions and the limit at upgrade.
+    let _ = session.hub().subscribe_all(session.id(), &subscriptions);
     debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
 
     let (sink, mut stream) = ws.split();
-    // Cancelled when either half is done: the other half then stops too.
-    let terminate = CancellationToken::new();
+    // Cancelled when either half is done, or when the server gives up
+    // waiting at shutdown: the other half then stops too.
+    let terminate = abort.child_token();
     let mut writer = tokio::spawn(write_loop(
         sink,
         session.clone(),
@@ -281,7 +289,15 @@ pub(crate) async fn run<S>(
                     // Closing: wait for the client's close, act on nothing else.
                     continue;
                 }
-                handle_message(&session, &router, message).await;
+                // A handler that never finishes must not outlive the session.
+                session.inner.handling.store(true, Ordering::Relaxed);
+                tokio::select! {
+                    biased;
+                    _ = terminate.cancelled() => break,
+                    _ = handle_message(&session, &router, message) => {}
+                }
+                session.inner.handling.store(false, Ordering::Relaxed);
+                session.touch();
             }
         }
     }
@@ -429,8 +445,10 @@ async fn write_loop<S>(
         let work = tokio::select! {
             biased;
             _ = terminate.cancelled() => break,
-            batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
+            // Before the queue, so a queue that never empties cannot starve
+            // the heartbeat.
             _ = heartbeat.tick() => WriterWork::Heartbeat,
+            batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
         };
         let mut closing = false;
         match work {
@@ -442,7 +460,12 @@ async fn write_loop<S>(
                 messages.push(Message::Close(Some(reason.frame())));
                 closing = true;
             }
-            WriterWork::Heartbeat if session.silent_for() > config.ping_timeout => {
+            // While a handler runs the reader is not reading, so the client
+            // cannot show it is alive; silence only counts between frames.
+            WriterWork::Heartbeat
+                if !session.inner.handling.load(Ordering::Relaxed)
+                    && session.silent_for() > config.ping_timeout =>
+            {
                 queue.close(CloseReason::HEARTBEAT_TIMEOUT);
                 continue;
             }
@@ -464,6 +487,15 @@ async fn write_loop<S>(
                     .inner
                     .frames_sent
                     .fetch_add(frames, Ordering::Relaxed);
+            }
+            Ok(Err(
+                WsError::AlreadyClosed
+                | WsError::ConnectionClosed
+                | WsError::Protocol(ProtocolError::SendAfterClosing),
+            )) if !closing => {
+                // The client closed first: the reader answers its close and
+                // ends the session; cutting it off here would lose that answer.
+                return;
             }
             Ok(Err(err)) => {
                 debug!(session = %session.id(), %err, "write failed");

@@ -30,6 +30,12 @@ pub enum UpgradeError {
     /// 503: the server is at its connection limit or shutting down.
     #[error("server is at capacity or shutting down; retry later")]
     Unavailable,
+    /// 403: a browser page from an origin that is not allowed.
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    /// 429: too many connections from the client's address.
+    #[error("too many connections from this address")]
+    TooManyFromAddress,
 }
 
 impl UpgradeError {
@@ -43,6 +49,8 @@ impl UpgradeError {
             UpgradeError::MissingKey => StatusCode::BAD_REQUEST,
             UpgradeError::NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
             UpgradeError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            UpgradeError::OriginNotAllowed => StatusCode::FORBIDDEN,
+            UpgradeError::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }

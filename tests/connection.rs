@@ -27,11 +27,13 @@ async fn a_client_that_stops_answering_pings_is_dropped() {
     let mut dead = common::raw_websocket(server.addr, "/ws").await;
     server.wait_for_sessions(2).await;
 
-    assert!(matches!(
-        live.recv_timeout(Duration::from_millis(1500)).await,
-        Err(ClientError::Timeout(_))
-    ));
-    server.wait_for_sessions(1).await;
+    // The live client keeps reading (and so answering pings) while the
+    // dead one is cut off.
+    let (read, ()) = tokio::join!(
+        live.recv_timeout(Duration::from_secs(3)),
+        server.wait_for_sessions(1)
+    );
+    assert!(matches!(read, Err(ClientError::Timeout(_))), "{read:?}");
     assert_eq!(
         live.call(opcode::ECHO, "alive").await.unwrap().payload,
         "alive"
@@ -249,4 +251,33 @@ async fn the_echo_endpoint_echoes_any_message() {
         ws.send(message.clone()).await.unwrap();
         assert_eq!(ws.next().await.unwrap().unwrap(), message);
     }
+}
+
+/// The server answers a client's close with the client's code, even while
+/// it is busy writing deliveries to that client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_close_is_answered_with_its_code_while_deliveries_flow() {
+    let server = TestServer::start(config()).await;
+    // The race it guards against is narrow; try it many times.
+    for _ in 0..20 {
+        let client = server.client_with("subscribe=busy").await;
+        let hub = server.hub.clone();
+        let publisher = tokio::spawn(async move {
+            let topic: wsproto::topic::Topic = "busy".parse().unwrap();
+            for _ in 0..2000 {
+                let publication = wsproto::hub::Publication::new(
+                    wsproto::hub::Target::Topic(topic.clone()),
+                    None,
+                    bytes::Bytes::from_static(b"tick"),
+                );
+                hub.publish(publication).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let answer = client.close(4321).await.unwrap();
+        assert_eq!(answer.map(|f| u16::from(f.code)), Some(4321));
+        publisher.await.unwrap();
+    }
+    server.wait_for_sessions(0).await;
 }

@@ -282,6 +282,17 @@ async fn publish_api_refuses_bad_keys_and_bodies() {
         assert!(error.contains(reason), "{bad}: {error}");
     }
 
+    let huge = format!(
+        r#"{{"topic": "a", "data": "{}"}}"#,
+        "x".repeat(wsproto::api::MAX_BODY)
+    );
+    assert_eq!(server.publish_api(Some(API_KEY), &huge).await.0, 413);
+    assert_eq!(
+        server.publish_api(None, &huge).await.0,
+        401,
+        "the key is checked first"
+    );
+
     let off = TestServer::start(wsproto::Config {
         api_key: None,
         ..config()
@@ -336,9 +347,19 @@ async fn subscriptions_are_capped_and_bad_connect_urls_are_refused() {
     })
     .await;
     let mut client = server.client().await;
-    client.subscribe(&["a", "b"]).await.unwrap();
     client.subscribe(&["a"]).await.unwrap();
-    assert_error_code(client.subscribe(&["c"]).await, ErrorCode::LimitExceeded);
+    client.subscribe(&["a"]).await.unwrap();
+    // All or nothing: "b" would fit, "c" would not, so neither is added.
+    assert_error_code(
+        client.subscribe(&["b", "c"]).await,
+        ErrorCode::LimitExceeded,
+    );
+    let info: v1::Info = client
+        .request(opcode::GET_INFO, &v1::InfoRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(info.session.unwrap().subscriptions, ["a"]);
+    client.subscribe(&["b"]).await.unwrap();
 
     for query in [
         "subscribe=a..b",

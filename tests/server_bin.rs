@@ -13,11 +13,13 @@ use wsproto_client::{Client, ClientError};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_wsproto-server");
 
-/// Starts the binary with `args` and returns it with the port it listens on.
-fn spawn_server(args: &[&str]) -> (Child, u16) {
+/// Starts the binary with `args` and `env` and returns it with the port it
+/// listens on.
+fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> (Child, u16) {
     let mut child = Command::new(SERVER)
         .args(args)
         .env("WSPROTO_LOG", "info")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -43,7 +45,7 @@ fn signal(child: &Child, name: &str) {
 
 #[tokio::test]
 async fn go_style_listen_address_serves_every_interface() {
-    let (mut child, port) = spawn_server(&["--listen", ":0"]);
+    let (mut child, port) = spawn_server(&["--listen", ":0", "--shutdown-timeout", "1s"], &[]);
     let mut client = Client::connect(&format!("ws://127.0.0.1:{port}/ws"))
         .await
         .unwrap();
@@ -66,17 +68,27 @@ async fn go_style_listen_address_serves_every_interface() {
 
 #[tokio::test]
 async fn flags_and_env_configure_the_server() {
-    let (mut child, port) = spawn_server(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--ws-path",
-        "/proto",
-        "--max-message-size",
-        "100",
-    ]);
+    let (mut child, port) = spawn_server(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--ws-path",
+            "/proto",
+            "--max-message-size",
+            "100",
+        ],
+        &[
+            ("WSPROTO_PING_INTERVAL", "7s"),
+            ("WSPROTO_SHUTDOWN_TIMEOUT", "1s"),
+        ],
+    );
     let url = format!("ws://127.0.0.1:{port}/proto");
     let mut client = Client::connect(&url).await.unwrap();
-    assert_eq!(client.welcome().await.unwrap().max_message_size, 100);
+    let welcome = client.welcome().await.unwrap();
+    assert_eq!(
+        (welcome.max_message_size, welcome.ping_interval_ms),
+        (100, 7000)
+    );
     signal(&child, "-INT");
     assert!(child.wait().unwrap().success());
 }
@@ -87,6 +99,7 @@ fn bad_flags_exit_non_zero_with_a_reason() {
         (vec!["--listen", "8080"], "invalid listen address"),
         (vec!["--ws-path", "ws"], "must start with '/'"),
         (vec!["--ping-interval", "soon"], "--ping-interval"),
+        (vec!["--ping-interval", "0s"], "must be more than zero"),
     ] {
         let output = Command::new(SERVER).args(&args).output().unwrap();
         assert!(!output.status.success(), "{args:?}");

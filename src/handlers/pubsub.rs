@@ -6,6 +6,7 @@ use std::sync::Arc;
 use wsproto_proto::v1;
 
 use crate::{
+    frame::MAX_OPCODE,
     hub::{HubError, Publication, Published, Sender, Target},
     topic::Topic,
     ErrorCode, Frame, HandlerError, HandlerResult, Reply, Session,
@@ -65,19 +66,17 @@ fn published(topic: &str, room: &str, published: Published) -> Reply {
 }
 
 /// Opcode 10: subscribes to every topic given, or to none if any is
-/// invalid or not permitted.
+/// invalid, not permitted, or past the limit.
 pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::Subscribe = frame.message()?;
     let topics = topics(&request.topics)?;
     if let Some(topic) = topics.iter().find(|t| !session.identity().may_subscribe(t)) {
         return Err(permission_denied("subscribe to", topic));
     }
-    for topic in &topics {
-        session
-            .hub()
-            .subscribe(session.id(), topic)
-            .map_err(hub_error)?;
-    }
+    session
+        .hub()
+        .subscribe_all(session.id(), &topics)
+        .map_err(hub_error)?;
     Ok(Reply::None)
 }
 
@@ -96,6 +95,11 @@ pub async fn publish_to_topic(session: Session, frame: Frame) -> HandlerResult {
     let topic = Topic::parse(&request.topic)?;
     if !session.identity().may_publish(&topic) {
         return Err(permission_denied("publish to", &topic));
+    }
+    if request.opcode > MAX_OPCODE {
+        return Err(HandlerError::bad_payload(format!(
+            "opcode exceeds {MAX_OPCODE}"
+        )));
     }
     let mut publication = Publication::new(
         Target::Topic(topic.clone()),

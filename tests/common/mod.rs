@@ -123,23 +123,40 @@ pub fn assert_error(frame: &wsproto::Frame, code: wsproto::ErrorCode, opcode: u3
 /// the socket right after the 101 response: a client that does nothing the
 /// library would do for it, such as answering pings.
 pub async fn raw_websocket(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    let (status, tcp) = raw_handshake(addr, path, &[], None).await;
+    assert_eq!(status, 101);
+    tcp
+}
+
+/// Sends a WebSocket handshake with `extra` headers, from `source` if
+/// given; returns the response status and the socket after the headers.
+pub async fn raw_handshake(
+    addr: SocketAddr,
+    path: &str,
+    extra: &[(&str, &str)],
+    source: Option<std::net::IpAddr>,
+) -> (u16, tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+    }
+    let mut tcp = socket.connect(addr).await.unwrap();
+    let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     );
+    for (name, value) in extra {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         head.push(tcp.read_u8().await.unwrap());
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    tcp
+    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
+    (status, tcp)
 }
 
 /// Whether `bytes` (server → client, so unmasked) contain a close frame with `code`.

@@ -1,0 +1,100 @@
+//! Connection limits per client address.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+/// Counts open sessions per client IP address and refuses past a maximum,
+/// so one host cannot take every connection slot.
+#[derive(Debug, Clone)]
+pub struct AddressLimit {
+    max: usize,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One open session of an address; dropping it frees the slot.
+#[derive(Debug)]
+pub struct AddressPermit {
+    limit: AddressLimit,
+    ip: IpAddr,
+}
+
+impl AddressLimit {
+    /// At most `max` sessions per address.
+    pub fn new(max: usize) -> AddressLimit {
+        AddressLimit {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for `ip`, unless it already has the maximum.
+    pub fn try_acquire(&self, ip: IpAddr) -> Option<AddressPermit> {
+        let mut open = self.open();
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressPermit {
+            limit: self.clone(),
+            ip,
+        })
+    }
+
+    /// Sessions open from `ip`.
+    pub fn open_from(&self, ip: IpAddr) -> usize {
+        self.open().get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Addresses with at least one open session.
+    pub fn addresses(&self) -> usize {
+        self.open().len()
+    }
+}
+
+impl Drop for AddressPermit {
+    fn drop(&mut self) {
+        let mut open = self.limit.open();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_per_address_and_freed_on_drop() {
+        let limit = AddressLimit::new(2);
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let first = limit.try_acquire(a).unwrap();
+        let _second = limit.try_acquire(a).unwrap();
+        assert!(limit.try_acquire(a).is_none());
+        assert!(
+            limit.try_acquire(b).is_some(),
+            "another address has its own slots"
+        );
+        drop(first);
+        assert_eq!(limit.open_from(a), 1);
+        let _third = limit.try_acquire(a).unwrap();
+        drop(_third);
+        drop(_second);
+        assert_eq!(
+            limit.addresses(),
+            0,
+            "no entry is left for an address with nothing open"
+        );
+    }
+}

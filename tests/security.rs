@@ -1,0 +1,68 @@
+//! Hostile and cross-site clients: origin policy and per-address limits.
+
+mod common;
+
+use std::net::IpAddr;
+
+use common::{config, raw_handshake, TestServer};
+use wsproto::Config;
+
+#[tokio::test]
+async fn browser_origins_are_same_origin_only_unless_allowed() {
+    let server = TestServer::start(config()).await;
+    let same = format!("http://{}", server.addr);
+    for (origin, expected) in [
+        (None, 101),
+        (Some(same.as_str()), 101),
+        (Some("http://evil.test"), 403),
+        (Some("null"), 403),
+        (Some("garbage"), 403),
+    ] {
+        let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
+        for path in ["/ws", "/echo"] {
+            let (status, _) = raw_handshake(server.addr, path, &headers, None).await;
+            assert_eq!(status, expected, "{path} from {origin:?}");
+        }
+    }
+    server.wait_for_sessions(0).await;
+
+    let allowing = TestServer::start(Config {
+        allowed_origins: vec![
+            "https://*.example.com".parse().unwrap(),
+            "http://localhost:3000".parse().unwrap(),
+        ],
+        ..config()
+    })
+    .await;
+    for (origin, expected) in [
+        ("https://app.example.com", 101),
+        ("https://example.com", 403),
+        ("http://localhost:3000", 101),
+        ("http://localhost:3001", 403),
+    ] {
+        let (status, _) = raw_handshake(allowing.addr, "/ws", &[("Origin", origin)], None).await;
+        assert_eq!(status, expected, "{origin}");
+    }
+}
+
+#[tokio::test]
+async fn connections_per_address_are_capped_with_429() {
+    let server = TestServer::start(Config {
+        max_connections_per_ip: 2,
+        ..config()
+    })
+    .await;
+    let local: IpAddr = "127.0.0.1".parse().unwrap();
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let (_, first) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
+    let (_, _second) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
+    let (status, _) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
+    assert_eq!(status, 429);
+    let (status, _another_host) = raw_handshake(server.addr, "/ws", &[], Some(other)).await;
+    assert_eq!(status, 101, "another address has its own allowance");
+
+    drop(first);
+    server.wait_for_sessions(2).await;
+    let (status, _) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
+    assert_eq!(status, 101, "a closed session frees its slot");
+}
