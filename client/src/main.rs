@@ -31,6 +31,11 @@ struct Cli {
     )]
     url: String,
 
+    /// Give up when the server does not answer (connect, a reply, the
+    /// publish API) within this long.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -116,10 +121,6 @@ struct SendArgs {
     #[arg(long)]
     request_id: bool,
 
-    /// Give up when no reply arrives for this long.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-
     /// Also print the WELCOME frame and the PONG that ends the exchange.
     #[arg(short, long)]
     verbose: bool,
@@ -173,9 +174,9 @@ fn print_frame(frame: &Frame, verbose: bool) -> bool {
     false
 }
 
-async fn send(url: &str, args: SendArgs) -> anyhow::Result<bool> {
+async fn send(url: &str, timeout: Duration, args: SendArgs) -> anyhow::Result<bool> {
     let payload = args.payload()?;
-    let mut client = Client::connect(url).await?;
+    let mut client = bounded(timeout, Client::connect(url)).await?;
     let mut request_id = 0u32;
     let mut frame = move || {
         request_id += 1;
@@ -208,7 +209,7 @@ async fn send(url: &str, args: SendArgs) -> anyhow::Result<bool> {
             }
             // While sending on a timer, silence is normal; after the last
             // frame, the replies must come within the timeout.
-            received = recv(&mut client, done_sending.then_some(args.timeout)) => {
+            received = recv(&mut client, done_sending.then_some(timeout)) => {
                 let frame = received?;
                 failed |= print_frame(&frame, args.verbose);
                 if frame.opcode == opcode::PONG && frame.request_id == Some(BARRIER_ID) {
@@ -230,10 +231,10 @@ fn api_url(ws_url: &str) -> anyhow::Result<String> {
     Ok(format!("http://{host}/api/publish"))
 }
 
-async fn publish(url: &str, args: PublishArgs) -> anyhow::Result<bool> {
+async fn publish(url: &str, timeout: Duration, args: PublishArgs) -> anyhow::Result<bool> {
     if args.ws {
-        let mut client = Client::connect(url).await?;
-        let published = client.publish(&args.topic, args.data).await?;
+        let mut client = bounded(timeout, Client::connect(url)).await?;
+        let published = bounded(timeout, client.publish(&args.topic, args.data)).await?;
         println!(
             "published to {}: seq={} sessions={}",
             published.topic, published.seq, published.sessions
@@ -242,8 +243,11 @@ async fn publish(url: &str, args: PublishArgs) -> anyhow::Result<bool> {
         return Ok(true);
     }
     let body = serde_json::json!({ "topic": args.topic, "data": args.data }).to_string();
-    let (status, response) =
-        http::post_json(&api_url(url)?, args.api_key.as_deref(), &body).await?;
+    let (status, response) = bounded(
+        timeout,
+        http::post_json(&api_url(url)?, args.api_key.as_deref(), &body),
+    )
+    .await?;
     let json: serde_json::Value = serde_json::from_slice(&response).unwrap_or_default();
     if !status.is_success() {
         let reason = json["error"].as_str().unwrap_or("no reason given");
@@ -276,7 +280,7 @@ fn describe_delivery(delivery: &v1::Delivery) -> String {
     )
 }
 
-async fn listen(url: &str, args: ListenArgs) -> anyhow::Result<bool> {
+async fn listen(url: &str, timeout: Duration, args: ListenArgs) -> anyhow::Result<bool> {
     if args.topics.is_empty() && args.rooms.is_empty() && args.user.is_none() {
         anyhow::bail!("nothing to listen to: give --subscribe TOPIC, --join ROOM or --user ID");
     }
@@ -288,13 +292,13 @@ async fn listen(url: &str, args: ListenArgs) -> anyhow::Result<bool> {
         }
         None => url.to_owned(),
     };
-    let mut client = Client::connect(&url).await?;
+    let mut client = bounded(timeout, Client::connect(&url)).await?;
     if !args.topics.is_empty() {
         let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
-        client.subscribe(&topics).await?;
+        bounded(timeout, client.subscribe(&topics)).await?;
     }
     for room in &args.rooms {
-        let presence = client.join(room, true).await?;
+        let presence = bounded(timeout, client.join(room, true)).await?;
         eprintln!("joined {room}: {} member(s)", presence.count);
     }
     let mut received = 0u64;
@@ -322,6 +326,23 @@ async fn listen(url: &str, args: ListenArgs) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// `future`, or an error once `timeout` has passed without an answer.
+async fn bounded<T, E>(
+    timeout: Duration,
+    future: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(timeout, future).await {
+        Ok(result) => Ok(result?),
+        Err(_) => anyhow::bail!(
+            "no answer from the server within {}",
+            humantime::format_duration(timeout)
+        ),
+    }
+}
+
 async fn recv(client: &mut Client, timeout: Option<Duration>) -> Result<Frame, ClientError> {
     match timeout {
         Some(timeout) => client.recv_timeout(timeout).await,
@@ -342,9 +363,9 @@ async fn tick(ticks: &mut Option<tokio::time::Interval>) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Send(args) => send(&cli.url, args).await,
-        Command::Publish(args) => publish(&cli.url, args).await,
-        Command::Listen(args) => listen(&cli.url, args).await,
+        Command::Send(args) => send(&cli.url, cli.timeout, args).await,
+        Command::Publish(args) => publish(&cli.url, cli.timeout, args).await,
+        Command::Listen(args) => listen(&cli.url, cli.timeout, args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

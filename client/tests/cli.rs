@@ -52,6 +52,19 @@ async fn client(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A TCP server that accepts connections and never says anything.
+fn silent_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -144,6 +157,11 @@ async fn failures_are_one_clear_line_and_a_non_zero_exit() {
             "http://127.0.0.1:1/ws".to_owned(),
             vec!["send", "100", "x"],
             "error: invalid URL",
+        ),
+        (
+            format!("ws://{}/ws", silent_server()),
+            vec!["--timeout", "300ms", "send", "100", "x"],
+            "error: no answer from the server within 300ms",
         ),
     ];
     for (url, args, expected) in cases {
