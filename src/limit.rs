@@ -37,11 +37,11 @@ impl AddressLimit {
     /// A slot for `ip`, unless it already has the maximum.
     pub fn try_acquire(&self, ip: IpAddr) -> Option<AddressPermit> {
         let mut open = self.open();
-        let count = open.entry(ip).or_insert(0);
-        if *count >= self.max {
+        let count = open.get(&ip).copied().unwrap_or(0);
+        if count >= self.max {
             return None;
         }
-        *count += 1;
+        open.insert(ip, count + 1);
         Some(AddressPermit {
             limit: self.clone(),
             ip,
