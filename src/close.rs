@@ -24,6 +24,9 @@ impl CloseReason {
     pub const MESSAGE_TOO_BIG: CloseReason = CloseReason::new(1009, "message too big");
     /// 4000: no pong or other traffic from the client within the ping timeout.
     pub const HEARTBEAT_TIMEOUT: CloseReason = CloseReason::new(4000, "heartbeat timeout");
+    /// 4001: the token the session was opened with has expired; reconnect
+    /// with a fresh one.
+    pub const TOKEN_EXPIRED: CloseReason = CloseReason::new(4001, "token expired");
 
     pub const fn new(code: u16, reason: &'static str) -> CloseReason {
         CloseReason { code, reason }

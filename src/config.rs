@@ -5,7 +5,7 @@ use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 use tokio::net::{lookup_host, TcpListener};
 
-use crate::{origin::OriginPattern, queue::DeliveryPolicy, topic::Topic};
+use crate::{auth::AuthSettings, origin::OriginPattern, queue::DeliveryPolicy, topic::Topic};
 
 /// Every setting of a wsproto server. [`Config::default`] is what
 /// `wsproto-server` runs with when given no flags.
@@ -98,6 +98,40 @@ pub struct Config {
     /// Open WebSocket sessions allowed from one IP address; more get HTTP 429.
     #[arg(long, env = "WSPROTO_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
     pub max_connections_per_ip: usize,
+
+    /// Require JWTs signed with this HS256 secret at upgrade. Without a
+    /// secret or public key the server runs in insecure mode.
+    #[arg(long, env = "WSPROTO_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Require JWTs verified with this PEM public key (EC: ES256, RSA: RS256).
+    #[arg(long, env = "WSPROTO_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+
+    /// Required `aud` claim.
+    #[arg(long, env = "WSPROTO_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "WSPROTO_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Cookie a browser may carry its token in.
+    #[arg(long, env = "WSPROTO_JWT_COOKIE", default_value = "wsproto_token")]
+    pub jwt_cookie: String,
+}
+
+impl Config {
+    /// The authentication part of the settings.
+    pub fn auth(&self) -> AuthSettings {
+        AuthSettings {
+            secret: self.jwt_secret.clone(),
+            public_key: self.jwt_public_key.clone(),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            cookie: self.jwt_cookie.clone(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -120,6 +154,11 @@ impl Default for Config {
             max_rooms: 100,
             allowed_origins: Vec::new(),
             max_connections_per_ip: 1000,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_cookie: "wsproto_token".into(),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! (the connect URL in insecure mode today, verified credentials later)
 //! does not concern them.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use crate::topic::Topic;
 
@@ -17,6 +17,8 @@ pub struct Identity {
     pub subscribe: Vec<Topic>,
     /// Patterns the session may publish to with PUBLISH.
     pub publish: Vec<Topic>,
+    /// When the credentials expire; the session is closed with 4001 then.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Identity {

@@ -27,6 +27,7 @@
 //!   shutdown; [`upgrade`]: the handshake. [`config`]: settings.
 
 pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod close;
 pub mod config;

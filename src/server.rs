@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     api,
+    auth::Authenticator,
     broker::MemoryBroker,
     close::CloseReason,
     hub::HubConfig,
@@ -65,6 +66,8 @@ struct AppState {
     connections: Arc<Semaphore>,
     per_address: AddressLimit,
     origins: OriginPolicy,
+    /// Verifies tokens at upgrade; `None` in insecure mode.
+    auth: Option<Authenticator>,
     shutdown: CancellationToken,
     /// Cancelled when the shutdown deadline passes: sessions still open end at once.
     abort: CancellationToken,
@@ -131,6 +134,8 @@ impl Server {
             max_subscriptions: config.max_subscriptions,
             max_rooms: config.max_rooms,
         };
+        let auth = Authenticator::from_settings(&config.auth())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let origins = OriginPolicy::new(config.allowed_origins.clone());
         if origins.allows_any() {
             warn!("--allowed-origin '*': any web page may open WebSockets to this server");
@@ -139,6 +144,7 @@ impl Server {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
+            auth,
             config: Arc::new(config),
             router: Arc::new(router),
             hub: Hub::with_config(hub_config, Arc::new(MemoryBroker::new())),
@@ -183,6 +189,9 @@ impl Server {
             .route("/api/publish", post(publish_endpoint))
             .merge(web::routes())
             .with_state(state.clone());
+        if state.auth.is_none() {
+            warn!("insecure mode: no --jwt-secret or --jwt-public-key, so user ids come unchecked from the connect URL (?user=); for local development only");
+        }
         match state.config.api_key {
             Some(_) => info!("publish API enabled at POST /api/publish"),
             None => info!("publish API is off: no --api-key configured"),
@@ -355,10 +364,21 @@ async fn protocol_endpoint(
         Ok(params) => params,
         Err(reason) => return (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response(),
     };
-    let identity = Identity {
-        user_id: params.user_id,
-        subscribe: vec![Topic::parse("#").expect("'#' is a valid pattern")],
-        publish: state.config.client_publish.clone(),
+    let identity = match &state.auth {
+        Some(auth) => match auth.authenticate(request.headers(), request.uri().query()) {
+            Ok(identity) => identity,
+            Err(err) => {
+                debug!(%peer, %err, "upgrade refused");
+                return err.into_response();
+            }
+        },
+        // Insecure mode: whoever connects is whoever the URL says.
+        None => Identity {
+            user_id: params.user_id,
+            subscribe: vec![Topic::parse("#").expect("'#' is a valid pattern")],
+            publish: state.config.client_publish.clone(),
+            expires_at: None,
+        },
     };
     if let Some(topic) = params
         .subscriptions
@@ -405,6 +425,11 @@ async fn publish_endpoint(State(state): State<AppState>, request: Request) -> Re
 }
 
 async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Response {
+    if let Some(auth) = &state.auth {
+        if let Err(err) = auth.authenticate(request.headers(), request.uri().query()) {
+            return err.into_response();
+        }
+    }
     let (config, shutdown) = (state.config.clone(), state.shutdown.clone());
     upgrade_then(&state, request, move |ws| echo(ws, config, shutdown))
 }

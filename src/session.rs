@@ -252,6 +252,10 @@ pub(crate) async fn run<S>(
 
     let queue = session.queue().clone();
     let mut close_deadline: Option<tokio::time::Instant> = None;
+    let token_expiry = session
+        .identity()
+        .expires_at
+        .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at));
     loop {
         if close_deadline.is_none() && queue.close_reason().is_some() {
             close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
@@ -264,6 +268,10 @@ pub(crate) async fn run<S>(
                 continue;
             }
             _ = queue.closing(), if close_deadline.is_none() => continue,
+            _ = sleep_until(token_expiry), if close_deadline.is_none() && token_expiry.is_some() => {
+                queue.close(CloseReason::TOKEN_EXPIRED);
+                continue;
+            }
             _ = sleep_until(close_deadline), if close_deadline.is_some() => break,
             message = stream.next() => message,
         };

@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
             user_id: Some("fuzz".into()),
             subscribe: vec![everything.clone()],
             publish: vec![everything],
+            expires_at: None,
         };
         let session = Session::detached(&hub, identity, 256);
         let mut frames = Vec::new();

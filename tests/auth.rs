@@ -1,0 +1,241 @@
+//! Authentication at upgrade: tokens from every place a client can put
+//! them, every way a token can be wrong, the permissions its claims grant,
+//! and the close when it expires.
+
+mod common;
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use common::{config, raw_handshake, TestServer};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use wsproto::{Config, ErrorCode};
+use wsproto_client::{Client, ClientError};
+
+const SECRET: &str = "test-secret";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn hs256(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Claims for `alice`, valid for an hour, allowed `news.#` and `chat.*`.
+fn claims() -> Value {
+    json!({
+        "sub": "alice",
+        "exp": now() + 3600,
+        "aud": "wsproto-test",
+        "subscribe": ["news.#", "chat.*"],
+        "publish": ["chat.*"],
+    })
+}
+
+async fn start() -> TestServer {
+    TestServer::start(Config {
+        jwt_secret: Some(SECRET.into()),
+        jwt_audience: Some("wsproto-test".into()),
+        ..config()
+    })
+    .await
+}
+
+async fn status_with(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> u16 {
+    raw_handshake(server.addr, path, headers, None).await.0
+}
+
+#[tokio::test]
+async fn missing_or_invalid_tokens_get_401_before_any_upgrade() {
+    let server = start().await;
+    let expired = hs256(
+        json!({"sub": "alice", "exp": now() - 60, "aud": "wsproto-test"}),
+        SECRET,
+    );
+    let immature = hs256(
+        json!({"sub": "alice", "exp": now() + 3600, "nbf": now() + 600, "aud": "wsproto-test"}),
+        SECRET,
+    );
+    let wrong_audience = hs256(
+        json!({"sub": "alice", "exp": now() + 3600, "aud": "other"}),
+        SECRET,
+    );
+    let bad_signature = hs256(claims(), "another-secret");
+    let bad_claims = hs256(
+        json!({"sub": "alice", "exp": now() + 3600, "aud": "wsproto-test", "subscribe": ["a..b"]}),
+        SECRET,
+    );
+    for (token, reason) in [
+        (None, "missing token"),
+        (Some("not.a.token"), "malformed token"),
+        (Some(bad_signature.as_str()), "invalid token signature"),
+        (Some(expired.as_str()), "token expired"),
+        (Some(immature.as_str()), "token not valid yet"),
+        (Some(wrong_audience.as_str()), "another audience"),
+        (Some(bad_claims.as_str()), "claims are invalid"),
+    ] {
+        let path = match token {
+            Some(token) => format!("/ws?token={token}"),
+            None => "/ws".to_owned(),
+        };
+        match Client::connect(&format!("ws://{}{path}", server.addr)).await {
+            Err(ClientError::Refused { status, body }) => {
+                assert_eq!(status, 401, "{reason}");
+                assert!(body.contains(reason), "{reason}: {body}");
+            }
+            other => panic!("{reason}: expected 401, got {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(server.hub.is_empty(), "nothing was registered");
+}
+
+#[tokio::test]
+async fn a_token_works_from_the_header_a_cookie_or_the_query() {
+    let server = start().await;
+    let token = hs256(claims(), SECRET);
+    let bearer = format!("Bearer {token}");
+    let cookie = format!("theme=dark; wsproto_token={token}");
+    assert_eq!(
+        status_with(&server, "/ws", &[("Authorization", &bearer)]).await,
+        101
+    );
+    assert_eq!(
+        status_with(&server, "/ws", &[("Cookie", &cookie)]).await,
+        101
+    );
+    assert_eq!(
+        status_with(&server, &format!("/ws?token={token}"), &[]).await,
+        101
+    );
+    assert_eq!(
+        status_with(&server, "/echo", &[]).await,
+        401,
+        "every WebSocket needs a token"
+    );
+}
+
+#[tokio::test]
+async fn claims_decide_the_user_and_what_it_may_subscribe_and_publish() {
+    let server = start().await;
+    let token = hs256(claims(), SECRET);
+    // ?user= cannot override the verified identity.
+    let mut alice = Client::connect(&format!("{}?token={token}&user=mallory", server.url()))
+        .await
+        .unwrap();
+    let welcome = alice.welcome().await.unwrap();
+    assert_eq!(welcome.user_id, "alice");
+
+    alice.subscribe(&["news.#", "chat.general"]).await.unwrap();
+    for forbidden in ["alarm.fire", "#", "chat.a.b"] {
+        match alice.subscribe(&[forbidden]).await {
+            Err(ClientError::ErrorFrame { code, .. }) => {
+                assert_eq!(code, ErrorCode::PermissionDenied.as_u32())
+            }
+            other => panic!("{forbidden}: {other:?}"),
+        }
+    }
+    alice.publish("chat.general", "hello").await.unwrap();
+    match alice.publish("news.today", "fake news").await {
+        Err(ClientError::ErrorFrame { code, .. }) => {
+            assert_eq!(code, ErrorCode::PermissionDenied.as_u32())
+        }
+        other => panic!("{other:?}"),
+    }
+    // The URL cannot subscribe past the claims either.
+    match Client::connect(&format!(
+        "{}?token={token}&subscribe=alarm.%23",
+        server.url()
+    ))
+    .await
+    {
+        Err(ClientError::Refused { status, .. }) => assert_eq!(status, 403),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn a_session_is_closed_with_4001_when_its_token_expires() {
+    let server = start().await;
+    let token = hs256(
+        json!({"sub": "alice", "exp": now() + 2, "aud": "wsproto-test"}),
+        SECRET,
+    );
+    let mut client = Client::connect(&format!("{}?token={token}", server.url()))
+        .await
+        .unwrap();
+    client.welcome().await.unwrap();
+    match client.recv_timeout(Duration::from_secs(10)).await {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, 4001),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    server.wait_for_sessions(0).await;
+}
+
+#[tokio::test]
+async fn es256_tokens_are_verified_with_a_public_key_file() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let server = TestServer::start(Config {
+        jwt_public_key: Some(
+            fixtures
+                .join("es256-public.pem")
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        jwt_issuer: Some("https://auth.example.com".into()),
+        ..config()
+    })
+    .await;
+    let key = EncodingKey::from_ec_pem(&std::fs::read(fixtures.join("es256-private.pem")).unwrap())
+        .unwrap();
+    let sign = |claims: Value| {
+        jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap()
+    };
+    let good = sign(json!({"sub": "bob", "exp": now() + 60, "iss": "https://auth.example.com"}));
+    let wrong_issuer =
+        sign(json!({"sub": "bob", "exp": now() + 60, "iss": "https://evil.example.com"}));
+    let hs = hs256(
+        json!({"sub": "bob", "exp": now() + 60, "iss": "https://auth.example.com"}),
+        SECRET,
+    );
+
+    let mut bob = Client::connect(&format!("{}?token={good}", server.url()))
+        .await
+        .unwrap();
+    assert_eq!(bob.welcome().await.unwrap().user_id, "bob");
+    assert_eq!(
+        status_with(&server, &format!("/ws?token={wrong_issuer}"), &[]).await,
+        401
+    );
+    assert_eq!(
+        status_with(&server, &format!("/ws?token={hs}"), &[]).await,
+        401,
+        "no algorithm switching"
+    );
+}
+
+#[test]
+fn bad_key_settings_are_start_up_errors() {
+    let settings = wsproto::auth::AuthSettings {
+        secret: Some("s".into()),
+        public_key: Some("k.pem".into()),
+        ..Default::default()
+    };
+    assert!(wsproto::auth::Authenticator::from_settings(&settings).is_err());
+    let missing = wsproto::auth::AuthSettings {
+        public_key: Some("/nonexistent.pem".into()),
+        ..Default::default()
+    };
+    assert!(wsproto::auth::Authenticator::from_settings(&missing).is_err());
+}
