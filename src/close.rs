@@ -20,6 +20,8 @@ impl CloseReason {
     /// up. (A write that times out cannot deliver a close frame at all; that
     /// connection is dropped, which the client sees as 1006.)
     pub const SLOW_CONSUMER: CloseReason = CloseReason::new(1008, "slow consumer: send queue full");
+    /// 1008: the client kept sending past the rate limit.
+    pub const RATE_LIMITED: CloseReason = CloseReason::new(1008, "rate limit exceeded");
     /// 1009: a message exceeded the configured maximum size.
     pub const MESSAGE_TOO_BIG: CloseReason = CloseReason::new(1009, "message too big");
     /// 4000: no pong or other traffic from the client within the ping timeout.

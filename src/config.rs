@@ -9,7 +9,7 @@ use crate::{auth::AuthSettings, origin::OriginPattern, queue::DeliveryPolicy, to
 
 /// Every setting of a wsproto server. [`Config::default`] is what
 /// `wsproto-server` runs with when given no flags.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct Config {
     /// Address to listen on: `:8080` (every interface), `host:port` or `[v6]:port`.
     #[arg(long, env = "WSPROTO_LISTEN", default_value = ":8080")]
@@ -99,6 +99,16 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
     pub max_connections_per_ip: usize,
 
+    /// Frames a second one session may send on average (0: no limit).
+    /// Frames over it get RATE_LIMITED error frames; a client that keeps
+    /// on past a further burst is closed with 1008.
+    #[arg(long, env = "WSPROTO_RATE_LIMIT", default_value_t = 100.0)]
+    pub rate_limit: f64,
+
+    /// Frames one session may send at once before the rate limit applies.
+    #[arg(long, env = "WSPROTO_RATE_BURST", default_value_t = 200)]
+    pub rate_burst: u32,
+
     /// Require JWTs signed with this HS256 secret at upgrade. Without a
     /// secret or public key the server runs in insecure mode.
     #[arg(long, env = "WSPROTO_JWT_SECRET", hide_env_values = true)]
@@ -154,6 +164,8 @@ impl Default for Config {
             max_rooms: 100,
             allowed_origins: Vec::new(),
             max_connections_per_ip: 1000,
+            rate_limit: 100.0,
+            rate_burst: 200,
             jwt_secret: None,
             jwt_public_key: None,
             jwt_audience: None,

@@ -29,6 +29,9 @@ pub enum ErrorCode {
     PermissionDenied = 15,
     /// SAY to a room the session has not joined.
     NotInRoom = 16,
+    /// The session sends frames faster than `--rate-limit`; the frame was
+    /// not processed. Keeping on closes the session with 1008.
+    RateLimited = 17,
 }
 
 impl ErrorCode {
@@ -50,6 +53,7 @@ impl ErrorCode {
             ErrorCode::InvalidTopic => "INVALID_TOPIC",
             ErrorCode::PermissionDenied => "PERMISSION_DENIED",
             ErrorCode::NotInRoom => "NOT_IN_ROOM",
+            ErrorCode::RateLimited => "RATE_LIMITED",
         }
     }
 
@@ -66,6 +70,7 @@ impl ErrorCode {
             ErrorCode::InvalidTopic,
             ErrorCode::PermissionDenied,
             ErrorCode::NotInRoom,
+            ErrorCode::RateLimited,
         ]
         .into_iter()
         .find(|c| c.as_u32() == code)

@@ -40,6 +40,7 @@ pub mod limit;
 pub mod opcode;
 pub mod origin;
 pub mod queue;
+pub mod rate;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -42,6 +42,7 @@ use crate::{
     identity::Identity,
     opcode,
     queue::{Batch, PushError, SessionQueue},
+    rate::TokenBucket,
     router::Router,
     topic::Topic,
     Config,
@@ -251,6 +252,9 @@ pub(crate) async fn run<S>(
     let mut writer_done = false;
 
     let queue = session.queue().clone();
+    let mut limiter = TokenBucket::new(config.rate_limit, config.rate_burst);
+    // Frames refused in a row; past another burst of them the session goes.
+    let mut over_limit = 0u32;
     let mut close_deadline: Option<tokio::time::Instant> = None;
     let token_expiry = session
         .identity()
@@ -297,6 +301,15 @@ pub(crate) async fn run<S>(
                     // Closing: wait for the client's close, act on nothing else.
                     continue;
                 }
+                if (message.is_binary() || message.is_text()) && !limiter.take() {
+                    over_limit += 1;
+                    refuse_over_limit(&session, &message, config.rate_limit);
+                    if over_limit > config.rate_burst {
+                        queue.close(CloseReason::RATE_LIMITED);
+                    }
+                    continue;
+                }
+                over_limit = 0;
                 // A handler that never finishes must not outlive the session.
                 session.inner.handling.store(true, Ordering::Relaxed);
                 tokio::select! {
@@ -322,6 +335,18 @@ pub(crate) async fn run<S>(
         dropped = queue.dropped(),
         "session closed"
     );
+}
+
+/// Answers a frame over the rate limit with RATE_LIMITED, echoing what
+/// can be read of it; the frame itself is not processed.
+fn refuse_over_limit(session: &Session, message: &Message, rate: f64) {
+    let frame = match message {
+        Message::Binary(data) => Frame::decode(data.clone()).ok(),
+        _ => None,
+    };
+    let (opcode, request_id) = frame.map_or((0, None), |f| (f.opcode, f.request_id));
+    let reason = format!("rate limit exceeded: at most {rate} frames a second");
+    session.send_error(ErrorCode::RateLimited.as_u32(), reason, opcode, request_id);
 }
 
 async fn handle_message(session: &Session, router: &Router, message: Message) {

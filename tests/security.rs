@@ -5,7 +5,8 @@ mod common;
 use std::net::IpAddr;
 
 use common::{config, raw_handshake, TestServer};
-use wsproto::Config;
+use wsproto::{opcode, Config, ErrorCode, Frame};
+use wsproto_client::ClientError;
 
 #[tokio::test]
 async fn browser_origins_are_same_origin_only_unless_allowed() {
@@ -65,4 +66,54 @@ async fn connections_per_address_are_capped_with_429() {
     server.wait_for_sessions(2).await;
     let (status, _) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
     assert_eq!(status, 101, "a closed session frees its slot");
+}
+
+#[tokio::test]
+async fn a_frame_flood_gets_rate_limited_then_closed_with_1008() {
+    let server = TestServer::start(Config {
+        // Slow enough that no token comes back during the test.
+        rate_limit: 0.2,
+        rate_burst: 5,
+        ..config()
+    })
+    .await;
+    let mut bystander = server.client().await;
+    let mut flooder = server.client().await;
+    for _ in 0..5 {
+        assert_eq!(
+            flooder.call(opcode::ECHO, "ok").await.unwrap().opcode,
+            opcode::ECHO
+        );
+    }
+    let refused = flooder.call(opcode::ECHO, "one too many").await.unwrap();
+    common::assert_error(&refused, ErrorCode::RateLimited, opcode::ECHO);
+    assert!(
+        refused.request_id.is_some(),
+        "the refusal echoes the request id"
+    );
+
+    // Keeping on past another burst ends the session.
+    for _ in 0..20 {
+        if flooder
+            .send(&Frame::new(opcode::ECHO, "flood"))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let closed = loop {
+        match flooder.recv().await {
+            Ok(_) => continue,
+            Err(err) => break err,
+        }
+    };
+    assert!(
+        matches!(closed, ClientError::Closed { code: 1008, .. }),
+        "{closed:?}"
+    );
+    assert_eq!(
+        bystander.call(opcode::ECHO, "fine").await.unwrap().payload,
+        "fine"
+    );
 }

@@ -105,6 +105,9 @@ pub fn config() -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         shutdown_timeout: Duration::from_secs(2),
         api_key: Some(API_KEY.into()),
+        // Tests drive clients much faster than people do; the limit has
+        // its own tests.
+        rate_limit: 0.0,
         ..Config::default()
     }
 }
