@@ -28,6 +28,7 @@ use wsproto_proto::v1;
 use crate::{
     broker::{Broker, BrokerError, MemoryBroker},
     frame::Frame,
+    metrics::Counters,
     opcode,
     queue::{DeliveryPolicy, PushError, Pushed},
     session::Session,
@@ -153,6 +154,7 @@ struct Inner {
     started_at: Instant,
     config: HubConfig,
     broker: Arc<dyn Broker>,
+    counters: Counters,
     state: RwLock<State>,
 }
 
@@ -197,6 +199,7 @@ impl Hub {
                 started_at: Instant::now(),
                 config,
                 broker,
+                counters: Counters::default(),
                 state: RwLock::new(State::default()),
             }),
         }
@@ -286,6 +289,11 @@ impl Hub {
         let ids = state.users.get(user_id).into_iter().flatten();
         ids.filter_map(|id| state.sessions.get(id).map(|e| e.session.clone()))
             .collect()
+    }
+
+    /// Counts of the limits that tripped on this node.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
     }
 
     /// How long this node has been up.

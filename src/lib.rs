@@ -37,6 +37,7 @@ pub mod handlers;
 pub mod hub;
 pub mod identity;
 pub mod limit;
+pub mod metrics;
 pub mod opcode;
 pub mod origin;
 pub mod queue;

@@ -34,6 +34,7 @@ use crate::{
     hub::HubConfig,
     identity::Identity,
     limit::AddressLimit,
+    metrics::{self, CounterSnapshot},
     origin::OriginPolicy,
     queue::SessionQueue,
     session::{self, Session},
@@ -280,9 +281,11 @@ where
     let host = headers.get(http::header::HOST).map(|v| v.as_bytes());
     if let Err(err) = state.origins.check(origin, host) {
         debug!(%err, "upgrade refused");
+        metrics::bump(&state.hub.counters().refused_origin);
         return UpgradeError::OriginNotAllowed.into_response();
     }
     if state.shutdown.is_cancelled() {
+        metrics::bump(&state.hub.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     }
     let Some(PeerAddr(peer)) = request.extensions().get::<PeerAddr>().copied() else {
@@ -290,10 +293,12 @@ where
     };
     let Some(address_permit) = state.per_address.try_acquire(peer.ip()) else {
         debug!(%peer, "per-address connection limit reached; upgrade refused");
+        metrics::bump(&state.hub.counters().refused_per_address);
         return UpgradeError::TooManyFromAddress.into_response();
     };
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         debug!("connection limit reached; upgrade refused");
+        metrics::bump(&state.hub.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     };
     let (ws_config, abort) = (state.ws_config, state.abort.clone());
@@ -369,6 +374,7 @@ async fn protocol_endpoint(
             Ok(identity) => identity,
             Err(err) => {
                 debug!(%peer, %err, "upgrade refused");
+                metrics::bump(&state.hub.counters().refused_auth);
                 return err.into_response();
             }
         },
@@ -427,6 +433,7 @@ async fn publish_endpoint(State(state): State<AppState>, request: Request) -> Re
 async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Response {
     if let Some(auth) = &state.auth {
         if let Err(err) = auth.authenticate(request.headers(), request.uri().query()) {
+            metrics::bump(&state.hub.counters().refused_auth);
             return err.into_response();
         }
     }
@@ -478,12 +485,15 @@ async fn echo(
 struct Health {
     status: &'static str,
     sessions: usize,
+    /// How often each limit has tripped since start.
+    limits: CounterSnapshot,
 }
 
 async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok",
         sessions: state.hub.len(),
+        limits: state.hub.counters().snapshot(),
     })
 }
 

@@ -40,7 +40,7 @@ use crate::{
     frame::{Frame, Preview},
     hub::Hub,
     identity::Identity,
-    opcode,
+    metrics, opcode,
     queue::{Batch, PushError, SessionQueue},
     rate::TokenBucket,
     router::Router,
@@ -303,6 +303,7 @@ pub(crate) async fn run<S>(
                 }
                 if (message.is_binary() || message.is_text()) && !limiter.take() {
                     over_limit += 1;
+                    metrics::bump(&session.hub().counters().rate_limited_frames);
                     refuse_over_limit(&session, &message, config.rate_limit);
                     if over_limit > config.rate_burst {
                         queue.close(CloseReason::RATE_LIMITED);
@@ -327,6 +328,7 @@ pub(crate) async fn run<S>(
     if !writer_done {
         let _ = writer.await;
     }
+    count_ending(&session);
     debug!(
         session = %session.id(),
         reason = ?queue.close_reason(),
@@ -335,6 +337,25 @@ pub(crate) async fn run<S>(
         dropped = queue.dropped(),
         "session closed"
     );
+}
+
+/// Adds a finished session's close reason and drops to the node's counters.
+fn count_ending(session: &Session) {
+    let counters = session.hub().counters();
+    let counter = match session.queue().close_reason() {
+        Some(CloseReason::SLOW_CONSUMER) => Some(&counters.closed_slow_consumer),
+        Some(CloseReason::RATE_LIMITED) => Some(&counters.closed_rate_limit),
+        Some(CloseReason::MESSAGE_TOO_BIG) => Some(&counters.closed_message_too_big),
+        Some(CloseReason::HEARTBEAT_TIMEOUT) => Some(&counters.closed_heartbeat),
+        _ => None,
+    };
+    if let Some(counter) = counter {
+        metrics::bump(counter);
+    }
+    let dropped = session.queue().dropped();
+    counters
+        .dropped_frames
+        .fetch_add(dropped, Ordering::Relaxed);
 }
 
 /// Answers a frame over the rate limit with RATE_LIMITED, echoing what

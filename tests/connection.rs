@@ -217,9 +217,16 @@ async fn http_endpoints_answer_with_proper_statuses() {
     let get = |path: &'static str| request("GET", path);
     let health = get("/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-    assert!(
-        health.ends_with(r#"{"status":"ok","sessions":1}"#),
+    let body = health.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (&json["status"], &json["sessions"]),
+        (&"ok".into(), &1.into()),
         "{health}"
+    );
+    assert_eq!(
+        json["limits"]["refused_origin"], 0,
+        "every limit is counted: {health}"
     );
     // A plain GET to a WebSocket endpoint is told to upgrade.
     let plain = get("/ws").await;

@@ -26,6 +26,7 @@ async fn browser_origins_are_same_origin_only_unless_allowed() {
         }
     }
     server.wait_for_sessions(0).await;
+    assert_eq!(server.hub.counters().snapshot().refused_origin, 6);
 
     let allowing = TestServer::start(Config {
         allowed_origins: vec![
@@ -59,6 +60,7 @@ async fn connections_per_address_are_capped_with_429() {
     let (_, _second) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
     let (status, _) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
     assert_eq!(status, 429);
+    assert_eq!(server.hub.counters().snapshot().refused_per_address, 1);
     let (status, _another_host) = raw_handshake(server.addr, "/ws", &[], Some(other)).await;
     assert_eq!(status, 101, "another address has its own allowance");
 
@@ -116,4 +118,8 @@ async fn a_frame_flood_gets_rate_limited_then_closed_with_1008() {
         bystander.call(opcode::ECHO, "fine").await.unwrap().payload,
         "fine"
     );
+    server.wait_for_sessions(1).await;
+    let counters = server.hub.counters().snapshot();
+    assert_eq!(counters.closed_rate_limit, 1);
+    assert!(counters.rate_limited_frames > 5, "{counters:?}");
 }
