@@ -49,6 +49,11 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub write_timeout: Duration,
 
+    /// How long a connection may stay plain HTTP (slow headers, idle
+    /// keep-alive, unfinished upgrade) before it is closed.
+    #[arg(long, env = "WSPROTO_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub handshake_timeout: Duration,
+
     /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
     #[arg(long, env = "WSPROTO_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -155,6 +160,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(50),
             write_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(5),
             api_key: None,

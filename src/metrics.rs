@@ -15,6 +15,8 @@ pub struct Counters {
     pub refused_per_address: AtomicU64,
     /// Upgrades refused: connection cap or shutdown (503).
     pub refused_capacity: AtomicU64,
+    /// HTTP connections closed for not upgrading in time (slowloris, idle).
+    pub closed_handshake_timeout: AtomicU64,
     /// Frames refused with RATE_LIMITED.
     pub rate_limited_frames: AtomicU64,
     /// Sessions closed for flooding (1008 rate limit exceeded).
@@ -36,6 +38,7 @@ pub struct CounterSnapshot {
     pub refused_auth: u64,
     pub refused_per_address: u64,
     pub refused_capacity: u64,
+    pub closed_handshake_timeout: u64,
     pub rate_limited_frames: u64,
     pub closed_rate_limit: u64,
     pub closed_slow_consumer: u64,
@@ -58,6 +61,7 @@ impl Counters {
             refused_auth: get(&self.refused_auth),
             refused_per_address: get(&self.refused_per_address),
             refused_capacity: get(&self.refused_capacity),
+            closed_handshake_timeout: get(&self.closed_handshake_timeout),
             rate_limited_frames: get(&self.rate_limited_frames),
             closed_rate_limit: get(&self.closed_rate_limit),
             closed_slow_consumer: get(&self.closed_slow_consumer),

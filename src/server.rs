@@ -43,8 +43,6 @@ use crate::{
     web, Config, Hub, Router,
 };
 
-/// How long a client may take to send its HTTP request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer per connection: small, because most frames are small and
 /// idle connections should cost little; it grows for larger messages.
 const READ_BUFFER: usize = 4 * 1024;
@@ -106,6 +104,7 @@ impl Server {
             config.ping_timeout,
             config.write_timeout,
             config.shutdown_timeout,
+            config.handshake_timeout,
         ];
         if durations.iter().any(Duration::is_zero) {
             return Err(io::Error::new(
@@ -222,17 +221,28 @@ impl Server {
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service)
                 .with_upgrades();
-            let shutdown = state.shutdown.clone();
+            let (shutdown, hub) = (state.shutdown.clone(), state.hub.clone());
+            let handshake_timeout = state.config.handshake_timeout;
             state.tasks.spawn(async move {
                 tokio::pin!(connection);
+                // A connection is plain HTTP until it upgrades (the future
+                // then completes); as such it gets `handshake_timeout` in
+                // all, so slowloris clients and idle keep-alives cannot pile up.
                 let result = tokio::select! {
                     result = connection.as_mut() => result,
                     _ = shutdown.cancelled() => {
                         connection.as_mut().graceful_shutdown();
                         connection.await
+                    }
+                    _ = tokio::time::sleep(handshake_timeout) => {
+                        metrics::bump(&hub.counters().closed_handshake_timeout);
+                        connection.as_mut().graceful_shutdown();
+                        match tokio::time::timeout(Duration::from_secs(1), connection).await {
+                            Ok(result) => result,
+                            Err(_) => return debug!(%peer, "handshake timed out"),
+                        }
                     }
                 };
                 if let Err(err) = result {
