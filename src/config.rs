@@ -1,7 +1,7 @@
 //! Server settings: one struct, each field a `--flag` and a `WSPROTO_*`
 //! environment variable, each with a safe default.
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use tokio::net::{lookup_host, TcpListener};
 
@@ -114,6 +114,14 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_RATE_BURST", default_value_t = 200)]
     pub rate_burst: u32,
 
+    /// PEM certificate chain: serve `wss://` (with --tls-key).
+    #[arg(long, env = "WSPROTO_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WSPROTO_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Require JWTs signed with this HS256 secret at upgrade. Without a
     /// secret or public key the server runs in insecure mode.
     #[arg(long, env = "WSPROTO_JWT_SECRET", hide_env_values = true)]
@@ -172,6 +180,8 @@ impl Default for Config {
             max_connections_per_ip: 1000,
             rate_limit: 100.0,
             rate_burst: 200,
+            tls_cert: None,
+            tls_key: None,
             jwt_secret: None,
             jwt_public_key: None,
             jwt_audience: None,

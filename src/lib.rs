@@ -45,6 +45,7 @@ pub mod rate;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod topic;
 pub mod upgrade;
 pub mod web;

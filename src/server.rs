@@ -18,6 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::protocol::{Role, WebSocketConfig},
     WebSocketStream,
@@ -38,6 +39,7 @@ use crate::{
     origin::OriginPolicy,
     queue::SessionQueue,
     session::{self, Session},
+    tls,
     topic::Topic,
     upgrade::{self, UpgradeError},
     web, Config, Hub, Router,
@@ -67,6 +69,8 @@ struct AppState {
     origins: OriginPolicy,
     /// Verifies tokens at upgrade; `None` in insecure mode.
     auth: Option<Authenticator>,
+    /// Terminates TLS when a certificate is configured.
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     /// Cancelled when the shutdown deadline passes: sessions still open end at once.
     abort: CancellationToken,
@@ -136,6 +140,17 @@ impl Server {
         };
         let auth = Authenticator::from_settings(&config.auth())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsAcceptor::from(
+                tls::server_config(cert, key)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
+            )),
+            (None, None) => None,
+            _ => {
+                let err = tls::TlsError::HalfConfigured.to_string();
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, err));
+            }
+        };
         let origins = OriginPolicy::new(config.allowed_origins.clone());
         if origins.allows_any() {
             warn!("--allowed-origin '*': any web page may open WebSockets to this server");
@@ -145,6 +160,7 @@ impl Server {
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
             auth,
+            tls,
             config: Arc::new(config),
             router: Arc::new(router),
             hub: Hub::with_config(hub_config, Arc::new(MemoryBroker::new())),
@@ -197,6 +213,9 @@ impl Server {
             None => info!("publish API is off: no --api-key configured"),
         }
 
+        if state.tls.is_some() {
+            info!("serving wss:// (TLS)");
+        }
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -214,39 +233,21 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            let app = app.clone();
-            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(PeerAddr(peer));
-                app.clone().call(request)
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            let (shutdown, hub) = (state.shutdown.clone(), state.hub.clone());
-            let handshake_timeout = state.config.handshake_timeout;
+            let (app, state_for_task) = (app.clone(), state.clone());
+            let tls = state.tls.clone();
             state.tasks.spawn(async move {
-                tokio::pin!(connection);
-                // A connection is plain HTTP until it upgrades (the future
-                // then completes); as such it gets `handshake_timeout` in
-                // all, so slowloris clients and idle keep-alives cannot pile up.
-                let result = tokio::select! {
-                    result = connection.as_mut() => result,
-                    _ = shutdown.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                    _ = tokio::time::sleep(handshake_timeout) => {
-                        metrics::bump(&hub.counters().closed_handshake_timeout);
-                        connection.as_mut().graceful_shutdown();
-                        match tokio::time::timeout(Duration::from_secs(1), connection).await {
-                            Ok(result) => result,
-                            Err(_) => return debug!(%peer, "handshake timed out"),
-                        }
-                    }
+                let Some(tls) = tls else {
+                    return serve_http(state_for_task, app, tcp, peer).await;
                 };
-                if let Err(err) = result {
-                    debug!(%peer, %err, "http connection ended with an error");
+                // The TLS handshake counts against the handshake timeout too.
+                let timeout = state_for_task.config.handshake_timeout;
+                match tokio::time::timeout(timeout, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_http(state_for_task, app, stream, peer).await,
+                    Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
+                    Err(_) => {
+                        metrics::bump(&state_for_task.hub.counters().closed_handshake_timeout);
+                        debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }
@@ -272,6 +273,44 @@ impl Server {
         }
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Serves HTTP on one connection (plain or TLS) until it upgrades or ends.
+///
+/// A connection is plain HTTP until it upgrades (the future then
+/// completes); as such it gets `handshake_timeout` in all, so slowloris
+/// clients and idle keep-alives cannot pile up.
+async fn serve_http<IO>(state: AppState, app: axum::Router, io: IO, peer: SocketAddr)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(PeerAddr(peer));
+        app.clone().call(request)
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = state.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        _ = tokio::time::sleep(state.config.handshake_timeout) => {
+            metrics::bump(&state.hub.counters().closed_handshake_timeout);
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(Duration::from_secs(1), connection).await {
+                Ok(result) => result,
+                Err(_) => return debug!(%peer, "handshake timed out"),
+            }
+        }
+    };
+    if let Err(err) = result {
+        debug!(%peer, %err, "http connection ended with an error");
     }
 }
 

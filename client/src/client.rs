@@ -1,10 +1,11 @@
 //! An async client for the opcode protocol, used by the CLI and the tests.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{collections::VecDeque, path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
+use rustls_pki_types::{pem::PemObject, CertificateDer};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
     tungstenite::{self, protocol::CloseFrame, Message},
@@ -49,6 +50,9 @@ pub enum ClientError {
     /// Nothing arrived in time.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// The TLS settings are unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The WebSocket failed.
     #[error("connection failed: {0}")]
     WebSocket(#[from] tungstenite::Error),
@@ -69,13 +73,26 @@ impl Client {
     /// [`ClientError::Url`], [`ClientError::Connect`] or
     /// [`ClientError::Refused`], each saying what failed.
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        Client::connect_with(url, None).await
+    }
+
+    /// [`Client::connect`] with this TLS configuration for `wss://` URLs
+    /// (see [`tls_config`]); `None` trusts the public web roots.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_with(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
         if !(url.starts_with("ws://") || url.starts_with("wss://")) {
             return Err(ClientError::Url {
                 url: url.to_owned(),
                 reason: "the scheme must be ws:// or wss://".into(),
             });
         }
-        match tokio_tungstenite::connect_async(url).await {
+        let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+        match tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector).await {
             Ok((ws, _response)) => Ok(Client {
                 ws,
                 pending: VecDeque::new(),
@@ -314,6 +331,35 @@ impl Client {
         self.recv_message(opcode::DELIVERY, "a DELIVERY frame", timeout)
             .await
     }
+}
+
+/// A TLS configuration trusting the public web roots and, when given, the
+/// CA certificates in `ca_file` (PEM), e.g. a private CA.
+///
+/// # Errors
+/// [`ClientError::Tls`] when the file cannot be read or holds no certificate.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<_, _>>())
+            .map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", path.display())))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(ClientError::Tls(format!(
+                "no CA certificate in {}",
+                path.display()
+            )));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// The ERROR payload of `frame`, when it is an ERROR frame.

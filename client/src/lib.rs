@@ -5,4 +5,4 @@ pub mod client;
 pub mod http;
 pub mod schema;
 
-pub use client::{error_of, Client, ClientError};
+pub use client::{error_of, tls_config, Client, ClientError};

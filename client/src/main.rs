@@ -1,7 +1,7 @@
 //! `wsproto-client`: send opcode frames to a wsproto server and print what
 //! comes back.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use wsproto::{
     proto::v1,
     Frame,
 };
-use wsproto_client::{error_of, http, schema, Client, ClientError};
+use wsproto_client::{error_of, http, schema, tls_config, Client, ClientError};
 
 /// Request id of the PING sent after the user's frames: the server answers
 /// frames in order, so its PONG means every reply has arrived.
@@ -35,6 +35,11 @@ struct Cli {
     /// publish API) within this long.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+
+    /// PEM file of a CA to trust for wss:// (e.g. a private CA), besides
+    /// the public web roots.
+    #[arg(long, global = true, env = "WSPROTO_CA_FILE")]
+    ca_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -174,9 +179,23 @@ fn print_frame(frame: &Frame, verbose: bool) -> bool {
     false
 }
 
-async fn send(url: &str, timeout: Duration, args: SendArgs) -> anyhow::Result<bool> {
+/// Where and how to connect, shared by every subcommand.
+struct Target {
+    url: String,
+    timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Target {
+    async fn connect(&self, url: &str) -> anyhow::Result<Client> {
+        bounded(self.timeout, Client::connect_with(url, self.tls.clone())).await
+    }
+}
+
+async fn send(target: &Target, args: SendArgs) -> anyhow::Result<bool> {
+    let timeout = target.timeout;
     let payload = args.payload()?;
-    let mut client = bounded(timeout, Client::connect(url)).await?;
+    let mut client = target.connect(&target.url).await?;
     let mut request_id = 0u32;
     let mut frame = move || {
         request_id += 1;
@@ -231,9 +250,10 @@ fn api_url(ws_url: &str) -> anyhow::Result<String> {
     Ok(format!("http://{host}/api/publish"))
 }
 
-async fn publish(url: &str, timeout: Duration, args: PublishArgs) -> anyhow::Result<bool> {
+async fn publish(target: &Target, args: PublishArgs) -> anyhow::Result<bool> {
+    let (url, timeout) = (target.url.as_str(), target.timeout);
     if args.ws {
-        let mut client = bounded(timeout, Client::connect(url)).await?;
+        let mut client = target.connect(url).await?;
         let published = bounded(timeout, client.publish(&args.topic, args.data)).await?;
         println!(
             "published to {}: seq={} sessions={}",
@@ -280,7 +300,8 @@ fn describe_delivery(delivery: &v1::Delivery) -> String {
     )
 }
 
-async fn listen(url: &str, timeout: Duration, args: ListenArgs) -> anyhow::Result<bool> {
+async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
+    let (url, timeout) = (target.url.as_str(), target.timeout);
     if args.topics.is_empty() && args.rooms.is_empty() && args.user.is_none() {
         anyhow::bail!("nothing to listen to: give --subscribe TOPIC, --join ROOM or --user ID");
     }
@@ -292,7 +313,7 @@ async fn listen(url: &str, timeout: Duration, args: ListenArgs) -> anyhow::Resul
         }
         None => url.to_owned(),
     };
-    let mut client = bounded(timeout, Client::connect(&url)).await?;
+    let mut client = target.connect(&url).await?;
     if !args.topics.is_empty() {
         let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
         bounded(timeout, client.subscribe(&topics)).await?;
@@ -362,10 +383,25 @@ async fn tick(ticks: &mut Option<tokio::time::Interval>) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let tls = match (cli.url.starts_with("wss://"), &cli.ca_file) {
+        (false, _) => None,
+        (true, ca_file) => match tls_config(ca_file.as_deref()) {
+            Ok(config) => Some(config),
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let target = Target {
+        url: cli.url,
+        timeout: cli.timeout,
+        tls,
+    };
     let result = match cli.command {
-        Command::Send(args) => send(&cli.url, cli.timeout, args).await,
-        Command::Publish(args) => publish(&cli.url, cli.timeout, args).await,
-        Command::Listen(args) => listen(&cli.url, cli.timeout, args).await,
+        Command::Send(args) => send(&target, args).await,
+        Command::Publish(args) => publish(&target, args).await,
+        Command::Listen(args) => listen(&target, args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -291,3 +291,38 @@ async fn listen_prints_what_publish_sends() {
         "error: publish API answered HTTP 401: missing or invalid API key\n"
     );
 }
+
+#[tokio::test]
+async fn wss_with_ca_file() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("wsproto-cli-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let config = Config {
+        tls_cert: Some(cert_path.clone()),
+        tls_key: Some(key_path),
+        ..Config::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::from_listener(listener, config, handlers::builtin()).unwrap();
+    let url = format!("wss://{}/ws", server.local_addr().unwrap());
+    tokio::spawn(server.run(std::future::pending()));
+
+    let ca = cert_path.to_str().unwrap();
+    let output = client(&url, &["--ca-file", ca, "send", "100", "secure"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "100 ECHO len=6 \"secure\"\n");
+    let refused = client(&url, &["send", "100", "secure"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).starts_with("error:"),
+        "{}",
+        stderr(&refused)
+    );
+}
