@@ -78,6 +78,9 @@ struct Claims {
     /// Topic patterns the session may PUBLISH to (none when absent).
     #[serde(default)]
     publish: Vec<String>,
+    /// Patterns of the rooms the session may join (none when absent).
+    #[serde(default)]
+    rooms: Vec<String>,
 }
 
 /// Verifies tokens with one key.
@@ -226,6 +229,7 @@ impl Authenticator {
             user_id: Some(Arc::from(claims.sub.as_str())),
             subscribe: patterns(&claims.subscribe)?,
             publish: patterns(&claims.publish)?,
+            rooms: patterns(&claims.rooms)?,
             expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
         })
     }

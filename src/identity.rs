@@ -17,6 +17,8 @@ pub struct Identity {
     pub subscribe: Vec<Topic>,
     /// Patterns the session may publish to with PUBLISH.
     pub publish: Vec<Topic>,
+    /// Patterns of the rooms the session may join (and so say things in).
+    pub rooms: Vec<Topic>,
     /// When the credentials expire; the session is closed with 4001 then.
     pub expires_at: Option<SystemTime>,
 }
@@ -25,6 +27,11 @@ impl Identity {
     /// Whether the session may subscribe to `topic` (a name or a pattern).
     pub fn may_subscribe(&self, topic: &Topic) -> bool {
         self.subscribe.iter().any(|allowed| allowed.covers(topic))
+    }
+
+    /// Whether the session may join `room`.
+    pub fn may_join(&self, room: &Topic) -> bool {
+        self.rooms.iter().any(|allowed| allowed.covers(room))
     }
 
     /// Whether the session may publish to `topic` (a name or a pattern).

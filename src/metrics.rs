@@ -19,6 +19,8 @@ pub struct Counters {
     pub closed_handshake_timeout: AtomicU64,
     /// Frames refused with RATE_LIMITED.
     pub rate_limited_frames: AtomicU64,
+    /// Requests refused with LIMIT_EXCEEDED (subscriptions, rooms, friends).
+    pub limit_exceeded: AtomicU64,
     /// Sessions closed for flooding (1008 rate limit exceeded).
     pub closed_rate_limit: AtomicU64,
     /// Sessions closed as slow consumers (1008 send queue full).
@@ -40,6 +42,7 @@ pub struct CounterSnapshot {
     pub refused_capacity: u64,
     pub closed_handshake_timeout: u64,
     pub rate_limited_frames: u64,
+    pub limit_exceeded: u64,
     pub closed_rate_limit: u64,
     pub closed_slow_consumer: u64,
     pub closed_message_too_big: u64,
@@ -63,6 +66,7 @@ impl Counters {
             refused_capacity: get(&self.refused_capacity),
             closed_handshake_timeout: get(&self.closed_handshake_timeout),
             rate_limited_frames: get(&self.rate_limited_frames),
+            limit_exceeded: get(&self.limit_exceeded),
             closed_rate_limit: get(&self.closed_rate_limit),
             closed_slow_consumer: get(&self.closed_slow_consumer),
             closed_message_too_big: get(&self.closed_message_too_big),

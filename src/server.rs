@@ -432,6 +432,7 @@ async fn protocol_endpoint(
             user_id: params.user_id,
             subscribe: vec![Topic::parse("#").expect("'#' is a valid pattern")],
             publish: state.config.client_publish.clone(),
+            rooms: vec![Topic::parse("#").expect("'#' is a valid pattern")],
             expires_at: None,
         },
     };

@@ -173,6 +173,9 @@ impl Session {
     /// Queues an ERROR frame. Failure to queue is ignored: the session is
     /// closing then, and the client will learn that from the close frame.
     pub fn send_error(&self, code: u32, message: String, opcode: u32, request_id: Option<u32>) {
+        if code == ErrorCode::LimitExceeded.as_u32() {
+            metrics::bump(&self.hub().counters().limit_exceeded);
+        }
         debug!(session = %self.id(), code, opcode, %message, "error frame");
         let error = v1::Error {
             code,

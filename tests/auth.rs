@@ -41,6 +41,7 @@ fn claims() -> Value {
         "aud": "wsproto-test",
         "subscribe": ["news.#", "chat.*"],
         "publish": ["chat.*"],
+        "rooms": ["team.*"],
     })
 }
 
@@ -106,6 +107,10 @@ async fn missing_or_invalid_tokens_get_401_before_any_upgrade() {
 async fn a_token_works_from_the_header_a_cookie_or_the_query() {
     let server = start().await;
     let token = hs256(claims(), SECRET);
+    let mut client = Client::connect_with_token(&server.url(), None, Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(client.welcome().await.unwrap().user_id, "alice");
     let bearer = format!("Bearer {token}");
     let cookie = format!("theme=dark; wsproto_token={token}");
     assert_eq!(
@@ -148,6 +153,13 @@ async fn claims_decide_the_user_and_what_it_may_subscribe_and_publish() {
         }
     }
     alice.publish("chat.general", "hello").await.unwrap();
+    alice.join("team.red", false).await.unwrap();
+    match alice.join("lobby", false).await {
+        Err(ClientError::ErrorFrame { code, .. }) => {
+            assert_eq!(code, ErrorCode::PermissionDenied.as_u32())
+        }
+        other => panic!("{other:?}"),
+    }
     match alice.publish("news.today", "fake news").await {
         Err(ClientError::ErrorFrame { code, .. }) => {
             assert_eq!(code, ErrorCode::PermissionDenied.as_u32())

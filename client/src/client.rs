@@ -8,7 +8,7 @@ use prost::Message as _;
 use rustls_pki_types::{pem::PemObject, CertificateDer};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
-    tungstenite::{self, protocol::CloseFrame, Message},
+    tungstenite::{self, client::IntoClientRequest, protocol::CloseFrame, Message},
     MaybeTlsStream, WebSocketStream,
 };
 use wsproto::{frame::FrameError, opcode, proto::v1, Frame};
@@ -50,6 +50,9 @@ pub enum ClientError {
     /// Nothing arrived in time.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// The token cannot be sent in a header.
+    #[error("the token contains characters a header cannot carry")]
+    InvalidToken,
     /// The TLS settings are unusable.
     #[error("TLS: {0}")]
     Tls(String),
@@ -76,6 +79,18 @@ impl Client {
         Client::connect_with(url, None).await
     }
 
+    /// [`Client::connect_with`], sending `token` as `Authorization: Bearer`.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_with_token(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        token: Option<&str>,
+    ) -> Result<Client, ClientError> {
+        Client::open(url, tls, token).await
+    }
+
     /// [`Client::connect`] with this TLS configuration for `wss://` URLs
     /// (see [`tls_config`]); `None` trusts the public web roots.
     ///
@@ -85,14 +100,37 @@ impl Client {
         url: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Client, ClientError> {
+        Client::open(url, tls, None).await
+    }
+
+    async fn open(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        token: Option<&str>,
+    ) -> Result<Client, ClientError> {
+        let invalid = |reason: String| ClientError::Url {
+            url: url.to_owned(),
+            reason,
+        };
         if !(url.starts_with("ws://") || url.starts_with("wss://")) {
-            return Err(ClientError::Url {
-                url: url.to_owned(),
-                reason: "the scheme must be ws:// or wss://".into(),
-            });
+            return Err(invalid("the scheme must be ws:// or wss://".into()));
+        }
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| invalid(e.to_string()))?;
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::InvalidToken)?;
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
+                value,
+            );
         }
         let connector = tls.map(tokio_tungstenite::Connector::Rustls);
-        match tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector).await {
+        match tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
+            .await
+        {
             Ok((ws, _response)) => Ok(Client {
                 ws,
                 pending: VecDeque::new(),

@@ -41,6 +41,10 @@ struct Cli {
     #[arg(long, global = true, env = "WSPROTO_CA_FILE")]
     ca_file: Option<PathBuf>,
 
+    /// JWT to authenticate with (sent as `Authorization: Bearer`).
+    #[arg(long, global = true, env = "WSPROTO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -184,11 +188,13 @@ struct Target {
     url: String,
     timeout: Duration,
     tls: Option<Arc<rustls::ClientConfig>>,
+    token: Option<String>,
 }
 
 impl Target {
     async fn connect(&self, url: &str) -> anyhow::Result<Client> {
-        bounded(self.timeout, Client::connect_with(url, self.tls.clone())).await
+        let connect = Client::connect_with_token(url, self.tls.clone(), self.token.as_deref());
+        bounded(self.timeout, connect).await
     }
 }
 
@@ -397,6 +403,7 @@ async fn main() -> ExitCode {
         url: cli.url,
         timeout: cli.timeout,
         tls,
+        token: cli.token,
     };
     let result = match cli.command {
         Command::Send(args) => send(&target, args).await,

@@ -47,7 +47,8 @@ fuzz_target!(|data: &[u8]| {
         let identity = Identity {
             user_id: Some("fuzz".into()),
             subscribe: vec![everything.clone()],
-            publish: vec![everything],
+            publish: vec![everything.clone()],
+            rooms: vec![everything],
             expires_at: None,
         };
         let session = Session::detached(&hub, identity, 256);

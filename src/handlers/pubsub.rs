@@ -115,6 +115,9 @@ pub async fn publish_to_topic(session: Session, frame: Frame) -> HandlerResult {
 pub async fn join(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::Join = frame.message()?;
     let room = room(&request.room)?;
+    if !session.identity().may_join(&room) {
+        return Err(permission_denied("join room", &room));
+    }
     let presence = session
         .hub()
         .join(session.id(), &room, request.presence_events)
