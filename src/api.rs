@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::{
+    auth::bearer_token,
     frame::MAX_OPCODE,
     hub::{Hub, Publication, Target},
     topic::Topic,
@@ -116,11 +117,8 @@ pub struct PublishResponse {
 /// when the request's key is missing or differs.
 pub fn authorize(expected: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
     let expected = expected.ok_or(ApiError::Disabled)?;
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let given = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    let given =
+        bearer_token(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     match given {
         Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
         _ => Err(ApiError::Unauthorized),

@@ -169,11 +169,7 @@ impl Authenticator {
         headers: &'a http::HeaderMap,
         query: Option<&'a str>,
     ) -> Option<String> {
-        let bearer = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned);
+        let bearer = bearer_token(headers).map(str::to_owned);
         let cookie = || {
             headers
                 .get_all(http::header::COOKIE)
@@ -233,6 +229,14 @@ impl Authenticator {
             expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
         })
     }
+}
+
+/// The credential of an `Authorization: Bearer …` header, if there is one.
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 /// How long until `expires_at`, zero if it has passed.

@@ -24,6 +24,20 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The identity of insecure mode: the user the connect URL names, free
+    /// to subscribe to anything and join any room, and to publish where
+    /// `publish` allows.
+    pub fn insecure(user_id: Option<Arc<str>>, publish: Vec<Topic>) -> Identity {
+        let everything = Topic::parse("#").expect("'#' is a valid pattern");
+        Identity {
+            user_id,
+            subscribe: vec![everything.clone()],
+            publish,
+            rooms: vec![everything],
+            expires_at: None,
+        }
+    }
+
     /// Whether the session may subscribe to `topic` (a name or a pattern).
     pub fn may_subscribe(&self, topic: &Topic) -> bool {
         self.subscribe.iter().any(|allowed| allowed.covers(topic))

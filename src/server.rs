@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     api,
-    auth::Authenticator,
+    auth::{AuthError, Authenticator},
     broker::MemoryBroker,
     close::CloseReason,
     hub::HubConfig,
@@ -409,6 +409,23 @@ impl ConnectParams {
     }
 }
 
+/// The verified identity of an upgrade request, `None` in insecure mode,
+/// or why it is refused (logged and counted; answered with 401).
+fn authenticate(state: &AppState, request: &Request) -> Result<Option<Identity>, AuthError> {
+    let Some(auth) = &state.auth else {
+        return Ok(None);
+    };
+    match auth.authenticate(request.headers(), request.uri().query()) {
+        Ok(identity) => Ok(Some(identity)),
+        Err(err) => {
+            let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+            debug!(?peer, %err, "upgrade refused");
+            metrics::bump(&state.hub.counters().refused_auth);
+            Err(err)
+        }
+    }
+}
+
 async fn protocol_endpoint(
     State(state): State<AppState>,
     Extension(PeerAddr(peer)): Extension<PeerAddr>,
@@ -418,23 +435,11 @@ async fn protocol_endpoint(
         Ok(params) => params,
         Err(reason) => return (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response(),
     };
-    let identity = match &state.auth {
-        Some(auth) => match auth.authenticate(request.headers(), request.uri().query()) {
-            Ok(identity) => identity,
-            Err(err) => {
-                debug!(%peer, %err, "upgrade refused");
-                metrics::bump(&state.hub.counters().refused_auth);
-                return err.into_response();
-            }
-        },
+    let identity = match authenticate(&state, &request) {
+        Ok(Some(identity)) => identity,
         // Insecure mode: whoever connects is whoever the URL says.
-        None => Identity {
-            user_id: params.user_id,
-            subscribe: vec![Topic::parse("#").expect("'#' is a valid pattern")],
-            publish: state.config.client_publish.clone(),
-            rooms: vec![Topic::parse("#").expect("'#' is a valid pattern")],
-            expires_at: None,
-        },
+        Ok(None) => Identity::insecure(params.user_id, state.config.client_publish.clone()),
+        Err(refusal) => return refusal.into_response(),
     };
     if let Some(topic) = params
         .subscriptions
@@ -481,11 +486,8 @@ async fn publish_endpoint(State(state): State<AppState>, request: Request) -> Re
 }
 
 async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Response {
-    if let Some(auth) = &state.auth {
-        if let Err(err) = auth.authenticate(request.headers(), request.uri().query()) {
-            metrics::bump(&state.hub.counters().refused_auth);
-            return err.into_response();
-        }
+    if let Err(refusal) = authenticate(&state, &request) {
+        return refusal.into_response();
     }
     let (config, shutdown) = (state.config.clone(), state.shutdown.clone());
     upgrade_then(&state, request, move |ws| echo(ws, config, shutdown))

@@ -200,21 +200,7 @@ async fn connections_past_the_cap_are_refused_with_503() {
 async fn http_endpoints_answer_with_proper_statuses() {
     let server = TestServer::start(config()).await;
     let _client = server.client().await;
-    let request = |method: &str, path: &str| {
-        let addr = server.addr;
-        let (method, path) = (method.to_owned(), path.to_owned());
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let request =
-                format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-            tcp.write_all(request.as_bytes()).await.unwrap();
-            let mut response = String::new();
-            tcp.read_to_string(&mut response).await.unwrap();
-            response
-        }
-    };
-    let get = |path: &'static str| request("GET", path);
+    let get = |path: &'static str| common::http_get(server.addr, path);
     let health = get("/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let body = health.split("\r\n\r\n").nth(1).unwrap_or_default();
@@ -236,7 +222,7 @@ async fn http_endpoints_answer_with_proper_statuses() {
         "{plain}"
     );
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
-    let post = request("POST", "/ws").await;
+    let post = common::http_request(server.addr, "POST", "/ws").await;
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
     assert!(
         post.ends_with("WebSocket handshake must use GET\n"),

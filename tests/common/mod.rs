@@ -171,9 +171,14 @@ pub fn contains_close_frame(bytes: &[u8], code: u16) -> bool {
 
 /// A plain `GET path` over HTTP/1.1; returns the whole response as text.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_request(addr, "GET", path).await
+}
+
+/// A body-less `METHOD path` over HTTP/1.1; returns the whole response as text.
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tcp.read_to_string(&mut response).await.unwrap();
