@@ -1,7 +1,7 @@
 //! Server settings: one struct, each field a `--flag` and a `WSPROTO_*`
 //! environment variable, each with a safe default.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{fmt, io, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use tokio::net::{lookup_host, TcpListener};
 
@@ -11,9 +11,16 @@ use crate::{auth::AuthSettings, origin::OriginPattern, queue::DeliveryPolicy, to
 /// `wsproto-server` runs with when given no flags.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct Config {
-    /// Address to listen on: `:8080` (every interface), `host:port` or `[v6]:port`.
+    /// Address to listen on: `:8080` (every interface; loopback only in
+    /// insecure mode), `host:port` or `[v6]:port`.
     #[arg(long, env = "WSPROTO_LISTEN", default_value = ":8080")]
     pub listen: ListenAddr,
+
+    /// Accept unauthenticated clients from the network: without it, insecure
+    /// mode (no JWT key) listens on loopback only and refuses a
+    /// non-loopback --listen address.
+    #[arg(long, env = "WSPROTO_INSECURE_ALLOW_REMOTE")]
+    pub insecure_allow_remote: bool,
 
     /// URL path of the opcode-protocol WebSocket endpoint.
     #[arg(long, env = "WSPROTO_WS_PATH", default_value = "/ws", value_parser = parse_path)]
@@ -53,6 +60,12 @@ pub struct Config {
     /// keep-alive, unfinished upgrade) before it is closed.
     #[arg(long, env = "WSPROTO_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
+
+    /// Connections allowed to be plain HTTP at once (before their upgrade,
+    /// or serving pages); past it new connections wait in the listen
+    /// backlog.
+    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: u32,
 
     /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
     #[arg(long, env = "WSPROTO_MAX_CONNECTIONS", default_value_t = 10_000)]
@@ -145,6 +158,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// Insecure mode: no key to verify tokens with, so identities are
+    /// whatever the connect URL says.
+    pub fn is_insecure(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none()
+    }
+
     /// The authentication part of the settings.
     pub fn auth(&self) -> AuthSettings {
         AuthSettings {
@@ -161,6 +180,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             listen: ListenAddr::AnyInterface(8080),
+            insecure_allow_remote: false,
             ws_path: "/ws".into(),
             max_message_size: 64 * 1024,
             send_queue: 256,
@@ -169,6 +189,7 @@ impl Default for Config {
             ping_timeout: Duration::from_secs(50),
             write_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(5),
             api_key: None,
@@ -269,12 +290,45 @@ impl fmt::Display for ListenAddr {
 }
 
 impl ListenAddr {
+    /// Binds a listener reachable from loopback only, for insecure mode:
+    /// `:PORT` narrows to `127.0.0.1:PORT`, and an address that is not
+    /// loopback is refused with [`io::ErrorKind::PermissionDenied`].
+    ///
+    /// # Errors
+    /// As [`ListenAddr::bind`], and for a non-loopback address.
+    pub async fn bind_loopback(&self) -> io::Result<TcpListener> {
+        let candidates: Vec<SocketAddr> = match self {
+            ListenAddr::AnyInterface(port) => vec![SocketAddr::from(([127, 0, 0, 1], *port))],
+            ListenAddr::Socket(addr) => vec![*addr],
+            ListenAddr::Host(host, port) => lookup_host((host.as_str(), *port)).await?.collect(),
+        };
+        let mut last_err = None;
+        for addr in candidates {
+            if !addr.ip().to_canonical().is_loopback() {
+                last_err = Some(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{addr} is not a loopback address, and insecure mode (no --jwt-secret or \
+                         --jwt-public-key) lets anyone claim any user id: configure a JWT key, \
+                         or pass --insecure-allow-remote to accept that"
+                    ),
+                ));
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(listener) => return Ok(listener),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other(format!("{self} resolves to no address"))))
+    }
+
     /// Binds a listener. `:PORT` tries the IPv6 wildcard first (which also
     /// accepts IPv4 on Linux) and falls back to `0.0.0.0` where IPv6 is off.
     ///
     /// # Errors
     /// When the host does not resolve or no address can be bound.
-    pub async fn bind(&self) -> std::io::Result<TcpListener> {
+    pub async fn bind(&self) -> io::Result<TcpListener> {
         match self {
             ListenAddr::AnyInterface(port) => match TcpListener::bind(("::", *port)).await {
                 Ok(listener) => Ok(listener),
@@ -290,7 +344,7 @@ impl ListenAddr {
                     }
                 }
                 Err(last_err.unwrap_or_else(|| {
-                    std::io::Error::other(format!("{host} resolves to no address"))
+                    io::Error::other(format!("{host} resolves to no address"))
                 }))
             }
         }

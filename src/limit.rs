@@ -7,7 +7,8 @@ use std::{
 };
 
 /// Counts open sessions per client IP address and refuses past a maximum,
-/// so one host cannot take every connection slot.
+/// so one host cannot take every connection slot. IPv6 clients count per
+/// /64 network: one host is usually given a whole /64 to pick from.
 #[derive(Debug, Clone)]
 pub struct AddressLimit {
     max: usize,
@@ -36,6 +37,7 @@ impl AddressLimit {
 
     /// A slot for `ip`, unless it already has the maximum.
     pub fn try_acquire(&self, ip: IpAddr) -> Option<AddressPermit> {
+        let ip = group(ip);
         let mut open = self.open();
         let count = open.get(&ip).copied().unwrap_or(0);
         if count >= self.max {
@@ -50,12 +52,20 @@ impl AddressLimit {
 
     /// Sessions open from `ip`.
     pub fn open_from(&self, ip: IpAddr) -> usize {
-        self.open().get(&ip).copied().unwrap_or(0)
+        self.open().get(&group(ip)).copied().unwrap_or(0)
     }
 
     /// Addresses with at least one open session.
     pub fn addresses(&self) -> usize {
         self.open().len()
+    }
+}
+
+/// The address a client is counted under: IPv4 as is, IPv6 by its /64.
+fn group(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
     }
 }
 
@@ -96,5 +106,17 @@ mod tests {
             0,
             "no entry is left for an address with nothing open"
         );
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        let limit = AddressLimit::new(1);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _first = limit.try_acquire(ip("2001:db8:1:2::1")).unwrap();
+        assert!(limit.try_acquire(ip("2001:db8:1:2:ffff::9")).is_none());
+        assert!(limit.try_acquire(ip("2001:db8:1:3::1")).is_some());
+        let _v4 = limit.try_acquire(ip("::ffff:192.0.2.1")).unwrap();
+        assert!(limit.try_acquire(ip("192.0.2.1")).is_none(), "mapped IPv4 is IPv4");
+        assert!(limit.try_acquire(ip("192.0.2.2")).is_some());
     }
 }

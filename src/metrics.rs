@@ -1,36 +1,44 @@
-//! Counts of every limit that trips, for operators (reported by `/healthz`).
+//! Counts of every limit that trips and of what the node holds, for
+//! operators: a JSON snapshot in `/healthz`, Prometheus text at `/metrics`
+//! (encoded by `prometheus-client`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use serde::Serialize;
 
 /// One counter per way a limit can refuse or end something.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Upgrades refused: origin not allowed (403).
-    pub refused_origin: AtomicU64,
+    pub refused_origin: Counter,
     /// Upgrades refused: missing or invalid credentials (401).
-    pub refused_auth: AtomicU64,
+    pub refused_auth: Counter,
     /// Upgrades refused: per-address cap (429).
-    pub refused_per_address: AtomicU64,
+    pub refused_per_address: Counter,
     /// Upgrades refused: connection cap or shutdown (503).
-    pub refused_capacity: AtomicU64,
+    pub refused_capacity: Counter,
+    /// Times the accept loop waited because --max-handshakes connections
+    /// were still plain HTTP.
+    pub handshakes_full: Counter,
     /// HTTP connections closed for not upgrading in time (slowloris, idle).
-    pub closed_handshake_timeout: AtomicU64,
+    pub closed_handshake_timeout: Counter,
     /// Frames refused with RATE_LIMITED.
-    pub rate_limited_frames: AtomicU64,
+    pub rate_limited_frames: Counter,
     /// Requests refused with LIMIT_EXCEEDED (subscriptions, rooms, friends).
-    pub limit_exceeded: AtomicU64,
+    pub limit_exceeded: Counter,
     /// Sessions closed for flooding (1008 rate limit exceeded).
-    pub closed_rate_limit: AtomicU64,
+    pub closed_rate_limit: Counter,
     /// Sessions closed as slow consumers (1008 send queue full).
-    pub closed_slow_consumer: AtomicU64,
+    pub closed_slow_consumer: Counter,
     /// Sessions closed for an oversized message (1009).
-    pub closed_message_too_big: AtomicU64,
+    pub closed_message_too_big: Counter,
     /// Sessions closed for silence (4000).
-    pub closed_heartbeat: AtomicU64,
+    pub closed_heartbeat: Counter,
     /// Frames dropped or conflated away by slow-consumer policies.
-    pub dropped_frames: AtomicU64,
+    pub dropped_frames: Counter,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -40,6 +48,7 @@ pub struct CounterSnapshot {
     pub refused_auth: u64,
     pub refused_per_address: u64,
     pub refused_capacity: u64,
+    pub handshakes_full: u64,
     pub closed_handshake_timeout: u64,
     pub rate_limited_frames: u64,
     pub limit_exceeded: u64,
@@ -50,28 +59,107 @@ pub struct CounterSnapshot {
     pub dropped_frames: u64,
 }
 
+/// What the node holds right now, read when metrics are asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Levels {
+    /// Open WebSocket sessions.
+    pub sessions: usize,
+    /// Connections still plain HTTP (not yet upgraded).
+    pub handshakes: usize,
+}
+
 /// Adds one to a counter.
-pub fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+pub fn bump(counter: &Counter) {
+    counter.inc();
 }
 
 impl Counters {
+    /// Every counter with its Prometheus name (`_total` is appended when
+    /// encoded) and help text.
+    fn named(&self) -> [(&'static str, &'static str, &Counter); 13] {
+        [
+            ("wsproto_refused_origin", "Upgrades refused: origin not allowed (403)", &self.refused_origin),
+            ("wsproto_refused_auth", "Upgrades refused: missing or invalid credentials (401)", &self.refused_auth),
+            ("wsproto_refused_per_address", "Upgrades refused: per-address cap (429)", &self.refused_per_address),
+            ("wsproto_refused_capacity", "Upgrades refused: connection cap or shutdown (503)", &self.refused_capacity),
+            ("wsproto_handshakes_full", "Accepts delayed because --max-handshakes connections were not yet upgraded", &self.handshakes_full),
+            ("wsproto_closed_handshake_timeout", "HTTP connections closed for not upgrading within --handshake-timeout", &self.closed_handshake_timeout),
+            ("wsproto_rate_limited_frames", "Frames refused with RATE_LIMITED", &self.rate_limited_frames),
+            ("wsproto_limit_exceeded", "Requests refused with LIMIT_EXCEEDED", &self.limit_exceeded),
+            ("wsproto_closed_rate_limit", "Sessions closed with 1008 for flooding", &self.closed_rate_limit),
+            ("wsproto_closed_slow_consumer", "Sessions closed with 1008 as slow consumers", &self.closed_slow_consumer),
+            ("wsproto_closed_message_too_big", "Sessions closed with 1009 for an oversized message", &self.closed_message_too_big),
+            ("wsproto_closed_heartbeat", "Sessions closed with 4000 for silence", &self.closed_heartbeat),
+            ("wsproto_dropped_frames", "Frames dropped or conflated away by slow-consumer policies", &self.dropped_frames),
+        ]
+    }
+
     /// The current values.
     pub fn snapshot(&self) -> CounterSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterSnapshot {
-            refused_origin: get(&self.refused_origin),
-            refused_auth: get(&self.refused_auth),
-            refused_per_address: get(&self.refused_per_address),
-            refused_capacity: get(&self.refused_capacity),
-            closed_handshake_timeout: get(&self.closed_handshake_timeout),
-            rate_limited_frames: get(&self.rate_limited_frames),
-            limit_exceeded: get(&self.limit_exceeded),
-            closed_rate_limit: get(&self.closed_rate_limit),
-            closed_slow_consumer: get(&self.closed_slow_consumer),
-            closed_message_too_big: get(&self.closed_message_too_big),
-            closed_heartbeat: get(&self.closed_heartbeat),
-            dropped_frames: get(&self.dropped_frames),
+            refused_origin: self.refused_origin.get(),
+            refused_auth: self.refused_auth.get(),
+            refused_per_address: self.refused_per_address.get(),
+            refused_capacity: self.refused_capacity.get(),
+            handshakes_full: self.handshakes_full.get(),
+            closed_handshake_timeout: self.closed_handshake_timeout.get(),
+            rate_limited_frames: self.rate_limited_frames.get(),
+            limit_exceeded: self.limit_exceeded.get(),
+            closed_rate_limit: self.closed_rate_limit.get(),
+            closed_slow_consumer: self.closed_slow_consumer.get(),
+            closed_message_too_big: self.closed_message_too_big.get(),
+            closed_heartbeat: self.closed_heartbeat.get(),
+            dropped_frames: self.dropped_frames.get(),
         }
+    }
+
+    /// The counters and `levels` in the Prometheus text exposition format.
+    pub fn prometheus(&self, levels: Levels) -> String {
+        let mut registry = Registry::default();
+        for (name, help, counter) in self.named() {
+            // Counters are shared handles: the registry reads the live values.
+            registry.register(name, help, counter.clone());
+        }
+        let gauge = |value: usize| {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge
+        };
+        registry.register(
+            "wsproto_sessions",
+            "Open WebSocket sessions",
+            gauge(levels.sessions),
+        );
+        registry.register(
+            "wsproto_handshakes",
+            "Connections not yet upgraded",
+            gauge(levels.handshakes),
+        );
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_every_counter_and_level() {
+        let counters = Counters::default();
+        bump(&counters.refused_origin);
+        bump(&counters.refused_origin);
+        let text = counters.prometheus(Levels {
+            sessions: 3,
+            handshakes: 1,
+        });
+        assert!(text.contains("# TYPE wsproto_refused_origin counter"), "{text}");
+        assert!(text.contains("wsproto_refused_origin_total 2"), "{text}");
+        assert!(text.contains("wsproto_sessions 3"), "{text}");
+        assert!(text.contains("wsproto_handshakes 1"), "{text}");
+        assert_eq!(text.matches("_total ").count(), 13);
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -65,6 +65,8 @@ struct AppState {
     hub: Hub,
     /// One permit per open WebSocket, so upgrades past the cap are refused.
     connections: Arc<Semaphore>,
+    /// One permit per connection not yet upgraded, taken before `accept`.
+    handshakes: Arc<Semaphore>,
     per_address: AddressLimit,
     origins: OriginPolicy,
     /// Verifies tokens at upgrade; `None` in insecure mode.
@@ -83,13 +85,19 @@ struct AppState {
 struct PeerAddr(SocketAddr);
 
 impl Server {
-    /// Binds `config.listen` and prepares to serve `router`.
+    /// Binds `config.listen` and prepares to serve `router`. In insecure
+    /// mode the listener is kept to loopback unless
+    /// `config.insecure_allow_remote` says otherwise: anyone who can reach
+    /// it may claim any user id.
     ///
     /// # Errors
-    /// When the address cannot be bound, or `config.ws_path` collides with
-    /// a built-in route.
+    /// When the address cannot be bound (or is not loopback in insecure
+    /// mode), or `config.ws_path` collides with a built-in route.
     pub async fn bind(config: Config, router: Router) -> io::Result<Server> {
-        let listener = config.listen.bind().await?;
+        let listener = match config.is_insecure() && !config.insecure_allow_remote {
+            true => config.listen.bind_loopback().await?,
+            false => config.listen.bind().await?,
+        };
         Server::from_listener(listener, config, router)
     }
 
@@ -118,7 +126,7 @@ impl Server {
         }
         if matches!(
             config.ws_path.as_str(),
-            "/" | "/echo" | "/healthz" | "/api/publish" | "/demo.js" | "/wsproto.js"
+            "/" | "/echo" | "/healthz" | "/metrics" | "/api/publish" | "/demo.js" | "/wsproto.js"
         ) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -157,6 +165,7 @@ impl Server {
         }
         let state = AppState {
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            handshakes: Arc::new(Semaphore::new(config.max_handshakes as usize)),
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
             auth,
@@ -202,11 +211,16 @@ impl Server {
             .route(&state.config.ws_path, any(protocol_endpoint))
             .route("/echo", any(echo_endpoint))
             .route("/healthz", get(healthz))
+            .route("/metrics", get(prometheus_metrics))
             .route("/api/publish", post(publish_endpoint))
             .merge(web::routes())
             .with_state(state.clone());
         if state.auth.is_none() {
-            warn!("insecure mode: no --jwt-secret or --jwt-public-key, so user ids come unchecked from the connect URL (?user=); for local development only");
+            let reach = match state.config.insecure_allow_remote {
+                true => "open to the network (--insecure-allow-remote)",
+                false => "loopback only",
+            };
+            warn!("insecure mode, {reach}: no --jwt-secret or --jwt-public-key, so user ids come unchecked from the connect URL (?user=); for local development only");
         }
         match state.config.api_key {
             Some(_) => info!("publish API enabled at POST /api/publish"),
@@ -218,6 +232,23 @@ impl Server {
         }
         tokio::pin!(shutdown);
         loop {
+            // Held until the connection upgrades or ends: past the cap, new
+            // connections wait in the kernel's backlog instead of costing a
+            // task and a descriptor each.
+            let handshake = match state.handshakes.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    metrics::bump(&state.hub.counters().handshakes_full);
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break,
+                        permit = state.handshakes.clone().acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
+                    }
+                }
+            };
             let (tcp, peer) = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -236,6 +267,7 @@ impl Server {
             let (app, state_for_task) = (app.clone(), state.clone());
             let tls = state.tls.clone();
             state.tasks.spawn(async move {
+                let _handshake = handshake;
                 let Some(tls) = tls else {
                     return serve_http(state_for_task, app, tcp, peer).await;
                 };
@@ -547,6 +579,23 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
         sessions: state.hub.len(),
         limits: state.hub.counters().snapshot(),
     })
+}
+
+/// Counters and levels for Prometheus to scrape.
+async fn prometheus_metrics(State(state): State<AppState>) -> Response {
+    let levels = metrics::Levels {
+        sessions: state.hub.len(),
+        handshakes: (state.config.max_handshakes as usize)
+            .saturating_sub(state.handshakes.available_permits()),
+    };
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.hub.counters().prometheus(levels),
+    )
+        .into_response()
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -356,9 +356,7 @@ fn count_ending(session: &Session) {
         metrics::bump(counter);
     }
     let dropped = session.queue().dropped();
-    counters
-        .dropped_frames
-        .fetch_add(dropped, Ordering::Relaxed);
+    counters.dropped_frames.inc_by(dropped);
 }
 
 /// Answers a frame over the rate limit with RATE_LIMITED, echoing what

@@ -196,25 +196,25 @@ async fn a_session_is_closed_with_4001_when_its_token_expires() {
     server.wait_for_sessions(0).await;
 }
 
-#[tokio::test]
-async fn es256_tokens_are_verified_with_a_public_key_file() {
+/// A server verifying with `<name>-public.pem` accepts tokens signed with
+/// `<name>-private.pem` and refuses a wrong issuer and an HS256 token.
+async fn public_key_tokens_are_verified(name: &str, algorithm: Algorithm) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let public = fixtures.join(format!("{name}-public.pem"));
     let server = TestServer::start(Config {
-        jwt_public_key: Some(
-            fixtures
-                .join("es256-public.pem")
-                .to_string_lossy()
-                .into_owned(),
-        ),
+        jwt_public_key: Some(public.to_string_lossy().into_owned()),
         jwt_issuer: Some("https://auth.example.com".into()),
         ..config()
     })
     .await;
-    let key = EncodingKey::from_ec_pem(&std::fs::read(fixtures.join("es256-private.pem")).unwrap())
-        .unwrap();
-    let sign = |claims: Value| {
-        jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap()
-    };
+    let private = std::fs::read(fixtures.join(format!("{name}-private.pem"))).unwrap();
+    let key = match algorithm {
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&private),
+        _ => EncodingKey::from_rsa_pem(&private),
+    }
+    .unwrap();
+    let sign =
+        |claims: Value| jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).unwrap();
     let good = sign(json!({"sub": "bob", "exp": now() + 60, "iss": "https://auth.example.com"}));
     let wrong_issuer =
         sign(json!({"sub": "bob", "exp": now() + 60, "iss": "https://evil.example.com"}));
@@ -236,6 +236,16 @@ async fn es256_tokens_are_verified_with_a_public_key_file() {
         401,
         "no algorithm switching"
     );
+}
+
+#[tokio::test]
+async fn es256_tokens_are_verified_with_a_public_key_file() {
+    public_key_tokens_are_verified("es256", Algorithm::ES256).await;
+}
+
+#[tokio::test]
+async fn rs256_tokens_are_verified_with_a_public_key_file() {
+    public_key_tokens_are_verified("rs256", Algorithm::RS256).await;
 }
 
 #[test]

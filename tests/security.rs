@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use common::{config, raw_handshake, TestServer};
 use wsproto::{opcode, Config, ErrorCode, Frame};
@@ -122,4 +122,44 @@ async fn a_frame_flood_gets_rate_limited_then_closed_with_1008() {
     let counters = server.hub.counters().snapshot();
     assert_eq!(counters.closed_rate_limit, 1);
     assert!(counters.rate_limited_frames > 5, "{counters:?}");
+}
+
+#[tokio::test]
+async fn connections_not_yet_upgraded_are_capped_before_accept() {
+    let server = TestServer::start(Config {
+        max_handshakes: 2,
+        ..config()
+    })
+    .await;
+    // Sessions hand their permit back once upgraded: many fit under a cap of 2.
+    let mut sessions = Vec::new();
+    for _ in 0..5 {
+        sessions.push(server.client().await);
+    }
+
+    // Two connections that never send a request hold both permits...
+    let idle: Vec<_> = futures_util::future::join_all(
+        (0..2).map(|_| tokio::net::TcpStream::connect(server.addr)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so the next one waits in the backlog rather than being served.
+    let waiting = tokio::spawn({
+        let url = server.url();
+        async move { wsproto_client::Client::connect(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served past the handshake cap");
+    assert!(server.hub.counters().snapshot().handshakes_full >= 1);
+
+    drop(idle);
+    let mut client = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a permit is free")
+        .unwrap()
+        .unwrap();
+    client.welcome().await.unwrap();
+    let metrics = common::http_get(server.addr, "/metrics").await;
+    assert!(metrics.contains("wsproto_sessions 6"), "{metrics}");
+    assert!(metrics.contains("wsproto_handshakes_full_total"), "{metrics}");
 }

@@ -4,6 +4,7 @@ mod common;
 
 use std::{
     io::{BufRead, BufReader},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -16,6 +17,12 @@ const SERVER: &str = env!("CARGO_BIN_EXE_wsproto-server");
 /// Starts the binary with `args` and `env` and returns it with the port it
 /// listens on.
 fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> (Child, u16) {
+    let (child, addr) = spawn_server_at(args, env);
+    (child, addr.port())
+}
+
+/// Starts the binary and returns it with the address it says it listens on.
+fn spawn_server_at(args: &[&str], env: &[(&str, &str)]) -> (Child, SocketAddr) {
     let mut child = Command::new(SERVER)
         .args(args)
         .env("WSPROTO_LOG", "info")
@@ -24,15 +31,15 @@ fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> (Child, u16) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = loop {
+    let addr = loop {
         let line = lines.next().expect("server printed its address").unwrap();
         if let Some((_, addr)) = line.split_once("addr=") {
-            break addr.rsplit_once(':').unwrap().1.trim().parse().unwrap();
+            break addr.trim().parse().unwrap();
         }
     };
     // Keep draining the log so the server never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    (child, port)
+    (child, addr)
 }
 
 fn signal(child: &Child, name: &str) {
@@ -44,8 +51,10 @@ fn signal(child: &Child, name: &str) {
 }
 
 #[tokio::test]
-async fn go_style_listen_address_serves_every_interface() {
-    let (mut child, port) = spawn_server(&["--listen", ":0", "--shutdown-timeout", "1s"], &[]);
+async fn go_style_listen_address_serves_loopback_in_insecure_mode() {
+    let (mut child, addr) = spawn_server_at(&["--listen", ":0", "--shutdown-timeout", "1s"], &[]);
+    assert_eq!(addr.ip().to_string(), "127.0.0.1", "insecure mode stays on loopback");
+    let port = addr.port();
     let mut client = Client::connect(&format!("ws://127.0.0.1:{port}/ws"))
         .await
         .unwrap();
@@ -91,6 +100,31 @@ async fn flags_and_env_configure_the_server() {
     );
     signal(&child, "-INT");
     assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn insecure_mode_needs_an_acknowledgement_to_listen_beyond_loopback() {
+    let output = Command::new(SERVER)
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("--insecure-allow-remote"),
+        "{stderr}"
+    );
+
+    for args in [
+        vec!["--listen", ":0", "--insecure-allow-remote"],
+        vec!["--listen", "0.0.0.0:0", "--insecure-allow-remote"],
+        vec!["--listen", ":0", "--jwt-secret", "s3cret"],
+    ] {
+        let (mut child, addr) = spawn_server_at(&args, &[]);
+        assert!(addr.ip().is_unspecified(), "{args:?} listens on {addr}");
+        signal(&child, "-TERM");
+        assert!(child.wait().unwrap().success());
+    }
 }
 
 #[test]
