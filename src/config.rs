@@ -343,9 +343,8 @@ impl ListenAddr {
                         Err(e) => last_err = Some(e),
                     }
                 }
-                Err(last_err.unwrap_or_else(|| {
-                    io::Error::other(format!("{host} resolves to no address"))
-                }))
+                Err(last_err
+                    .unwrap_or_else(|| io::Error::other(format!("{host} resolves to no address"))))
             }
         }
     }

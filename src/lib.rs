@@ -25,6 +25,7 @@
 //! - [`session`]: one connection; [`queue`]: its bounded send queue.
 //! - [`hub`]: this node's sessions. [`server`]: HTTP, upgrade, accept loop,
 //!   shutdown; [`upgrade`]: the handshake. [`config`]: settings.
+//! - [`read_ahead`]: large socket reads with no read buffer held while idle.
 
 pub mod api;
 pub mod auth;
@@ -42,6 +43,7 @@ pub mod opcode;
 pub mod origin;
 pub mod queue;
 pub mod rate;
+pub mod read_ahead;
 pub mod router;
 pub mod server;
 pub mod session;

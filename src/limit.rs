@@ -116,7 +116,10 @@ mod tests {
         assert!(limit.try_acquire(ip("2001:db8:1:2:ffff::9")).is_none());
         assert!(limit.try_acquire(ip("2001:db8:1:3::1")).is_some());
         let _v4 = limit.try_acquire(ip("::ffff:192.0.2.1")).unwrap();
-        assert!(limit.try_acquire(ip("192.0.2.1")).is_none(), "mapped IPv4 is IPv4");
+        assert!(
+            limit.try_acquire(ip("192.0.2.1")).is_none(),
+            "mapped IPv4 is IPv4"
+        );
         assert!(limit.try_acquire(ip("192.0.2.2")).is_some());
     }
 }

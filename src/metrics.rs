@@ -78,19 +78,71 @@ impl Counters {
     /// encoded) and help text.
     fn named(&self) -> [(&'static str, &'static str, &Counter); 13] {
         [
-            ("wsproto_refused_origin", "Upgrades refused: origin not allowed (403)", &self.refused_origin),
-            ("wsproto_refused_auth", "Upgrades refused: missing or invalid credentials (401)", &self.refused_auth),
-            ("wsproto_refused_per_address", "Upgrades refused: per-address cap (429)", &self.refused_per_address),
-            ("wsproto_refused_capacity", "Upgrades refused: connection cap or shutdown (503)", &self.refused_capacity),
-            ("wsproto_handshakes_full", "Accepts delayed because --max-handshakes connections were not yet upgraded", &self.handshakes_full),
-            ("wsproto_closed_handshake_timeout", "HTTP connections closed for not upgrading within --handshake-timeout", &self.closed_handshake_timeout),
-            ("wsproto_rate_limited_frames", "Frames refused with RATE_LIMITED", &self.rate_limited_frames),
-            ("wsproto_limit_exceeded", "Requests refused with LIMIT_EXCEEDED", &self.limit_exceeded),
-            ("wsproto_closed_rate_limit", "Sessions closed with 1008 for flooding", &self.closed_rate_limit),
-            ("wsproto_closed_slow_consumer", "Sessions closed with 1008 as slow consumers", &self.closed_slow_consumer),
-            ("wsproto_closed_message_too_big", "Sessions closed with 1009 for an oversized message", &self.closed_message_too_big),
-            ("wsproto_closed_heartbeat", "Sessions closed with 4000 for silence", &self.closed_heartbeat),
-            ("wsproto_dropped_frames", "Frames dropped or conflated away by slow-consumer policies", &self.dropped_frames),
+            (
+                "wsproto_refused_origin",
+                "Upgrades refused: origin not allowed (403)",
+                &self.refused_origin,
+            ),
+            (
+                "wsproto_refused_auth",
+                "Upgrades refused: missing or invalid credentials (401)",
+                &self.refused_auth,
+            ),
+            (
+                "wsproto_refused_per_address",
+                "Upgrades refused: per-address cap (429)",
+                &self.refused_per_address,
+            ),
+            (
+                "wsproto_refused_capacity",
+                "Upgrades refused: connection cap or shutdown (503)",
+                &self.refused_capacity,
+            ),
+            (
+                "wsproto_handshakes_full",
+                "Accepts delayed because --max-handshakes connections were not yet upgraded",
+                &self.handshakes_full,
+            ),
+            (
+                "wsproto_closed_handshake_timeout",
+                "HTTP connections closed for not upgrading within --handshake-timeout",
+                &self.closed_handshake_timeout,
+            ),
+            (
+                "wsproto_rate_limited_frames",
+                "Frames refused with RATE_LIMITED",
+                &self.rate_limited_frames,
+            ),
+            (
+                "wsproto_limit_exceeded",
+                "Requests refused with LIMIT_EXCEEDED",
+                &self.limit_exceeded,
+            ),
+            (
+                "wsproto_closed_rate_limit",
+                "Sessions closed with 1008 for flooding",
+                &self.closed_rate_limit,
+            ),
+            (
+                "wsproto_closed_slow_consumer",
+                "Sessions closed with 1008 as slow consumers",
+                &self.closed_slow_consumer,
+            ),
+            (
+                "wsproto_closed_message_too_big",
+                "Sessions closed with 1009 for an oversized message",
+                &self.closed_message_too_big,
+            ),
+            (
+                "wsproto_closed_heartbeat",
+                "Sessions closed with 4000 for silence",
+                &self.closed_heartbeat,
+            ),
+            (
+                "wsproto_dropped_frames",
+                "Frames dropped or conflated away by slow-consumer policies",
+                &self.dropped_frames,
+            ),
         ]
     }
 
@@ -155,7 +207,10 @@ mod tests {
             sessions: 3,
             handshakes: 1,
         });
-        assert!(text.contains("# TYPE wsproto_refused_origin counter"), "{text}");
+        assert!(
+            text.contains("# TYPE wsproto_refused_origin counter"),
+            "{text}"
+        );
         assert!(text.contains("wsproto_refused_origin_total 2"), "{text}");
         assert!(text.contains("wsproto_sessions 3"), "{text}");
         assert!(text.contains("wsproto_handshakes 1"), "{text}");

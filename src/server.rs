@@ -38,6 +38,7 @@ use crate::{
     metrics::{self, CounterSnapshot},
     origin::OriginPolicy,
     queue::SessionQueue,
+    read_ahead::ReadAhead,
     session::{self, Session},
     tls,
     topic::Topic,
@@ -45,12 +46,16 @@ use crate::{
     web, Config, Hub, Router,
 };
 
-/// Read buffer per connection: small, because most frames are small and
-/// idle connections should cost little; it grows for larger messages.
-const READ_BUFFER: usize = 4 * 1024;
+/// The codec's read buffer per connection: small, because idle connections
+/// should cost little; [`ReadAhead`] beneath it reads from the socket in
+/// large chunks, and the buffer grows to fit a larger message.
+const READ_BUFFER: usize = 1024;
 /// Outgoing bytes buffered before a write is forced (frames are flushed per
 /// batch anyway).
 const WRITE_BUFFER: usize = 16 * 1024;
+
+/// An upgraded connection, as sessions see it.
+type Socket = WebSocketStream<ReadAhead<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
@@ -350,7 +355,7 @@ where
 /// connection once the 101 response has gone out.
 fn upgrade_then<F, Fut>(state: &AppState, mut request: Request, serve: F) -> Response
 where
-    F: FnOnce(WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) -> Fut + Send + 'static,
+    F: FnOnce(Socket) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
     let (response, on_upgrade) = match upgrade::accept(&mut request) {
@@ -388,9 +393,12 @@ where
             Ok(upgraded) => upgraded,
             Err(err) => return debug!(%err, "upgrade failed"),
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
+        let ws = WebSocketStream::from_raw_socket(
+            ReadAhead::new(TokioIo::new(upgraded)),
+            Role::Server,
+            Some(ws_config),
+        )
+        .await;
         tokio::select! {
             _ = serve(ws) => {}
             _ = abort.cancelled() => {}
@@ -527,11 +535,7 @@ async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Respo
 
 /// `/echo`: sends every text or binary message back unchanged. One task
 /// reads and writes in turn, so there is still exactly one writer.
-async fn echo(
-    mut ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
-    config: Arc<Config>,
-    shutdown: CancellationToken,
-) {
+async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) {
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => {

@@ -490,8 +490,9 @@ async fn write_loop<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let queue = session.queue().clone();
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    let mut messages = Vec::with_capacity(WRITE_BATCH);
+    // Grown on demand: an idle session should not carry room for 64 frames.
+    let mut batch = Vec::new();
+    let mut messages = Vec::new();
     let period = config.ping_interval;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

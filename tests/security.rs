@@ -138,10 +138,9 @@ async fn connections_not_yet_upgraded_are_capped_before_accept() {
     }
 
     // Two connections that never send a request hold both permits...
-    let idle: Vec<_> = futures_util::future::join_all(
-        (0..2).map(|_| tokio::net::TcpStream::connect(server.addr)),
-    )
-    .await;
+    let idle: Vec<_> =
+        futures_util::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(server.addr)))
+            .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // ...so the next one waits in the backlog rather than being served.
     let waiting = tokio::spawn({
@@ -161,5 +160,8 @@ async fn connections_not_yet_upgraded_are_capped_before_accept() {
     client.welcome().await.unwrap();
     let metrics = common::http_get(server.addr, "/metrics").await;
     assert!(metrics.contains("wsproto_sessions 6"), "{metrics}");
-    assert!(metrics.contains("wsproto_handshakes_full_total"), "{metrics}");
+    assert!(
+        metrics.contains("wsproto_handshakes_full_total"),
+        "{metrics}"
+    );
 }

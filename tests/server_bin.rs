@@ -53,7 +53,11 @@ fn signal(child: &Child, name: &str) {
 #[tokio::test]
 async fn go_style_listen_address_serves_loopback_in_insecure_mode() {
     let (mut child, addr) = spawn_server_at(&["--listen", ":0", "--shutdown-timeout", "1s"], &[]);
-    assert_eq!(addr.ip().to_string(), "127.0.0.1", "insecure mode stays on loopback");
+    assert_eq!(
+        addr.ip().to_string(),
+        "127.0.0.1",
+        "insecure mode stays on loopback"
+    );
     let port = addr.port();
     let mut client = Client::connect(&format!("ws://127.0.0.1:{port}/ws"))
         .await

@@ -1,6 +1,8 @@
 //! `wsproto-client`: send opcode frames to a wsproto server and print what
 //! comes back.
 
+mod bench;
+
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
@@ -58,6 +60,8 @@ enum Command {
     Publish(PublishArgs),
     /// Subscribe to topics (and join rooms) and print deliveries as they arrive.
     Listen(ListenArgs),
+    /// Load-test a server: echo round trips, topic fan-out, idle connections.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -409,6 +413,7 @@ async fn main() -> ExitCode {
         Command::Send(args) => send(&target, args).await,
         Command::Publish(args) => publish(&target, args).await,
         Command::Listen(args) => listen(&target, args).await,
+        Command::Bench(args) => bench::run(&target.url, target.token.as_deref(), args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

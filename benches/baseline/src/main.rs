@@ -1,0 +1,173 @@
+//! `baseline-server`: the hand-written tokio-tungstenite server that wsproto is
+//! benchmarked against (`benches/compare.sh`).
+//!
+//! It is what a competent developer writes in an afternoon with tokio-tungstenite:
+//! one task per connection, `accept_hdr_async` with the default `WebSocketConfig`,
+//! `ws.send(msg).await` for every message, and one `tokio::sync::broadcast` channel
+//! for fan-out. The defaults are kept on purpose: the question the benchmarks answer
+//! is what wsproto's opcode dispatch, hub and per-session queues cost (or save)
+//! against the obvious approach, not against a rival tuned for the benchmark.
+//!
+//! Paths:
+//! - `/sub` receives every message published; a subscriber that falls more than the
+//!   channel's capacity behind skips ahead, and the skipped messages are counted as
+//!   lost (printed on exit).
+//! - `/pub` publishes every binary message it sends; nothing is echoed back.
+//! - anything else echoes text and binary messages.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// Messages a `/sub` subscriber may fall behind by before it starts losing them;
+/// the usual order of magnitude for a hand-rolled hub.
+const BROADCAST_CAPACITY: usize = 1024;
+
+/// Messages skipped by lagging subscribers, over the life of the process.
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Parser)]
+#[command(
+    name = "baseline-server",
+    version,
+    about = "Plain tokio-tungstenite echo and broadcast server, the benchmark baseline"
+)]
+struct Cli {
+    /// Address to listen on; port 0 picks a free port (the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let listener = TcpListener::bind(cli.listen).await?;
+    eprintln!("baseline-server listening addr={}", listener.local_addr()?);
+    let (publisher, _) = broadcast::channel::<Bytes>(BROADCAST_CAPACITY);
+    tokio::select! {
+        () = accept_loop(listener, publisher) => {}
+        result = shutdown_signal() => result?,
+    }
+    eprintln!(
+        "baseline-server stopped lost={}",
+        LOST.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// Accepts connections forever, one task each.
+///
+/// Accept errors (usually running out of file descriptors) are reported and retried
+/// after a short pause, so a full fd table does not turn into a busy loop.
+async fn accept_loop(listener: TcpListener, publisher: broadcast::Sender<Bytes>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let publisher = publisher.clone();
+                tokio::spawn(async move {
+                    // Errors end only this connection, and they are what a benchmark
+                    // client vanishing looks like, so they are not reported.
+                    let _ = serve(stream, publisher).await;
+                });
+            }
+            Err(err) => {
+                eprintln!("baseline-server accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Completes the handshake and runs the connection in the role its path names.
+async fn serve(stream: TcpStream, publisher: broadcast::Sender<Bytes>) -> Result<(), WsError> {
+    stream.set_nodelay(true)?;
+    let mut path = String::new();
+    let record_path = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        path = request.uri().path().to_owned();
+        Ok(response)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async(stream, record_path).await?;
+    match path.as_str() {
+        "/sub" => subscribe(ws, publisher.subscribe()).await,
+        "/pub" => publish(ws, &publisher).await,
+        _ => echo(ws).await,
+    }
+}
+
+/// Forwards every published message to the client until it goes away.
+///
+/// The socket is read as well, so pings are answered and a close is noticed while
+/// nothing is being published.
+async fn subscribe(
+    mut ws: WebSocketStream<TcpStream>,
+    mut published: broadcast::Receiver<Bytes>,
+) -> Result<(), WsError> {
+    loop {
+        tokio::select! {
+            message = published.recv() => match message {
+                Ok(bytes) => ws.send(Message::Binary(bytes)).await?,
+                Err(RecvError::Lagged(skipped)) => {
+                    LOST.fetch_add(skipped, Ordering::Relaxed);
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            incoming = ws.next() => match incoming {
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(err),
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Puts every binary message from the client on the broadcast channel.
+async fn publish(
+    mut ws: WebSocketStream<TcpStream>,
+    publisher: &broadcast::Sender<Bytes>,
+) -> Result<(), WsError> {
+    while let Some(message) = ws.next().await {
+        if let Message::Binary(bytes) = message? {
+            // The only error is "no subscribers", and then there is no one to tell.
+            let _ = publisher.send(bytes);
+        }
+    }
+    Ok(())
+}
+
+/// Sends every text and binary message back; tungstenite answers pings and closes.
+async fn echo(mut ws: WebSocketStream<TcpStream>) -> Result<(), WsError> {
+    while let Some(message) = ws.next().await {
+        let message = message?;
+        if message.is_binary() || message.is_text() {
+            ws.send(message).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM, so a benchmark script can stop the server cleanly
+/// and read the lost count.
+#[cfg(unix)]
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result,
+        _ = terminate.recv() => Ok(()),
+    }
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+async fn shutdown_signal() -> std::io::Result<()> {
+    tokio::signal::ctrl_c().await
+}

@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# Benchmarks wsproto-server against baseline-server (plain tokio-tungstenite,
+# benches/baseline) on the same workloads, back to back, with
+# `wsproto-client bench`, and writes a markdown report of the ratios.
+#
+#   benches/compare.sh              full run (a few minutes)
+#   QUICK=1 benches/compare.sh      smoke run: proves the script and tools work
+#
+# Environment:
+#   DURATION  how long each run measures (default 5s; 1s with QUICK=1)
+#   QUICK     1 for the smoke run: 1 and 10 connections, one size, 10 subscribers
+#   OUT       the report (default benches/results/latest.md); the raw JSON
+#             lines go next to it, in ${OUT%.md}.jsonl
+#
+# Exits non-zero when a build fails, a server does not start or dies, or a
+# bench run produces no JSON. A run that reports errors or lost messages is
+# a result, not a failure: it is listed under "Warnings" in the report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK="${QUICK:-0}"
+if [ "$QUICK" = 1 ]; then
+    DURATION="${DURATION:-1s}"
+else
+    DURATION="${DURATION:-5s}"
+fi
+OUT="${OUT:-benches/results/latest.md}"
+JSONL="${OUT%.md}.jsonl"
+
+say() { printf 'compare.sh: %s\n' "$*" >&2; }
+
+# fail MESSAGE [LOG]: reports MESSAGE and the end of LOG, then exits 1.
+fail() {
+    say "$1"
+    if [ -n "${2:-}" ] && [ -s "$2" ]; then
+        printf -- '--- last lines of %s:\n' "$2" >&2
+        tail -n 30 "$2" >&2
+    fi
+    exit 1
+}
+
+command -v python3 >/dev/null || fail "python3 is required (it turns the results into tables)"
+command -v curl >/dev/null || fail "curl is required (it waits for wsproto-server's /healthz)"
+
+say "building (release)"
+cargo build --release -p wsproto -p wsproto-client -p wsproto-baseline --bins
+bin="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
+
+# Every connection costs a descriptor in the server and one in the client.
+hard_limit="$(ulimit -Hn)"
+if [ "$hard_limit" = unlimited ]; then
+    ulimit -n 1048576 2>/dev/null || true
+else
+    ulimit -n "$hard_limit"
+fi
+fd_limit="$(ulimit -n)"
+say "open-file limit: $fd_limit (each of server and load generator)"
+
+# The server and the load generator on separate CPUs, so neither steals the
+# other's time; both servers get the same treatment.
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+    server_cpu=(taskset -c 0)
+    client_cpu=(taskset -c 1)
+    pinning="server pinned to CPU 0, load generator to CPU 1 (taskset)"
+else
+    # env runs its command in place, so $! is still the server's pid.
+    server_cpu=(env)
+    client_cpu=(env)
+    pinning="unpinned (needs 2 CPUs and taskset)"
+fi
+say "$pinning"
+
+scratch="$(mktemp -d)"
+declare -A server_pid=() server_url=() server_log=()
+
+# alive PID: the process exists and is not a zombie waiting to be reaped.
+alive() {
+    [ -r "/proc/$1/stat" ] && ! grep -q ') Z ' "/proc/$1/stat" 2>/dev/null
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# ready NAME PORT: the server answers on PORT.
+ready() {
+    case "$1" in
+        wsproto) curl -sf -o /dev/null "http://127.0.0.1:$2/healthz" ;;
+        baseline) (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null ;;
+    esac
+}
+
+# start_server NAME: starts a fresh wsproto or baseline server on a free port
+# and waits (at most 10s) until it answers.
+start_server() {
+    local name="$1" port log
+    port="$(free_port)"
+    log="$scratch/$name-$port.log"
+    case "$name" in
+        wsproto)
+            # No limits that would throttle the load generator; clients may
+            # publish to bench.# for the fan-out runs.
+            "${server_cpu[@]}" "$bin/wsproto-server" --listen "127.0.0.1:$port" \
+                --rate-limit 0 --max-connections 200000 --max-connections-per-ip 200000 \
+                --max-handshakes 4096 --client-publish 'bench.#' --log warn \
+                >"$log" 2>&1 &
+            server_url[$name]="ws://127.0.0.1:$port/ws"
+            ;;
+        baseline)
+            "${server_cpu[@]}" "$bin/baseline-server" --listen "127.0.0.1:$port" >"$log" 2>&1 &
+            server_url[$name]="ws://127.0.0.1:$port/"
+            ;;
+    esac
+    server_pid[$name]=$!
+    server_log[$name]="$log"
+    local _
+    for _ in $(seq 100); do
+        alive "${server_pid[$name]}" || fail "$name server exited while starting" "$log"
+        if ready "$name" "$port"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    fail "$name server did not answer on port $port within 10s" "$log"
+}
+
+# stop_server NAME: SIGTERM, then SIGKILL if it is still there after 10s.
+stop_server() {
+    local name="$1" pid="${server_pid[$1]:-}"
+    [ -n "$pid" ] || return 0
+    unset "server_pid[$name]"
+    kill -TERM "$pid" 2>/dev/null || true
+    local _
+    for _ in $(seq 100); do
+        alive "$pid" || break
+        sleep 0.1
+    done
+    if alive "$pid"; then
+        say "$name server still running 10s after SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local name
+    for name in "${!server_pid[@]}"; do
+        stop_server "$name"
+    done
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# bench NAME MODE ARGS...: one load-generator run against server NAME; its JSON
+# line, tagged with "server", is appended to $JSONL.
+bench() {
+    local name="$1" line status=0 err="$scratch/client.err"
+    shift
+    local args=("$@")
+    if [ "$name" = baseline ]; then
+        args+=(--raw)
+    fi
+    say "$name: bench ${args[*]}"
+    line="$("${client_cpu[@]}" "$bin/wsproto-client" --url "${server_url[$name]}" \
+        bench "${args[@]}" --json 2>"$err")" || status=$?
+    line="$(printf '%s\n' "$line" | grep '^{' | tail -n 1 || true)"
+    if [ -z "$line" ]; then
+        fail "wsproto-client bench ${args[*]} against $name failed (exit $status) with no JSON" "$err"
+    fi
+    python3 -c 'import json, sys; json.loads(sys.argv[1])' "$line" 2>/dev/null ||
+        fail "wsproto-client bench ${args[*]} against $name printed invalid JSON: $line" "$err"
+    if [ "$status" -ne 0 ]; then
+        say "$name: the run saw errors or lost messages (exit $status); kept, and shown in the report"
+        tail -n 5 "$err" >&2
+    fi
+    alive "${server_pid[$name]}" || fail "$name server died during the run" "${server_log[$name]}"
+    printf '{"server":"%s",%s\n' "$name" "${line#\{}" >>"$JSONL"
+}
+
+# fits CONNS WHAT: the open-file limit leaves room for CONNS connections;
+# otherwise WHAT is recorded as skipped.
+skipped=()
+fits() {
+    if [ $(($1 + 200)) -le "$fd_limit" ]; then
+        return 0
+    fi
+    skipped+=("$2 with $1 connections: open-file limit $fd_limit is too low")
+    say "skipping ${skipped[-1]}"
+    return 1
+}
+
+if [ "$QUICK" = 1 ]; then
+    echo_conns=(1 10)
+    echo_sizes=(32)
+    fanout_subs=(10)
+    idle_conns=200
+else
+    echo_conns=(1 100 1000)
+    echo_sizes=(32 4096)
+    fanout_subs=(1000 10000)
+    idle_conns=$((fd_limit - 200))
+    if [ "$idle_conns" -gt 19800 ]; then
+        idle_conns=19800
+    fi
+fi
+echo_depths=(1 16)
+
+# A fixed rate low enough that both servers keep up, so p99 is latency and not queueing.
+fixed_rate() {
+    case "$1" in
+        10000) echo 20 ;;
+        1000) echo 200 ;;
+        *) echo 100 ;;
+    esac
+}
+
+mkdir -p "$(dirname "$OUT")"
+: >"$JSONL"
+
+say "echo: $DURATION per run"
+start_server wsproto
+start_server baseline
+for conns in "${echo_conns[@]}"; do
+    fits "$conns" echo || continue
+    for size in "${echo_sizes[@]}"; do
+        for depth in "${echo_depths[@]}"; do
+            for name in wsproto baseline; do
+                bench "$name" echo --conns "$conns" --depth "$depth" --size "$size" \
+                    --duration "$DURATION"
+            done
+        done
+    done
+done
+stop_server wsproto
+stop_server baseline
+
+say "fan-out: $DURATION per run"
+start_server wsproto
+start_server baseline
+for subs in "${fanout_subs[@]}"; do
+    fits "$subs" fan-out || continue
+    for rate in max "$(fixed_rate "$subs")"; do
+        for name in wsproto baseline; do
+            bench "$name" fanout --subs "$subs" --size 256 --rate "$rate" --duration "$DURATION"
+        done
+    done
+done
+stop_server wsproto
+stop_server baseline
+
+# A fresh server each, alone, so its resident memory is only these connections.
+if [ "$idle_conns" -gt 0 ] && fits "$idle_conns" "idle connections"; then
+    say "idle connections: $idle_conns held for $DURATION"
+    for name in wsproto baseline; do
+        start_server "$name"
+        bench "$name" connections --conns "$idle_conns" --hold "$DURATION" \
+            --server-pid "${server_pid[$name]}"
+        stop_server "$name"
+    done
+fi
+
+run_kind=""
+if [ "$QUICK" = 1 ]; then
+    run_kind=" (QUICK smoke run)"
+fi
+cpu_model="$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
+report="$scratch/report.md"
+{
+    echo "# wsproto vs baseline (plain tokio-tungstenite)"
+    echo
+    printf '%s · `%s` · %s · nproc %s · %s · open-file limit %s · %s per run%s · commit %s\n' \
+        "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(uname -srm)" "${cpu_model:-unknown CPU}" \
+        "$(nproc)" "$pinning" "$fd_limit" "$DURATION" \
+        "$run_kind" \
+        "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo
+    echo "Each workload ran on wsproto, then at once on the baseline, on the same machine."
+    echo "The ratios are the result; the absolute numbers depend on the machine."
+    echo
+    python3 benches/table.py "$JSONL"
+    if [ "${#skipped[@]}" -gt 0 ]; then
+        echo
+        echo "## Skipped"
+        echo
+        printf -- '- %s\n' "${skipped[@]}"
+    fi
+} >"$report"
+cp "$report" "$OUT"
+cat "$OUT"
+say "report: $OUT; raw results: $JSONL"

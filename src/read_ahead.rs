@@ -1,0 +1,151 @@
+//! Large socket reads without a per-connection read buffer.
+//!
+//! A WebSocket codec keeps a read buffer per connection; sized for
+//! throughput (tokio-tungstenite's default is 128 KiB) it dominates the
+//! memory of an idle connection, sized for idle connections it costs a read
+//! system call per few frames. [`ReadAhead`] sits under the codec: it reads
+//! up to [`CHUNK`] bytes at a time into a stack buffer, hands the codec what
+//! it asked for, and keeps the rest only until the codec takes it. When the
+//! socket has nothing to read, it holds no memory at all, so the codec's own
+//! buffer can stay small.
+
+use std::{
+    io,
+    mem::MaybeUninit,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes read from the socket at most per system call.
+pub const CHUNK: usize = 32 * 1024;
+
+/// A stream whose reads go through a stack buffer of [`CHUNK`] bytes; what
+/// the reader did not take waits in a heap buffer that is freed as soon as
+/// the socket runs dry.
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Read from the socket, not yet taken by the reader.
+    pending: BytesMut,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> ReadAhead<S> {
+        ReadAhead {
+            inner,
+            pending: BytesMut::new(),
+        }
+    }
+
+    /// Bytes read ahead and not yet taken; for tests and diagnostics.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(out.remaining());
+            out.put_slice(&this.pending[..n]);
+            this.pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        if out.remaining() >= CHUNK {
+            return Pin::new(&mut this.inner).poll_read(cx, out);
+        }
+        let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
+        let mut read = ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+            Poll::Pending => {
+                // Idle: give the memory of the last burst back.
+                this.pending = BytesMut::new();
+                return Poll::Pending;
+            }
+            Poll::Ready(result) => result?,
+        }
+        let filled = read.filled();
+        let n = filled.len().min(out.remaining());
+        out.put_slice(&filled[..n]);
+        this.pending.extend_from_slice(&filled[n..]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn small_reads_are_served_from_one_large_read_and_idle_holds_nothing() {
+        let (mut client, server) = tokio::io::duplex(4 * CHUNK);
+        let mut reader = ReadAhead::new(server);
+        let sent: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        client.write_all(&sent).await.unwrap();
+
+        let mut got = Vec::new();
+        let mut small = [0u8; 100];
+        while got.len() < sent.len() {
+            let n = reader.read(&mut small).await.unwrap();
+            got.extend_from_slice(&small[..n]);
+            if got.len() == 100 {
+                assert_eq!(reader.pending(), sent.len() - 100, "one read took it all");
+            }
+        }
+        assert_eq!(got, sent);
+
+        // Nothing to read: the read-ahead memory is released.
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            reader.read(&mut small),
+        )
+        .await;
+        assert!(waiting.is_err());
+        assert_eq!(reader.pending.capacity(), 0);
+
+        client.write_all(b"more").await.unwrap();
+        drop(client);
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"more");
+    }
+}
