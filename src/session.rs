@@ -50,6 +50,8 @@ use crate::{
 
 /// Most frames the writer moves from the queue into one socket write.
 const WRITE_BATCH: usize = 64;
+/// Frames the reader handles before it lets the writer run.
+const YIELD_EVERY: u32 = 8;
 
 /// A handle to one connected client; cheap to clone.
 ///
@@ -258,6 +260,7 @@ pub(crate) async fn run<S>(
     let mut limiter = TokenBucket::new(config.rate_limit, config.rate_burst);
     // Frames refused in a row; past another burst of them the session goes.
     let mut over_limit = 0u32;
+    let mut handled_in_a_row = 0u32;
     let mut close_deadline: Option<tokio::time::Instant> = None;
     let token_expiry = session
         .identity()
@@ -323,6 +326,12 @@ pub(crate) async fn run<S>(
                 }
                 session.inner.handling.store(false, Ordering::Relaxed);
                 session.touch();
+                // A client that pipelines gets its first replies while the
+                // rest of its frames are handled, not all of them at the end.
+                handled_in_a_row += 1;
+                if handled_in_a_row % YIELD_EVERY == 0 {
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }

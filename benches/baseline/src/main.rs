@@ -91,6 +91,8 @@ async fn accept_loop(listener: TcpListener, publisher: broadcast::Sender<Bytes>)
 async fn serve(stream: TcpStream, publisher: broadcast::Sender<Bytes>) -> Result<(), WsError> {
     stream.set_nodelay(true)?;
     let mut path = String::new();
+    // The callback's signature is tungstenite's, large error type included.
+    #[allow(clippy::result_large_err)]
     let record_path = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         path = request.uri().path().to_owned();
         Ok(response)
