@@ -266,18 +266,24 @@ pub(crate) async fn run<S>(
         .identity()
         .expires_at
         .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at));
+    // Made once, not per frame: each registers with its token or queue.
+    // The guards below never poll one again after it has completed.
+    let terminated = terminate.cancelled();
+    let shutting_down = shutdown.cancelled();
+    let closing = queue.closing();
+    tokio::pin!(terminated, shutting_down, closing);
     loop {
         if close_deadline.is_none() && queue.close_reason().is_some() {
             close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
         }
         let message = tokio::select! {
             biased;
-            _ = terminate.cancelled() => break,
-            _ = shutdown.cancelled(), if close_deadline.is_none() => {
+            _ = &mut terminated => break,
+            _ = &mut shutting_down, if close_deadline.is_none() => {
                 queue.close(CloseReason::GOING_AWAY);
                 continue;
             }
-            _ = queue.closing(), if close_deadline.is_none() => continue,
+            _ = &mut closing, if close_deadline.is_none() => continue,
             _ = sleep_until(token_expiry), if close_deadline.is_none() && token_expiry.is_some() => {
                 queue.close(CloseReason::TOKEN_EXPIRED);
                 continue;
@@ -321,7 +327,7 @@ pub(crate) async fn run<S>(
                 session.inner.handling.store(true, Ordering::Relaxed);
                 tokio::select! {
                     biased;
-                    _ = terminate.cancelled() => break,
+                    _ = &mut terminated => break,
                     _ = handle_message(&session, &router, message) => {}
                 }
                 session.inner.handling.store(false, Ordering::Relaxed);
@@ -506,10 +512,12 @@ async fn write_loop<S>(
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let terminated = terminate.cancelled();
+    tokio::pin!(terminated);
     loop {
         let work = tokio::select! {
             biased;
-            _ = terminate.cancelled() => break,
+            _ = &mut terminated => break,
             // Before the queue, so a queue that never empties cannot starve
             // the heartbeat.
             _ = heartbeat.tick() => WriterWork::Heartbeat,
@@ -539,7 +547,7 @@ async fn write_loop<S>(
         let frames = messages.iter().filter(|m| m.is_binary()).count() as u64;
         let written = tokio::select! {
             biased;
-            _ = terminate.cancelled() => break,
+            _ = &mut terminated => break,
             written = tokio::time::timeout(config.write_timeout, write_all(&mut sink, &mut messages)) => written,
         };
         match written {
