@@ -1,0 +1,170 @@
+//! `wsproto-client bench`, smoke-tested against a real server: each mode
+//! runs briefly with a handful of connections and must report sane numbers.
+//! These are not performance tests; `benches/compare.sh` measures.
+
+use std::{process::Output, time::Duration};
+
+use serde_json::Value;
+use tokio::net::TcpListener;
+use wsproto::{handlers, Config, Hub, Server};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_wsproto-client");
+const API_KEY: &str = "bench-test-key";
+
+/// A server as `benches/compare.sh` starts one: no rate limit, clients may
+/// publish under `bench.`.
+async fn start_server() -> (String, Hub) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Config {
+        rate_limit: 0.0,
+        api_key: Some(API_KEY.into()),
+        client_publish: vec!["bench.#".parse().unwrap()],
+        ..Config::default()
+    };
+    let server = Server::from_listener(listener, config, handlers::builtin()).unwrap();
+    let url = format!("ws://{}/ws", server.local_addr().unwrap());
+    let hub = server.hub();
+    tokio::spawn(server.run(std::future::pending()));
+    (url, hub)
+}
+
+async fn bench(url: &str, args: &[&str]) -> (Output, Value) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(CLIENT)
+            .arg("--url")
+            .arg(url)
+            .arg("bench")
+            .args(args)
+            .arg("--json")
+            .output(),
+    )
+    .await
+    .expect("bench finished")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report = serde_json::from_str(stdout.trim()).unwrap_or_else(|err| {
+        panic!(
+            "one JSON line expected ({err}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output, report)
+}
+
+fn number(report: &Value, key: &str) -> f64 {
+    report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} in {report}"))
+}
+
+#[tokio::test]
+async fn echo_reports_round_trips_and_latency_percentiles() {
+    let (url, hub) = start_server().await;
+    let args = [
+        "echo", "--conns", "4", "--depth", "8", "--size", "64", "--duration", "1s",
+    ];
+    let (output, report) = bench(&url, &args).await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["mode"], "echo");
+    assert_eq!(report["connected"], 4);
+    assert_eq!(report["errors"], 0);
+    assert!(number(&report, "ops") > 100.0, "{report}");
+    let (p50, p99, p999) = (
+        number(&report, "p50_us"),
+        number(&report, "p99_us"),
+        number(&report, "p999_us"),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{report}");
+    wait_for_no_sessions(&hub).await;
+}
+
+#[tokio::test]
+async fn an_opcode_without_a_handler_counts_as_errors() {
+    let (url, _hub) = start_server().await;
+    let args = ["echo", "--opcode", "4242", "--duration", "500ms"];
+    let (output, report) = bench(&url, &args).await;
+    assert!(!output.status.success(), "errors give a non-zero exit");
+    assert!(number(&report, "errors") > 0.0, "{report}");
+    assert_eq!(report["ops"], 0);
+}
+
+#[tokio::test]
+async fn fanout_delivers_every_message_to_every_subscriber() {
+    let (url, hub) = start_server().await;
+    for via in [
+        &["--via", "ws"][..],
+        &["--via", "http", "--api-key", API_KEY][..],
+    ] {
+        let mut args = vec!["fanout", "--subs", "5", "--size", "64", "--duration", "1s"];
+        args.extend_from_slice(via);
+        let (output, report) = bench(&url, &args).await;
+        assert!(output.status.success(), "{via:?}: {report}");
+        let published = number(&report, "published");
+        assert!(published > 10.0, "{report}");
+        assert_eq!(number(&report, "expected"), published * 5.0);
+        assert_eq!(report["received"], report["expected"], "{report}");
+        assert_eq!(report["lost"], 0);
+        assert!(number(&report, "deliveries_per_s") > 0.0);
+        assert!(number(&report, "p99_us") > 0.0);
+        wait_for_no_sessions(&hub).await;
+    }
+
+    // At a fixed rate: about rate × duration messages.
+    let args = ["fanout", "--subs", "3", "--rate", "50", "--duration", "1s"];
+    let (output, report) = bench(&url, &args).await;
+    assert!(output.status.success(), "{report}");
+    let published = number(&report, "published");
+    assert!((40.0..=60.0).contains(&published), "{report}");
+    assert_eq!(report["rate"], 50.0);
+    assert_eq!(report["lost"], 0);
+}
+
+#[tokio::test]
+async fn connections_are_held_and_measured_against_the_servers_memory() {
+    let (url, hub) = start_server().await;
+    let pid = std::process::id().to_string();
+    let args = [
+        "connections",
+        "--conns",
+        "50",
+        "--hold",
+        "300ms",
+        "--server-pid",
+        &pid,
+    ];
+    let (output, report) = bench(&url, &args).await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["held"], 50);
+    assert_eq!(report["failed"], 0);
+    assert!(number(&report, "fd_limit") >= 50.0);
+    assert!(number(&report, "rss_after_bytes") > 0.0);
+    assert!(report["bytes_per_conn"].is_number(), "{report}");
+    wait_for_no_sessions(&hub).await;
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_there_is_a_clear_error() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let output = tokio::process::Command::new(CLIENT)
+        .args(["--url", &format!("ws://127.0.0.1:{port}/ws"), "bench", "echo"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no connection opened"), "{stderr}");
+}
+
+async fn wait_for_no_sessions(hub: &Hub) {
+    for _ in 0..200 {
+        if hub.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} sessions left after the bench", hub.len());
+}
