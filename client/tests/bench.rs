@@ -62,7 +62,15 @@ fn number(report: &Value, key: &str) -> f64 {
 async fn echo_reports_round_trips_and_latency_percentiles() {
     let (url, hub) = start_server().await;
     let args = [
-        "echo", "--conns", "4", "--depth", "8", "--size", "64", "--duration", "1s",
+        "echo",
+        "--conns",
+        "4",
+        "--depth",
+        "8",
+        "--size",
+        "64",
+        "--duration",
+        "1s",
     ];
     let (output, report) = bench(&url, &args).await;
     assert!(output.status.success(), "{report}");
@@ -150,7 +158,12 @@ async fn a_server_that_is_not_there_is_a_clear_error() {
         listener.local_addr().unwrap().port()
     };
     let output = tokio::process::Command::new(CLIENT)
-        .args(["--url", &format!("ws://127.0.0.1:{port}/ws"), "bench", "echo"])
+        .args([
+            "--url",
+            &format!("ws://127.0.0.1:{port}/ws"),
+            "bench",
+            "echo",
+        ])
         .output()
         .await
         .unwrap();
