@@ -91,7 +91,9 @@ def echo_table(pairs):
         )
     rows.append("")
     if ratios:
-        mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        # A run that measured nothing has no place in a geometric mean.
+        ratios = [r for r in ratios if r > 0]
+        mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 0
         rows.append(
             f"Geometric mean of the ratios: **{show_ratio(mean)}** over {len(ratios)} workloads."
         )
@@ -117,9 +119,11 @@ def fanout_table(pairs):
         lost = pair(runs, "lost")
         p99 = pair(runs, "p99_us")
         shown_rate = "max" if rate is None else f"{rate:g}/s"
+        # At a fixed rate deliveries/s is the offered load, not a capacity.
+        shown_ratio = show_ratio(ratio(ours, theirs)) if rate is None else "–"
         rows.append(
             f"| {subs} | {shown_rate} | {number(ours)} | {number(theirs)} "
-            f"| {show_ratio(ratio(ours, theirs))} | {number(lost[0])} / {number(lost[1])} "
+            f"| {shown_ratio} | {number(lost[0])} / {number(lost[1])} "
             f"| {micros(p99[0])} / {micros(p99[1])} |"
         )
     return rows
@@ -161,6 +165,8 @@ def warnings(pairs):
                 problems.append(f"errors={run['errors']}")
             if run.get("failed"):
                 problems.append(f"failed={run['failed']}")
+            if run.get("lost"):
+                problems.append(f"lost={run['lost']}")
             connected = run.get("connected", run.get("held"))
             if connected is not None and wanted is not None and connected < wanted:
                 problems.append(f"connected {connected} of {wanted}")

@@ -64,6 +64,8 @@ pub enum AuthConfigError {
     NotAPublicKey { path: String },
     #[error("give either --jwt-secret or --jwt-public-key, not both")]
     BothKeys,
+    #[error("--jwt-secret is empty: anyone could sign tokens")]
+    EmptySecret,
 }
 
 /// The claims wsproto reads from a token.
@@ -126,6 +128,7 @@ impl Authenticator {
         let (key, algorithm) = match (&settings.secret, &settings.public_key) {
             (None, None) => return Ok(None),
             (Some(_), Some(_)) => return Err(AuthConfigError::BothKeys),
+            (Some(secret), None) if secret.is_empty() => return Err(AuthConfigError::EmptySecret),
             (Some(secret), None) => (
                 DecodingKey::from_secret(secret.as_bytes()),
                 Algorithm::HS256,

@@ -67,6 +67,12 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_MAX_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_handshakes: u32,
 
+    /// Connections not yet upgraded allowed from one IP address (IPv6: one
+    /// /64); more are closed at once, so one host cannot hold every
+    /// --max-handshakes slot.
+    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes_per_ip: u32,
+
     /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
     #[arg(long, env = "WSPROTO_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -190,6 +196,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
+            max_handshakes_per_ip: 256,
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(5),
             api_key: None,

@@ -27,11 +27,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before anything can fail or be announced: a SIGTERM from here on
+    // shuts down gracefully.
+    let shutdown = wsproto::shutdown_signal();
     let listen = cli.config.listen.clone();
     let server = Server::bind(cli.config, handlers::builtin())
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     tracing::info!(addr = %server.local_addr()?, "wsproto-server listening");
-    server.run(wsproto::shutdown_signal()).await?;
+    server.run(shutdown).await?;
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct Counters {
     /// Times the accept loop waited because --max-handshakes connections
     /// were still plain HTTP.
     pub handshakes_full: Counter,
+    /// Connections closed at once: their address already had
+    /// --max-handshakes-per-ip connections not yet upgraded.
+    pub refused_handshakes_per_address: Counter,
     /// HTTP connections closed for not upgrading in time (slowloris, idle).
     pub closed_handshake_timeout: Counter,
     /// Frames refused with RATE_LIMITED.
@@ -49,6 +52,7 @@ pub struct CounterSnapshot {
     pub refused_per_address: u64,
     pub refused_capacity: u64,
     pub handshakes_full: u64,
+    pub refused_handshakes_per_address: u64,
     pub closed_handshake_timeout: u64,
     pub rate_limited_frames: u64,
     pub limit_exceeded: u64,
@@ -76,7 +80,7 @@ pub fn bump(counter: &Counter) {
 impl Counters {
     /// Every counter with its Prometheus name (`_total` is appended when
     /// encoded) and help text.
-    fn named(&self) -> [(&'static str, &'static str, &Counter); 13] {
+    fn named(&self) -> [(&'static str, &'static str, &Counter); 14] {
         [
             (
                 "wsproto_refused_origin",
@@ -102,6 +106,11 @@ impl Counters {
                 "wsproto_handshakes_full",
                 "Accepts delayed because --max-handshakes connections were not yet upgraded",
                 &self.handshakes_full,
+            ),
+            (
+                "wsproto_refused_handshakes_per_address",
+                "Connections closed at once: --max-handshakes-per-ip reached",
+                &self.refused_handshakes_per_address,
             ),
             (
                 "wsproto_closed_handshake_timeout",
@@ -154,6 +163,7 @@ impl Counters {
             refused_per_address: self.refused_per_address.get(),
             refused_capacity: self.refused_capacity.get(),
             handshakes_full: self.handshakes_full.get(),
+            refused_handshakes_per_address: self.refused_handshakes_per_address.get(),
             closed_handshake_timeout: self.closed_handshake_timeout.get(),
             rate_limited_frames: self.rate_limited_frames.get(),
             limit_exceeded: self.limit_exceeded.get(),
@@ -214,7 +224,7 @@ mod tests {
         assert!(text.contains("wsproto_refused_origin_total 2"), "{text}");
         assert!(text.contains("wsproto_sessions 3"), "{text}");
         assert!(text.contains("wsproto_handshakes 1"), "{text}");
-        assert_eq!(text.matches("_total ").count(), 13);
+        assert_eq!(text.matches("_total ").count(), 14);
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -72,6 +72,8 @@ struct AppState {
     connections: Arc<Semaphore>,
     /// One permit per connection not yet upgraded, taken before `accept`.
     handshakes: Arc<Semaphore>,
+    /// The same per client address, taken after `accept`.
+    handshakes_per_address: AddressLimit,
     per_address: AddressLimit,
     origins: OriginPolicy,
     /// Verifies tokens at upgrade; `None` in insecure mode.
@@ -171,6 +173,7 @@ impl Server {
         let state = AppState {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes as usize)),
+            handshakes_per_address: AddressLimit::new(config.max_handshakes_per_ip as usize),
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
             auth,
@@ -269,10 +272,16 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            let Some(handshake_from_address) = state.handshakes_per_address.try_acquire(peer.ip())
+            else {
+                metrics::bump(&state.hub.counters().refused_handshakes_per_address);
+                debug!(%peer, "too many connections not yet upgraded from this address");
+                continue;
+            };
             let (app, state_for_task) = (app.clone(), state.clone());
             let tls = state.tls.clone();
             state.tasks.spawn(async move {
-                let _handshake = handshake;
+                let _handshake = (handshake, handshake_from_address);
                 let Some(tls) = tls else {
                     return serve_http(state_for_task, app, tcp, peer).await;
                 };
@@ -602,30 +611,46 @@ async fn prometheus_metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
+/// Completes on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed
+/// when this is called, not when the future is first polled, so a signal
+/// that arrives while the server is still starting is not lost (and does
+/// not kill the process before its graceful shutdown).
+///
+/// # Panics
+/// Outside a Tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(err) => {
+                warn!(%err, "cannot listen for {name}");
+                None
+            }
+        };
+        let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        let terminate = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(interrupt) => {},
+                _ = wait(terminate) => {},
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(err) = tokio::signal::ctrl_c().await {
             warn!(%err, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                warn!(%err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => {},
-        _ = terminate => {},
     }
 }

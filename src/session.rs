@@ -334,7 +334,7 @@ pub(crate) async fn run<S>(
                 session.touch();
                 // A client that pipelines gets its first replies while the
                 // rest of its frames are handled, not all of them at the end.
-                handled_in_a_row += 1;
+                handled_in_a_row = handled_in_a_row.wrapping_add(1);
                 if handled_in_a_row % YIELD_EVERY == 0 {
                     tokio::task::yield_now().await;
                 }

@@ -261,4 +261,9 @@ fn bad_key_settings_are_start_up_errors() {
         ..Default::default()
     };
     assert!(wsproto::auth::Authenticator::from_settings(&missing).is_err());
+    let empty = wsproto::auth::AuthSettings {
+        secret: Some(String::new()),
+        ..Default::default()
+    };
+    assert!(wsproto::auth::Authenticator::from_settings(&empty).is_err());
 }

@@ -150,7 +150,12 @@ async fn shutdown_sends_close_1001_to_every_client_and_returns() {
 #[tokio::test]
 async fn a_thousand_concurrent_connections_each_complete_round_trips() {
     const CONNECTIONS: usize = 1000;
-    let server = TestServer::start(config()).await;
+    // All of them connect at once, from one address.
+    let server = TestServer::start(Config {
+        max_handshakes_per_ip: 1000,
+        ..config()
+    })
+    .await;
     let url = server.url();
     let all_connected = std::sync::Arc::new(tokio::sync::Barrier::new(CONNECTIONS + 1));
 

@@ -165,3 +165,45 @@ async fn connections_not_yet_upgraded_are_capped_before_accept() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_handshake_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(Config {
+        max_handshakes_per_ip: 2,
+        ..config()
+    })
+    .await;
+    let local: IpAddr = "127.0.0.1".parse().unwrap();
+    let connect_from = |source: IpAddr| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(source, 0)).unwrap();
+        socket.connect(server.addr).await.unwrap()
+    };
+    // Two idle connections from one address hold its share...
+    let _idle = [connect_from(local).await, connect_from(local).await];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so a third from it is closed without an answer,
+    let mut third = connect_from(local).await;
+    let _ = third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed at once, got {answer:?}"
+    );
+    assert_eq!(
+        server
+            .hub
+            .counters()
+            .snapshot()
+            .refused_handshakes_per_address,
+        1
+    );
+    // ...while another address is served.
+    let (status, _) =
+        raw_handshake(server.addr, "/ws", &[], Some("127.0.0.2".parse().unwrap())).await;
+    assert_eq!(status, 101);
+}

@@ -48,11 +48,16 @@ use wsproto::{opcode, proto::v1, Frame};
 
 type Ws = WebSocketStream<TcpStream>;
 
-/// Handshakes in progress at once while connecting.
-const CONNECTING_AT_ONCE: usize = 256;
+/// Handshakes in progress at once while connecting (under the server's
+/// default `--max-handshakes-per-ip`).
+const CONNECTING_AT_ONCE: usize = 128;
 /// Idle connections per source address before another 127.0.0.x is used
 /// (the ephemeral port range gives about 28,000 per address pair).
 const CONNECTIONS_PER_SOURCE: usize = 25_000;
+/// Longest wait for one connection: TCP, upgrade and WELCOME.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a write or a close once a run's time is up.
+const GRACE: Duration = Duration::from_secs(5);
 /// Descriptors kept for everything else when sizing `connections` runs.
 const SPARE_FDS: u64 = 100;
 
@@ -172,18 +177,23 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
         return Ok(Rate::Max);
     }
     match s.parse::<f64>() {
-        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(Rate::PerSecond(rate)),
-        _ => Err(format!("expected `max` or messages a second, got {s:?}")),
+        Ok(rate) if rate > 0.0 && rate <= 1e6 => Ok(Rate::PerSecond(rate)),
+        _ => Err(format!(
+            "expected `max` or messages a second (at most 1000000), got {s:?}"
+        )),
     }
 }
 
 /// Runs one benchmark against `url`; `false` when it saw errors.
 pub async fn run(url: &str, token: Option<&str>, args: BenchArgs) -> anyhow::Result<bool> {
+    // Every connection costs one descriptor here (and one in the server).
+    let fd_limit =
+        rlimit::increase_nofile_limit(u64::MAX).context("cannot raise the open-file limit")?;
     let connector = Arc::new(Connector::new(url, token, args.raw).await?);
     let report = match args.mode {
         Mode::Echo(mode) => echo(&connector, args.ramp, mode).await?,
         Mode::Fanout(mode) => fanout(&connector, args.ramp, mode).await?,
-        Mode::Connections(mode) => connections(&connector, args.ramp, mode).await?,
+        Mode::Connections(mode) => connections(&connector, args.ramp, mode, fd_limit).await?,
     };
     let ok =
         report["errors"].as_u64().unwrap_or(0) == 0 && report["lost"].as_u64().unwrap_or(0) == 0;
@@ -197,7 +207,8 @@ pub async fn run(url: &str, token: Option<&str>, args: BenchArgs) -> anyhow::Res
 /// Opens WebSocket connections to one server, from chosen source addresses.
 struct Connector {
     url: String,
-    addr: SocketAddr,
+    /// The server's addresses, tried in order.
+    addrs: Vec<SocketAddr>,
     token: Option<String>,
     raw: bool,
     sources: Vec<IpAddr>,
@@ -214,14 +225,16 @@ impl Connector {
         }
         let host = uri.host().context("URL without a host")?;
         let port = uri.port_u16().unwrap_or(80);
-        let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
             .await
             .with_context(|| format!("cannot resolve {host}"))?
-            .next()
-            .with_context(|| format!("{host} resolves to no address"))?;
+            .collect();
+        if addrs.is_empty() {
+            bail!("{host} resolves to no address");
+        }
         Ok(Connector {
             url: url.to_owned(),
-            addr,
+            addrs,
             token: token.map(str::to_owned),
             raw,
             sources: Vec::new(),
@@ -243,21 +256,29 @@ impl Connector {
         format!("{}{path}", &self.url[..host_end])
     }
 
-    /// Opens connection number `index` to `url`; a wsproto session's
-    /// WELCOME is read before it is handed over.
+    /// Opens connection number `index` to `url`, within [`CONNECT_TIMEOUT`];
+    /// a wsproto session's WELCOME is read before it is handed over.
     async fn connect(&self, url: &str, index: usize) -> anyhow::Result<Ws> {
-        let socket = match self.addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        if !self.sources.is_empty() {
-            let source = self.sources[index % self.sources.len()];
-            socket
-                .bind(SocketAddr::new(source, 0))
-                .with_context(|| format!("cannot bind source address {source}"))?;
+        tokio::time::timeout(CONNECT_TIMEOUT, self.open(url, index))
+            .await
+            .with_context(|| format!("no WebSocket session within {CONNECT_TIMEOUT:?}"))?
+    }
+
+    async fn open(&self, url: &str, index: usize) -> anyhow::Result<Ws> {
+        let mut last_error = None;
+        let mut tcp = None;
+        for &addr in &self.addrs {
+            match self.dial(addr, index).await {
+                Ok(stream) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Err(err) => last_error = Some(err),
+            }
         }
-        let tcp = socket.connect(self.addr).await?;
-        tcp.set_nodelay(true)?;
+        let Some(tcp) = tcp else {
+            return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no address to connect to")));
+        };
         let mut request = url.into_client_request()?;
         if let Some(token) = &self.token {
             request
@@ -273,6 +294,26 @@ impl Connector {
             }
         }
         Ok(ws)
+    }
+
+    /// A TCP connection to `addr`, from this connection's source address.
+    async fn dial(&self, addr: SocketAddr, index: usize) -> anyhow::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        let source = (!self.sources.is_empty()).then(|| self.sources[index % self.sources.len()]);
+        if let Some(source) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) {
+            socket
+                .bind(SocketAddr::new(source, 0))
+                .with_context(|| format!("cannot bind source address {source}"))?;
+        }
+        let tcp = socket
+            .connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
     }
 }
 
@@ -305,9 +346,12 @@ where
 {
     let progress = Progress::new("connecting");
     let at_once = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
-    // Starts are paced in 10 ms steps: the timer's resolution is 1 ms.
-    let per_step = (ramp as usize / 100).max(1);
-    let mut step = tokio::time::interval(Duration::from_millis(10));
+    // Starts are paced in steps of at least 10 ms (the timer's resolution
+    // is 1 ms): `per_step` connections every `period`.
+    let per_step = (ramp as usize).div_ceil(100);
+    let period = Duration::from_secs_f64(per_step as f64 / f64::from(ramp));
+    let mut step = tokio::time::interval(period);
+    step.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut attempts = Vec::with_capacity(n);
     for index in 0..n {
         if index % per_step == 0 {
@@ -418,19 +462,25 @@ async fn echo_worker(
 ) {
     let mut in_flight: VecDeque<Instant> = VecDeque::with_capacity(depth);
     let tokio_deadline = tokio::time::Instant::from_std(deadline);
+    // Writes are bounded too: a server that stops reading must not hang the run.
+    let write_deadline = tokio_deadline + GRACE;
     loop {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
         if in_flight.len() < depth {
-            while in_flight.len() < depth {
-                if ws.feed(Message::Binary(frame.clone())).await.is_err() {
-                    return stats.fail();
+            let refill = async {
+                while in_flight.len() < depth {
+                    ws.feed(Message::Binary(frame.clone())).await?;
+                    in_flight.push_back(now);
                 }
-                in_flight.push_back(now);
-            }
-            if ws.flush().await.is_err() {
+                ws.flush().await
+            };
+            if !matches!(
+                tokio::time::timeout_at(write_deadline, refill).await,
+                Ok(Ok(()))
+            ) {
                 return stats.fail();
             }
         }
@@ -460,7 +510,7 @@ async fn echo_worker(
             next = ws.next().now_or_never();
         }
     }
-    let _ = ws.close(None).await;
+    let _ = tokio::time::timeout(GRACE, ws.close(None)).await;
 }
 
 async fn fanout(
@@ -504,7 +554,7 @@ async fn fanout(
         readers.spawn(fanout_reader(ws, shared.clone(), connector.raw, index));
     }
 
-    let mut publisher = Publisher::connect(connector, &args).await?;
+    let mut publisher = Publisher::connect(connector, &args, shared.clone()).await?;
     let progress = Progress::ticking("fanout", shared.clone_stats(), args.duration);
     let started = Instant::now();
     let deadline = started + args.duration;
@@ -527,7 +577,9 @@ async fn fanout(
                 // Closed loop: wait while --window messages are not yet
                 // delivered to every subscriber.
                 let window = args.window.saturating_sub(1) * subs;
-                while published * subs - shared.stats.ops.load(Ordering::Relaxed) > window {
+                while (published * subs).saturating_sub(shared.stats.ops.load(Ordering::Relaxed))
+                    > window
+                {
                     let wake = tokio::time::timeout(
                         Duration::from_millis(50),
                         shared.delivered.notified(),
@@ -541,7 +593,15 @@ async fn fanout(
                 }
             }
         }
-        let data = message_data(published, shared.epoch.elapsed(), args.size as usize);
+        // At a fixed rate a message is stamped with when it was due, so a
+        // publisher held back by the server shows up in the latency.
+        let sent = match per_second {
+            Some(rate) => {
+                (started - shared.epoch) + Duration::from_secs_f64(published as f64 / rate)
+            }
+            None => shared.epoch.elapsed(),
+        };
+        let data = message_data(published, sent, args.size as usize);
         if let Err(err) = publisher.publish(&args.topic, data).await {
             progress.done();
             return Err(err.context(format!("publishing message {published}")));
@@ -673,6 +733,9 @@ async fn fanout_reader(mut ws: Ws, shared: Arc<Fanout>, raw: bool, index: usize)
             shared.delivered.notify_one();
         }
     }
+    // Readers are stopped by abort at the end; getting here means the
+    // server closed the subscriber (or the connection broke).
+    shared.stats.fail();
 }
 
 /// The publishing side of `fanout`.
@@ -685,8 +748,11 @@ enum Publisher {
         raw: bool,
     },
     /// `POST /api/publish` over one keep-alive connection.
+    /// (The server closes a plain HTTP connection after its handshake
+    /// timeout, so a closed one is replaced.)
     Http {
         sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        addrs: Vec<SocketAddr>,
         path: String,
         authority: String,
         key: String,
@@ -694,20 +760,21 @@ enum Publisher {
 }
 
 impl Publisher {
-    async fn connect(connector: &Arc<Connector>, args: &FanoutArgs) -> anyhow::Result<Publisher> {
+    async fn connect(
+        connector: &Arc<Connector>,
+        args: &FanoutArgs,
+        shared: Arc<Fanout>,
+    ) -> anyhow::Result<Publisher> {
         if args.via == Via::Http {
             let key = args.api_key.clone().context("--via http needs --api-key")?;
-            let tcp = TcpStream::connect(connector.addr).await?;
-            tcp.set_nodelay(true)?;
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(connection);
+            let sender = http_connection(&connector.addrs).await?;
             let http = connector
                 .url_with_path("/api/publish")
                 .replacen("ws://", "http://", 1);
             let uri: Uri = http.parse()?;
             return Ok(Publisher::Http {
                 sender,
+                addrs: connector.addrs.clone(),
                 path: uri.path().to_owned(),
                 authority: uri.authority().map(|a| a.to_string()).unwrap_or_default(),
                 key,
@@ -719,7 +786,17 @@ impl Publisher {
         };
         let ws = connector.connect(&url, 0).await?;
         let (sink, mut stream) = ws.split();
-        let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+        // Replies are read so the server never sees a stalled publisher;
+        // an ERROR (no permission to publish, rate limited) is counted.
+        let drain = tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if let Message::Binary(bytes) = message {
+                    if Frame::decode(bytes).is_ok_and(|f| f.opcode == opcode::ERROR) {
+                        shared.stats.fail();
+                    }
+                }
+            }
+        });
         Ok(Publisher::Ws {
             sink,
             drain,
@@ -745,18 +822,31 @@ impl Publisher {
             }
             Publisher::Http {
                 sender,
+                addrs,
                 path,
                 authority,
                 key,
             } => {
-                let body = json!({"topic": topic, "data": std::str::from_utf8(&data)?});
-                let request = hyper::Request::post(path.as_str())
-                    .header(hyper::header::HOST, authority.as_str())
-                    .header(hyper::header::CONTENT_TYPE, "application/json")
-                    .header(hyper::header::AUTHORIZATION, format!("Bearer {key}"))
-                    .body(Full::new(Bytes::from(body.to_string())))?;
-                sender.ready().await?;
-                let response = sender.send_request(request).await?;
+                let body = json!({"topic": topic, "data": std::str::from_utf8(&data)?}).to_string();
+                let request = || {
+                    hyper::Request::post(path.as_str())
+                        .header(hyper::header::HOST, authority.as_str())
+                        .header(hyper::header::CONTENT_TYPE, "application/json")
+                        .header(hyper::header::AUTHORIZATION, format!("Bearer {key}"))
+                        .body(Full::new(Bytes::from(body.clone())))
+                };
+                if sender.ready().await.is_err() {
+                    *sender = http_connection(addrs).await?;
+                }
+                let response = match sender.send_request(request()?).await {
+                    // Closed under us before the request went out: it is
+                    // safe to send again on a new connection.
+                    Err(err) if err.is_canceled() => {
+                        *sender = http_connection(addrs).await?;
+                        sender.send_request(request()?).await?
+                    }
+                    result => result?,
+                };
                 let status = response.status();
                 let body = response.into_body().collect().await?.to_bytes();
                 if !status.is_success() {
@@ -781,14 +871,23 @@ impl Publisher {
     }
 }
 
+/// A keep-alive HTTP/1 connection to the first of `addrs` that answers.
+async fn http_connection(
+    addrs: &[SocketAddr],
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(addrs).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
 async fn connections(
     connector: &Arc<Connector>,
     ramp: u32,
     args: ConnectionsArgs,
+    fd_limit: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    // Every connection costs one descriptor here (and one in the server).
-    let fd_limit =
-        rlimit::increase_nofile_limit(u64::MAX).context("cannot raise the open-file limit")?;
     let budget = fd_limit.saturating_sub(SPARE_FDS) as usize;
     let conns = args.conns.min(budget);
     if conns < args.conns {
@@ -800,7 +899,7 @@ async fn connections(
     }
     let mut connector =
         Connector::new(&connector.url, connector.token.as_deref(), connector.raw).await?;
-    connector.sources = source_addresses(connector.addr, conns, args.sources);
+    connector.sources = source_addresses(connector.addrs[0], conns, args.sources);
     // Idle sessions read only pings and the odd control frame.
     connector.config = connector.config.read_buffer_size(4096);
     let connector = Arc::new(connector);
@@ -812,7 +911,7 @@ async fn connections(
     let alive = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::new(Notify::new());
-    let (holders, failed, first_error) = connect_all(conns, ramp, |index| {
+    let (holders, _, first_error) = connect_all(conns, ramp, |index| {
         let (connector, alive, stop, stopped) = (
             connector.clone(),
             alive.clone(),
@@ -856,8 +955,8 @@ async fn connections(
         "mode": "connections",
         "conns": conns,
         "held": held,
-        "failed": failed as u64 + (conns - failed) as u64 - held,
-        "errors": failed,
+        "failed": conns as u64 - held,
+        "errors": conns as u64 - held,
         "fd_limit": fd_limit,
         "rss_before_bytes": rss_before,
         "rss_after_bytes": rss_after,
@@ -883,7 +982,7 @@ async fn hold(mut ws: Ws, alive: Arc<AtomicU64>, stop: Arc<AtomicBool>, stopped:
             _ = stopping => break,
         }
     }
-    let _ = ws.close(None).await;
+    let _ = tokio::time::timeout(GRACE, ws.close(None)).await;
 }
 
 /// Source addresses for `conns` connections to `server`: none to let the
