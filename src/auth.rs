@@ -205,7 +205,16 @@ impl Authenticator {
             .ok_or_else(|| AuthError::Missing {
                 cookie: self.cookie.clone(),
             })?;
-        let claims = jsonwebtoken::decode::<Claims>(&token, &self.key, &self.validation)
+        self.verify(&token)
+    }
+
+    /// Verifies one token (at the upgrade, or from REFRESH_TOKEN) and
+    /// returns the identity it grants.
+    ///
+    /// # Errors
+    /// An [`AuthError`] naming what is wrong.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|err| match err.kind() {
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::ExpiredSignature => AuthError::Expired,

@@ -32,6 +32,9 @@ pub enum ErrorCode {
     /// The session sends frames faster than `--rate-limit`; the frame was
     /// not processed. Keeping on closes the session with 1008.
     RateLimited = 17,
+    /// REFRESH_TOKEN was refused: the token does not verify, is for another
+    /// user, or the server does not authenticate.
+    InvalidToken = 18,
 }
 
 impl ErrorCode {
@@ -54,6 +57,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => "PERMISSION_DENIED",
             ErrorCode::NotInRoom => "NOT_IN_ROOM",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::InvalidToken => "INVALID_TOKEN",
         }
     }
 
@@ -71,6 +75,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied,
             ErrorCode::NotInRoom,
             ErrorCode::RateLimited,
+            ErrorCode::InvalidToken,
         ]
         .into_iter()
         .find(|c| c.as_u32() == code)

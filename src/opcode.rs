@@ -16,6 +16,9 @@ pub const PONG: u32 = 4;
 /// Server → client: a request that carried a request id succeeded and has
 /// no other reply. Empty payload.
 pub const ACK: u32 = 5;
+/// Client → server: replace the session's token before it expires
+/// (`wsproto.v1.RefreshToken`); replies `TokenRefreshed`.
+pub const REFRESH_TOKEN: u32 = 6;
 
 /// Client → server: subscribe to topics (`wsproto.v1.Subscribe`).
 pub const SUBSCRIBE: u32 = 10;
@@ -106,6 +109,12 @@ pub const BUILTIN: &[OpcodeSpec] = &[
         name: "ACK",
         request: PayloadKind::None,
         reply: PayloadKind::Empty,
+    },
+    OpcodeSpec {
+        code: REFRESH_TOKEN,
+        name: "REFRESH_TOKEN",
+        request: PayloadKind::Message("wsproto.v1.RefreshToken"),
+        reply: PayloadKind::Message("wsproto.v1.TokenRefreshed"),
     },
     OpcodeSpec {
         code: SUBSCRIBE,

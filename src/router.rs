@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use crate::{
     error::{ErrorCode, HandlerError},
     frame::{Frame, Preview, MAX_OPCODE},
-    handlers::pubsub,
+    handlers::{auth, pubsub},
     opcode,
     session::Session,
 };
@@ -85,7 +85,7 @@ impl Router {
     /// A table with the protocol's own opcodes (pub/sub, rooms, presence)
     /// and no application opcodes.
     pub fn new() -> Router {
-        let protocol: [(u32, Box<dyn Handler>); 9] = [
+        let protocol: [(u32, Box<dyn Handler>); 10] = [
             (opcode::SUBSCRIBE, Box::new(pubsub::subscribe)),
             (opcode::UNSUBSCRIBE, Box::new(pubsub::unsubscribe)),
             (opcode::PUBLISH, Box::new(pubsub::publish_to_topic)),
@@ -95,6 +95,7 @@ impl Router {
             (opcode::SEND, Box::new(pubsub::send)),
             (opcode::PRESENCE, Box::new(pubsub::presence)),
             (opcode::PING, Box::new(pong)),
+            (opcode::REFRESH_TOKEN, Box::new(auth::refresh_token)),
         ];
         Router {
             handlers: protocol.into_iter().collect(),

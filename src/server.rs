@@ -77,7 +77,7 @@ struct AppState {
     per_address: AddressLimit,
     origins: OriginPolicy,
     /// Verifies tokens at upgrade; `None` in insecure mode.
-    auth: Option<Authenticator>,
+    auth: Option<Arc<Authenticator>>,
     /// Terminates TLS when a certificate is configured.
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
@@ -154,7 +154,8 @@ impl Server {
             max_rooms: config.max_rooms,
         };
         let auth = Authenticator::from_settings(&config.auth())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+            .map(Arc::new);
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(
                 tls::server_config(cert, key)
@@ -505,16 +506,17 @@ async fn protocol_endpoint(
         let reason = format!("at most {} subscriptions\n", state.config.max_subscriptions);
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
-    let (hub, router, config, shutdown, abort) = (
+    let (hub, router, config, shutdown, abort, authenticator) = (
         state.hub.clone(),
         state.router.clone(),
         state.config.clone(),
         state.shutdown.clone(),
         state.abort.clone(),
+        state.auth.clone(),
     );
     upgrade_then(&state, request, move |ws| {
         let queue = SessionQueue::with_limits(config.send_queue, config.send_queue_bytes);
-        let session = Session::new(hub, identity, Some(peer), queue);
+        let session = Session::new(hub, identity, authenticator, Some(peer), queue);
         session::run(
             ws,
             session,

@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -35,6 +35,7 @@ use tracing::debug;
 use wsproto_proto::v1;
 
 use crate::{
+    auth::Authenticator,
     close::CloseReason,
     error::ErrorCode,
     frame::{Frame, Preview},
@@ -64,7 +65,14 @@ pub struct Session {
 
 struct Inner {
     id: Arc<str>,
-    identity: Identity,
+    /// Fixed for the session's life (a refreshed token must name the same user).
+    user_id: Option<Arc<str>>,
+    /// Replaced by REFRESH_TOKEN.
+    identity: RwLock<Arc<Identity>>,
+    /// Set when `identity` was replaced, so the reader re-arms the expiry timer.
+    identity_changed: AtomicBool,
+    /// Verifies refreshed tokens; `None` in insecure mode.
+    authenticator: Option<Arc<Authenticator>>,
     remote_addr: Option<SocketAddr>,
     connected_at: Instant,
     queue: SessionQueue,
@@ -82,13 +90,17 @@ impl Session {
     pub(crate) fn new(
         hub: Hub,
         identity: Identity,
+        authenticator: Option<Arc<Authenticator>>,
         remote_addr: Option<SocketAddr>,
         queue: SessionQueue,
     ) -> Session {
         Session {
             inner: Arc::new(Inner {
                 id: hub.next_session_id(),
-                identity,
+                user_id: identity.user_id.clone(),
+                identity: RwLock::new(Arc::new(identity)),
+                identity_changed: AtomicBool::new(false),
+                authenticator,
                 remote_addr,
                 connected_at: Instant::now(),
                 queue,
@@ -107,7 +119,7 @@ impl Session {
     /// [`Session::queue`]. For testing and fuzzing handlers.
     pub fn detached(hub: &Hub, identity: Identity, queue_capacity: usize) -> Registration {
         let queue = SessionQueue::new(queue_capacity);
-        Registration::new(&Session::new(hub.clone(), identity, None, queue))
+        Registration::new(&Session::new(hub.clone(), identity, None, None, queue))
     }
 
     /// Unique across the nodes of a deployment.
@@ -117,12 +129,34 @@ impl Session {
 
     /// The user this session acts for, when known.
     pub fn user_id(&self) -> Option<&str> {
-        self.inner.identity.user_id.as_deref()
+        self.inner.user_id.as_deref()
     }
 
-    /// Who the session acts for and what it may subscribe and publish to.
-    pub fn identity(&self) -> &Identity {
-        &self.inner.identity
+    /// Who the session acts for and what it may subscribe and publish to,
+    /// as of its latest token.
+    pub fn identity(&self) -> Arc<Identity> {
+        self.inner
+            .identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Verifies tokens for REFRESH_TOKEN; `None` in insecure mode.
+    pub(crate) fn authenticator(&self) -> Option<&Authenticator> {
+        self.inner.authenticator.as_deref()
+    }
+
+    /// Puts a refreshed token's identity in place (same user); its expiry
+    /// takes over from the old one.
+    pub(crate) fn replace_identity(&self, identity: Identity) {
+        debug_assert_eq!(identity.user_id, self.inner.user_id);
+        *self
+            .inner
+            .identity
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(identity);
+        self.inner.identity_changed.store(true, Ordering::Release);
     }
 
     /// The client's address as the server saw it.
@@ -262,10 +296,13 @@ pub(crate) async fn run<S>(
     let mut over_limit = 0u32;
     let mut handled_in_a_row = 0u32;
     let mut close_deadline: Option<tokio::time::Instant> = None;
-    let token_expiry = session
-        .identity()
-        .expires_at
-        .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at));
+    let expiry_of = |session: &Session| {
+        session
+            .identity()
+            .expires_at
+            .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at))
+    };
+    let mut token_expiry = expiry_of(&session);
     // Made once, not per frame: each registers with its token or queue.
     // The guards below never poll one again after it has completed.
     let terminated = terminate.cancelled();
@@ -332,6 +369,13 @@ pub(crate) async fn run<S>(
                 }
                 session.inner.handling.store(false, Ordering::Relaxed);
                 session.touch();
+                if session
+                    .inner
+                    .identity_changed
+                    .swap(false, Ordering::Acquire)
+                {
+                    token_expiry = expiry_of(&session);
+                }
                 // A client that pipelines gets its first replies while the
                 // rest of its frames are handled, not all of them at the end.
                 handled_in_a_row = handled_in_a_row.wrapping_add(1);

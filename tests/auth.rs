@@ -12,7 +12,7 @@ use std::{
 use common::{config, raw_handshake, TestServer};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use wsproto::{Config, ErrorCode};
+use wsproto::{opcode, proto::v1, Config, ErrorCode};
 use wsproto_client::{Client, ClientError};
 
 const SECRET: &str = "test-secret";
@@ -194,6 +194,90 @@ async fn a_session_is_closed_with_4001_when_its_token_expires() {
         other => panic!("expected close 4001, got {other:?}"),
     }
     server.wait_for_sessions(0).await;
+}
+
+#[tokio::test]
+async fn refresh_token_keeps_a_session_past_its_first_token() {
+    let server = start().await;
+    let token = |sub: &str, lifetime: u64| {
+        hs256(
+            json!({"sub": sub, "exp": now() + lifetime, "aud": "wsproto-test", "subscribe": ["news.#"]}),
+            SECRET,
+        )
+    };
+    let mut client = Client::connect(&format!("{}?token={}", server.url(), token("alice", 2)))
+        .await
+        .unwrap();
+    client.welcome().await.unwrap();
+
+    let refresh = |token: String| v1::RefreshToken { token };
+    let refreshed: v1::TokenRefreshed = client
+        .request(opcode::REFRESH_TOKEN, &refresh(token("alice", 60)))
+        .await
+        .unwrap();
+    let expected_ms = (now() + 60) * 1000;
+    assert!(
+        refreshed.expires_at_ms.abs_diff(expected_ms) <= 2000,
+        "{refreshed:?}"
+    );
+
+    // Refusals leave the session and its current token alone.
+    for (bad, why) in [
+        (token("mallory", 60), "another user"),
+        (
+            hs256(
+                json!({"sub": "alice", "exp": now() + 60, "aud": "wsproto-test"}),
+                "wrong",
+            ),
+            "bad signature",
+        ),
+        (token("alice", 0).replace('.', "!"), "garbage"),
+    ] {
+        match client
+            .request::<v1::TokenRefreshed>(opcode::REFRESH_TOKEN, &refresh(bad))
+            .await
+        {
+            Err(ClientError::ErrorFrame { code, .. }) => {
+                assert_eq!(code, ErrorCode::InvalidToken.as_u32(), "{why}")
+            }
+            other => panic!("{why}: expected INVALID_TOKEN, got {other:?}"),
+        }
+    }
+
+    // Past the first token's expiry the session is still served...
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let reply = client.call(opcode::ECHO, "still here").await.unwrap();
+    assert_eq!(reply.payload, "still here");
+
+    // ...and a refreshed token that expires soon closes it with 4001 then.
+    let _: v1::TokenRefreshed = client
+        .request(opcode::REFRESH_TOKEN, &refresh(token("alice", 1)))
+        .await
+        .unwrap();
+    match client.recv_timeout(Duration::from_secs(10)).await {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, 4001),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    server.wait_for_sessions(0).await;
+}
+
+#[tokio::test]
+async fn refresh_token_in_insecure_mode_is_refused() {
+    let server = TestServer::start(config()).await;
+    let mut client = server.client().await;
+    let refresh = v1::RefreshToken {
+        token: "anything".into(),
+    };
+    match client
+        .request::<v1::TokenRefreshed>(opcode::REFRESH_TOKEN, &refresh)
+        .await
+    {
+        Err(ClientError::ErrorFrame { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::InvalidToken.as_u32());
+            assert!(message.contains("insecure mode"), "{message}");
+        }
+        other => panic!("expected INVALID_TOKEN, got {other:?}"),
+    }
 }
 
 /// A server verifying with `<name>-public.pem` accepts tokens signed with

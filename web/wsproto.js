@@ -32,6 +32,7 @@ export const OP = Object.freeze({
   PING: 3,
   PONG: 4,
   ACK: 5,
+  REFRESH_TOKEN: 6,
   SUBSCRIBE: 10,
   UNSUBSCRIBE: 11,
   PUBLISH: 12,
@@ -59,6 +60,8 @@ export const ERROR_CODE = Object.freeze({
   INVALID_TOPIC: 14,
   PERMISSION_DENIED: 15,
   NOT_IN_ROOM: 16,
+  RATE_LIMITED: 17,
+  INVALID_TOKEN: 18,
 });
 
 /** `wsproto.v1.Delivery.Kind`. */
@@ -204,6 +207,8 @@ const SCHEMAS = {
     6: ['maxMessageSize', 'uint32'],
     7: ['pingTimeoutMs', 'uint32'],
   },
+  RefreshToken: { 1: ['token', 'string'] },
+  TokenRefreshed: { 1: ['expiresAtMs', 'uint64'] },
   // pubsub.proto
   Subscribe: { 1: ['topics', 'string', true] },
   Unsubscribe: { 1: ['topics', 'string', true] },
@@ -688,6 +693,16 @@ export class WsprotoClient extends EventTarget {
   /** Sends data directly to every session of `userId`, or to one `sessionId`. Resolves to Published. */
   send({ userId = '', sessionId = '' }, data) {
     return this._call(OP.SEND, 'Send', { userId, sessionId, data: toBytes(data) }, OP.SEND, 'Published');
+  }
+
+  /**
+   * Replaces the session's token before it expires (authenticated servers),
+   * so the session is not closed with 4001. Resolves to TokenRefreshed;
+   * rejects with INVALID_TOKEN. Pair it with the cookie or URL the next
+   * reconnect will use.
+   */
+  refreshToken(token) {
+    return this._call(OP.REFRESH_TOKEN, 'RefreshToken', { token }, OP.REFRESH_TOKEN, 'TokenRefreshed');
   }
 
   /** Who is in `{room}`, or how many sessions subscribe to `{topic}`. Resolves to Presence. */

@@ -6,6 +6,7 @@
 //! | 110    | ADD_FRIEND | friend's name, UTF-8       | `wsproto.v1.FriendAdded`   |
 //! | 111    | GET_INFO   | `wsproto.v1.InfoRequest`   | `wsproto.v1.Info`          |
 
+pub(crate) mod auth;
 mod echo;
 mod info;
 pub mod pubsub;

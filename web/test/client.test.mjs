@@ -8,6 +8,7 @@ import {
   decodeMessage,
   encodeFrame,
   encodeMessage,
+  ERROR_CODE,
   OP,
   WsprotoClient,
 } from '../wsproto.js';
@@ -100,6 +101,23 @@ test('an ERROR echoing the id rejects with its code; others become error events'
   ws.push(OP.ERROR, encodeMessage('Error', { code: 15, message: 'not in room lobby', opcode: OP.SAY }), requestId);
   await assert.rejects(said, (err) => err.code === 15 && err.opcode === OP.SAY && /not in room/.test(err.message));
   assert.equal((await unsolicited).code, 3);
+  c.close();
+});
+
+test('refreshToken sends REFRESH_TOKEN and resolves to TokenRefreshed', async () => {
+  const c = client();
+  const ws = latest();
+  ws.open();
+  const refreshed = c.refreshToken('new.jwt.token');
+  const [sent] = ws.sent;
+  assert.equal(sent.opcode, OP.REFRESH_TOKEN);
+  assert.deepEqual(decodeMessage('RefreshToken', sent.payload), { token: 'new.jwt.token' });
+  ws.push(OP.REFRESH_TOKEN, encodeMessage('TokenRefreshed', { expiresAtMs: 1700000060000 }), sent.requestId);
+  assert.deepEqual(await refreshed, { expiresAtMs: 1700000060000 });
+
+  const refused = c.refreshToken('bad');
+  ws.push(OP.ERROR, encodeMessage('Error', { code: ERROR_CODE.INVALID_TOKEN, message: 'bad signature', opcode: OP.REFRESH_TOKEN }), ws.sent[1].requestId);
+  await assert.rejects(refused, (err) => err.code === ERROR_CODE.INVALID_TOKEN);
   c.close();
 });
 
