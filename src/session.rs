@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::{
     tungstenite::{
         error::{Error as WsError, ProtocolError},
@@ -273,7 +273,7 @@ pub(crate) async fn run<S>(
     // WELCOME is queued before the session is reachable through the hub, so
     // it is always the first frame.
     send_welcome(&session, &config);
-    let _registration = Registration::new(&session);
+    let registration = Registration::new(&session);
     // Checked against permissions and the limit at upgrade.
     let _ = session.hub().subscribe_all(session.id(), &subscriptions);
     debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
@@ -288,7 +288,8 @@ pub(crate) async fn run<S>(
         config.clone(),
         terminate.clone(),
     ));
-    let mut writer_done = false;
+    // The writer hands the sink back when it ends, for the last flush.
+    let mut writer_ended = None;
 
     let queue = session.queue().clone();
     let mut limiter = TokenBucket::new(config.rate_limit, config.rate_burst);
@@ -335,9 +336,9 @@ pub(crate) async fn run<S>(
                 queue.close(CloseReason::MESSAGE_TOO_BIG);
                 // The rest of the oversized message is still on the wire, so
                 // nothing more can be read; let the writer send the close.
-                writer_done = tokio::time::timeout(config.write_timeout, &mut writer)
-                    .await
-                    .is_ok();
+                if let Ok(ended) = tokio::time::timeout(config.write_timeout, &mut writer).await {
+                    writer_ended = Some(ended.ok());
+                }
                 break;
             }
             Some(Err(err)) => {
@@ -387,10 +388,30 @@ pub(crate) async fn run<S>(
     }
 
     terminate.cancel();
-    if !writer_done {
-        let _ = writer.await;
-    }
+    let sink = match writer_ended {
+        Some(sink) => sink,
+        None => writer.await.ok(),
+    };
     count_ending(&session);
+    drop(registration);
+    // When the client closed first, the codec answers its close and reports
+    // the connection closed without flushing: what it could not write yet,
+    // and what a TLS stream holds, go out now (the session is already gone
+    // from the hub). A session the server closed has had its chance to
+    // flush, so a slow consumer gets only a moment more.
+    let last_flush = match queue.close_reason() {
+        None => config.write_timeout,
+        Some(_) => config.write_timeout.min(Duration::from_secs(1)),
+    };
+    if let Some(mut ws) = sink.and_then(|sink| stream.reunite(sink).ok()) {
+        let flush = async {
+            // The codec's buffer (it reports ConnectionClosed once written),
+            // then the stream's.
+            let _ = SinkExt::flush(&mut ws).await;
+            let _ = ws.get_mut().flush().await;
+        };
+        let _ = tokio::time::timeout(last_flush, flush).await;
+    }
     debug!(
         session = %session.id(),
         reason = ?queue.close_reason(),
@@ -540,12 +561,15 @@ enum WriterWork {
 
 /// The only task that writes to the socket: drains the queue in batches
 /// (one flush per batch), pings on an interval and closes silent clients.
+///
+/// Returns the sink, so the session can flush what is left at the end.
 async fn write_loop<S>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
     session: Session,
     config: Arc<Config>,
     terminate: CancellationToken,
-) where
+) -> futures_util::stream::SplitSink<WebSocketStream<S>, Message>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let queue = session.queue().clone();
@@ -597,7 +621,7 @@ async fn write_loop<S>(
         match written {
             Ok(Ok(())) if closing => {
                 // The reader waits for the client's answering close.
-                return;
+                return sink;
             }
             Ok(Ok(())) => {
                 session
@@ -612,7 +636,7 @@ async fn write_loop<S>(
             )) if !closing => {
                 // The client closed first: the reader answers its close and
                 // ends the session; cutting it off here would lose that answer.
-                return;
+                return sink;
             }
             Ok(Err(err)) => {
                 debug!(session = %session.id(), %err, "write failed");
@@ -626,4 +650,5 @@ async fn write_loop<S>(
         }
     }
     terminate.cancel();
+    sink
 }
