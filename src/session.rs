@@ -403,14 +403,10 @@ pub(crate) async fn run<S>(
         None => config.write_timeout,
         Some(_) => config.write_timeout.min(Duration::from_secs(1)),
     };
-    if let Some(mut ws) = sink.and_then(|sink| stream.reunite(sink).ok()) {
-        let flush = async {
-            // The codec's buffer (it reports ConnectionClosed once written),
-            // then the stream's.
-            let _ = SinkExt::flush(&mut ws).await;
-            let _ = ws.get_mut().flush().await;
-        };
-        let _ = tokio::time::timeout(last_flush, flush).await;
+    if let Some(sink) = sink {
+        // Boxed: the whole socket is in this future, and inline it would
+        // make every session's task that much bigger for its whole life.
+        Box::pin(flush_rest(stream, sink, last_flush)).await;
     }
     debug!(
         session = %session.id(),
@@ -420,6 +416,27 @@ pub(crate) async fn run<S>(
         dropped = queue.dropped(),
         "session closed"
     );
+}
+
+/// Puts the socket's halves back together and flushes what the codec and
+/// the stream still hold, for at most `within`.
+async fn flush_rest<S>(
+    stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
+    sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    within: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Ok(mut ws) = stream.reunite(sink) else {
+        return;
+    };
+    let flush = async {
+        // The codec's buffer (it reports ConnectionClosed once written),
+        // then the stream's.
+        let _ = SinkExt::flush(&mut ws).await;
+        let _ = ws.get_mut().flush().await;
+    };
+    let _ = tokio::time::timeout(within, flush).await;
 }
 
 /// Adds a finished session's close reason and drops to the node's counters.
