@@ -9,6 +9,8 @@
 # Environment:
 #   DURATION  how long each run measures (default 5s; 1s with QUICK=1)
 #   QUICK     1 for the smoke run: 1 and 10 connections, one size, 10 subscribers
+#   REPEAT    runs of each echo cell, alternating servers (default 3; 1 with
+#             QUICK=1); the report shows each server's median
 #   OUT       the report (default benches/results/latest.md); the raw JSON
 #             lines go next to it, in ${OUT%.md}.jsonl
 #
@@ -25,6 +27,12 @@ else
     DURATION="${DURATION:-5s}"
 fi
 OUT="${OUT:-benches/results/latest.md}"
+# Echo cells are run REPEAT times each, alternating servers; the report
+# shows each server's median run.
+REPEAT="${REPEAT:-3}"
+if [ "$QUICK" = 1 ]; then
+    REPEAT=1
+fi
 JSONL="${OUT%.md}.jsonl"
 
 say() { printf 'compare.sh: %s\n' "$*" >&2; }
@@ -243,9 +251,12 @@ for conns in "${echo_conns[@]}"; do
     fits "$conns" echo || continue
     for size in "${echo_sizes[@]}"; do
         for depth in "${echo_depths[@]}"; do
-            for name in wsproto baseline; do
-                bench "$name" echo --conns "$conns" --depth "$depth" --size "$size" \
-                    --duration "$DURATION"
+            # Alternating repeats; the report takes each server's median.
+            for _ in $(seq "$REPEAT"); do
+                for name in wsproto baseline; do
+                    bench "$name" echo --conns "$conns" --depth "$depth" --size "$size" \
+                        --duration "$DURATION"
+                done
             done
         done
     done
@@ -287,9 +298,9 @@ report="$scratch/report.md"
 {
     echo "# wsproto vs baseline (plain tokio-tungstenite)"
     echo
-    printf '%s · `%s` · %s · nproc %s · %s · open-file limit %s · %s per run%s · commit %s\n' \
+    printf '%s · `%s` · %s · nproc %s · %s · open-file limit %s · %s per run, echo cells median of %s%s · commit %s\n' \
         "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(uname -srm)" "${cpu_model:-unknown CPU}" \
-        "$(nproc)" "$pinning" "$fd_limit" "$DURATION" \
+        "$(nproc)" "$pinning" "$fd_limit" "$DURATION" "$REPEAT" \
         "$run_kind" \
         "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo

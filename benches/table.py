@@ -27,9 +27,18 @@ def workload(run):
     raise SystemExit(f"table.py: unknown mode {mode!r}")
 
 
+def headline(run):
+    """The number a run is ranked by when a workload was repeated."""
+    return run.get("ops_per_s") or run.get("deliveries_per_s") or 0
+
+
 def load(path):
-    """Pairs of runs by workload, in the order the workloads were first run."""
-    pairs = {}
+    """Pairs of runs by workload, in the order the workloads were first run.
+
+    A workload run several times (compare.sh's REPEAT) is represented by
+    its median run on each server, by throughput: single short runs on a
+    shared machine move by ±10%, the median much less."""
+    repeats = {}
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -38,7 +47,15 @@ def load(path):
                 run = json.loads(line)
             except json.JSONDecodeError as err:
                 raise SystemExit(f"table.py: {path}:{number}: {err}") from err
-            pairs.setdefault(workload(run), {})[run["server"]] = run
+            repeats.setdefault(workload(run), {}).setdefault(run["server"], []).append(run)
+    pairs = {}
+    for key, by_server in repeats.items():
+        pairs[key] = {}
+        for server, runs in by_server.items():
+            ranked = sorted(runs, key=headline)
+            median = dict(ranked[(len(ranked) - 1) // 2])
+            median["repeats"] = len(runs)
+            pairs[key][server] = median
     return pairs
 
 
