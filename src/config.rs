@@ -304,14 +304,35 @@ impl ListenAddr {
     /// # Errors
     /// As [`ListenAddr::bind`], and for a non-loopback address.
     pub async fn bind_loopback(&self) -> io::Result<TcpListener> {
+        self.bind_first(true).await
+    }
+
+    /// Binds a listener. `:PORT` tries the IPv6 wildcard first (which also
+    /// accepts IPv4 on Linux) and falls back to `0.0.0.0` where IPv6 is off.
+    ///
+    /// # Errors
+    /// When the host does not resolve or no address can be bound.
+    pub async fn bind(&self) -> io::Result<TcpListener> {
+        self.bind_first(false).await
+    }
+
+    /// Binds the first address this stands for that can be bound (and,
+    /// with `loopback_only`, is loopback); otherwise the last error.
+    async fn bind_first(&self, loopback_only: bool) -> io::Result<TcpListener> {
         let candidates: Vec<SocketAddr> = match self {
-            ListenAddr::AnyInterface(port) => vec![SocketAddr::from(([127, 0, 0, 1], *port))],
+            ListenAddr::AnyInterface(port) if loopback_only => {
+                vec![SocketAddr::from(([127, 0, 0, 1], *port))]
+            }
+            ListenAddr::AnyInterface(port) => vec![
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, *port)),
+                SocketAddr::from(([0, 0, 0, 0], *port)),
+            ],
             ListenAddr::Socket(addr) => vec![*addr],
             ListenAddr::Host(host, port) => lookup_host((host.as_str(), *port)).await?.collect(),
         };
         let mut last_err = None;
         for addr in candidates {
-            if !addr.ip().to_canonical().is_loopback() {
+            if loopback_only && !addr.ip().to_canonical().is_loopback() {
                 last_err = Some(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
@@ -328,32 +349,6 @@ impl ListenAddr {
             }
         }
         Err(last_err.unwrap_or_else(|| io::Error::other(format!("{self} resolves to no address"))))
-    }
-
-    /// Binds a listener. `:PORT` tries the IPv6 wildcard first (which also
-    /// accepts IPv4 on Linux) and falls back to `0.0.0.0` where IPv6 is off.
-    ///
-    /// # Errors
-    /// When the host does not resolve or no address can be bound.
-    pub async fn bind(&self) -> io::Result<TcpListener> {
-        match self {
-            ListenAddr::AnyInterface(port) => match TcpListener::bind(("::", *port)).await {
-                Ok(listener) => Ok(listener),
-                Err(_) => TcpListener::bind(("0.0.0.0", *port)).await,
-            },
-            ListenAddr::Socket(addr) => TcpListener::bind(addr).await,
-            ListenAddr::Host(host, port) => {
-                let mut last_err = None;
-                for addr in lookup_host((host.as_str(), *port)).await? {
-                    match TcpListener::bind(addr).await {
-                        Ok(listener) => return Ok(listener),
-                        Err(e) => last_err = Some(e),
-                    }
-                }
-                Err(last_err
-                    .unwrap_or_else(|| io::Error::other(format!("{host} resolves to no address"))))
-            }
-        }
     }
 }
 
