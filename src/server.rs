@@ -17,7 +17,7 @@ use axum::{
 use futures_util::{SinkExt, StreamExt};
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{io::AsyncWriteExt, net::TcpListener, sync::Semaphore};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::protocol::{Role, WebSocketConfig},
@@ -571,10 +571,8 @@ async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) 
                 return;
             }
             Ok(None) | Ok(Some(Err(_))) => {
-                // The codec writes its answer to a client's close without
-                // flushing the stream (a TLS stream holds it until then).
-                let _ = tokio::time::timeout(config.write_timeout, ws.get_mut().flush()).await;
-                return;
+                // The answer to a client's close may not be out yet.
+                return session::flush_rest(&mut ws, config.write_timeout).await;
             }
             Err(_idle) => {
                 let close = ws.close(Some(CloseReason::HEARTBEAT_TIMEOUT.frame()));

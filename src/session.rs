@@ -406,7 +406,12 @@ pub(crate) async fn run<S>(
     if let Some(sink) = sink {
         // Boxed: the whole socket is in this future, and inline it would
         // make every session's task that much bigger for its whole life.
-        Box::pin(flush_rest(stream, sink, last_flush)).await;
+        Box::pin(async move {
+            if let Ok(mut ws) = stream.reunite(sink) {
+                flush_rest(&mut ws, last_flush).await;
+            }
+        })
+        .await;
     }
     debug!(
         session = %session.id(),
@@ -418,22 +423,17 @@ pub(crate) async fn run<S>(
     );
 }
 
-/// Puts the socket's halves back together and flushes what the codec and
-/// the stream still hold, for at most `within`.
-async fn flush_rest<S>(
-    stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
-    sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    within: Duration,
-) where
+/// Flushes what the codec and the stream still hold, for at most `within`.
+/// The codec answers a client's close and reports the connection closed
+/// without flushing, and a TLS stream holds what was written until then.
+pub(crate) async fn flush_rest<S>(ws: &mut WebSocketStream<S>, within: Duration)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Ok(mut ws) = stream.reunite(sink) else {
-        return;
-    };
     let flush = async {
         // The codec's buffer (it reports ConnectionClosed once written),
         // then the stream's.
-        let _ = SinkExt::flush(&mut ws).await;
+        let _ = SinkExt::flush(&mut *ws).await;
         let _ = ws.get_mut().flush().await;
     };
     let _ = tokio::time::timeout(within, flush).await;
