@@ -205,6 +205,7 @@ pub async fn run(url: &str, token: Option<&str>, args: BenchArgs) -> anyhow::Res
 }
 
 /// Opens WebSocket connections to one server, from chosen source addresses.
+#[derive(Clone)]
 struct Connector {
     url: String,
     /// The server's addresses, tried in order.
@@ -555,7 +556,7 @@ async fn fanout(
     }
 
     let mut publisher = Publisher::connect(connector, &args, shared.clone()).await?;
-    let progress = Progress::ticking("fanout", shared.clone_stats(), args.duration);
+    let progress = Progress::ticking("fanout", shared.clone(), args.duration);
     let started = Instant::now();
     let deadline = started + args.duration;
     let per_second = match args.rate {
@@ -657,13 +658,6 @@ struct Fanout {
     /// Signalled each time another `subs` deliveries have arrived.
     delivered: Notify,
     last_delivery_ns: AtomicU64,
-}
-
-impl Fanout {
-    /// The counters, for the progress line.
-    fn clone_stats(self: &Arc<Self>) -> Arc<dyn Counted> {
-        self.clone()
-    }
 }
 
 /// Sequence number and send time (in hex), padded to `size` bytes: text,
@@ -897,8 +891,7 @@ async fn connections(
             args.conns
         );
     }
-    let mut connector =
-        Connector::new(&connector.url, connector.token.as_deref(), connector.raw).await?;
+    let mut connector = Connector::clone(connector);
     connector.sources = source_addresses(connector.addrs[0], conns, args.sources);
     // Idle sessions read only pings and the odd control frame.
     connector.config = connector.config.read_buffer_size(4096);
