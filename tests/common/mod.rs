@@ -6,6 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use wsproto::{handlers, Config, Hub, Router};
 pub use wsproto_client::{error_of, Client};
+pub mod external;
 
 /// A server running in this process on 127.0.0.1 and a free port.
 pub struct TestServer {
