@@ -30,16 +30,18 @@ use tracing::{debug, info, warn};
 use crate::{
     api,
     auth::{AuthError, Authenticator},
-    broker::MemoryBroker,
+    broker::{Broker, MemoryBroker},
     close::CloseReason,
+    connection, handlers,
     hub::HubConfig,
     identity::Identity,
     limit::AddressLimit,
     metrics::{self, CounterSnapshot},
+    node::Node,
     origin::OriginPolicy,
     queue::SessionQueue,
     read_ahead::ReadAhead,
-    session::{self, Session},
+    session::Session,
     tls,
     topic::Topic,
     upgrade::{self, UpgradeError},
@@ -67,7 +69,8 @@ pub struct Server {
 struct AppState {
     config: Arc<Config>,
     router: Arc<Router>,
-    hub: Hub,
+    /// This node: its hub of sessions, its broker and its counters.
+    node: Node,
     /// One permit per open WebSocket, so upgrades past the cap are refused.
     connections: Arc<Semaphore>,
     /// One permit per connection not yet upgraded, taken before `accept`.
@@ -148,11 +151,7 @@ impl Server {
             .write_buffer_size(WRITE_BUFFER)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
-        let hub_config = HubConfig {
-            policies: config.topic_policies.clone(),
-            max_subscriptions: config.max_subscriptions,
-            max_rooms: config.max_rooms,
-        };
+        let hub_config = hub_config(&config);
         let auth = Authenticator::from_settings(&config.auth())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
             .map(Arc::new);
@@ -180,8 +179,8 @@ impl Server {
             auth,
             tls,
             config: Arc::new(config),
-            router: Arc::new(router),
-            hub: Hub::with_config(hub_config, Arc::new(MemoryBroker::new())),
+            router: Arc::new(handlers::with_protocol(router)),
+            node: Node::with_broker(hub_config, Arc::new(MemoryBroker::new())),
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -198,9 +197,23 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// Publishes through `broker` instead of the default in-process
+    /// [`MemoryBroker`]: several servers sharing a broker act as one
+    /// deployment. Call before [`run`](Server::run).
+    pub fn with_broker(mut self, broker: Arc<dyn Broker>) -> Server {
+        let config = &self.state.config;
+        self.state.node = Node::with_broker(hub_config(config), broker);
+        self
+    }
+
+    /// This server's node: its hub, broker and counters.
+    pub fn node(&self) -> Node {
+        self.state.node.clone()
+    }
+
     /// This server's hub of sessions.
     pub fn hub(&self) -> Hub {
-        self.state.hub.clone()
+        self.state.node.hub().clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, sends Close
@@ -247,7 +260,7 @@ impl Server {
             let handshake = match state.handshakes.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
-                    metrics::bump(&state.hub.counters().handshakes_full);
+                    metrics::bump(&state.node.counters().handshakes_full);
                     tokio::select! {
                         biased;
                         _ = &mut shutdown => break,
@@ -275,7 +288,7 @@ impl Server {
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let Some(handshake_from_address) = state.handshakes_per_address.try_acquire(peer.ip())
             else {
-                metrics::bump(&state.hub.counters().refused_handshakes_per_address);
+                metrics::bump(&state.node.counters().refused_handshakes_per_address);
                 debug!(%peer, "too many connections not yet upgraded from this address");
                 continue;
             };
@@ -292,7 +305,7 @@ impl Server {
                     Ok(Ok(stream)) => serve_http(state_for_task, app, stream, peer).await,
                     Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
                     Err(_) => {
-                        metrics::bump(&state_for_task.hub.counters().closed_handshake_timeout);
+                        metrics::bump(&state_for_task.node.counters().closed_handshake_timeout);
                         debug!(%peer, "TLS handshake timed out");
                     }
                 }
@@ -300,7 +313,7 @@ impl Server {
         }
 
         drop(listener);
-        let open = state.hub.len();
+        let open = state.node.hub().len();
         info!(sessions = open, "shutting down: closing sessions with 1001");
         state.shutdown.cancel();
         state.tasks.close();
@@ -312,7 +325,7 @@ impl Server {
             .is_err()
         {
             warn!(
-                sessions = state.hub.len(),
+                sessions = state.node.hub().len(),
                 "shutdown deadline passed; closing remaining connections"
             );
             state.abort.cancel();
@@ -320,6 +333,15 @@ impl Server {
         }
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// The hub settings `config` asks for.
+fn hub_config(config: &Config) -> HubConfig {
+    HubConfig {
+        policies: config.topic_policies.clone(),
+        max_subscriptions: config.max_subscriptions,
+        max_rooms: config.max_rooms,
     }
 }
 
@@ -348,7 +370,7 @@ where
             connection.await
         }
         _ = tokio::time::sleep(state.config.handshake_timeout) => {
-            metrics::bump(&state.hub.counters().closed_handshake_timeout);
+            metrics::bump(&state.node.counters().closed_handshake_timeout);
             connection.as_mut().graceful_shutdown();
             match tokio::time::timeout(Duration::from_secs(1), connection).await {
                 Ok(result) => result,
@@ -377,11 +399,11 @@ where
     let host = headers.get(http::header::HOST).map(|v| v.as_bytes());
     if let Err(err) = state.origins.check(origin, host) {
         debug!(%err, "upgrade refused");
-        metrics::bump(&state.hub.counters().refused_origin);
+        metrics::bump(&state.node.counters().refused_origin);
         return UpgradeError::OriginNotAllowed.into_response();
     }
     if state.shutdown.is_cancelled() {
-        metrics::bump(&state.hub.counters().refused_capacity);
+        metrics::bump(&state.node.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     }
     let Some(PeerAddr(peer)) = request.extensions().get::<PeerAddr>().copied() else {
@@ -389,12 +411,12 @@ where
     };
     let Some(address_permit) = state.per_address.try_acquire(peer.ip()) else {
         debug!(%peer, "per-address connection limit reached; upgrade refused");
-        metrics::bump(&state.hub.counters().refused_per_address);
+        metrics::bump(&state.node.counters().refused_per_address);
         return UpgradeError::TooManyFromAddress.into_response();
     };
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         debug!("connection limit reached; upgrade refused");
-        metrics::bump(&state.hub.counters().refused_capacity);
+        metrics::bump(&state.node.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     };
     let (ws_config, abort) = (state.ws_config, state.abort.clone());
@@ -470,7 +492,7 @@ fn authenticate(state: &AppState, request: &Request) -> Result<Option<Identity>,
         Err(err) => {
             let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
             debug!(?peer, %err, "upgrade refused");
-            metrics::bump(&state.hub.counters().refused_auth);
+            metrics::bump(&state.node.counters().refused_auth);
             Err(err)
         }
     }
@@ -506,8 +528,8 @@ async fn protocol_endpoint(
         let reason = format!("at most {} subscriptions\n", state.config.max_subscriptions);
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
-    let (hub, router, config, shutdown, abort, authenticator) = (
-        state.hub.clone(),
+    let (node, router, config, shutdown, abort, authenticator) = (
+        state.node.clone(),
         state.router.clone(),
         state.config.clone(),
         state.shutdown.clone(),
@@ -516,8 +538,8 @@ async fn protocol_endpoint(
     );
     upgrade_then(&state, request, move |ws| {
         let queue = SessionQueue::with_limits(config.send_queue, config.send_queue_bytes);
-        let session = Session::new(hub, identity, authenticator, Some(peer), queue);
-        session::run(
+        let session = Session::new(node, identity, authenticator, Some(peer), queue);
+        connection::run(
             ws,
             session,
             params.subscriptions,
@@ -530,7 +552,7 @@ async fn protocol_endpoint(
 }
 
 async fn publish_endpoint(State(state): State<AppState>, request: Request) -> Response {
-    match api::publish(&state.hub, state.config.api_key.as_deref(), request).await {
+    match api::publish(&state.node, state.config.api_key.as_deref(), request).await {
         Ok(published) => Json(published).into_response(),
         Err(err) => err.into_response(),
     }
@@ -572,7 +594,7 @@ async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) 
             }
             Ok(None) | Ok(Some(Err(_))) => {
                 // The answer to a client's close may not be out yet.
-                return session::flush_rest(&mut ws, config.write_timeout).await;
+                return connection::flush_rest(&mut ws, config.write_timeout).await;
             }
             Err(_idle) => {
                 let close = ws.close(Some(CloseReason::HEARTBEAT_TIMEOUT.frame()));
@@ -594,15 +616,15 @@ struct Health {
 async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok",
-        sessions: state.hub.len(),
-        limits: state.hub.counters().snapshot(),
+        sessions: state.node.hub().len(),
+        limits: state.node.counters().snapshot(),
     })
 }
 
 /// Counters and levels for Prometheus to scrape.
 async fn prometheus_metrics(State(state): State<AppState>) -> Response {
     let levels = metrics::Levels {
-        sessions: state.hub.len(),
+        sessions: state.node.hub().len(),
         handshakes: (state.config.max_handshakes as usize)
             .saturating_sub(state.handshakes.available_permits()),
     };
@@ -611,7 +633,7 @@ async fn prometheus_metrics(State(state): State<AppState>) -> Response {
             http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.hub.counters().prometheus(levels),
+        state.node.counters().prometheus(levels),
     )
         .into_response()
 }
