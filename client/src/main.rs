@@ -79,6 +79,11 @@ struct Cli {
     )]
     token: Option<String>,
 
+    /// Connect as this user (`?user=` in the URL), as servers in insecure
+    /// mode allow; with --token the token says who the user is.
+    #[arg(long, global = true, help_heading = "Auth")]
+    user: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -130,10 +135,6 @@ struct ListenArgs {
     /// Room to join (with presence events); repeatable.
     #[arg(long = "join", help_heading = "Subscriptions")]
     rooms: Vec<String>,
-
-    /// Connect as this user (honoured by servers in insecure mode).
-    #[arg(long, help_heading = "Subscriptions")]
-    user: Option<String>,
 
     /// Exit after this many deliveries.
     #[arg(long)]
@@ -252,9 +253,22 @@ struct Target {
     timeout: Duration,
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
+    user: Option<String>,
 }
 
 impl Target {
+    /// `url` with `?user=` added when --user is given.
+    fn url_for(&self, url: &str) -> String {
+        match &self.user {
+            Some(user) => {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                let user: String = form_urlencoded::byte_serialize(user.as_bytes()).collect();
+                format!("{url}{separator}user={user}")
+            }
+            None => url.to_owned(),
+        }
+    }
+
     async fn connect(&self, url: &str) -> anyhow::Result<Client> {
         let connect = Client::connect_with_token(url, self.tls.clone(), self.token.as_deref());
         bounded(self.timeout, connect).await
@@ -265,7 +279,7 @@ impl Target {
     /// endpoint that is something else (an echo server answers with the
     /// PING itself) is recognised in one round trip, not after a timeout.
     async fn session(&self, url: &str) -> anyhow::Result<(Client, Frame)> {
-        let mut client = self.connect(url).await?;
+        let mut client = self.connect(&self.url_for(url)).await?;
         let probe = Frame::new(opcode::PING, Bytes::new()).with_request_id(Some(PROBE_ID));
         client.send(&probe).await?;
         let first = bounded(self.timeout, client.recv()).await?;
@@ -406,21 +420,13 @@ fn describe_delivery(delivery: &v1::Delivery) -> String {
 
 async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
     let (url, timeout) = (target.url.as_str(), target.timeout);
-    if args.topics.is_empty() && args.rooms.is_empty() && args.user.is_none() {
+    if args.topics.is_empty() && args.rooms.is_empty() && target.user.is_none() {
         return Err(Usage(
             "nothing to listen to: give --subscribe TOPIC, --join ROOM or --user ID".into(),
         )
         .into());
     }
-    let url = match &args.user {
-        Some(user) => {
-            let separator = if url.contains('?') { '&' } else { '?' };
-            let user: String = form_urlencoded::byte_serialize(user.as_bytes()).collect();
-            format!("{url}{separator}user={user}")
-        }
-        None => url.to_owned(),
-    };
-    let (mut client, _welcome) = target.session(&url).await?;
+    let (mut client, _welcome) = target.session(url).await?;
     // On stderr, so stdout holds deliveries only.
     if !args.topics.is_empty() {
         let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
@@ -431,7 +437,7 @@ async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
         let presence = bounded(timeout, client.join(room, true)).await?;
         eprintln!("joined {room}: {} member(s)", presence.count);
     }
-    if let Some(user) = &args.user {
+    if let Some(user) = &target.user {
         eprintln!("listening as user {user} (direct messages to {user} arrive here too)");
     }
     let mut received = 0u64;
@@ -584,6 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         timeout: cli.timeout,
         tls,
         token: cli.token,
+        user: cli.user,
     };
     match cli.command {
         Command::Send(args) => send(&target, args).await,

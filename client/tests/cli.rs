@@ -547,3 +547,58 @@ async fn token_usage_errors_exit_2() {
         );
     }
 }
+
+/// Opcode 110 keeps friends per user: one CLI `send` adds, the next (a new
+/// connection) sees it — by `--user` in insecure mode, or by token.
+#[tokio::test]
+async fn friends_belong_to_the_user_across_connections() {
+    let server = start_server().await;
+    let with_friends = r#"{"include_friends": true}"#;
+    let info = |output: &Output| {
+        assert!(output.status.success(), "{}", stderr(output));
+        let out = stdout(output);
+        let friends = out
+            .split_once(r#""friends":"#)
+            .map(|(_, rest)| rest.to_owned());
+        friends.unwrap_or_else(|| panic!("no friends in {out}"))
+    };
+
+    let added = client(&server.url, &["--user", "carol", "send", "110", "dave"]).await;
+    assert!(added.status.success(), "{}", stderr(&added));
+    let carol = client(
+        &server.url,
+        &["--user", "carol", "send", "111", "--json", with_friends],
+    )
+    .await;
+    assert!(
+        info(&carol).starts_with(r#"["dave"]"#),
+        "{}",
+        stdout(&carol)
+    );
+    assert!(stdout(&carol).contains(r#""friend_count":1"#));
+    // Someone else, and a session without a user, have lists of their own.
+    let erin = client(
+        &server.url,
+        &["--user", "erin", "send", "111", "--json", with_friends],
+    )
+    .await;
+    assert!(info(&erin).starts_with("[]"), "{}", stdout(&erin));
+    let anonymous = client(&server.url, &["send", "111", "--json", with_friends]).await;
+    assert!(info(&anonymous).starts_with("[]"), "{}", stdout(&anonymous));
+
+    let secret = "friends-secret";
+    let url = start_server_with_jwt(secret).await;
+    let token = mint(&["--secret", secret, "--user", "frank"]).await;
+    let added = client(&url, &["--token", &token, "send", "110", "grace"]).await;
+    assert!(added.status.success(), "{}", stderr(&added));
+    let frank = client(
+        &url,
+        &["--token", &token, "send", "111", "--json", with_friends],
+    )
+    .await;
+    assert!(
+        info(&frank).starts_with(r#"["grace"]"#),
+        "{}",
+        stdout(&frank)
+    );
+}
