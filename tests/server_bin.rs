@@ -256,3 +256,42 @@ fn the_start_up_log_says_where_the_demo_page_and_the_websocket_are() {
         "{urls}"
     );
 }
+
+/// The section of `help` under `heading`, up to the next heading.
+fn help_section<'a>(help: &'a str, heading: &str) -> &'a str {
+    let start = help
+        .find(&format!("\n{heading}:\n"))
+        .unwrap_or_else(|| panic!("no {heading} heading in\n{help}"));
+    let rest = &help[start + heading.len() + 3..];
+    let end = rest.find("\n\n").unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn help_groups_the_options() {
+    let output = Command::new(SERVER).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (heading, flags) in [
+        (
+            "Connection",
+            &["--listen", "--ws-path", "--ping-interval"][..],
+        ),
+        (
+            "Limits",
+            &["--max-message-size", "--max-connections", "--rate-limit"],
+        ),
+        ("Auth", &["--jwt-secret", "--api-key"]),
+        ("TLS", &["--tls-cert", "--tls-key"]),
+        ("Hub", &["--topic-policy", "--client-publish"]),
+        ("Logging", &["--log"]),
+    ] {
+        let section = help_section(&help, heading);
+        for flag in flags {
+            assert!(
+                section.contains(flag),
+                "{flag} not under {heading}:\n{help}"
+            );
+        }
+    }
+}

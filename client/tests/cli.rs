@@ -602,3 +602,27 @@ async fn friends_belong_to_the_user_across_connections() {
         stdout(&frank)
     );
 }
+
+#[test]
+fn help_groups_the_options() {
+    let output = Command::new(CLIENT)
+        .args(["send", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (heading, flag) in [
+        ("Payload", "--hex"),
+        ("Repeat", "--every"),
+        ("Output", "--verbose"),
+        ("Connection", "--url"),
+        ("Auth", "--token"),
+    ] {
+        let start = help.find(&format!("\n{heading}:\n")).expect(heading);
+        let section = help[start + 1..].split("\n\n").next().unwrap_or_default();
+        assert!(
+            section.contains(flag),
+            "{flag} not under {heading}:\n{help}"
+        );
+    }
+}
