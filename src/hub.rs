@@ -21,7 +21,7 @@ use wsproto_proto::v1;
 
 pub use crate::broker::{Publication, Published, Sender, Target};
 use crate::{
-    broker::{BrokerEventHandler, Interest},
+    broker::{BrokerEventHandler, Interest, Membership, PresenceChange},
     frame::Frame,
     opcode,
     queue::{DeliveryPolicy, PushError, Pushed, SessionQueue},
@@ -70,6 +70,9 @@ pub struct Hub {
 
 struct Inner {
     config: HubConfig,
+    /// The hub announces joins and leaves itself (false when the broker
+    /// keeps presence and announces them to every node).
+    announces_presence: std::sync::atomic::AtomicBool,
     state: RwLock<State>,
 }
 
@@ -112,9 +115,24 @@ impl Hub {
         Hub {
             inner: Arc::new(Inner {
                 config,
+                announces_presence: std::sync::atomic::AtomicBool::new(true),
                 state: RwLock::new(State::default()),
             }),
         }
+    }
+
+    /// Leaves announcing joins and leaves to the broker, which keeps
+    /// presence for every node.
+    pub fn leave_presence_to_broker(&self) {
+        self.inner
+            .announces_presence
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn announces_presence(&self) -> bool {
+        self.inner
+            .announces_presence
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This hub as a broker's delivery target; held weakly by the broker.
@@ -179,7 +197,9 @@ impl Hub {
         }
         // Queued under the lock, so listeners see joins and leaves in the
         // order they happened (queuing never waits).
-        send_all(events);
+        if self.announces_presence() {
+            send_all(events);
+        }
         held
     }
 
@@ -199,6 +219,11 @@ impl Hub {
             .sessions
             .get(session_id)
             .map(|e| e.queue.clone())
+    }
+
+    /// The user of an open session, when it has one.
+    pub fn user_of(&self, session_id: &str) -> Option<Arc<str>> {
+        self.read().sessions.get(session_id)?.user_id.clone()
     }
 
     /// The ids of a user's open sessions on this node.
@@ -347,10 +372,13 @@ impl Hub {
                     v1::presence_event::Action::Join,
                     event_member,
                     &id,
+                    members.len() as u32,
                 ),
                 false => Vec::new(),
             };
-            send_all(events);
+            if self.announces_presence() {
+                send_all(events);
+            }
             (room_presence(&room, members), joined)
         };
         Ok(presence)
@@ -366,7 +394,10 @@ impl Hub {
             if !entry.rooms.remove(room) {
                 return false;
             }
-            send_all(leave_room(&mut state, room, &id));
+            let events = leave_room(&mut state, room, &id);
+            if self.announces_presence() {
+                send_all(events);
+            }
         }
         true
     }
@@ -511,6 +542,46 @@ impl BrokerEventHandler for Inner {
     fn recipients(&self, target: &Target) -> usize {
         self.recipients(target).len()
     }
+
+    fn handle_presence(&self, change: &PresenceChange) {
+        let state = self.read();
+        let Some(members) = state.rooms.get(&change.room) else {
+            return;
+        };
+        let member = v1::Member {
+            session_id: change.session_id.to_string(),
+            user_id: change.user_id.as_deref().unwrap_or_default().to_owned(),
+        };
+        let action = match change.joined {
+            true => v1::presence_event::Action::Join,
+            false => v1::presence_event::Action::Leave,
+        };
+        // The count is the deployment's, not this node's.
+        let about = &change.session_id;
+        send_all(presence_events_for(
+            &change.room,
+            members,
+            action,
+            member,
+            about,
+            change.count,
+        ));
+    }
+
+    fn local_members(&self) -> Vec<Membership> {
+        let state = self.read();
+        state
+            .rooms
+            .iter()
+            .flat_map(|(room, members)| {
+                members.iter().map(|(id, m)| Membership {
+                    room: room.clone(),
+                    session_id: id.clone(),
+                    user_id: m.user_id.clone(),
+                })
+            })
+            .collect()
+    }
 }
 
 fn entry_mut<'a>(
@@ -558,7 +629,15 @@ fn leave_room(state: &mut State, room: &str, id: &Arc<str>) -> Vec<(SessionQueue
         session_id: id.to_string(),
         user_id: member.user_id.as_deref().unwrap_or_default().to_owned(),
     };
-    let events = presence_events_for(room, members, v1::presence_event::Action::Leave, left, id);
+    let count = members.len() as u32;
+    let events = presence_events_for(
+        room,
+        members,
+        v1::presence_event::Action::Leave,
+        left,
+        id,
+        count,
+    );
     if members.is_empty() {
         state.rooms.remove(room);
     }
@@ -573,6 +652,7 @@ fn presence_events_for(
     action: v1::presence_event::Action,
     member: v1::Member,
     about: &Arc<str>,
+    count: u32,
 ) -> Vec<(SessionQueue, Bytes)> {
     let listeners: Vec<SessionQueue> = members
         .iter()
@@ -586,7 +666,7 @@ fn presence_events_for(
         room: room.to_owned(),
         action: action.into(),
         member: Some(member),
-        count: members.len() as u32,
+        count,
     };
     let frame = Frame::new(opcode::PRESENCE_EVENT, event.encode_to_vec()).encode();
     listeners.into_iter().map(|s| (s, frame.clone())).collect()

@@ -19,7 +19,7 @@ use wsproto_proto::v1;
 
 use crate::{
     broker::{Broker, BrokerError, Interest, MemoryBroker, Publication, Published},
-    hub::{Hub, HubConfig, HubError},
+    hub::{Hub, HubConfig, HubError, MAX_LISTED_MEMBERS},
     metrics::Counters,
     queue::SessionQueue,
     topic::Topic,
@@ -63,6 +63,9 @@ impl Node {
     /// As [`Node::with_broker`], with a chosen id (unique in the deployment).
     pub fn with_id(id: impl Into<Arc<str>>, config: HubConfig, broker: Arc<dyn Broker>) -> Node {
         let hub = Hub::with_config(config);
+        if broker.keeps_presence() {
+            hub.leave_presence_to_broker();
+        }
         broker.register_event_handler(hub.event_handler());
         Node {
             inner: Arc::new(Inner {
@@ -130,6 +133,21 @@ impl Node {
     /// Removes a session and everything it held, here and at the broker.
     pub fn unregister(&self, session_id: &str) {
         let held = self.hub().unregister(session_id);
+        if self.broker().keeps_presence() {
+            let user = held.iter().find_map(|i| match i {
+                Interest::User(user) => Some(user.clone()),
+                _ => None,
+            });
+            for interest in &held {
+                if let Interest::Room(room) = interest {
+                    // Taken now; written in the background.
+                    drop(
+                        self.broker()
+                            .change_presence(room, false, session_id, user.as_deref()),
+                    );
+                }
+            }
+        }
         self.broker().remove_interest(&held);
     }
 
@@ -173,16 +191,55 @@ impl Node {
     ) -> Result<v1::Presence, HubError> {
         let (presence, joined) = self.hub().join_new(session_id, room, presence_events)?;
         if joined {
-            let room = Interest::Room(room.as_str().into());
-            self.broker().add_interest(&[room]).await;
+            let interest = Interest::Room(room.as_str().into());
+            self.broker().add_interest(&[interest]).await;
         }
-        Ok(presence)
+        if !self.broker().keeps_presence() {
+            return Ok(presence);
+        }
+        if joined {
+            let user = self.hub().user_of(session_id);
+            self.broker()
+                .change_presence(room.as_str(), true, session_id, user.as_deref())
+                .await;
+        }
+        Ok(self.room_presence(room.as_str()).await)
+    }
+
+    /// Who is in a room, on every node when the broker keeps presence
+    /// (else, or while it cannot be reached, on this node).
+    pub async fn room_presence(&self, room: &str) -> v1::Presence {
+        let Some(mut all) = self.broker().room_members(room).await else {
+            return self.hub().room_presence(room);
+        };
+        all.members.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+        all.members.truncate(MAX_LISTED_MEMBERS);
+        v1::Presence {
+            room: room.to_owned(),
+            topic: String::new(),
+            count: all.count,
+            members: all
+                .members
+                .into_iter()
+                .map(|(session_id, user_id)| v1::Member {
+                    session_id,
+                    user_id,
+                })
+                .collect(),
+        }
     }
 
     /// Removes a session from a room; returns false if it was not there.
-    pub fn leave(&self, session_id: &str, room: &str) -> bool {
+    pub async fn leave(&self, session_id: &str, room: &str) -> bool {
+        let user = self.hub().user_of(session_id);
         let left = self.hub().leave(session_id, room);
         if left {
+            if self.broker().keeps_presence() {
+                let change =
+                    self.broker()
+                        .change_presence(room, false, session_id, user.as_deref());
+                change.await;
+            }
             self.broker()
                 .remove_interest(&[Interest::Room(room.into())]);
         }

@@ -325,3 +325,84 @@ async fn nodes_heal_after_redis_is_killed_and_restarted() {
         "direct".as_bytes()
     );
 }
+
+async fn presence_event(client: &mut Client) -> v1::PresenceEvent {
+    let frame = client.recv_timeout(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(frame.opcode, opcode::PRESENCE_EVENT, "{frame:?}");
+    prost::Message::decode(frame.payload).unwrap()
+}
+
+async fn presence(client: &mut Client, room: &str) -> v1::Presence {
+    let query = v1::PresenceRequest {
+        room: room.into(),
+        topic: String::new(),
+    };
+    client.request(opcode::PRESENCE, &query).await.unwrap()
+}
+
+fn users(presence: &v1::Presence) -> Vec<&str> {
+    presence
+        .members
+        .iter()
+        .map(|m| m.user_id.as_str())
+        .collect()
+}
+
+/// Room presence spans the nodes: members, counts and join/leave events;
+/// a node killed with SIGKILL has its members removed, with leave events,
+/// by the survivors within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
+async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_ten_seconds() {
+    let (_redis, [a, b, mut c]) = cluster();
+    let mut ann = a.client("user=ann").await;
+    assert_eq!(ann.join("ops", true).await.unwrap().count, 1);
+
+    let mut bob = b.client("user=bob").await;
+    let joined = bob.join("ops", false).await.unwrap();
+    assert_eq!((joined.count, users(&joined)), (2, vec!["ann", "bob"]));
+    let event = presence_event(&mut ann).await;
+    assert_eq!(event.action(), v1::presence_event::Action::Join);
+    assert_eq!(
+        (event.member.unwrap().user_id.as_str(), event.count),
+        ("bob", 2)
+    );
+
+    let mut cat = c.client("user=cat").await;
+    cat.join("ops", false).await.unwrap();
+    assert_eq!(presence_event(&mut ann).await.count, 3);
+    // Asked on any node, member or not.
+    let mut onlooker = c.client("user=dan").await;
+    let everyone = presence(&mut onlooker, "ops").await;
+    assert_eq!(
+        (everyone.count, users(&everyone)),
+        (3, vec!["ann", "bob", "cat"])
+    );
+
+    // Leaving by disconnecting is announced across nodes too.
+    drop(bob);
+    let event = presence_event(&mut ann).await;
+    assert_eq!(event.action(), v1::presence_event::Action::Leave);
+    assert_eq!(
+        (event.member.unwrap().user_id.as_str(), event.count),
+        ("bob", 2)
+    );
+
+    // Node C dies without a word.
+    let killed = Instant::now();
+    c.kill();
+    let event = presence_event(&mut ann).await;
+    let took = killed.elapsed();
+    println!("a killed node's member left after {took:?}");
+    assert_eq!(event.action(), v1::presence_event::Action::Leave);
+    assert_eq!(
+        (event.member.unwrap().user_id.as_str(), event.count),
+        ("cat", 1)
+    );
+    let left = presence(&mut ann, "ops").await;
+    assert_eq!((left.count, users(&left)), (1, vec!["ann"]));
+    drop(cat);
+}

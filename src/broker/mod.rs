@@ -152,6 +152,41 @@ pub struct BrokerStatus {
     pub reconnects: u64,
 }
 
+/// A member joined or left a room, as every node hears of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The room.
+    pub room: Arc<str>,
+    /// True for a join, false for a leave.
+    pub joined: bool,
+    /// The member's session.
+    pub session_id: Arc<str>,
+    /// The member's user, when known.
+    pub user_id: Option<Arc<str>>,
+    /// Members of the room after the change, on every node.
+    pub count: u32,
+}
+
+/// One session's membership of one room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// The room.
+    pub room: Arc<str>,
+    /// The member's session.
+    pub session_id: Arc<str>,
+    /// The member's user, when known.
+    pub user_id: Option<Arc<str>>,
+}
+
+/// A room's members on every node, as a broker that keeps presence knows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomMembers {
+    /// How many there are.
+    pub count: u32,
+    /// (session id, user id) of each, possibly fewer than `count`.
+    pub members: Vec<(String, String)>,
+}
+
 /// A node's side of the broker: where publications are delivered.
 pub trait BrokerEventHandler: Send + Sync + 'static {
     /// Queues a numbered publication for this node's recipients and returns
@@ -162,6 +197,13 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
     /// How many sessions on this node `target` reaches now (what a broker
     /// that delivers later reports as a publication's local reach).
     fn recipients(&self, target: &Target) -> usize;
+
+    /// Tells this node's members of the room who asked for presence events.
+    fn handle_presence(&self, change: &PresenceChange);
+
+    /// This node's room memberships. A broker that keeps presence
+    /// re-registers them after an outage.
+    fn local_members(&self) -> Vec<Membership>;
 }
 
 /// Carries publications to every node's [`BrokerEventHandler`].
@@ -192,5 +234,35 @@ pub trait Broker: Send + Sync + 'static {
     /// How the broker is doing.
     fn status(&self) -> BrokerStatus {
         BrokerStatus::default()
+    }
+
+    /// Whether this broker keeps room presence across nodes (and delivers
+    /// join and leave events to every node, this one included). When it
+    /// does not, each node's hub keeps its own and announces changes itself.
+    fn keeps_presence(&self) -> bool {
+        false
+    }
+
+    /// Records a join or leave and announces it to the room's members on
+    /// every node. Only called when [`Broker::keeps_presence`]. The change
+    /// is taken when this is called; the future completes once it is
+    /// recorded (bounded), and may be dropped.
+    fn change_presence(
+        &self,
+        room: &str,
+        joined: bool,
+        session_id: &str,
+        user_id: Option<&str>,
+    ) -> BoxFuture<'_, ()> {
+        let _ = (room, joined, session_id, user_id);
+        Box::pin(std::future::ready(()))
+    }
+
+    /// A room's members on every node; `None` when the broker does not keep
+    /// presence or cannot reach its backend (the node then answers with
+    /// its own members).
+    fn room_members(&self, room: &str) -> BoxFuture<'_, Option<RoomMembers>> {
+        let _ = room;
+        Box::pin(std::future::ready(None))
     }
 }

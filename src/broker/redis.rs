@@ -43,8 +43,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{
-    BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, Interest, Publication,
-    Published, Sender, Target,
+    BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, Interest, Membership,
+    PresenceChange, Publication, Published, RoomMembers, Sender, Target,
 };
 use crate::topic::Topic;
 
@@ -80,11 +80,14 @@ pub struct RedisSettings {
     pub interest_ttl: Duration,
     /// Lifetime of an idle stream's sequence counter.
     pub sequence_ttl: Duration,
+    /// A node that has not said it is alive for this long is taken for dead:
+    /// the others remove its room members and announce them gone.
+    pub node_ttl: Duration,
 }
 
 impl RedisSettings {
     /// Settings with the defaults: prefix `wsproto`, 500 ms commands, 1 s
-    /// probes, 30 s interest, 7 days of sequence.
+    /// probes, 30 s interest, 7 days of sequence, nodes dead after 3 s.
     pub fn new(url: impl Into<String>, node_id: impl Into<Arc<str>>) -> RedisSettings {
         RedisSettings {
             url: url.into(),
@@ -94,6 +97,7 @@ impl RedisSettings {
             probe_interval: Duration::from_secs(1),
             interest_ttl: Duration::from_secs(30),
             sequence_ttl: Duration::from_secs(7 * 24 * 3600),
+            node_ttl: Duration::from_secs(3),
         }
     }
 }
@@ -110,6 +114,9 @@ struct Shared {
     client: redis::Client,
     commands: ConnectionManager,
     publish: redis::Script,
+    presence_write: redis::Script,
+    presence_read: redis::Script,
+    sweep: redis::Script,
     handler: OnceLock<Weak<dyn BrokerEventHandler>>,
     /// Interest keys with how many local subscriptions, memberships or
     /// sessions need each.
@@ -128,22 +135,33 @@ enum InterestOp {
     Remove(Vec<String>),
     /// Re-register everything (after a reconnection).
     Refresh,
+    /// A member joined or left a room on this node.
+    Presence {
+        room: Arc<str>,
+        joined: bool,
+        session_id: Arc<str>,
+        user_id: Option<Arc<str>>,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Numbers the publication (when it has a stream), then publishes it to a
 /// direct channel or to every node in the union of the interest sets but
 /// the one named in ARGV[6] (a publisher that is not subscribed right now
 /// delivers to itself).
-/// KEYS: [sequence key if ARGV[1] == '1'], interest sets...
-/// ARGV: has sequence, sequence TTL (s), payload, inbox prefix, direct
-/// channel, node to skip.
+/// KEYS: [sequence key if ARGV[1] == 'seq'], interest sets...
+/// ARGV: 'seq' to number it ('': unnumbered; else a number to send in
+/// front, such as a presence event's count), sequence TTL (s), payload,
+/// inbox prefix, direct channel, node to skip.
 const PUBLISH_SCRIPT: &str = r"
 local first = 1
 local seq = 0
-if ARGV[1] == '1' then
+if ARGV[1] == 'seq' then
   seq = redis.call('INCR', KEYS[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   first = 2
+elseif ARGV[1] ~= '' then
+  seq = ARGV[1]
 end
 local message = seq .. ':' .. ARGV[3]
 if ARGV[5] ~= '' then
@@ -160,6 +178,96 @@ if #KEYS >= first then
 end
 return {seq, nodes}
 ";
+
+/// Members of a room on the nodes still alive (this one always counts).
+/// A Lua fragment shared by the presence scripts: defines `members(room)`.
+const LIVE_MEMBERS: &str = r"
+local prefix, me = ARGV[1], ARGV[2]
+local function live(node)
+  return node == me or redis.call('EXISTS', prefix .. ':alive:' .. node) == 1
+end
+local function count(room)
+  local n = 0
+  for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':prn:' .. room)) do
+    if live(node) then n = n + redis.call('HLEN', prefix .. ':pm:' .. node .. ':' .. room) end
+  end
+  return n
+end
+";
+
+/// Records a join (ARGV[4] == '1') or leave of session ARGV[5] (user
+/// ARGV[6]) in room ARGV[3] on node ARGV[2]; returns the room's live count.
+/// Keys: `pm:NODE:ROOM` (session → user), `prn:ROOM` (nodes with members),
+/// `pn:NODE` (rooms with members), each with TTL ARGV[7].
+const PRESENCE_WRITE: &str = r"
+local room, ttl = ARGV[3], ARGV[7]
+local pm = prefix .. ':pm:' .. me .. ':' .. room
+local prn = prefix .. ':prn:' .. room
+local pn = prefix .. ':pn:' .. me
+if ARGV[4] == '1' then
+  redis.call('HSET', pm, ARGV[5], ARGV[6])
+  redis.call('EXPIRE', pm, ttl)
+  redis.call('SADD', prn, me)
+  redis.call('EXPIRE', prn, ttl)
+  redis.call('SADD', pn, room)
+  redis.call('EXPIRE', pn, ttl)
+else
+  redis.call('HDEL', pm, ARGV[5])
+  if redis.call('HLEN', pm) == 0 then
+    redis.call('SREM', prn, me)
+    redis.call('SREM', pn, room)
+  end
+end
+return count(room)
+";
+
+/// Room ARGV[3]'s live members: {count, session, user, session, user, …}.
+const PRESENCE_READ: &str = r"
+local room = ARGV[3]
+local out = {0}
+for _, node in ipairs(redis.call('SMEMBERS', prefix .. ':prn:' .. room)) do
+  if live(node) then
+    local pairs = redis.call('HGETALL', prefix .. ':pm:' .. node .. ':' .. room)
+    for i = 1, #pairs do out[#out + 1] = pairs[i] end
+  end
+end
+out[1] = (#out - 1) / 2
+return out
+";
+
+/// Removes every member node ARGV[3] had (a dead node, or this node's own
+/// previous life) and forgets the node; returns {room, session, user,
+/// count after, …} for the leave events.
+const SWEEP: &str = r"
+local node = ARGV[3]
+local pn = prefix .. ':pn:' .. node
+local removed = {}
+for _, room in ipairs(redis.call('SMEMBERS', pn)) do
+  local pm = prefix .. ':pm:' .. node .. ':' .. room
+  local pairs = redis.call('HGETALL', pm)
+  redis.call('DEL', pm)
+  redis.call('SREM', prefix .. ':prn:' .. room, node)
+  local after = tostring(count(room))
+  for i = 1, #pairs, 2 do
+    removed[#removed + 1] = room
+    removed[#removed + 1] = pairs[i]
+    removed[#removed + 1] = pairs[i + 1]
+    removed[#removed + 1] = after
+  end
+end
+redis.call('DEL', pn)
+if node ~= me then
+  redis.call('ZREM', prefix .. ':nodes', node)
+end
+return removed
+";
+
+static PRESENCE_WRITE_SCRIPT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{LIVE_MEMBERS}{PRESENCE_WRITE}"));
+static PRESENCE_READ_SCRIPT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{LIVE_MEMBERS}{PRESENCE_READ}"));
+static SWEEP_SCRIPT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{LIVE_MEMBERS}{SWEEP}"));
 
 impl RedisBroker {
     /// A broker for `settings`. It connects lazily, so a node starts (in
@@ -185,6 +293,9 @@ impl RedisBroker {
                 client,
                 commands,
                 publish: redis::Script::new(PUBLISH_SCRIPT),
+                presence_write: redis::Script::new(&PRESENCE_WRITE_SCRIPT),
+                presence_read: redis::Script::new(&PRESENCE_READ_SCRIPT),
+                sweep: redis::Script::new(&SWEEP_SCRIPT),
                 handler: OnceLock::new(),
                 interest: Mutex::new(HashMap::new()),
                 subscribed: AtomicBool::new(false),
@@ -224,6 +335,7 @@ impl Broker for RedisBroker {
             self.interest_ops.clone(),
         ));
         tokio::spawn(interest_loop(self.shared.clone(), rx));
+        tokio::spawn(liveness_loop(self.shared.clone()));
     }
 
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>> {
@@ -257,6 +369,45 @@ impl Broker for RedisBroker {
             // Dropped when the queue is full: the sets then expire instead.
             let _ = self.interest_ops.try_send(InterestOp::Remove(gone));
         }
+    }
+
+    fn keeps_presence(&self) -> bool {
+        true
+    }
+
+    fn change_presence(
+        &self,
+        room: &str,
+        joined: bool,
+        session_id: &str,
+        user_id: Option<&str>,
+    ) -> BoxFuture<'_, ()> {
+        let (done, written) = oneshot::channel();
+        let op = InterestOp::Presence {
+            room: room.into(),
+            joined,
+            session_id: session_id.into(),
+            user_id: user_id.map(Into::into),
+            done,
+        };
+        // Queued now, in order with interest changes; the future only
+        // waits for it to be written.
+        let queued = self.interest_ops.try_send(op).is_ok();
+        if !queued {
+            // Rewritten from the hub at the next refresh.
+            self.shared.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let wait = self.shared.settings.command_timeout * 2;
+        Box::pin(async move {
+            if queued {
+                let _ = tokio::time::timeout(wait, written).await;
+            }
+        })
+    }
+
+    fn room_members(&self, room: &str) -> BoxFuture<'_, Option<RoomMembers>> {
+        let room = room.to_owned();
+        Box::pin(async move { self.shared.room_members(&room).await })
     }
 
     fn status(&self) -> BrokerStatus {
@@ -337,7 +488,7 @@ impl Shared {
             Target::Broadcast => direct = self.key("all"),
         }
         invocation
-            .arg(if sequenced { "1" } else { "0" })
+            .arg(if sequenced { "seq" } else { "" })
             .arg(self.settings.sequence_ttl.as_secs().max(1))
             .arg(payload)
             .arg(self.inbox(""))
@@ -454,16 +605,240 @@ impl Shared {
 
     /// Hands one received message to the node.
     fn receive(&self, payload: &[u8]) {
-        self.received.fetch_add(1, Ordering::Relaxed);
-        let Some((seq, publication)) = decode(payload) else {
+        let Some(received) = decode(payload) else {
             self.failures.fetch_add(1, Ordering::Relaxed);
             return debug!(len = payload.len(), "undecodable message on the inbox");
         };
         let Some(handler) = self.handler() else {
             return;
         };
-        if handler.handle_publication(&publication, seq) == 0 {
-            self.unmatched.fetch_add(1, Ordering::Relaxed);
+        match received {
+            Received::Publication(seq, publication) => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                if handler.handle_publication(&publication, seq) == 0 {
+                    self.unmatched.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Received::Presence(change) => handler.handle_presence(&change),
+        }
+    }
+
+    /// Runs one of the presence scripts with this node's prefix and id.
+    async fn presence_script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        args: &[&str],
+    ) -> Result<T, String> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .arg(&self.settings.prefix)
+            .arg(&*self.settings.node_id);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut commands = self.commands.clone();
+        match tokio::time::timeout(
+            self.settings.command_timeout,
+            invocation.invoke_async(&mut commands),
+        )
+        .await
+        {
+            Ok(Ok(value)) => {
+                self.succeeded();
+                Ok(value)
+            }
+            Ok(Err(err)) => {
+                self.failed("presence", &err);
+                Err(err.to_string())
+            }
+            Err(elapsed) => {
+                self.failed("presence", &elapsed);
+                Err(elapsed.to_string())
+            }
+        }
+    }
+
+    /// Records a change and announces it to every node with members in the room.
+    async fn write_presence(
+        &self,
+        room: &str,
+        joined: bool,
+        session_id: &str,
+        user_id: Option<&str>,
+    ) -> bool {
+        let ttl = (self.settings.interest_ttl * 2).as_secs().to_string();
+        let flag = if joined { "1" } else { "0" };
+        let args = [
+            room,
+            flag,
+            session_id,
+            user_id.unwrap_or_default(),
+            ttl.as_str(),
+        ];
+        let Ok(count) = self
+            .presence_script::<u64>(&self.presence_write, &args)
+            .await
+        else {
+            return false;
+        };
+        self.announce(room, joined, session_id, user_id, count)
+            .await
+    }
+
+    /// Sends a presence change to the nodes with interest in the room.
+    async fn announce(
+        &self,
+        room: &str,
+        joined: bool,
+        session_id: &str,
+        user_id: Option<&str>,
+        count: u64,
+    ) -> bool {
+        let payload = presence_envelope(room, joined, session_id, user_id).encode_to_vec();
+        let mut invocation = self.publish.prepare_invoke();
+        invocation
+            .key(self.key(&format!("i:r:{room}")))
+            .arg(count.to_string())
+            .arg(1)
+            .arg(payload)
+            .arg(self.inbox(""))
+            .arg("")
+            .arg("");
+        let mut commands = self.commands.clone();
+        let sent: Result<Result<(u64, u64), _>, _> = tokio::time::timeout(
+            self.settings.command_timeout,
+            invocation.invoke_async(&mut commands),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => true,
+            Ok(Err(err)) => {
+                self.failed("presence", &err);
+                false
+            }
+            Err(elapsed) => {
+                self.failed("presence", &elapsed);
+                false
+            }
+        }
+    }
+
+    async fn room_members(&self, room: &str) -> Option<RoomMembers> {
+        let reply: Vec<String> = self
+            .presence_script(&self.presence_read, &[room])
+            .await
+            .ok()?;
+        let (count, pairs) = reply.split_first()?;
+        let members = pairs
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [session, user] => Some((session.clone(), user.clone())),
+                _ => None,
+            })
+            .collect();
+        Some(RoomMembers {
+            count: count.parse().unwrap_or(0),
+            members,
+        })
+    }
+
+    /// Writes this node's room members again from the hub, replacing what
+    /// Redis holds for it (after an outage it may be stale or gone).
+    async fn rewrite_members(&self) -> bool {
+        let Some(handler) = self.handler() else {
+            return true;
+        };
+        let mut rooms: HashMap<Arc<str>, Vec<Membership>> = HashMap::new();
+        for membership in handler.local_members() {
+            rooms
+                .entry(membership.room.clone())
+                .or_default()
+                .push(membership);
+        }
+        let node = &*self.settings.node_id;
+        let ttl = (self.settings.interest_ttl * 2).as_secs() as i64;
+        let pn = self.key(&format!("pn:{node}"));
+        let mut commands = self.commands.clone();
+        let wait = self.settings.command_timeout * 2;
+        let held: Result<Result<Vec<String>, _>, _> = tokio::time::timeout(
+            wait,
+            redis::cmd("SMEMBERS").arg(&pn).query_async(&mut commands),
+        )
+        .await;
+        let held = match held {
+            Ok(Ok(held)) => held,
+            Ok(Err(err)) => {
+                self.failed("presence", &err);
+                return false;
+            }
+            Err(elapsed) => {
+                self.failed("presence", &elapsed);
+                return false;
+            }
+        };
+        let stale: Vec<&String> = held
+            .iter()
+            .filter(|r| !rooms.contains_key(r.as_str()))
+            .collect();
+        if stale.is_empty() && rooms.is_empty() {
+            return true;
+        }
+        let mut pipe = redis::pipe();
+        for room in stale {
+            pipe.del(self.key(&format!("pm:{node}:{room}"))).ignore();
+            pipe.srem(self.key(&format!("prn:{room}")), node).ignore();
+            pipe.srem(&pn, room).ignore();
+        }
+        for (room, members) in &rooms {
+            let pm = self.key(&format!("pm:{node}:{room}"));
+            let prn = self.key(&format!("prn:{room}"));
+            pipe.del(&pm).ignore();
+            for member in members {
+                let user = member.user_id.as_deref().unwrap_or_default();
+                pipe.hset(&pm, &*member.session_id, user).ignore();
+            }
+            pipe.expire(&pm, ttl).ignore();
+            pipe.sadd(&prn, node).ignore();
+            pipe.expire(&prn, ttl).ignore();
+            pipe.sadd(&pn, &**room).ignore();
+        }
+        if !rooms.is_empty() {
+            pipe.expire(&pn, ttl).ignore();
+        }
+        match tokio::time::timeout(wait, pipe.query_async::<()>(&mut commands)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(err)) => {
+                self.failed("presence", &err);
+                false
+            }
+            Err(elapsed) => {
+                self.failed("presence", &elapsed);
+                false
+            }
+        }
+    }
+
+    /// Removes `node`'s members and announces them gone.
+    async fn sweep_node(&self, node: &str) {
+        let Ok(removed) = self
+            .presence_script::<Vec<String>>(&self.sweep, &[node])
+            .await
+        else {
+            return;
+        };
+        if !removed.is_empty() {
+            info!(
+                node,
+                members = removed.len() / 4,
+                "removed a dead node's room members"
+            );
+        }
+        for entry in removed.chunks(4) {
+            if let [room, session, user, count] = entry {
+                let user = Some(user.as_str()).filter(|u| !u.is_empty());
+                let count = count.parse().unwrap_or(0);
+                self.announce(room, false, session, user, count).await;
+            }
         }
     }
 }
@@ -592,7 +967,22 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
                     let counts = shared.interest.lock().unwrap_or_else(|e| e.into_inner());
                     counts.keys().cloned().collect()
                 };
-                if !shared.write_interest(&keys, true).await {
+                if !shared.write_interest(&keys, true).await || !shared.rewrite_members().await {
+                    retry = Some(tokio::time::Instant::now() + RETRY);
+                }
+            }
+            InterestOp::Presence {
+                room,
+                joined,
+                session_id,
+                user_id,
+                done,
+            } => {
+                let written = shared
+                    .write_presence(&room, joined, &session_id, user_id.as_deref())
+                    .await;
+                let _ = done.send(());
+                if !written {
                     retry = Some(tokio::time::Instant::now() + RETRY);
                 }
             }
@@ -604,6 +994,89 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Says this node is alive every third of [`RedisSettings::node_ttl`], and
+/// sweeps nodes that stopped saying so: a node missing on two rounds in a
+/// row (so a Redis that was itself paused, and saw every node go quiet, is
+/// not mistaken for a cluster of dead nodes) is claimed by one survivor,
+/// which removes its room members and announces them gone. The first
+/// round also sweeps this node's own previous life (a restart with the
+/// same id).
+async fn liveness_loop(shared: Arc<Shared>) {
+    let node = shared.settings.node_id.to_string();
+    let ttl = shared.settings.node_ttl;
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut suspects: HashMap<String, u32> = HashMap::new();
+    let mut swept_self = false;
+    loop {
+        tick.tick().await;
+        if shared.handler().is_none() {
+            return;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let nodes = shared.key("nodes");
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(shared.key(&format!("alive:{node}")))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .ignore();
+        pipe.zadd(&nodes, &node, now_ms).ignore();
+        pipe.expire(&nodes, 24 * 3600).ignore();
+        pipe.zrangebyscore(&nodes, 0, now_ms.saturating_sub(ttl.as_millis() as u64));
+        let mut commands = shared.commands.clone();
+        let wait = shared.settings.command_timeout * 2;
+        let quiet: Vec<String> =
+            match tokio::time::timeout(wait, pipe.query_async::<(Vec<String>,)>(&mut commands))
+                .await
+            {
+                Ok(Ok((quiet,))) => quiet,
+                Ok(Err(err)) => {
+                    shared.failed("liveness", &err);
+                    suspects.clear();
+                    continue;
+                }
+                Err(elapsed) => {
+                    shared.failed("liveness", &elapsed);
+                    suspects.clear();
+                    continue;
+                }
+            };
+        if !swept_self {
+            shared.sweep_node(&node).await;
+            swept_self = true;
+            // Members registered meanwhile are written back.
+            let _ = shared.rewrite_members().await;
+        }
+        suspects.retain(|n, _| quiet.contains(n));
+        for other in quiet.into_iter().filter(|n| *n != node) {
+            let strikes = suspects.entry(other.clone()).or_insert(0);
+            *strikes += 1;
+            if *strikes < 2 {
+                continue;
+            }
+            let claim: Result<Result<Option<String>, _>, _> = tokio::time::timeout(
+                wait,
+                redis::cmd("SET")
+                    .arg(shared.key(&format!("sweep:{other}")))
+                    .arg(&node)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(10_000)
+                    .query_async(&mut commands),
+            )
+            .await;
+            if let Ok(Ok(Some(_))) = claim {
+                shared.sweep_node(&other).await;
+            }
+            suspects.remove(&other);
+        }
     }
 }
 
@@ -696,6 +1169,9 @@ enum Kind {
     User = 2,
     Session = 3,
     Broadcast = 4,
+    /// A join (opcode 1) or leave (0) of the sender in room `name`; the
+    /// number in front is the room's count.
+    Presence = 5,
 }
 
 impl Envelope {
@@ -725,12 +1201,48 @@ impl Envelope {
     }
 }
 
-/// `SEQ:ENVELOPE` back into a publication; `None` if malformed.
-fn decode(payload: &[u8]) -> Option<(u64, Publication)> {
+/// What arrives on a node's inbox.
+#[derive(Debug, PartialEq)]
+enum Received {
+    Publication(u64, Publication),
+    Presence(PresenceChange),
+}
+
+/// A presence change as it crosses Redis (the count travels in front).
+fn presence_envelope(
+    room: &str,
+    joined: bool,
+    session_id: &str,
+    user_id: Option<&str>,
+) -> Envelope {
+    Envelope {
+        kind: Kind::Presence as i32,
+        name: room.to_owned(),
+        sender_session: Some(session_id.to_owned()),
+        sender_user: user_id.map(str::to_owned),
+        opcode: u32::from(joined),
+        ..Envelope::default()
+    }
+}
+
+/// `NUMBER:ENVELOPE` back into what it carries; `None` if malformed.
+fn decode(payload: &[u8]) -> Option<Received> {
     let colon = payload.iter().position(|&b| b == b':')?;
     let seq = std::str::from_utf8(&payload[..colon]).ok()?.parse().ok()?;
     let envelope = Envelope::decode(&payload[colon + 1..]).ok()?;
     let target = match Kind::try_from(envelope.kind).ok()? {
+        Kind::Presence => {
+            return Some(Received::Presence(PresenceChange {
+                room: envelope.name.into(),
+                joined: envelope.opcode == 1,
+                session_id: envelope.sender_session?.into(),
+                user_id: envelope
+                    .sender_user
+                    .filter(|u| !u.is_empty())
+                    .map(Into::into),
+                count: u32::try_from(seq).ok()?,
+            }))
+        }
         Kind::Topic => Target::Topic(Topic::parse(&envelope.name).ok()?),
         Kind::Room => Target::Room {
             room: envelope.name.into(),
@@ -744,7 +1256,7 @@ fn decode(payload: &[u8]) -> Option<(u64, Publication)> {
         session_id: session_id.into(),
         user_id: envelope.sender_user.map(Into::into),
     });
-    Some((
+    Some(Received::Publication(
         seq,
         Publication {
             target,
@@ -823,7 +1335,19 @@ mod tests {
             &Envelope::of(&publication).encode_to_vec(),
         ]
         .concat();
-        assert_eq!(decode(&payload), Some((17, publication)));
+        assert_eq!(
+            decode(&payload),
+            Some(Received::Publication(17, publication))
+        );
+        let change = presence_envelope("lobby", true, "n1-4", Some("ann")).encode_to_vec();
+        let payload = [b"3:".as_slice(), &change].concat();
+        let Some(Received::Presence(change)) = decode(&payload) else {
+            panic!("a presence change");
+        };
+        assert_eq!(
+            (change.joined, change.count, &*change.room),
+            (true, 3, "lobby")
+        );
         assert_eq!(decode(b"garbage"), None);
         assert_eq!(node_of_session("a1b2-c3-17"), "a1b2-c3");
     }

@@ -133,7 +133,7 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
 pub async fn leave(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::Leave = frame.message()?;
     let room = room(&request.room)?;
-    session.node().leave(session.id(), room.as_str());
+    session.node().leave(session.id(), room.as_str()).await;
     Ok(Reply::None)
 }
 
@@ -185,7 +185,10 @@ pub async fn send(session: Session, frame: Frame) -> HandlerResult {
 pub async fn presence(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::PresenceRequest = frame.message()?;
     let presence = match (request.room.is_empty(), request.topic.is_empty()) {
-        (false, true) => session.hub().room_presence(room(&request.room)?.as_str()),
+        (false, true) => {
+            let room = room(&request.room)?;
+            session.node().room_presence(room.as_str()).await
+        }
         (true, false) => {
             let topic = Topic::parse(&request.topic)?;
             v1::Presence {
