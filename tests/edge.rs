@@ -1,0 +1,80 @@
+//! The edge of the server as an operator deploys it: hostile or odd
+//! input at the upgrade (tokens, connect URLs, request heads), admission
+//! under load and at shutdown. Every refusal is an HTTP answer or a close
+//! frame a client can act on, never a panic or a silent drop.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{config, raw_handshake, TestServer};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+use wsproto::{opcode, proto::v1, Config, ErrorCode};
+use wsproto_client::{Client, ClientError};
+
+const SECRET: &str = "edge-secret";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(sub: &str, exp: u64) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn start_with_auth() -> TestServer {
+    TestServer::start(Config {
+        jwt_secret: Some(SECRET.into()),
+        ..config()
+    })
+    .await
+}
+
+/// Expiries no clock can represent: from 2^63 seconds up.
+const FAR_EXPIRIES: [u64; 3] = [1 << 63, (1 << 63) + 1, u64::MAX];
+
+#[tokio::test]
+async fn a_token_expiring_past_what_a_clock_can_hold_gets_401_not_a_panic() {
+    let server = start_with_auth().await;
+    for exp in FAR_EXPIRIES {
+        let path = format!("/ws?token={}", token("alice", exp));
+        let (status, _) = raw_handshake(server.addr, &path, &[], None).await;
+        assert_eq!(status, 401, "exp {exp}");
+    }
+    // A far but representable expiry is fine.
+    let path = format!("/ws?token={}", token("alice", now() + 100 * 365 * 86_400));
+    assert_eq!(raw_handshake(server.addr, &path, &[], None).await.0, 101);
+}
+
+#[tokio::test]
+async fn refreshing_with_such_a_token_is_invalid_token_and_the_session_goes_on() {
+    let server = start_with_auth().await;
+    let url = format!("{}?token={}", server.url(), token("alice", now() + 600));
+    let mut client = Client::connect(&url).await.unwrap();
+    client.welcome().await.unwrap();
+    for exp in FAR_EXPIRIES {
+        let refresh = v1::RefreshToken {
+            token: token("alice", exp),
+        };
+        match client
+            .request::<v1::TokenRefreshed>(opcode::REFRESH_TOKEN, &refresh)
+            .await
+        {
+            Err(ClientError::ErrorFrame { code, .. }) => {
+                assert_eq!(code, ErrorCode::InvalidToken.as_u32(), "exp {exp}")
+            }
+            other => panic!("exp {exp}: expected INVALID_TOKEN, got {other:?}"),
+        }
+    }
+    let reply = client.call(opcode::ECHO, "still here").await.unwrap();
+    assert_eq!(reply.payload, "still here");
+}
