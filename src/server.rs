@@ -433,7 +433,15 @@ impl ConnectParams {
             user_id: None,
             subscriptions: Vec::new(),
         };
-        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        for pair in query.unwrap_or_default().split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            // Lossy decoding would map %ff and %fe both to U+FFFD, so two
+            // different ids would be one user: invalid UTF-8 is refused.
+            let (Some(key), Some(value)) =
+                (decode_query_component(key), decode_query_component(value))
+            else {
+                return Err("the query is not percent-encoded UTF-8".into());
+            };
             match &*key {
                 "user" => {
                     let valid = !value.is_empty()
@@ -457,6 +465,34 @@ impl ConnectParams {
         }
         Ok(params)
     }
+}
+
+/// One `application/x-www-form-urlencoded` name or value, decoded: `+` is
+/// a space and `%XX` a byte. `None` when the bytes are not UTF-8 (a `%`
+/// not followed by two hex digits stays as it is, as browsers do).
+fn decode_query_component(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !raw.contains(['%', '+']) {
+        return Some(raw.into());
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match bytes[i] {
+            b'+' => decoded.push(b' '),
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(high), Some(low)) => {
+                    decoded.push((high * 16 + low) as u8);
+                    i += 2;
+                }
+                _ => decoded.push(b'%'),
+            },
+            byte => decoded.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(decoded).ok().map(Into::into)
 }
 
 /// The verified identity of an upgrade request, `None` in insecure mode,

@@ -78,3 +78,22 @@ async fn refreshing_with_such_a_token_is_invalid_token_and_the_session_goes_on()
     let reply = client.call(opcode::ECHO, "still here").await.unwrap();
     assert_eq!(reply.payload, "still here");
 }
+
+#[tokio::test]
+async fn a_user_id_that_is_not_utf8_gets_400_instead_of_colliding() {
+    let server = TestServer::start(config()).await;
+    for query in [
+        "user=%ff",
+        "user=%fe",
+        "user=a%c3",
+        "user=%ed%a0%80",
+        "subscribe=news%ff",
+    ] {
+        let (status, _) = raw_handshake(server.addr, &format!("/ws?{query}"), &[], None).await;
+        assert_eq!(status, 400, "{query}");
+    }
+    // Valid percent-encoded UTF-8 (é) and '+' for a space in another key are fine.
+    let url = format!("{}?user=ren%C3%A9&x=a+b", server.url());
+    let mut client = Client::connect(&url).await.unwrap();
+    assert_eq!(client.welcome().await.unwrap().user_id, "rené");
+}
