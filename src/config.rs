@@ -73,6 +73,12 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_handshakes_per_ip: u32,
 
+    /// Largest HTTP request head (request line and headers) in bytes;
+    /// larger ones get 431. Like nginx's header buffers, it bounds what a
+    /// connection can make the server hold before its upgrade.
+    #[arg(long, env = "WSPROTO_MAX_REQUEST_HEAD", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..), help_heading = "Limits")]
+    pub max_request_head: u32,
+
     /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
     #[arg(long, env = "WSPROTO_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -197,6 +203,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
             max_handshakes_per_ip: 256,
+            max_request_head: 16 * 1024,
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(5),
             api_key: None,

@@ -338,6 +338,8 @@ where
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
+        // Past it hyper answers 431 and closes.
+        .max_header_size(state.config.max_request_head as usize)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{config, raw_handshake, TestServer};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -96,4 +96,55 @@ async fn a_user_id_that_is_not_utf8_gets_400_instead_of_colliding() {
     let url = format!("{}?user=ren%C3%A9&x=a+b", server.url());
     let mut client = Client::connect(&url).await.unwrap();
     assert_eq!(client.welcome().await.unwrap().user_id, "rené");
+}
+
+/// Sends `head` as is and reads the response's status line.
+async fn status_of_raw_request(addr: std::net::SocketAddr, head: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The server may answer and close before it has read everything.
+    let _ = tcp.write_all(head).await;
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        while !response.windows(2).any(|w| w == b"\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await.expect("an answer in time");
+    let response = String::from_utf8_lossy(&response);
+    response.lines().next().unwrap_or_default().to_owned()
+}
+
+fn upgrade_head(extra_header_bytes: usize) -> Vec<u8> {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         X-Padding: {}\r\n\r\n",
+        "a".repeat(extra_header_bytes)
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn a_request_head_over_16_kib_gets_431() {
+    let server = TestServer::start(config()).await;
+    for size in [20 * 1024, 200 * 1024] {
+        let status = status_of_raw_request(server.addr, &upgrade_head(size)).await;
+        assert!(status.starts_with("HTTP/1.1 431"), "{size}: {status}");
+    }
+    // Many headers adding up past the cap too.
+    let mut many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..90 {
+        many.extend_from_slice(format!("X-H{i}: {}\r\n", "b".repeat(250)).as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let status = status_of_raw_request(server.addr, &many).await;
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+    // A large but ordinary head (a long JWT cookie, say) still upgrades.
+    let status = status_of_raw_request(server.addr, &upgrade_head(12 * 1024)).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
 }
