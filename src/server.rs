@@ -31,7 +31,7 @@ use crate::{
     api,
     auth::{AuthError, Authenticator},
     broker::MemoryBroker,
-    close::CloseReason,
+    close::{self, CloseReason},
     hub::HubConfig,
     identity::Identity,
     limit::AddressLimit,
@@ -603,12 +603,19 @@ async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) 
                 }
             }
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_)))) => {
-                let close = ws.close(Some(CloseReason::MESSAGE_TOO_BIG.frame()));
+            Ok(Some(Err(err))) => {
+                let Some(reason) = CloseReason::for_read_error(&err) else {
+                    return session::flush_rest(&mut ws, config.write_timeout).await;
+                };
+                // Nothing more can be read (the rest of a broken or oversized
+                // message may still be on the wire): say why, then drain so
+                // the close is not lost to a reset.
+                debug!(%err, code = reason.code, "closing /echo");
+                let close = ws.close(Some(reason.frame()));
                 let _ = tokio::time::timeout(config.write_timeout, close).await;
-                return;
+                return close::linger(ws.get_mut(), close::LINGER).await;
             }
-            Ok(None) | Ok(Some(Err(_))) => {
+            Ok(None) => {
                 // The answer to a client's close may not be out yet.
                 return session::flush_rest(&mut ws, config.write_timeout).await;
             }

@@ -297,6 +297,7 @@ pub(crate) async fn run<S>(
     let mut over_limit = 0u32;
     let mut handled_in_a_row = 0u32;
     let mut close_deadline: Option<tokio::time::Instant> = None;
+    let mut linger = false;
     let expiry_of = |session: &Session| {
         session
             .identity()
@@ -331,18 +332,19 @@ pub(crate) async fn run<S>(
         };
         match message {
             None => break,
-            Some(Err(WsError::Capacity(err))) => {
-                debug!(session = %session.id(), %err, "message over the size limit");
-                queue.close(CloseReason::MESSAGE_TOO_BIG);
-                // The rest of the oversized message is still on the wire, so
-                // nothing more can be read; let the writer send the close.
+            Some(Err(err)) => {
+                debug!(session = %session.id(), %err, "read failed");
+                let Some(reason) = CloseReason::for_read_error(&err) else {
+                    break;
+                };
+                queue.close(reason);
+                // The rest of a broken or oversized message may still be on
+                // the wire, so nothing more can be read; let the writer send
+                // the close, and drain at the end so no reset destroys it.
                 if let Ok(ended) = tokio::time::timeout(config.write_timeout, &mut writer).await {
                     writer_ended = Some(ended.ok());
                 }
-                break;
-            }
-            Some(Err(err)) => {
-                debug!(session = %session.id(), %err, "read failed");
+                linger = true;
                 break;
             }
             Some(Ok(message)) => {
@@ -409,6 +411,9 @@ pub(crate) async fn run<S>(
         Box::pin(async move {
             if let Ok(mut ws) = stream.reunite(sink) {
                 flush_rest(&mut ws, last_flush).await;
+                if linger {
+                    crate::close::linger(ws.get_mut(), crate::close::LINGER).await;
+                }
             }
         })
         .await;
