@@ -27,8 +27,10 @@ impl CloseReason {
     /// up. (A write that times out cannot deliver a close frame at all; that
     /// connection is dropped, which the client sees as 1006.)
     pub const SLOW_CONSUMER: CloseReason = CloseReason::new(1008, "slow consumer: send queue full");
-    /// 1008: the client kept sending past the rate limit.
-    pub const RATE_LIMITED: CloseReason = CloseReason::new(1008, "rate limit exceeded");
+    /// 4002: the client kept sending past the rate limit (see
+    /// [`RateLimit`](crate::rate::RateLimit)); distinct from a slow
+    /// consumer's 1008 so clients can tell the two apart.
+    pub const RATE_LIMITED: CloseReason = CloseReason::new(4002, "rate limit exceeded");
     /// 1002: the client broke the WebSocket protocol (RFC 6455 §7.4.1):
     /// an unmasked frame, reserved bits or opcodes, a control frame over
     /// 125 bytes or fragmented, a continuation with nothing to continue,

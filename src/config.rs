@@ -130,8 +130,9 @@ pub struct Config {
     pub max_connections_per_ip: usize,
 
     /// Frames a second one session may send on average (0: no limit).
-    /// Frames over it get RATE_LIMITED error frames; a client that keeps
-    /// on past a further burst is closed with 1008.
+    /// Frames over it are not processed (the first 10 refused each second
+    /// get a RATE_LIMITED error frame); more than --rate-burst refused with
+    /// no quiet second between them closes the session with 4002.
     #[arg(long, env = "WSPROTO_RATE_LIMIT", default_value_t = 100.0)]
     pub rate_limit: f64,
 

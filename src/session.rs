@@ -43,7 +43,7 @@ use crate::{
     identity::Identity,
     metrics, opcode,
     queue::{Batch, PushError, SessionQueue},
-    rate::TokenBucket,
+    rate::{RateLimit, Verdict},
     router::Router,
     topic::Topic,
     Config,
@@ -292,9 +292,7 @@ pub(crate) async fn run<S>(
     let mut writer_ended = None;
 
     let queue = session.queue().clone();
-    let mut limiter = TokenBucket::new(config.rate_limit, config.rate_burst);
-    // Frames refused in a row; past another burst of them the session goes.
-    let mut over_limit = 0u32;
+    let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
     let mut handled_in_a_row = 0u32;
     let mut close_deadline: Option<tokio::time::Instant> = None;
     let mut linger = false;
@@ -353,16 +351,19 @@ pub(crate) async fn run<S>(
                     // Closing: wait for the client's close, act on nothing else.
                     continue;
                 }
-                if (message.is_binary() || message.is_text()) && !limiter.take() {
-                    over_limit += 1;
+                let verdict = match message.is_binary() || message.is_text() {
+                    true => limiter.check(),
+                    false => Verdict::Allow,
+                };
+                if verdict != Verdict::Allow {
                     metrics::bump(&session.hub().counters().rate_limited_frames);
-                    refuse_over_limit(&session, &message, config.rate_limit);
-                    if over_limit > config.rate_burst {
+                    if verdict == (Verdict::Refuse { reply: true }) {
+                        refuse_over_limit(&session, &message, config.rate_limit);
+                    } else if verdict == Verdict::Close {
                         queue.close(CloseReason::RATE_LIMITED);
                     }
                     continue;
                 }
-                over_limit = 0;
                 // A handler that never finishes must not outlive the session.
                 session.inner.handling.store(true, Ordering::Relaxed);
                 tokio::select! {
