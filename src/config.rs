@@ -3,7 +3,7 @@
 
 use std::{fmt, io, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use tokio::net::{lookup_host, TcpListener};
+use tokio::net::{lookup_host, TcpListener, TcpSocket};
 
 use crate::{auth::AuthSettings, origin::OriginPattern, queue::DeliveryPolicy, topic::Topic};
 
@@ -21,6 +21,12 @@ pub struct Config {
     /// non-loopback --listen address.
     #[arg(long, env = "WSPROTO_INSECURE_ALLOW_REMOTE")]
     pub insecure_allow_remote: bool,
+
+    /// Length of the kernel's queue of connections not yet accepted; the
+    /// kernel caps it at `net.core.somaxconn`. In a reconnect storm a short
+    /// queue overflows, and clients wait for SYN retransmits (1 s, 3 s…).
+    #[arg(long, env = "WSPROTO_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Connection")]
+    pub listen_backlog: u32,
 
     /// URL path of the opcode-protocol WebSocket endpoint.
     #[arg(long, env = "WSPROTO_WS_PATH", default_value = "/ws", value_parser = parse_path)]
@@ -68,9 +74,10 @@ pub struct Config {
     pub max_handshakes: u32,
 
     /// Connections not yet upgraded allowed from one IP address (IPv6: one
-    /// /64); more are closed at once, so one host cannot hold every
-    /// --max-handshakes slot.
-    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    /// /64); more are answered 429 with Retry-After at once, so one host
+    /// cannot hold every --max-handshakes slot. Half of them by default: a
+    /// NAT's thousands of clients reconnecting at once get in quickly.
+    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_handshakes_per_ip: u32,
 
     /// Largest HTTP request head (request line and headers) in bytes;
@@ -125,8 +132,10 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<OriginPattern>,
 
-    /// Open WebSocket sessions allowed from one IP address; more get HTTP 429.
-    #[arg(long, env = "WSPROTO_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    /// Open WebSocket sessions allowed from one IP address (IPv6: one /64);
+    /// more get HTTP 429. Large NATs put thousands of clients behind one
+    /// address; behind a proxy, see --trusted-proxy.
+    #[arg(long, env = "WSPROTO_MAX_CONNECTIONS_PER_IP", default_value_t = 4096)]
     pub max_connections_per_ip: usize,
 
     /// Frames a second one session may send on average (0: no limit).
@@ -194,6 +203,7 @@ impl Default for Config {
         Config {
             listen: ListenAddr::AnyInterface(8080),
             insecure_allow_remote: false,
+            listen_backlog: 4096,
             ws_path: "/ws".into(),
             max_message_size: 64 * 1024,
             send_queue: 256,
@@ -203,7 +213,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
-            max_handshakes_per_ip: 256,
+            max_handshakes_per_ip: 512,
             max_request_head: 16 * 1024,
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(5),
@@ -213,7 +223,7 @@ impl Default for Config {
             max_subscriptions: 1000,
             max_rooms: 100,
             allowed_origins: Vec::new(),
-            max_connections_per_ip: 1000,
+            max_connections_per_ip: 4096,
             rate_limit: 100.0,
             rate_burst: 200,
             tls_cert: None,
@@ -311,8 +321,8 @@ impl ListenAddr {
     ///
     /// # Errors
     /// As [`ListenAddr::bind`], and for a non-loopback address.
-    pub async fn bind_loopback(&self) -> io::Result<TcpListener> {
-        self.bind_first(true).await
+    pub async fn bind_loopback(&self, backlog: u32) -> io::Result<TcpListener> {
+        self.bind_first(true, backlog).await
     }
 
     /// Binds a listener. `:PORT` tries the IPv6 wildcard first (which also
@@ -320,13 +330,14 @@ impl ListenAddr {
     ///
     /// # Errors
     /// When the host does not resolve or no address can be bound.
-    pub async fn bind(&self) -> io::Result<TcpListener> {
-        self.bind_first(false).await
+    pub async fn bind(&self, backlog: u32) -> io::Result<TcpListener> {
+        self.bind_first(false, backlog).await
     }
 
     /// Binds the first address this stands for that can be bound (and,
-    /// with `loopback_only`, is loopback); otherwise the last error.
-    async fn bind_first(&self, loopback_only: bool) -> io::Result<TcpListener> {
+    /// with `loopback_only`, is loopback), with a listen queue of `backlog`;
+    /// otherwise the last error.
+    async fn bind_first(&self, loopback_only: bool, backlog: u32) -> io::Result<TcpListener> {
         let candidates: Vec<SocketAddr> = match self {
             ListenAddr::AnyInterface(port) if loopback_only => {
                 vec![SocketAddr::from(([127, 0, 0, 1], *port))]
@@ -351,13 +362,27 @@ impl ListenAddr {
                 ));
                 continue;
             }
-            match TcpListener::bind(addr).await {
+            match listen(addr, backlog) {
                 Ok(listener) => return Ok(listener),
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or_else(|| io::Error::other(format!("{self} resolves to no address"))))
     }
+}
+
+/// A listener on `addr` with a listen queue of `backlog` (as
+/// `TcpListener::bind`, which always asks for 1024).
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As TcpListener::bind: a restart can bind while old connections linger.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 #[cfg(test)]

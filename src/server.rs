@@ -17,7 +17,10 @@ use axum::{
 use futures_util::{SinkExt, StreamExt};
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::protocol::{Role, WebSocketConfig},
@@ -74,6 +77,8 @@ struct AppState {
     handshakes: Arc<Semaphore>,
     /// The same per client address, taken after `accept`.
     handshakes_per_address: AddressLimit,
+    /// One permit per connection being answered by [`refuse_connection`].
+    refusals: Arc<Semaphore>,
     per_address: AddressLimit,
     origins: OriginPolicy,
     /// Verifies tokens at upgrade; `None` in insecure mode.
@@ -102,8 +107,8 @@ impl Server {
     /// mode), or `config.ws_path` collides with a built-in route.
     pub async fn bind(config: Config, router: Router) -> io::Result<Server> {
         let listener = match config.is_insecure() && !config.insecure_allow_remote {
-            true => config.listen.bind_loopback().await?,
-            false => config.listen.bind().await?,
+            true => config.listen.bind_loopback(config.listen_backlog).await?,
+            false => config.listen.bind(config.listen_backlog).await?,
         };
         Server::from_listener(listener, config, router)
     }
@@ -175,6 +180,7 @@ impl Server {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes as usize)),
             handshakes_per_address: AddressLimit::new(config.max_handshakes_per_ip as usize),
+            refusals: Arc::new(Semaphore::new(config.max_handshakes as usize)),
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
             auth,
@@ -276,7 +282,8 @@ impl Server {
             let Some(handshake_from_address) = state.handshakes_per_address.try_acquire(peer.ip())
             else {
                 metrics::bump(&state.hub.counters().refused_handshakes_per_address);
-                debug!(%peer, "too many connections not yet upgraded from this address");
+                debug!(%peer, "too many connections not yet upgraded from this address; 429");
+                refuse_connection(&state, tcp, peer, Refusal::TooManyHandshakes);
                 continue;
             };
             let (app, state_for_task) = (app.clone(), state.clone());
@@ -299,27 +306,127 @@ impl Server {
             });
         }
 
-        drop(listener);
         let open = state.hub.len();
         info!(sessions = open, "shutting down: closing sessions with 1001");
         state.shutdown.cancel();
         state.tasks.close();
-        // Sessions give clients shutdown_timeout to answer; allow a little
-        // more for the last writes before giving up on them.
-        let deadline = state.config.shutdown_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(deadline, state.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                sessions = state.hub.len(),
-                "shutdown deadline passed; closing remaining connections"
-            );
-            state.abort.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(1), state.tasks.wait()).await;
+        let drain = async {
+            // Sessions give clients shutdown_timeout to answer; allow a little
+            // more for the last writes before giving up on them.
+            let deadline = state.config.shutdown_timeout + Duration::from_secs(1);
+            if tokio::time::timeout(deadline, state.tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    sessions = state.hub.len(),
+                    "shutdown deadline passed; closing remaining connections"
+                );
+                state.abort.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), state.tasks.wait()).await;
+            }
+        };
+        // Until the listener closes, connections get 503 and Retry-After
+        // (and a reconnecting client moves on) instead of ECONNREFUSED.
+        let turn_away = async {
+            loop {
+                match listener.accept().await {
+                    Ok((tcp, peer)) => {
+                        metrics::bump(&state.hub.counters().refused_capacity);
+                        refuse_connection(&state, tcp, peer, Refusal::ShuttingDown);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        };
+        tokio::select! {
+            _ = drain => {}
+            _ = turn_away => {}
         }
+        drop(listener);
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Why a connection is answered before its request is even read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its address already has --max-handshakes-per-ip connections not yet upgraded.
+    TooManyHandshakes,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+impl Refusal {
+    /// The whole HTTP response: status, `Retry-After` and a one-line reason.
+    fn response(self) -> Vec<u8> {
+        let (status, retry_after, reason) = match self {
+            Refusal::TooManyHandshakes => (
+                StatusCode::TOO_MANY_REQUESTS,
+                upgrade::RETRY_AFTER_BUSY,
+                "too many connections being opened from this address; retry later",
+            ),
+            Refusal::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                upgrade::RETRY_AFTER_UNAVAILABLE,
+                "server is shutting down; retry later or elsewhere",
+            ),
+        };
+        format!(
+            "HTTP/1.1 {status}\r\nRetry-After: {retry_after}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",
+            reason.len() + 1
+        )
+        .into_bytes()
+    }
+}
+
+/// How long a refused connection may take to receive its answer (and, with
+/// TLS, to complete the TLS handshake first).
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers a connection refused before HTTP with a fixed response and
+/// closes it gracefully, in a task of its own: a client gets a status it
+/// can act on (and a `Retry-After`) instead of a bare FIN or reset.
+///
+/// At most `--max-handshakes` refusals are in flight; past that a
+/// connection is dropped unanswered, so a flood cannot turn refusals into
+/// unbounded work.
+fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Refusal) {
+    let Ok(permit) = state.refusals.clone().try_acquire_owned() else {
+        debug!(%peer, ?why, "too many refusals in flight; dropped unanswered");
+        return;
+    };
+    let tls = state.tls.clone();
+    // Not tracked with the sessions: refusals during shutdown must not
+    // hold it up, and each ends on its own within a few seconds.
+    tokio::spawn(async move {
+        let _permit = permit;
+        let response = why.response();
+        let answer = async {
+            match tls {
+                None => answer_and_close(tcp, &response).await,
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(tcp).await {
+                        answer_and_close(stream, &response).await;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT + close::LINGER, answer).await;
+    });
+}
+
+/// Writes `response` and closes without a reset: the request the client
+/// has sent meanwhile is drained, not left unread.
+async fn answer_and_close<IO>(mut io: IO, response: &[u8])
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    if let Ok(Ok(())) = tokio::time::timeout(REFUSAL_TIMEOUT, io.write_all(response)).await {
+        close::linger(&mut io, REFUSAL_TIMEOUT).await;
     }
 }
 
@@ -334,7 +441,19 @@ where
 {
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(PeerAddr(peer));
-        app.clone().call(request)
+        let response = app.clone().call(request);
+        async move {
+            let mut response = response.await?;
+            // No keep-alive: an idle HTTP connection would hold this
+            // address's handshake slots until the handshake timeout.
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

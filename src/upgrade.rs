@@ -59,9 +59,25 @@ impl UpgradeError {
     }
 }
 
+/// `Retry-After` seconds when the server is busy for a moment (too many
+/// handshakes at once): clients should come back soon, with jitter.
+pub const RETRY_AFTER_BUSY: u32 = 1;
+/// `Retry-After` seconds when the server or this address is full, or the
+/// server is shutting down.
+pub const RETRY_AFTER_UNAVAILABLE: u32 = 5;
+
 impl IntoResponse for UpgradeError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), format!("{self}\n")).into_response();
+        if matches!(
+            self,
+            UpgradeError::Unavailable | UpgradeError::TooManyFromAddress
+        ) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(RETRY_AFTER_UNAVAILABLE),
+            );
+        }
         if self.status() == StatusCode::UPGRADE_REQUIRED {
             let headers = response.headers_mut();
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -148,3 +148,133 @@ async fn a_request_head_over_16_kib_gets_431() {
     let status = status_of_raw_request(server.addr, &upgrade_head(12 * 1024)).await;
     assert!(status.starts_with("HTTP/1.1 101"), "{status}");
 }
+
+/// Reads a whole response from a connection the server closes; panics on
+/// a reset (which could have destroyed it) or after 10 s.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut response));
+    read.await
+        .expect("the server closed the connection in time")
+        .expect("closed cleanly, not reset");
+    String::from_utf8_lossy(&response).to_lowercase()
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_do_not_hold_upgrade_slots() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(Config {
+        max_handshakes_per_ip: 2,
+        ..config()
+    })
+    .await;
+    // A metrics scraper or a proxy's pool: HTTP/1.1 requests, sockets kept.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = vec![0u8; 256];
+        let n = tcp.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        idle.push(tcp);
+    }
+    // The server closed them, so their slots are free for upgrades.
+    for tcp in &mut idle {
+        read_response(tcp).await;
+    }
+    for _ in 0..2 {
+        let (status, _) = raw_handshake(server.addr, "/ws", &[], None).await;
+        assert_eq!(status, 101);
+    }
+}
+
+#[tokio::test]
+async fn upgrades_refused_for_capacity_say_when_to_retry() {
+    let server = TestServer::start(Config {
+        max_connections: 1,
+        max_connections_per_ip: 1,
+        ..config()
+    })
+    .await;
+    let _first = server.client().await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    let request = String::from_utf8(upgrade_head(0)).unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let response = read_response(&mut tcp).await;
+    assert!(response.starts_with("http/1.1 429"), "{response}");
+    assert!(response.contains("\r\nretry-after: 5\r\n"), "{response}");
+
+    let server = TestServer::start(Config {
+        max_connections: 1,
+        ..config()
+    })
+    .await;
+    let _first = server.client().await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let response = read_response(&mut tcp).await;
+    assert!(response.starts_with("http/1.1 503"), "{response}");
+    assert!(response.contains("\r\nretry-after: 5\r\n"), "{response}");
+}
+
+#[tokio::test]
+async fn the_listen_backlog_is_configurable_and_defaults_to_4096() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .map_or(4096, |s| s.trim().parse().unwrap_or(4096));
+    for (backlog, expected) in [(None, 4096.min(somaxconn)), (Some(100), 100)] {
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        if let Some(backlog) = backlog {
+            config.listen_backlog = backlog;
+        }
+        let server = wsproto::Server::bind(config, wsproto::handlers::builtin())
+            .await
+            .unwrap();
+        let port = server.local_addr().unwrap().port();
+        // For a listening socket, ss reports the backlog as Send-Q.
+        let ss = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) is installed");
+        let out = String::from_utf8_lossy(&ss.stdout);
+        let send_q: u32 = out
+            .split_whitespace()
+            .nth(2)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or_else(|| panic!("no listener in {out:?}"));
+        assert_eq!(send_q, expected, "{out}");
+    }
+}
+
+#[tokio::test]
+async fn during_shutdown_new_connections_get_503_with_retry_after() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(config()).await;
+    // A client that never answers the server's close keeps the drain going.
+    let _stubborn = common::raw_websocket(server.addr, "/ws").await;
+    server.wait_for_sessions(1).await;
+    let addr = server.addr;
+    let stopping = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("still accepting while draining");
+    let request = String::from_utf8(upgrade_head(0)).unwrap();
+    let _ = tcp.write_all(request.as_bytes()).await;
+    let response = read_response(&mut tcp).await;
+    assert!(response.starts_with("http/1.1 503"), "{response}");
+    assert!(response.contains("\r\nretry-after: 5\r\n"), "{response}");
+    stopping.await.unwrap().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed once the drain is over"
+    );
+}
