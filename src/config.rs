@@ -5,7 +5,9 @@ use std::{fmt, io, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration}
 
 use tokio::net::{lookup_host, TcpListener, TcpSocket};
 
-use crate::{auth::AuthSettings, origin::OriginPattern, queue::DeliveryPolicy, topic::Topic};
+use crate::{
+    auth::AuthSettings, origin::OriginPattern, proxy::Cidr, queue::DeliveryPolicy, topic::Topic,
+};
 
 /// Every setting of a wsproto server. [`Config::default`] is what
 /// `wsproto-server` runs with when given no flags.
@@ -27,6 +29,30 @@ pub struct Config {
     /// queue overflows, and clients wait for SYN retransmits (1 s, 3 s…).
     #[arg(long, env = "WSPROTO_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Connection")]
     pub listen_backlog: u32,
+
+    /// Reverse proxies and load balancers (`CIDR,...`, e.g.
+    /// `127.0.0.1,10.0.0.0/8`) allowed to name the client: only from these
+    /// peers is the client address taken from `Forwarded`,
+    /// `X-Forwarded-For` (right-most untrusted hop) or `X-Real-IP`. Limits,
+    /// logs and GET_INFO then use the real client address. Default: none.
+    #[arg(
+        long = "trusted-proxy",
+        env = "WSPROTO_TRUSTED_PROXY",
+        value_delimiter = ',',
+        help_heading = "Connection"
+    )]
+    pub trusted_proxies: Vec<Cidr>,
+
+    /// Connections from --trusted-proxy peers start with a PROXY protocol
+    /// header (v1 or v2), as layer-4 load balancers send; the client
+    /// address is taken from it instead of from HTTP headers.
+    #[arg(
+        long,
+        env = "WSPROTO_PROXY_PROTOCOL",
+        requires = "trusted_proxies",
+        help_heading = "Connection"
+    )]
+    pub proxy_protocol: bool,
 
     /// URL path of the opcode-protocol WebSocket endpoint.
     #[arg(long, env = "WSPROTO_WS_PATH", default_value = "/ws", value_parser = parse_path)]
@@ -204,6 +230,8 @@ impl Default for Config {
             listen: ListenAddr::AnyInterface(8080),
             insecure_allow_remote: false,
             listen_backlog: 4096,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             ws_path: "/ws".into(),
             max_message_size: 64 * 1024,
             send_queue: 256,

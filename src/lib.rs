@@ -41,6 +41,7 @@ pub mod limit;
 pub mod metrics;
 pub mod opcode;
 pub mod origin;
+pub mod proxy;
 pub mod queue;
 pub mod rate;
 pub mod read_ahead;

@@ -37,9 +37,10 @@ use crate::{
     close::{self, CloseReason},
     hub::HubConfig,
     identity::Identity,
-    limit::AddressLimit,
+    limit::{AddressLimit, AddressPermit},
     metrics::{self, CounterSnapshot},
     origin::OriginPolicy,
+    proxy::{self, TrustedProxies},
     queue::SessionQueue,
     read_ahead::ReadAhead,
     session::{self, Session},
@@ -79,6 +80,8 @@ struct AppState {
     handshakes_per_address: AddressLimit,
     /// One permit per connection being answered by [`refuse_connection`].
     refusals: Arc<Semaphore>,
+    /// Peers allowed to name the client (--trusted-proxy).
+    proxies: Arc<TrustedProxies>,
     per_address: AddressLimit,
     origins: OriginPolicy,
     /// Verifies tokens at upgrade; `None` in insecure mode.
@@ -181,6 +184,7 @@ impl Server {
             handshakes: Arc::new(Semaphore::new(config.max_handshakes as usize)),
             handshakes_per_address: AddressLimit::new(config.max_handshakes_per_ip as usize),
             refusals: Arc::new(Semaphore::new(config.max_handshakes as usize)),
+            proxies: Arc::new(TrustedProxies::new(config.trusted_proxies.clone())),
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
             auth,
@@ -279,27 +283,45 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            let Some(handshake_from_address) = state.handshakes_per_address.try_acquire(peer.ip())
-            else {
-                metrics::bump(&state.hub.counters().refused_handshakes_per_address);
-                debug!(%peer, "too many connections not yet upgraded from this address; 429");
-                refuse_connection(&state, tcp, peer, Refusal::TooManyHandshakes);
-                continue;
+            // A trusted proxy carries many clients: its own address is not
+            // limited; theirs are, once known.
+            let from_proxy = state.proxies.trusts(peer.ip());
+            let (tcp, handshake_from_address) = match from_proxy {
+                true => (tcp, None),
+                false => match admit_address(&state, tcp, peer) {
+                    Some((tcp, permit)) => (tcp, Some(permit)),
+                    None => continue,
+                },
             };
             let (app, state_for_task) = (app.clone(), state.clone());
             let tls = state.tls.clone();
             state.tasks.spawn(async move {
+                let state = state_for_task;
+                let (tcp, peer, handshake_from_address, proxies) = match handshake_from_address {
+                    Some(permit) => (tcp, peer, Some(permit), None),
+                    None if state.config.proxy_protocol => {
+                        let Some((tcp, client)) = read_proxy_header(&state, tcp, peer).await else {
+                            return;
+                        };
+                        let Some((tcp, permit)) = admit_address(&state, tcp, client) else {
+                            return;
+                        };
+                        (tcp, client, Some(permit), None)
+                    }
+                    // The client address comes with each request's headers.
+                    None => (tcp, peer, None, Some(state.proxies.clone())),
+                };
                 let _handshake = (handshake, handshake_from_address);
                 let Some(tls) = tls else {
-                    return serve_http(state_for_task, app, tcp, peer).await;
+                    return serve_http(state, app, tcp, peer, proxies).await;
                 };
                 // The TLS handshake counts against the handshake timeout too.
-                let timeout = state_for_task.config.handshake_timeout;
+                let timeout = state.config.handshake_timeout;
                 match tokio::time::timeout(timeout, tls.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_http(state_for_task, app, stream, peer).await,
+                    Ok(Ok(stream)) => serve_http(state, app, stream, peer, proxies).await,
                     Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
                     Err(_) => {
-                        metrics::bump(&state_for_task.hub.counters().closed_handshake_timeout);
+                        metrics::bump(&state.hub.counters().closed_handshake_timeout);
                         debug!(%peer, "TLS handshake timed out");
                     }
                 }
@@ -346,6 +368,47 @@ impl Server {
         drop(listener);
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Takes a handshake slot of `client`'s address for `tcp`, or answers it
+/// 429 (and returns `None`) when the address has none left.
+fn admit_address(
+    state: &AppState,
+    tcp: TcpStream,
+    client: SocketAddr,
+) -> Option<(TcpStream, AddressPermit)> {
+    match state.handshakes_per_address.try_acquire(client.ip()) {
+        Some(permit) => Some((tcp, permit)),
+        None => {
+            metrics::bump(&state.hub.counters().refused_handshakes_per_address);
+            debug!(peer = %client, "too many connections not yet upgraded from this address; 429");
+            refuse_connection(state, tcp, client, Refusal::TooManyHandshakes);
+            None
+        }
+    }
+}
+
+/// The client address a trusted load balancer's PROXY protocol header
+/// names, or `None` (the connection is dropped, logged) when it sends none
+/// in time or a malformed one.
+async fn read_proxy_header(
+    state: &AppState,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<(TcpStream, SocketAddr)> {
+    let header = proxy::read_proxy_header(&mut tcp, peer);
+    match tokio::time::timeout(state.config.handshake_timeout, header).await {
+        Ok(Ok(client)) => Some((tcp, client)),
+        Ok(Err(err)) => {
+            debug!(%peer, %err, "PROXY protocol header refused");
+            None
+        }
+        Err(_) => {
+            metrics::bump(&state.hub.counters().closed_handshake_timeout);
+            debug!(%peer, "no PROXY protocol header in time");
+            None
+        }
     }
 }
 
@@ -435,12 +498,24 @@ where
 /// A connection is plain HTTP until it upgrades (the future then
 /// completes); as such it gets `handshake_timeout` in all, so slowloris
 /// clients and idle keep-alives cannot pile up.
-async fn serve_http<IO>(state: AppState, app: axum::Router, io: IO, peer: SocketAddr)
-where
+///
+/// With `proxies`, each request's client address is what a trusted proxy
+/// says it is (see [`TrustedProxies::client_addr`]); otherwise `peer`.
+async fn serve_http<IO>(
+    state: AppState,
+    app: axum::Router,
+    io: IO,
+    peer: SocketAddr,
+    proxies: Option<Arc<TrustedProxies>>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(PeerAddr(peer));
+        let client = match &proxies {
+            Some(proxies) => proxies.client_addr(peer, request.headers()),
+            None => peer,
+        };
+        request.extensions_mut().insert(PeerAddr(client));
         let response = app.clone().call(request);
         async move {
             let mut response = response.await?;

@@ -278,3 +278,163 @@ async fn during_shutdown_new_connections_get_503_with_retry_after() {
         "the listener is closed once the drain is over"
     );
 }
+
+/// Opens a WebSocket to `/ws` from `source`, first sending `preamble` (a
+/// PROXY protocol header) and then an upgrade with `headers`; returns the
+/// client address the server reports in GET_INFO, or the HTTP status it
+/// refused the upgrade with.
+async fn remote_addr_seen(
+    server: &TestServer,
+    source: &str,
+    headers: &[(&str, &str)],
+    preamble: &[u8],
+) -> Result<String, u16> {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error, Message};
+    use wsproto::Frame;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    let mut tcp = socket.connect(server.addr).await.unwrap();
+    tcp.write_all(preamble).await.unwrap();
+    let mut request = server.url().into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let mut ws = match tokio_tungstenite::client_async(request, tcp).await {
+        Ok((ws, _)) => ws,
+        Err(Error::Http(response)) => return Err(response.status().as_u16()),
+        Err(err) => panic!("{err}"),
+    };
+    let get_info = Frame::new(opcode::GET_INFO, bytes::Bytes::new()).encode();
+    ws.send(Message::Binary(get_info)).await.unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("GET_INFO answered in time")
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(data) = message {
+            let frame = Frame::decode(data).unwrap();
+            if frame.opcode == opcode::GET_INFO {
+                let info = v1::Info::decode(frame.payload).unwrap();
+                return Ok(info.session.unwrap().remote_addr);
+            }
+        }
+    }
+}
+
+fn host(addr: &str) -> String {
+    addr.parse::<std::net::SocketAddr>()
+        .map_or(addr.to_owned(), |a| a.ip().to_string())
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_names_the_client_and_limits_count_per_real_client() {
+    let server = TestServer::start(Config {
+        trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+        max_connections_per_ip: 1,
+        ..config()
+    })
+    .await;
+    let xff = |value: &'static str| [("X-Forwarded-For", value)];
+    // Through the proxy (127.0.0.1): the right-most untrusted hop.
+    let seen = remote_addr_seen(&server, "127.0.0.1", &xff("1.1.1.1, 203.0.113.7"), b"").await;
+    assert_eq!(seen.map(|a| host(&a)), Ok("203.0.113.7".to_owned()));
+    let seen = remote_addr_seen(
+        &server,
+        "127.0.0.1",
+        &[("Forwarded", "for=\"[2001:db8::5]:4711\";proto=https")],
+        b"",
+    )
+    .await;
+    assert_eq!(seen, Ok("[2001:db8::5]:4711".to_owned()));
+    let seen = remote_addr_seen(&server, "127.0.0.1", &[("X-Real-IP", "198.51.100.4")], b"").await;
+    assert_eq!(seen.map(|a| host(&a)), Ok("198.51.100.4".to_owned()));
+    // One session per client address: other clients of the same proxy are
+    // not affected, a second from one client is.
+    let mut held = Vec::new();
+    for client in ["203.0.113.10", "203.0.113.11", "203.0.113.12"] {
+        let url = server.url();
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .unwrap();
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", client.parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        held.push(ws);
+    }
+    let again = remote_addr_seen(&server, "127.0.0.1", &xff("203.0.113.10"), b"").await;
+    assert_eq!(again, Err(429));
+}
+
+#[tokio::test]
+async fn a_spoofed_forwarding_header_from_an_untrusted_peer_changes_nothing() {
+    let server = TestServer::start(Config {
+        trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+        max_connections_per_ip: 1,
+        ..config()
+    })
+    .await;
+    let spoof = [
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("X-Real-IP", "203.0.113.8"),
+        ("Forwarded", "for=203.0.113.9"),
+    ];
+    let seen = remote_addr_seen(&server, "127.0.0.2", &spoof, b"").await;
+    assert_eq!(seen.map(|a| host(&a)), Ok("127.0.0.2".to_owned()));
+    // Its limit is its own address's, whatever it claims.
+    let source = Some("127.0.0.3".parse().unwrap());
+    let (status, _held) = common::raw_handshake(server.addr, "/ws", &spoof, source).await;
+    assert_eq!(status, 101);
+    server.wait_for_sessions(1).await;
+    let again = remote_addr_seen(
+        &server,
+        "127.0.0.3",
+        &[("X-Forwarded-For", "198.51.100.1")],
+        b"",
+    )
+    .await;
+    assert_eq!(again, Err(429));
+    // Without --trusted-proxy no one is trusted, loopback included.
+    let plain = TestServer::start(config()).await;
+    let seen = remote_addr_seen(&plain, "127.0.0.1", &spoof, b"").await;
+    assert_eq!(seen.map(|a| host(&a)), Ok("127.0.0.1".to_owned()));
+}
+
+#[tokio::test]
+async fn a_trusted_load_balancer_names_the_client_with_the_proxy_protocol() {
+    let server = TestServer::start(Config {
+        trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+        proxy_protocol: true,
+        ..config()
+    })
+    .await;
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n";
+    let seen = remote_addr_seen(&server, "127.0.0.1", &[], v1).await;
+    assert_eq!(seen, Ok("203.0.113.7:51000".to_owned()));
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend([198, 51, 100, 9, 10, 0, 0, 1]);
+    v2.extend(4242u16.to_be_bytes());
+    v2.extend(443u16.to_be_bytes());
+    let seen = remote_addr_seen(&server, "127.0.0.1", &[], &v2).await;
+    assert_eq!(seen, Ok("198.51.100.9:4242".to_owned()));
+    // Headers do not override what the load balancer said.
+    let seen = remote_addr_seen(&server, "127.0.0.1", &[("X-Forwarded-For", "1.1.1.1")], v1).await;
+    assert_eq!(seen, Ok("203.0.113.7:51000".to_owned()));
+    // An untrusted peer's PROXY header is not believed: it is just a bad request.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut tcp = tcp.connect(server.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(v1).await.unwrap();
+    let response = read_response(&mut tcp).await;
+    assert!(response.starts_with("http/1.1 400"), "{response}");
+}
