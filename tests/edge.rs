@@ -279,55 +279,13 @@ async fn during_shutdown_new_connections_get_503_with_retry_after() {
     );
 }
 
-/// Opens a WebSocket to `/ws` from `source`, first sending `preamble` (a
-/// PROXY protocol header) and then an upgrade with `headers`; returns the
-/// client address the server reports in GET_INFO, or the HTTP status it
-/// refused the upgrade with.
 async fn remote_addr_seen(
     server: &TestServer,
     source: &str,
     headers: &[(&str, &str)],
     preamble: &[u8],
 ) -> Result<String, u16> {
-    use futures_util::{SinkExt, StreamExt};
-    use prost::Message as _;
-    use tokio::io::AsyncWriteExt;
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error, Message};
-    use wsproto::Frame;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket
-        .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
-        .unwrap();
-    let mut tcp = socket.connect(server.addr).await.unwrap();
-    tcp.write_all(preamble).await.unwrap();
-    let mut request = server.url().into_client_request().unwrap();
-    for (name, value) in headers {
-        request.headers_mut().append(
-            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            value.parse().unwrap(),
-        );
-    }
-    let mut ws = match tokio_tungstenite::client_async(request, tcp).await {
-        Ok((ws, _)) => ws,
-        Err(Error::Http(response)) => return Err(response.status().as_u16()),
-        Err(err) => panic!("{err}"),
-    };
-    let get_info = Frame::new(opcode::GET_INFO, bytes::Bytes::new()).encode();
-    ws.send(Message::Binary(get_info)).await.unwrap();
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("GET_INFO answered in time")
-            .unwrap()
-            .unwrap();
-        if let Message::Binary(data) = message {
-            let frame = Frame::decode(data).unwrap();
-            if frame.opcode == opcode::GET_INFO {
-                let info = v1::Info::decode(frame.payload).unwrap();
-                return Ok(info.session.unwrap().remote_addr);
-            }
-        }
-    }
+    common::remote_addr_seen(server.addr, source, headers, preamble).await
 }
 
 fn host(addr: &str) -> String {
