@@ -30,7 +30,7 @@ use prost::Message as _;
 use tokio::runtime::Runtime;
 use wsproto::{
     handlers, identity::Identity, opcode, proto::v1, session::Registration, topic::Topic, Frame,
-    Hub, Router, Session,
+    Node, Router, Session,
 };
 
 /// Payload sizes of the codec benchmarks: empty, a small command, a page.
@@ -139,10 +139,10 @@ fn only_reply(router: &Router, session: &Session, message: &Bytes) -> Frame {
 }
 
 fn dispatch(c: &mut Criterion) {
-    let router = handlers::builtin();
-    let hub = Hub::new();
+    let router = handlers::with_protocol(handlers::builtin());
+    let node = Node::new();
     let identity = Identity::insecure(Some("bench".into()), Vec::new());
-    let session = Session::detached(&hub, identity, QUEUE_CAPACITY);
+    let session = Session::detached(&node, identity, QUEUE_CAPACITY);
     let mut frames = Vec::new();
 
     let mut group = c.benchmark_group("dispatch");
@@ -177,15 +177,16 @@ struct Fanout {
 
 impl Fanout {
     fn new(count: usize) -> Fanout {
-        let hub = Hub::new();
+        let node = Node::new();
         let topic = Topic::parse(FANOUT_TOPIC).expect("a valid topic name");
         let may_publish = Identity::insecure(Some("bench".into()), vec![topic.clone()]);
-        let publisher = Session::detached(&hub, may_publish, QUEUE_CAPACITY);
+        let publisher = Session::detached(&node, may_publish, QUEUE_CAPACITY);
         let subscribers = (0..count)
             .map(|_| {
                 let identity = Identity::insecure(None, Vec::new());
-                let session = Session::detached(&hub, identity, QUEUE_CAPACITY);
-                hub.subscribe(session.id(), &topic)
+                let session = Session::detached(&node, identity, QUEUE_CAPACITY);
+                node.hub()
+                    .subscribe(session.id(), &topic)
                     .expect("a new session may subscribe");
                 session
             })
@@ -209,7 +210,7 @@ impl Fanout {
 }
 
 fn fanout(c: &mut Criterion) {
-    let router = handlers::builtin();
+    let router = handlers::with_protocol(handlers::builtin());
     let request = v1::Publish {
         topic: FANOUT_TOPIC.to_owned(),
         data: payload(256),

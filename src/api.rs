@@ -9,8 +9,8 @@
 //! The target is exactly one of `topic` (a name or pattern), `user`,
 //! `session` or `"broadcast": true`; the payload is `data` (UTF-8 text) or
 //! `data_base64`; `opcode` optionally tells clients what the data is for.
-//! Answers `200 {"sessions": N, "seq": S}` with the sessions on this node
-//! the message was handed to; `400 {"error": …}` for a bad body; `401` for a
+//! Answers `200 {"sessions": N, "seq": S, "nodes": K}` with the sessions on
+//! this node the message was handed to and the nodes that took it; `400 {"error": …}` for a bad body; `401` for a
 //! missing or wrong key; `404` when the server has no key (the API is off).
 
 use std::time::Duration;
@@ -28,8 +28,9 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     auth::bearer_token,
+    broker::{Publication, Target},
     frame::MAX_OPCODE,
-    hub::{Hub, Publication, Target},
+    node::Node,
     topic::Topic,
 };
 
@@ -108,6 +109,9 @@ pub struct PublishResponse {
     pub sessions: usize,
     /// Sequence number within the topic (0 for other targets).
     pub seq: u64,
+    /// Nodes of the deployment that took the message (1 on a single node).
+    #[serde(default)]
+    pub nodes: usize,
 }
 
 /// Checks the request's key against `expected` in constant time.
@@ -185,7 +189,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// # Errors
 /// An [`ApiError`] for the response.
 pub async fn publish(
-    hub: &Hub,
+    node: &Node,
     api_key: Option<&str>,
     request: Request,
 ) -> Result<PublishResponse, ApiError> {
@@ -198,12 +202,13 @@ pub async fn publish(
     .map_err(|_| ApiError::BadRequest("request body took too long".into()))?
     .map_err(|_| ApiError::TooLarge)?;
     let publication = PublishRequest::parse(&body)?.publication()?;
-    let published = hub
+    let published = node
         .publish(publication)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(PublishResponse {
         sessions: published.sessions,
         seq: published.seq,
+        nodes: published.nodes,
     })
 }

@@ -1,23 +1,17 @@
 //! The sessions open on this node, indexed by id, user, topic and room, and
 //! the fan-out of publications into their queues.
 //!
-//! Publishing goes `publish → broker → hub → session queues` whether there
-//! is one node or many: [`Hub::publish`] hands the publication to the
-//! [`Broker`], which numbers it and has every node's hub [`deliver`]
-//! it. Delivery encodes the frame once and shares the bytes; the index lock
-//! is held only to list recipients, never while queuing to them, and a
-//! queue push never waits, so one slow client cannot delay the others.
-//!
-//! [`deliver`]: Hub::deliver
+//! The hub holds each session's delivery handle (id, user, send queue), not
+//! the session itself, and knows nothing of brokers beyond their types:
+//! publishing goes `node → broker → hub → session queues` whether there is
+//! one node or many, the hub being the node's [`BrokerEventHandler`].
+//! Delivery encodes the frame once and shares the bytes; the index lock is
+//! held only to list recipients, never while queuing to them, and a queue
+//! push never waits, so one slow client cannot delay the others.
 
 use std::{
     collections::{HashMap, HashSet},
-    hash::{BuildHasher, RandomState},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, RwLock, Weak},
 };
 
 use bytes::Bytes;
@@ -25,90 +19,17 @@ use prost::Message as _;
 use tracing::debug;
 use wsproto_proto::v1;
 
+pub use crate::broker::{Publication, Published, Sender, Target};
 use crate::{
-    broker::{Broker, BrokerError, MemoryBroker},
+    broker::BrokerEventHandler,
     frame::Frame,
-    metrics::Counters,
     opcode,
-    queue::{DeliveryPolicy, PushError, Pushed},
-    session::Session,
+    queue::{DeliveryPolicy, PushError, Pushed, SessionQueue},
     topic::{Topic, TopicIndex},
 };
 
 /// Most room members listed in a presence reply.
 pub const MAX_LISTED_MEMBERS: usize = 1000;
-
-/// Where a publication goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Every session subscribed to a pattern overlapping this topic.
-    Topic(Topic),
-    /// Every member of a room, except `exclude` when set.
-    Room {
-        room: Arc<str>,
-        exclude: Option<Arc<str>>,
-    },
-    /// Every session of a user.
-    User(Arc<str>),
-    /// One session.
-    Session(Arc<str>),
-    /// Every session on every node.
-    Broadcast,
-}
-
-/// Who sent a publication, when a session did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sender {
-    pub session_id: Arc<str>,
-    pub user_id: Option<Arc<str>>,
-}
-
-impl Sender {
-    /// The sender `session` is.
-    pub fn of(session: &Session) -> Sender {
-        Sender {
-            session_id: session.id().into(),
-            user_id: session.user_id().map(Into::into),
-        }
-    }
-}
-
-/// A message on its way to its recipients.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publication {
-    pub target: Target,
-    pub sender: Option<Sender>,
-    pub data: Bytes,
-    /// Application opcode the data is meant for (0: none).
-    pub opcode: u32,
-    /// Milliseconds since the Unix epoch when it was published.
-    pub published_at_ms: u64,
-}
-
-impl Publication {
-    /// A publication stamped with the current time.
-    pub fn new(target: Target, sender: Option<Sender>, data: Bytes) -> Publication {
-        let published_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Publication {
-            target,
-            sender,
-            data,
-            opcode: 0,
-            published_at_ms,
-        }
-    }
-}
-
-/// What publishing did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Published {
-    /// Sequence number of the message within its topic or room (0 otherwise).
-    pub seq: u64,
-    /// Sessions on this node it was handed to.
-    pub sessions: usize,
-}
 
 /// Why a subscription or membership change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,13 +69,7 @@ pub struct Hub {
 }
 
 struct Inner {
-    /// Random per process, so session ids stay unique across nodes and restarts.
-    node_id: u32,
-    next_session: AtomicU64,
-    started_at: Instant,
     config: HubConfig,
-    broker: Arc<dyn Broker>,
-    counters: Counters,
     state: RwLock<State>,
 }
 
@@ -166,8 +81,10 @@ struct State {
     rooms: HashMap<Arc<str>, HashMap<Arc<str>, Member>>,
 }
 
+/// What the hub keeps of one session: enough to deliver to it.
 struct Entry {
-    session: Session,
+    user_id: Option<Arc<str>>,
+    queue: SessionQueue,
     topics: HashSet<Topic>,
     rooms: HashSet<Arc<str>>,
 }
@@ -175,7 +92,7 @@ struct Entry {
 struct Member {
     user_id: Option<Arc<str>>,
     presence_events: bool,
-    session: Session,
+    queue: SessionQueue,
 }
 
 impl Default for Hub {
@@ -185,84 +102,80 @@ impl Default for Hub {
 }
 
 impl Hub {
-    /// A single-node hub with default settings.
+    /// A hub with default settings.
     pub fn new() -> Hub {
-        Hub::with_config(HubConfig::default(), Arc::new(MemoryBroker::new()))
+        Hub::with_config(HubConfig::default())
     }
 
-    /// A hub with `config`, publishing through `broker`.
-    pub fn with_config(config: HubConfig, broker: Arc<dyn Broker>) -> Hub {
+    /// A hub with `config`.
+    pub fn with_config(config: HubConfig) -> Hub {
         Hub {
             inner: Arc::new(Inner {
-                node_id: RandomState::new().hash_one(Instant::now()) as u32,
-                next_session: AtomicU64::new(1),
-                started_at: Instant::now(),
                 config,
-                broker,
-                counters: Counters::default(),
                 state: RwLock::new(State::default()),
             }),
         }
     }
 
+    /// This hub as a broker's delivery target; held weakly by the broker.
+    pub fn event_handler(&self) -> Weak<dyn BrokerEventHandler> {
+        let handler: Arc<dyn BrokerEventHandler> = self.inner.clone();
+        Arc::downgrade(&handler)
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.inner.state.read().unwrap_or_else(|e| e.into_inner())
+        self.inner.read()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.inner.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn next_session_id(&self) -> Arc<str> {
-        let n = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}-{n}", self.inner.node_id).into()
-    }
-
-    pub(crate) fn register(&self, session: &Session) {
-        let id: Arc<str> = session.id().into();
+    /// Makes a session reachable: publications to it, its user, and the
+    /// topics and rooms it takes part in are queued on `queue`.
+    pub fn register(&self, session_id: Arc<str>, user_id: Option<Arc<str>>, queue: SessionQueue) {
         let mut state = self.write();
-        if let Some(user) = session.user_id() {
+        if let Some(user) = &user_id {
             state
                 .users
-                .entry(user.into())
+                .entry(user.clone())
                 .or_default()
-                .insert(id.clone());
+                .insert(session_id.clone());
         }
         let entry = Entry {
-            session: session.clone(),
+            user_id,
+            queue,
             topics: HashSet::new(),
             rooms: HashSet::new(),
         };
-        state.sessions.insert(id, entry);
+        state.sessions.insert(session_id, entry);
     }
 
     /// Removes a session and everything it held: subscriptions, room
     /// memberships (announced to those who asked) and its user entry.
-    pub(crate) fn unregister(&self, session_id: &str) {
-        {
-            let mut events = Vec::new();
-            let mut state = self.write();
-            let Some((id, entry)) = state.sessions.remove_entry(session_id) else {
-                return;
-            };
-            for topic in &entry.topics {
-                state.topics.remove(topic, &id);
-            }
-            for room in &entry.rooms {
-                events.extend(leave_room(&mut state, room, &id));
-            }
-            if let Some(user) = entry.session.user_id() {
-                if let Some(sessions) = state.users.get_mut(user) {
-                    sessions.remove(&id);
-                    if sessions.is_empty() {
-                        state.users.remove(user);
-                    }
+    pub fn unregister(&self, session_id: &str) {
+        let mut events = Vec::new();
+        let mut state = self.write();
+        let Some((id, entry)) = state.sessions.remove_entry(session_id) else {
+            return;
+        };
+        for topic in &entry.topics {
+            state.topics.remove(topic, &id);
+        }
+        for room in &entry.rooms {
+            events.extend(leave_room(&mut state, room, &id));
+        }
+        if let Some(user) = &entry.user_id {
+            if let Some(sessions) = state.users.get_mut(user) {
+                sessions.remove(&id);
+                if sessions.is_empty() {
+                    state.users.remove(user);
                 }
             }
-            // Queued under the lock, so listeners see joins and leaves in
-            // the order they happened (queuing never waits).
-            send_all(events);
         }
+        // Queued under the lock, so listeners see joins and leaves in the
+        // order they happened (queuing never waits).
+        send_all(events);
     }
 
     /// Sessions open on this node.
@@ -275,30 +188,22 @@ impl Hub {
         self.len() == 0
     }
 
-    /// The open session with this id.
-    pub fn session(&self, session_id: &str) -> Option<Session> {
+    /// The send queue of the open session with this id.
+    pub fn queue_of(&self, session_id: &str) -> Option<SessionQueue> {
         self.read()
             .sessions
             .get(session_id)
-            .map(|e| e.session.clone())
+            .map(|e| e.queue.clone())
     }
 
-    /// The open sessions of a user.
-    pub fn sessions_of_user(&self, user_id: &str) -> Vec<Session> {
+    /// The ids of a user's open sessions on this node.
+    pub fn sessions_of_user(&self, user_id: &str) -> Vec<Arc<str>> {
         let state = self.read();
-        let ids = state.users.get(user_id).into_iter().flatten();
-        ids.filter_map(|id| state.sessions.get(id).map(|e| e.session.clone()))
-            .collect()
-    }
-
-    /// Counts of the limits that tripped on this node.
-    pub fn counters(&self) -> &Counters {
-        &self.inner.counters
-    }
-
-    /// How long this node has been up.
-    pub fn uptime(&self) -> Duration {
-        self.inner.started_at.elapsed()
+        state
+            .users
+            .get(user_id)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Index sizes, for leak checks and metrics: (users, rooms, whether the
@@ -393,9 +298,9 @@ impl Hub {
             }
             entry.rooms.insert(room.clone());
             let member = Member {
-                user_id: entry.session.user_id().map(Into::into),
+                user_id: entry.user_id.clone(),
                 presence_events,
-                session: entry.session.clone(),
+                queue: entry.queue.clone(),
             };
             let members = state.rooms.entry(room.clone()).or_default();
             let event_member = v1::Member {
@@ -454,18 +359,25 @@ impl Hub {
         }
     }
 
-    /// Publishes through the broker, which delivers on every node.
-    ///
-    /// # Errors
-    /// When the broker cannot take the publication.
-    pub async fn publish(&self, publication: Publication) -> Result<Published, BrokerError> {
-        self.inner.broker.publish(self, publication).await
-    }
-
     /// Delivers a numbered publication to this node's recipients: encodes
     /// the DELIVERY frame once and queues the same bytes for each. Returns
-    /// how many sessions it was handed to. Called by brokers.
+    /// how many sessions it was handed to.
     pub fn deliver(&self, publication: &Publication, seq: u64) -> usize {
+        self.inner.deliver(publication, seq)
+    }
+
+    /// The queue policy for a topic.
+    pub fn policy(&self, topic: &Topic) -> DeliveryPolicy {
+        self.inner.policy(topic)
+    }
+}
+
+impl Inner {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deliver(&self, publication: &Publication, seq: u64) -> usize {
         let (kind, topic, room) = match &publication.target {
             Target::Topic(topic) => (v1::delivery::Kind::Topic, topic.as_str(), ""),
             Target::Room { room, .. } => (v1::delivery::Kind::Room, "", &**room),
@@ -493,24 +405,19 @@ impl Hub {
 
         let recipients = self.recipients(&publication.target);
         let mut handed = 0;
-        for session in recipients {
-            match session
-                .queue()
-                .push_with(frame.clone(), policy, conflate_key.as_ref())
-            {
+        for (id, queue) in recipients {
+            match queue.push_with(frame.clone(), policy, conflate_key.as_ref()) {
                 Ok(Pushed::Queued | Pushed::Conflated) => handed += 1,
                 Ok(Pushed::Dropped) => {}
-                Err(PushError::Full) => debug!(session = %session.id(), "slow consumer: closing"),
+                Err(PushError::Full) => debug!(session = %id, "slow consumer: closing"),
                 Err(PushError::Closed) => {}
             }
         }
         handed
     }
 
-    /// The queue policy for a topic.
-    pub fn policy(&self, topic: &Topic) -> DeliveryPolicy {
-        self.inner
-            .config
+    fn policy(&self, topic: &Topic) -> DeliveryPolicy {
+        self.config
             .policies
             .iter()
             .find(|(pattern, _)| pattern.covers(topic))
@@ -518,15 +425,20 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    fn recipients(&self, target: &Target) -> Vec<Session> {
+    fn recipients(&self, target: &Target) -> Vec<(Arc<str>, SessionQueue)> {
         let state = self.read();
-        let session = |id: &str| state.sessions.get(id).map(|e| e.session.clone());
+        let session = |id: &Arc<str>| {
+            state
+                .sessions
+                .get(id)
+                .map(|e| (id.clone(), e.queue.clone()))
+        };
         match target {
             Target::Topic(topic) => state
                 .topics
                 .matching(topic)
                 .iter()
-                .filter_map(|id| session(id))
+                .filter_map(session)
                 .collect(),
             Target::Room { room, exclude } => state
                 .rooms
@@ -535,18 +447,33 @@ impl Hub {
                     members
                         .iter()
                         .filter(|(id, _)| Some(*id) != exclude.as_ref())
-                        .map(|(_, m)| m.session.clone())
+                        .map(|(id, m)| (id.clone(), m.queue.clone()))
                         .collect()
                 })
                 .unwrap_or_default(),
             Target::User(user) => state
                 .users
                 .get(user)
-                .map(|ids| ids.iter().filter_map(|id| session(id)).collect())
+                .map(|ids| ids.iter().filter_map(session).collect())
                 .unwrap_or_default(),
-            Target::Session(id) => session(id).into_iter().collect(),
-            Target::Broadcast => state.sessions.values().map(|e| e.session.clone()).collect(),
+            Target::Session(id) => state
+                .sessions
+                .get_key_value(&**id)
+                .map(|(id, e)| (id.clone(), e.queue.clone()))
+                .into_iter()
+                .collect(),
+            Target::Broadcast => state
+                .sessions
+                .iter()
+                .map(|(id, e)| (id.clone(), e.queue.clone()))
+                .collect(),
         }
+    }
+}
+
+impl BrokerEventHandler for Inner {
+    fn handle_publication(&self, publication: &Publication, seq: u64) -> usize {
+        self.deliver(publication, seq)
     }
 }
 
@@ -584,7 +511,7 @@ fn room_presence(room: &str, members: &HashMap<Arc<str>, Member>) -> v1::Presenc
 
 /// Removes `id` from `room` (dropping the room when empty) and returns the
 /// LEAVE events to send.
-fn leave_room(state: &mut State, room: &str, id: &Arc<str>) -> Vec<(Session, Bytes)> {
+fn leave_room(state: &mut State, room: &str, id: &Arc<str>) -> Vec<(SessionQueue, Bytes)> {
     let Some(members) = state.rooms.get_mut(room) else {
         return Vec::new();
     };
@@ -610,11 +537,11 @@ fn presence_events_for(
     action: v1::presence_event::Action,
     member: v1::Member,
     about: &Arc<str>,
-) -> Vec<(Session, Bytes)> {
-    let listeners: Vec<Session> = members
+) -> Vec<(SessionQueue, Bytes)> {
+    let listeners: Vec<SessionQueue> = members
         .iter()
         .filter(|(id, m)| m.presence_events && *id != about)
-        .map(|(_, m)| m.session.clone())
+        .map(|(_, m)| m.queue.clone())
         .collect();
     if listeners.is_empty() {
         return Vec::new();
@@ -629,8 +556,8 @@ fn presence_events_for(
     listeners.into_iter().map(|s| (s, frame.clone())).collect()
 }
 
-fn send_all(events: Vec<(Session, Bytes)>) {
-    for (session, frame) in events {
-        let _ = session.send_encoded(frame);
+fn send_all(events: Vec<(SessionQueue, Bytes)>) {
+    for (queue, frame) in events {
+        let _ = queue.push(frame);
     }
 }

@@ -16,29 +16,42 @@
 //! ```
 //!
 //! # Layout
-//! Data flows one way: socket → [`session`] (read loop) → [`frame`] decode →
-//! [`router`] (opcode → handler) → [`hub`] / [`queue`] → [`session`] (the
-//! single writer) → socket.
-//! - [`frame`]: the codec. [`opcode`]: opcode numbers and payload kinds.
-//! - [`error`]: error-frame codes and [`HandlerError`]; [`close`]: close codes.
-//! - [`router`]: the handler table; [`handlers`]: the built-in handlers.
-//! - [`session`]: one connection; [`queue`]: its bounded send queue.
-//! - [`hub`]: this node's sessions. [`server`]: HTTP, upgrade, accept loop,
-//!   shutdown; [`upgrade`]: the handshake. [`config`]: settings.
-//! - [`read_ahead`]: large socket reads with no read buffer held while idle.
+//! Data flows one way: socket → [`connection`] (read loop) → [`frame`]
+//! decode → [`router`] (opcode → [`handler`]) → [`handlers`] → [`node`] →
+//! [`broker`] → ([`BrokerEventHandler`](broker::BrokerEventHandler)) →
+//! [`hub`] → [`queue`] → the connection's writer → socket. Each module
+//! imports only from those before it:
+//! - wire: [`frame`] (the codec), [`opcode`], [`error`] (error-frame codes,
+//!   [`HandlerError`]), [`close`] (close codes), [`topic`] (names, patterns,
+//!   the pattern index).
+//! - fan-out, with no sessions or sockets: [`broker`] (publications, the
+//!   [`Broker`](broker::Broker) trait, [`MemoryBroker`](broker::MemoryBroker)),
+//!   [`queue`] (a session's bounded send queue), [`hub`] (this node's
+//!   sessions' queues, by id, user, topic and room), [`node`] (hub + broker
+//!   + counters: what handlers act through).
+//! - one connection: [`session`] (the handle handlers get), [`connection`]
+//!   (read loop, writer, heartbeat), [`rate`], [`read_ahead`].
+//! - dispatch: [`handler`] (the contract), [`router`] (the table),
+//!   [`handlers`] (the protocol's own opcodes and the built-in examples).
+//! - the edge: [`server`] (HTTP, accept loop, shutdown), [`upgrade`],
+//!   [`auth`], [`origin`], [`limit`], [`tls`], [`api`] (the publish API),
+//!   [`metrics`], [`web`]; [`config`]: settings.
 
 pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod close;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod frame;
+pub mod handler;
 pub mod handlers;
 pub mod hub;
 pub mod identity;
 pub mod limit;
 pub mod metrics;
+pub mod node;
 pub mod opcode;
 pub mod origin;
 pub mod proxy;
@@ -57,8 +70,10 @@ pub use close::CloseReason;
 pub use config::{Config, ListenAddr};
 pub use error::{ErrorCode, HandlerError};
 pub use frame::{Frame, FrameError};
+pub use handler::{Handler, HandlerResult, Reply};
 pub use hub::Hub;
-pub use router::{Handler, HandlerResult, Reply, Router};
+pub use node::Node;
+pub use router::Router;
 pub use server::{shutdown_signal, Server};
 pub use session::Session;
 pub use wsproto_proto as proto;

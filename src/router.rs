@@ -11,64 +11,19 @@
 //! let router = Router::new().route(200, shout);
 //! ```
 
-use std::{collections::HashMap, future::Future, panic::AssertUnwindSafe, pin::Pin};
+use std::{collections::HashMap, panic::AssertUnwindSafe};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use tracing::{debug, warn};
 
+pub use crate::handler::{Handler, HandlerResult, Reply};
 use crate::{
     error::{ErrorCode, HandlerError},
     frame::{Frame, Preview, MAX_OPCODE},
-    handlers::{auth, pubsub},
     opcode,
     session::Session,
 };
-
-/// What a handler returns.
-pub type HandlerResult = Result<Reply, HandlerError>;
-
-/// A handler's answer to a frame. Every reply frame echoes the request id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// No reply frame; a request that carried a request id gets an ACK.
-    None,
-    /// A frame with the request's opcode and this payload.
-    Payload(Bytes),
-    /// A frame with another opcode.
-    Frame { opcode: u32, payload: Bytes },
-}
-
-impl Reply {
-    /// A reply with the request's opcode carrying an encoded protobuf message.
-    pub fn message(message: &impl prost::Message) -> Reply {
-        Reply::Payload(message.encode_to_vec().into())
-    }
-
-    /// A reply with the request's opcode carrying UTF-8 text.
-    pub fn text(text: impl Into<String>) -> Reply {
-        Reply::Payload(Bytes::from(text.into()))
-    }
-}
-
-type BoxFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
-
-/// Anything that can answer a frame; implemented for every
-/// `async fn(Session, Frame) -> HandlerResult` and matching closure.
-pub trait Handler: Send + Sync + 'static {
-    /// Handles one frame from `session`.
-    fn call(&self, session: Session, frame: Frame) -> BoxFuture;
-}
-
-impl<F, Fut> Handler for F
-where
-    F: Fn(Session, Frame) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = HandlerResult> + Send + 'static,
-{
-    fn call(&self, session: Session, frame: Frame) -> BoxFuture {
-        Box::pin(self(session, frame))
-    }
-}
 
 /// Maps application opcodes to handlers, and answers the protocol's own.
 pub struct Router {
@@ -82,24 +37,34 @@ impl Default for Router {
 }
 
 impl Router {
-    /// A table with the protocol's own opcodes (pub/sub, rooms, presence)
-    /// and no application opcodes.
+    /// An empty table for application opcodes. The protocol's own opcodes
+    /// (pub/sub, rooms, presence, ping, token refresh) are added by the
+    /// server when it starts (see [`handlers::with_protocol`]).
+    ///
+    /// [`handlers::with_protocol`]: crate::handlers::with_protocol
     pub fn new() -> Router {
-        let protocol: [(u32, Box<dyn Handler>); 10] = [
-            (opcode::SUBSCRIBE, Box::new(pubsub::subscribe)),
-            (opcode::UNSUBSCRIBE, Box::new(pubsub::unsubscribe)),
-            (opcode::PUBLISH, Box::new(pubsub::publish_to_topic)),
-            (opcode::JOIN, Box::new(pubsub::join)),
-            (opcode::LEAVE, Box::new(pubsub::leave)),
-            (opcode::SAY, Box::new(pubsub::say)),
-            (opcode::SEND, Box::new(pubsub::send)),
-            (opcode::PRESENCE, Box::new(pubsub::presence)),
-            (opcode::PING, Box::new(pong)),
-            (opcode::REFRESH_TOKEN, Box::new(auth::refresh_token)),
-        ];
         Router {
-            handlers: protocol.into_iter().collect(),
+            handlers: HashMap::new(),
         }
+    }
+
+    /// Registers the handler of one of the protocol's own opcodes.
+    ///
+    /// # Panics
+    /// When `opcode` is not reserved or already registered.
+    pub(crate) fn route_protocol(mut self, opcode: u32, handler: impl Handler) -> Router {
+        assert!(
+            opcode::is_reserved(opcode),
+            "opcode {opcode} is not reserved"
+        );
+        let previous = self.handlers.insert(opcode, Box::new(handler));
+        assert!(previous.is_none(), "opcode {opcode} is already routed");
+        self
+    }
+
+    /// Whether `opcode` has a handler.
+    pub fn routes(&self, opcode: u32) -> bool {
+        self.handlers.contains_key(&opcode)
     }
 
     /// Registers `handler` for `opcode`.
@@ -197,14 +162,6 @@ impl Router {
         // A full queue closes the session; nothing else to do here.
         let _ = session.send(&reply.with_request_id(request_id));
     }
-}
-
-/// Opcode 3: answers PONG with the same payload.
-async fn pong(_session: Session, frame: Frame) -> HandlerResult {
-    Ok(Reply::Frame {
-        opcode: opcode::PONG,
-        payload: frame.payload,
-    })
 }
 
 fn unknown_opcode_message(op: u32) -> String {

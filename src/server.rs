@@ -33,17 +33,19 @@ use tracing::{debug, info, warn};
 use crate::{
     api,
     auth::{AuthError, Authenticator},
-    broker::MemoryBroker,
+    broker::{Broker, MemoryBroker},
     close::{self, CloseReason},
+    connection, handlers,
     hub::HubConfig,
     identity::Identity,
     limit::{AddressLimit, AddressPermit},
     metrics::{self, CounterSnapshot},
+    node::Node,
     origin::OriginPolicy,
     proxy::{self, TrustedProxies},
     queue::SessionQueue,
     read_ahead::ReadAhead,
-    session::{self, Session},
+    session::Session,
     tls,
     topic::Topic,
     upgrade::{self, UpgradeError},
@@ -71,7 +73,8 @@ pub struct Server {
 struct AppState {
     config: Arc<Config>,
     router: Arc<Router>,
-    hub: Hub,
+    /// This node: its hub of sessions, its broker and its counters.
+    node: Node,
     /// One permit per open WebSocket, so upgrades past the cap are refused.
     connections: Arc<Semaphore>,
     /// One permit per connection not yet upgraded, taken before `accept`.
@@ -156,11 +159,7 @@ impl Server {
             .write_buffer_size(WRITE_BUFFER)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
-        let hub_config = HubConfig {
-            policies: config.topic_policies.clone(),
-            max_subscriptions: config.max_subscriptions,
-            max_rooms: config.max_rooms,
-        };
+        let hub_config = hub_config(&config);
         let auth = Authenticator::from_settings(&config.auth())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
             .map(Arc::new);
@@ -190,8 +189,8 @@ impl Server {
             auth,
             tls,
             config: Arc::new(config),
-            router: Arc::new(router),
-            hub: Hub::with_config(hub_config, Arc::new(MemoryBroker::new())),
+            router: Arc::new(handlers::with_protocol(router)),
+            node: Node::with_broker(hub_config, Arc::new(MemoryBroker::new())),
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -208,9 +207,23 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// Publishes through `broker` instead of the default in-process
+    /// [`MemoryBroker`]: several servers sharing a broker act as one
+    /// deployment. Call before [`run`](Server::run).
+    pub fn with_broker(mut self, broker: Arc<dyn Broker>) -> Server {
+        let config = &self.state.config;
+        self.state.node = Node::with_broker(hub_config(config), broker);
+        self
+    }
+
+    /// This server's node: its hub, broker and counters.
+    pub fn node(&self) -> Node {
+        self.state.node.clone()
+    }
+
     /// This server's hub of sessions.
     pub fn hub(&self) -> Hub {
-        self.state.hub.clone()
+        self.state.node.hub().clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, sends Close
@@ -257,7 +270,7 @@ impl Server {
             let handshake = match state.handshakes.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
-                    metrics::bump(&state.hub.counters().handshakes_full);
+                    metrics::bump(&state.node.counters().handshakes_full);
                     tokio::select! {
                         biased;
                         _ = &mut shutdown => break,
@@ -321,14 +334,14 @@ impl Server {
                     Ok(Ok(stream)) => serve_http(state, app, stream, peer, proxies).await,
                     Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
                     Err(_) => {
-                        metrics::bump(&state.hub.counters().closed_handshake_timeout);
+                        metrics::bump(&state.node.counters().closed_handshake_timeout);
                         debug!(%peer, "TLS handshake timed out");
                     }
                 }
             });
         }
 
-        let open = state.hub.len();
+        let open = state.node.hub().len();
         info!(sessions = open, "shutting down: closing sessions with 1001");
         state.shutdown.cancel();
         state.tasks.close();
@@ -341,7 +354,7 @@ impl Server {
                 .is_err()
             {
                 warn!(
-                    sessions = state.hub.len(),
+                    sessions = state.node.hub().len(),
                     "shutdown deadline passed; closing remaining connections"
                 );
                 state.abort.cancel();
@@ -354,7 +367,7 @@ impl Server {
             loop {
                 match listener.accept().await {
                     Ok((tcp, peer)) => {
-                        metrics::bump(&state.hub.counters().refused_capacity);
+                        metrics::bump(&state.node.counters().refused_capacity);
                         refuse_connection(&state, tcp, peer, Refusal::ShuttingDown);
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -381,7 +394,7 @@ fn admit_address(
     match state.handshakes_per_address.try_acquire(client.ip()) {
         Some(permit) => Some((tcp, permit)),
         None => {
-            metrics::bump(&state.hub.counters().refused_handshakes_per_address);
+            metrics::bump(&state.node.counters().refused_handshakes_per_address);
             debug!(peer = %client, "too many connections not yet upgraded from this address; 429");
             refuse_connection(state, tcp, client, Refusal::TooManyHandshakes);
             None
@@ -405,7 +418,7 @@ async fn read_proxy_header(
             None
         }
         Err(_) => {
-            metrics::bump(&state.hub.counters().closed_handshake_timeout);
+            metrics::bump(&state.node.counters().closed_handshake_timeout);
             debug!(%peer, "no PROXY protocol header in time");
             None
         }
@@ -493,6 +506,15 @@ where
     }
 }
 
+/// The hub settings `config` asks for.
+fn hub_config(config: &Config) -> HubConfig {
+    HubConfig {
+        policies: config.topic_policies.clone(),
+        max_subscriptions: config.max_subscriptions,
+        max_rooms: config.max_rooms,
+    }
+}
+
 /// Serves HTTP on one connection (plain or TLS) until it upgrades or ends.
 ///
 /// A connection is plain HTTP until it upgrades (the future then
@@ -544,7 +566,7 @@ async fn serve_http<IO>(
             connection.await
         }
         _ = tokio::time::sleep(state.config.handshake_timeout) => {
-            metrics::bump(&state.hub.counters().closed_handshake_timeout);
+            metrics::bump(&state.node.counters().closed_handshake_timeout);
             connection.as_mut().graceful_shutdown();
             match tokio::time::timeout(Duration::from_secs(1), connection).await {
                 Ok(result) => result,
@@ -573,11 +595,11 @@ where
     let host = headers.get(http::header::HOST).map(|v| v.as_bytes());
     if let Err(err) = state.origins.check(origin, host) {
         debug!(%err, "upgrade refused");
-        metrics::bump(&state.hub.counters().refused_origin);
+        metrics::bump(&state.node.counters().refused_origin);
         return UpgradeError::OriginNotAllowed.into_response();
     }
     if state.shutdown.is_cancelled() {
-        metrics::bump(&state.hub.counters().refused_capacity);
+        metrics::bump(&state.node.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     }
     let Some(PeerAddr(peer)) = request.extensions().get::<PeerAddr>().copied() else {
@@ -585,12 +607,12 @@ where
     };
     let Some(address_permit) = state.per_address.try_acquire(peer.ip()) else {
         debug!(%peer, "per-address connection limit reached; upgrade refused");
-        metrics::bump(&state.hub.counters().refused_per_address);
+        metrics::bump(&state.node.counters().refused_per_address);
         return UpgradeError::TooManyFromAddress.into_response();
     };
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         debug!("connection limit reached; upgrade refused");
-        metrics::bump(&state.hub.counters().refused_capacity);
+        metrics::bump(&state.node.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     };
     let (ws_config, abort) = (state.ws_config, state.abort.clone());
@@ -702,7 +724,7 @@ fn authenticate(state: &AppState, request: &Request) -> Result<Option<Identity>,
         Err(err) => {
             let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
             debug!(?peer, %err, "upgrade refused");
-            metrics::bump(&state.hub.counters().refused_auth);
+            metrics::bump(&state.node.counters().refused_auth);
             Err(err)
         }
     }
@@ -738,8 +760,8 @@ async fn protocol_endpoint(
         let reason = format!("at most {} subscriptions\n", state.config.max_subscriptions);
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
-    let (hub, router, config, shutdown, abort, authenticator) = (
-        state.hub.clone(),
+    let (node, router, config, shutdown, abort, authenticator) = (
+        state.node.clone(),
         state.router.clone(),
         state.config.clone(),
         state.shutdown.clone(),
@@ -748,8 +770,8 @@ async fn protocol_endpoint(
     );
     upgrade_then(&state, request, move |ws| {
         let queue = SessionQueue::with_limits(config.send_queue, config.send_queue_bytes);
-        let session = Session::new(hub, identity, authenticator, Some(peer), queue);
-        session::run(
+        let session = Session::new(node, identity, authenticator, Some(peer), queue);
+        connection::run(
             ws,
             session,
             params.subscriptions,
@@ -762,7 +784,7 @@ async fn protocol_endpoint(
 }
 
 async fn publish_endpoint(State(state): State<AppState>, request: Request) -> Response {
-    match api::publish(&state.hub, state.config.api_key.as_deref(), request).await {
+    match api::publish(&state.node, state.config.api_key.as_deref(), request).await {
         Ok(published) => Json(published).into_response(),
         Err(err) => err.into_response(),
     }
@@ -799,7 +821,7 @@ async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) 
             Ok(Some(Ok(_))) => {}
             Ok(Some(Err(err))) => {
                 let Some(reason) = CloseReason::for_read_error(&err) else {
-                    return session::flush_rest(&mut ws, config.write_timeout).await;
+                    return connection::flush_rest(&mut ws, config.write_timeout).await;
                 };
                 // Nothing more can be read (the rest of a broken or oversized
                 // message may still be on the wire): say why, then drain so
@@ -811,7 +833,7 @@ async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) 
             }
             Ok(None) => {
                 // The answer to a client's close may not be out yet.
-                return session::flush_rest(&mut ws, config.write_timeout).await;
+                return connection::flush_rest(&mut ws, config.write_timeout).await;
             }
             Err(_idle) => {
                 let close = ws.close(Some(CloseReason::HEARTBEAT_TIMEOUT.frame()));
@@ -833,15 +855,15 @@ struct Health {
 async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok",
-        sessions: state.hub.len(),
-        limits: state.hub.counters().snapshot(),
+        sessions: state.node.hub().len(),
+        limits: state.node.counters().snapshot(),
     })
 }
 
 /// Counters and levels for Prometheus to scrape.
 async fn prometheus_metrics(State(state): State<AppState>) -> Response {
     let levels = metrics::Levels {
-        sessions: state.hub.len(),
+        sessions: state.node.hub().len(),
         handshakes: (state.config.max_handshakes as usize)
             .saturating_sub(state.handshakes.available_permits()),
     };
@@ -850,7 +872,7 @@ async fn prometheus_metrics(State(state): State<AppState>) -> Response {
             http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.hub.counters().prometheus(levels),
+        state.node.counters().prometheus(levels),
     )
         .into_response()
 }

@@ -259,16 +259,16 @@ async fn a_clients_close_is_answered_with_its_code_while_deliveries_flow() {
     // The race it guards against is narrow; try it many times.
     for _ in 0..20 {
         let client = server.client_with("subscribe=busy").await;
-        let hub = server.hub.clone();
+        let node = server.node.clone();
         let publisher = tokio::spawn(async move {
             let topic: wsproto::topic::Topic = "busy".parse().unwrap();
             for _ in 0..2000 {
-                let publication = wsproto::hub::Publication::new(
-                    wsproto::hub::Target::Topic(topic.clone()),
+                let publication = wsproto::broker::Publication::new(
+                    wsproto::broker::Target::Topic(topic.clone()),
                     None,
                     bytes::Bytes::from_static(b"tick"),
                 );
-                hub.publish(publication).await.unwrap();
+                node.publish(publication).await.unwrap();
                 tokio::task::yield_now().await;
             }
         });

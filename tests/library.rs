@@ -138,8 +138,9 @@ fn builtin_router_serves_the_documented_opcodes() {
 /// which is registered with the hub until dropped.
 #[tokio::test]
 async fn handlers_run_against_a_detached_session() {
-    let hub = wsproto::Hub::new();
-    let session = Session::detached(&hub, Default::default(), 16);
+    let node = wsproto::Node::new();
+    let hub = node.hub();
+    let session = Session::detached(&node, Default::default(), 16);
     assert_eq!(hub.len(), 1);
     router()
         .handle_message(&session, Frame::new(301, "x").encode())

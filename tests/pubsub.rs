@@ -358,7 +358,7 @@ async fn subscriptions_are_capped_and_bad_connect_urls_are_refused() {
         .request(opcode::GET_INFO, &v1::InfoRequest::default())
         .await
         .unwrap();
-    assert_eq!(server.hub.counters().snapshot().limit_exceeded, 1);
+    assert_eq!(server.node.counters().snapshot().limit_exceeded, 1);
     assert_eq!(info.session.unwrap().subscriptions, ["a"]);
     client.subscribe(&["b"]).await.unwrap();
 
@@ -397,4 +397,41 @@ async fn unsubscribe_stops_deliveries() {
     let body = publish(&server, r#"{"topic": "news", "data": "two"}"#).await;
     assert_eq!(body["sessions"], 0);
     assert_quiet(&mut client).await;
+}
+
+/// Two servers built with one shared broker act as one deployment: a
+/// publication on either reaches subscribers on both, numbered once, and
+/// the reply counts the nodes that took it.
+#[tokio::test]
+async fn servers_sharing_a_broker_deliver_to_each_others_subscribers() {
+    let broker: std::sync::Arc<dyn wsproto::broker::Broker> =
+        std::sync::Arc::new(wsproto::broker::MemoryBroker::new());
+    let config = || wsproto::Config {
+        client_publish: vec!["alarm.#".parse().unwrap()],
+        ..config()
+    };
+    let router = wsproto::handlers::builtin;
+    let a = TestServer::with_broker(config(), router(), Some(broker.clone())).await;
+    let b = TestServer::with_broker(config(), router(), Some(broker)).await;
+    let mut on_a = a.client_with("subscribe=alarm.%23").await;
+    let mut on_b = b.client_with("subscribe=alarm.fire").await;
+    let mut publisher = b.client().await;
+
+    for n in 1..=3u64 {
+        let published = publisher.publish("alarm.fire", "smoke").await.unwrap();
+        assert_eq!((published.seq, published.nodes), (n, 2));
+        for client in [&mut on_a, &mut on_b] {
+            let delivery = client.delivery(Duration::from_secs(5)).await.unwrap();
+            assert_eq!((delivery.topic.as_str(), delivery.seq), ("alarm.fire", n));
+        }
+    }
+    let (status, body) = a
+        .publish_api(Some(API_KEY), r#"{"topic": "alarm.fire", "data": "x"}"#)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["seq"].as_u64(), body["nodes"].as_u64()),
+        (Some(4), Some(2))
+    );
+    assert_eq!(on_b.delivery(Duration::from_secs(5)).await.unwrap().seq, 4);
 }

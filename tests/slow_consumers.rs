@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{config, TestServer};
-use wsproto::{proto::v1, Config, Session};
+use wsproto::{proto::v1, queue::SessionQueue, Config};
 use wsproto_client::Client;
 
 const QUEUE: usize = 64;
@@ -59,12 +59,13 @@ async fn publish_many(publisher: &mut Client, topic: &str, count: u64) {
     }
 }
 
-fn stuck_session(server: &TestServer) -> Session {
-    server
+fn stuck_queue(server: &TestServer) -> SessionQueue {
+    let id = server
         .hub
         .sessions_of_user("stuck")
         .pop()
-        .expect("stuck client connected")
+        .expect("stuck client connected");
+    server.hub.queue_of(&id).expect("stuck client connected")
 }
 
 /// Reads deliveries until one of `topic` with sequence number `last`.
@@ -103,7 +104,7 @@ async fn disconnect_policy_closes_the_stuck_client_and_the_rest_get_everything()
     // Only the stuck one is gone.
     server.wait_for_sessions(2).await;
     assert!(server.hub.sessions_of_user("stuck").is_empty());
-    assert_eq!(server.hub.counters().snapshot().closed_slow_consumer, 1);
+    assert_eq!(server.node.counters().snapshot().closed_slow_consumer, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,9 +122,9 @@ async fn drop_oldest_keeps_the_stuck_client_with_a_bounded_queue() {
         "the healthy subscriber got everything"
     );
 
-    let session = stuck_session(&server);
-    assert!(session.queue().len() <= QUEUE);
-    let dropped = session.queue().dropped();
+    let queue = stuck_queue(&server);
+    assert!(queue.len() <= QUEUE);
+    let dropped = queue.dropped();
     assert!(
         dropped > 0,
         "nothing was dropped; the test did not fill the socket"
@@ -159,12 +160,9 @@ async fn conflate_keeps_only_the_newest_pending_message() {
         seqs.len()
     );
 
-    let session = stuck_session(&server);
-    assert!(
-        session.queue().len() <= 1,
-        "one pending message per conflated topic"
-    );
-    let dropped = session.queue().dropped();
+    let queue = stuck_queue(&server);
+    assert!(queue.len() <= 1, "one pending message per conflated topic");
+    let dropped = queue.dropped();
     assert!(dropped > 0);
     // The newest value arrives.
     let deliveries = drain(&mut stuck, "feed.conflate", MESSAGES).await;
@@ -185,8 +183,8 @@ async fn critical_alarms_are_never_dropped_and_alone_can_overflow() {
         publish_many(&mut publisher, "feed.drop", MESSAGES / alarms).await;
         publisher.publish("alarm.fire", "fire!").await.unwrap();
     }
-    let session = stuck_session(&server);
-    assert!(session.queue().dropped() > 0);
+    let queue = stuck_queue(&server);
+    assert!(queue.dropped() > 0);
     let deliveries = drain(&mut stuck, "alarm.fire", alarms).await;
     let alarm_seqs: Vec<u64> = deliveries
         .iter()

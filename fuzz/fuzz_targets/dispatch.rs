@@ -10,7 +10,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use wsproto::{
-    handlers, identity::Identity, opcode, proto::v1, queue::Batch, topic::Topic, Frame, Hub,
+    handlers, identity::Identity, opcode, proto::v1, queue::Batch, topic::Topic, Frame, Node,
     Router, Session,
 };
 
@@ -26,7 +26,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 fn router() -> &'static Router {
     static ROUTER: OnceLock<Router> = OnceLock::new();
-    ROUTER.get_or_init(handlers::builtin)
+    ROUTER.get_or_init(|| handlers::with_protocol(handlers::builtin()))
 }
 
 /// Splits the input into messages, each prefixed by a one-byte length.
@@ -42,10 +42,11 @@ fn messages(mut data: &[u8]) -> impl Iterator<Item = Bytes> + '_ {
 
 fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
-        let hub = Hub::new();
+        let node = Node::new();
+        let hub = node.hub();
         let everything: Topic = "#".parse().unwrap();
         let identity = Identity::insecure(Some("fuzz".into()), vec![everything]);
-        let session = Session::detached(&hub, identity, 256);
+        let session = Session::detached(&node, identity, 256);
         let mut frames = Vec::new();
         for message in messages(data) {
             let request = Frame::decode(message.clone()).ok();

@@ -1,17 +1,28 @@
 //! Brokers carry publications between nodes.
 //!
-//! Every publication goes through the broker, even on a single node, so
-//! the path is the same with one node or many: the broker numbers the
-//! message within its topic or room and has each node's [`Hub`] deliver it
-//! to the sessions there. [`MemoryBroker`] is the single-node default.
+//! Every publication goes through the broker, even on a single node, so the
+//! path is the same with one node or many: the broker numbers the message
+//! within its topic or room and hands it to the [`BrokerEventHandler`] of
+//! every node it reaches (the node's hub), which queues it for the sessions
+//! there. The broker knows nothing of hubs or sessions: a node registers its
+//! handler once, and deliveries may then arrive on any task — in-line from
+//! [`Broker::publish`] for [`MemoryBroker`], from a subscription loop for a
+//! broker with a network behind it.
 
 mod memory;
 
-use std::{future::Future, pin::Pin};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Weak},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
 
 pub use memory::MemoryBroker;
 
-use crate::hub::{Hub, Publication, Published};
+use crate::topic::Topic;
 
 /// Why a broker could not take a publication.
 #[derive(Debug, thiserror::Error)]
@@ -24,13 +35,105 @@ pub enum BrokerError {
 /// A boxed future, so the trait stays object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Carries publications to every node's hub.
+/// Where a publication goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every session subscribed to a pattern overlapping this topic.
+    Topic(Topic),
+    /// Every member of a room, except `exclude` when set.
+    Room {
+        /// The room's name.
+        room: Arc<str>,
+        /// A session id that does not get it (the sender, usually).
+        exclude: Option<Arc<str>>,
+    },
+    /// Every session of a user.
+    User(Arc<str>),
+    /// One session.
+    Session(Arc<str>),
+    /// Every session on every node.
+    Broadcast,
+}
+
+impl Target {
+    /// The stream this target's publications are numbered in: `t:TOPIC` or
+    /// `r:ROOM`; `None` for targets that are not numbered (sequence 0).
+    pub fn stream_key(&self) -> Option<String> {
+        match self {
+            Target::Topic(topic) => Some(format!("t:{topic}")),
+            Target::Room { room, .. } => Some(format!("r:{room}")),
+            Target::User(_) | Target::Session(_) | Target::Broadcast => None,
+        }
+    }
+}
+
+/// Who sent a publication, when a session did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sender {
+    /// The sending session.
+    pub session_id: Arc<str>,
+    /// Its user, when known.
+    pub user_id: Option<Arc<str>>,
+}
+
+/// A message on its way to its recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// Who gets it.
+    pub target: Target,
+    /// Who sent it; `None` for the publish API.
+    pub sender: Option<Sender>,
+    /// The payload, passed through untouched.
+    pub data: Bytes,
+    /// Application opcode the data is meant for (0: none).
+    pub opcode: u32,
+    /// Milliseconds since the Unix epoch when it was published.
+    pub published_at_ms: u64,
+}
+
+impl Publication {
+    /// A publication stamped with the current time.
+    pub fn new(target: Target, sender: Option<Sender>, data: Bytes) -> Publication {
+        let published_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Publication {
+            target,
+            sender,
+            data,
+            opcode: 0,
+            published_at_ms,
+        }
+    }
+}
+
+/// What publishing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Published {
+    /// Sequence number of the message within its topic or room (0 otherwise).
+    pub seq: u64,
+    /// Sessions it was handed to, as far as the publishing node can tell
+    /// (with a networked broker: those on the publishing node).
+    pub sessions: usize,
+    /// Nodes that took it (this one included).
+    pub nodes: usize,
+}
+
+/// A node's side of the broker: where publications are delivered.
+pub trait BrokerEventHandler: Send + Sync + 'static {
+    /// Queues a numbered publication for this node's recipients and returns
+    /// how many sessions it was handed to. Must not wait: it runs on the
+    /// broker's delivery path.
+    fn handle_publication(&self, publication: &Publication, seq: u64) -> usize;
+}
+
+/// Carries publications to every node's [`BrokerEventHandler`].
 pub trait Broker: Send + Sync + 'static {
-    /// Numbers `publication`, delivers it on every node (through
-    /// [`Hub::deliver`]) and reports what this node delivered.
-    fn publish<'a>(
-        &'a self,
-        hub: &'a Hub,
-        publication: Publication,
-    ) -> BoxFuture<'a, Result<Published, BrokerError>>;
+    /// Registers a node's handler. It is held weakly, so a node that is
+    /// dropped stops receiving without unregistering.
+    fn register_event_handler(&self, handler: Weak<dyn BrokerEventHandler>);
+
+    /// Numbers `publication` within its stream (see [`Target::stream_key`])
+    /// and delivers it on every node.
+    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>>;
 }

@@ -15,10 +15,10 @@ pub async fn get_info(session: Session, frame: Frame) -> HandlerResult {
         };
         (friends.0.len() as u32, list)
     });
-    let hub = session.hub();
+    let (node, hub) = (session.node(), session.hub());
     Ok(Reply::message(&v1::Info {
         server: crate::SERVER_NAME.to_owned(),
-        uptime_ms: hub.uptime().as_millis() as u64,
+        uptime_ms: node.uptime().as_millis() as u64,
         sessions: hub.len() as u32,
         session: Some(v1::SessionInfo {
             session_id: session.id().to_owned(),

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use wsproto_proto::v1;
 
 use crate::{
+    broker::{Publication, Published, Target},
     frame::MAX_OPCODE,
-    hub::{HubError, Publication, Published, Sender, Target},
+    hub::HubError,
     topic::Topic,
     ErrorCode, Frame, HandlerError, HandlerResult, Reply, Session,
 };
@@ -50,7 +51,7 @@ fn room(name: &str) -> Result<Topic, HandlerError> {
 
 async fn publish(session: &Session, publication: Publication) -> Result<Published, HandlerError> {
     session
-        .hub()
+        .node()
         .publish(publication)
         .await
         .map_err(|err| HandlerError::internal(err.to_string()))
@@ -62,6 +63,7 @@ fn published(topic: &str, room: &str, published: Published) -> Reply {
         room: room.to_owned(),
         seq: published.seq,
         sessions: published.sessions as u32,
+        nodes: published.nodes as u32,
     })
 }
 
@@ -103,7 +105,7 @@ pub async fn publish_to_topic(session: Session, frame: Frame) -> HandlerResult {
     }
     let mut publication = Publication::new(
         Target::Topic(topic.clone()),
-        Some(Sender::of(&session)),
+        Some(session.sender()),
         request.data,
     );
     publication.opcode = request.opcode;
@@ -151,7 +153,7 @@ pub async fn say(session: Session, frame: Frame) -> HandlerResult {
     };
     let result = publish(
         &session,
-        Publication::new(target, Some(Sender::of(&session)), request.data),
+        Publication::new(target, Some(session.sender()), request.data),
     )
     .await?;
     Ok(published("", room.as_str(), result))
@@ -171,7 +173,7 @@ pub async fn send(session: Session, frame: Frame) -> HandlerResult {
     };
     let result = publish(
         &session,
-        Publication::new(target, Some(Sender::of(&session)), request.data),
+        Publication::new(target, Some(session.sender()), request.data),
     )
     .await?;
     Ok(published("", "", result))

@@ -1,10 +1,10 @@
 //! Shared set-up: a real server on port 0 and real clients.
 #![allow(dead_code)] // each test file uses its own subset
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use wsproto::{handlers, Config, Hub, Router};
+use wsproto::{broker::Broker, handlers, Config, Hub, Node, Router};
 pub use wsproto_client::{error_of, Client};
 pub mod external;
 
@@ -12,6 +12,7 @@ pub mod external;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub hub: Hub,
+    pub node: Node,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -24,9 +25,22 @@ impl TestServer {
 
     /// Starts `router` with `config`.
     pub async fn with_router(config: Config, router: Router) -> TestServer {
+        TestServer::with_broker(config, router, None).await
+    }
+
+    /// Starts `router` with `config`, publishing through `broker` when given
+    /// (servers sharing a broker act as one deployment).
+    pub async fn with_broker(
+        config: Config,
+        router: Router,
+        broker: Option<Arc<dyn Broker>>,
+    ) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = wsproto::Server::from_listener(listener, config, router).unwrap();
-        let (addr, hub) = (server.local_addr().unwrap(), server.hub());
+        let mut server = wsproto::Server::from_listener(listener, config, router).unwrap();
+        if let Some(broker) = broker {
+            server = server.with_broker(broker);
+        }
+        let (addr, hub, node) = (server.local_addr().unwrap(), server.hub(), server.node());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -34,6 +48,7 @@ impl TestServer {
         TestServer {
             addr,
             hub,
+            node,
             stop: Some(stop),
             task,
         }

@@ -1,0 +1,290 @@
+//! One WebSocket connection, from upgrade to close.
+//!
+//! Each connection runs as two tasks: [`run`] reads and dispatches frames in
+//! order; a writer task ([`writer`]) owns the sink and is the only thing
+//! that ever writes to the socket. Everything else — replies, pushes from
+//! other sessions, heartbeat pings, close frames — goes through the
+//! session's bounded [`SessionQueue`](crate::queue::SessionQueue), so a
+//! client that stops reading fills its own queue and is closed; it never
+//! blocks a producer.
+
+mod writer;
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use wsproto_proto::v1;
+
+use crate::{
+    close::CloseReason,
+    error::ErrorCode,
+    frame::{Frame, Preview},
+    metrics, opcode,
+    rate::{RateLimit, Verdict},
+    router::Router,
+    session::{Registration, Session},
+    topic::Topic,
+    Config,
+};
+pub(crate) use writer::flush_rest;
+
+/// Frames the reader handles before it lets the writer run.
+const YIELD_EVERY: u32 = 8;
+
+/// Runs one opcode-protocol connection until it ends, then unregisters it.
+/// `shutdown` asks for a Close 1001 handshake; `abort` ends it at once.
+pub(crate) async fn run<S>(
+    ws: WebSocketStream<S>,
+    session: Session,
+    subscriptions: Vec<Topic>,
+    router: Arc<Router>,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // WELCOME is queued before the session is reachable through the hub, so
+    // it is always the first frame.
+    send_welcome(&session, &config);
+    let registration = Registration::new(&session);
+    // Checked against permissions and the limit at upgrade.
+    let _ = session.hub().subscribe_all(session.id(), &subscriptions);
+    debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
+
+    let (sink, mut stream) = ws.split();
+    // Cancelled when either half is done, or when the server gives up
+    // waiting at shutdown: the other half then stops too.
+    let terminate = abort.child_token();
+    let mut writer = tokio::spawn(writer::write_loop(
+        sink,
+        session.clone(),
+        config.clone(),
+        terminate.clone(),
+    ));
+    // The writer hands the sink back when it ends, for the last flush.
+    let mut writer_ended = None;
+
+    let queue = session.queue().clone();
+    let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
+    let mut handled_in_a_row = 0u32;
+    let mut close_deadline: Option<tokio::time::Instant> = None;
+    let mut linger = false;
+    let expiry_of = |session: &Session| {
+        session
+            .identity()
+            .expires_at
+            .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at))
+    };
+    let mut token_expiry = expiry_of(&session);
+    // Made once, not per frame: each registers with its token or queue.
+    // The guards below never poll one again after it has completed.
+    let terminated = terminate.cancelled();
+    let shutting_down = shutdown.cancelled();
+    let closing = queue.closing();
+    tokio::pin!(terminated, shutting_down, closing);
+    loop {
+        if close_deadline.is_none() && queue.close_reason().is_some() {
+            close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
+        }
+        let message = tokio::select! {
+            biased;
+            _ = &mut terminated => break,
+            _ = &mut shutting_down, if close_deadline.is_none() => {
+                queue.close(CloseReason::GOING_AWAY);
+                continue;
+            }
+            _ = &mut closing, if close_deadline.is_none() => continue,
+            _ = sleep_until(token_expiry), if close_deadline.is_none() && token_expiry.is_some() => {
+                queue.close(CloseReason::TOKEN_EXPIRED);
+                continue;
+            }
+            _ = sleep_until(close_deadline), if close_deadline.is_some() => break,
+            message = stream.next() => message,
+        };
+        match message {
+            None => break,
+            Some(Err(err)) => {
+                debug!(session = %session.id(), %err, "read failed");
+                let Some(reason) = CloseReason::for_read_error(&err) else {
+                    break;
+                };
+                queue.close(reason);
+                // The rest of a broken or oversized message may still be on
+                // the wire, so nothing more can be read; let the writer send
+                // the close, and drain at the end so no reset destroys it.
+                if let Ok(ended) = tokio::time::timeout(config.write_timeout, &mut writer).await {
+                    writer_ended = Some(ended.ok());
+                }
+                linger = true;
+                break;
+            }
+            Some(Ok(message)) => {
+                session.touch();
+                if close_deadline.is_some() {
+                    // Closing: wait for the client's close, act on nothing else.
+                    continue;
+                }
+                let verdict = match message.is_binary() || message.is_text() {
+                    true => limiter.check(),
+                    false => Verdict::Allow,
+                };
+                if verdict != Verdict::Allow {
+                    metrics::bump(&session.node().counters().rate_limited_frames);
+                    if verdict == (Verdict::Refuse { reply: true }) {
+                        refuse_over_limit(&session, &message, config.rate_limit);
+                    } else if verdict == Verdict::Close {
+                        queue.close(CloseReason::RATE_LIMITED);
+                    }
+                    continue;
+                }
+                // A handler that never finishes must not outlive the session.
+                session.set_handling(true);
+                tokio::select! {
+                    biased;
+                    _ = &mut terminated => break,
+                    _ = handle_message(&session, &router, message) => {}
+                }
+                session.set_handling(false);
+                session.touch();
+                if session.take_identity_changed() {
+                    token_expiry = expiry_of(&session);
+                }
+                // A client that pipelines gets its first replies while the
+                // rest of its frames are handled, not all of them at the end.
+                handled_in_a_row = handled_in_a_row.wrapping_add(1);
+                if handled_in_a_row % YIELD_EVERY == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    terminate.cancel();
+    let sink = match writer_ended {
+        Some(sink) => sink,
+        None => writer.await.ok(),
+    };
+    count_ending(&session);
+    drop(registration);
+    // When the client closed first, the codec answers its close and reports
+    // the connection closed without flushing: what it could not write yet,
+    // and what a TLS stream holds, go out now (the session is already gone
+    // from the hub). A session the server closed has had its chance to
+    // flush, so a slow consumer gets only a moment more.
+    let last_flush = match queue.close_reason() {
+        None => config.write_timeout,
+        Some(_) => config.write_timeout.min(Duration::from_secs(1)),
+    };
+    if let Some(sink) = sink {
+        // Boxed: the whole socket is in this future, and inline it would
+        // make every session's task that much bigger for its whole life.
+        Box::pin(async move {
+            if let Ok(mut ws) = stream.reunite(sink) {
+                flush_rest(&mut ws, last_flush).await;
+                if linger {
+                    crate::close::linger(ws.get_mut(), crate::close::LINGER).await;
+                }
+            }
+        })
+        .await;
+    }
+    debug!(
+        session = %session.id(),
+        reason = ?queue.close_reason(),
+        received = session.frames_received(),
+        sent = session.frames_sent(),
+        dropped = queue.dropped(),
+        "session closed"
+    );
+}
+
+/// Adds a finished session's close reason and drops to the node's counters.
+fn count_ending(session: &Session) {
+    let counters = session.node().counters();
+    let counter = match session.queue().close_reason() {
+        Some(CloseReason::SLOW_CONSUMER) => Some(&counters.closed_slow_consumer),
+        Some(CloseReason::RATE_LIMITED) => Some(&counters.closed_rate_limit),
+        Some(CloseReason::MESSAGE_TOO_BIG) => Some(&counters.closed_message_too_big),
+        Some(CloseReason::HEARTBEAT_TIMEOUT) => Some(&counters.closed_heartbeat),
+        _ => None,
+    };
+    if let Some(counter) = counter {
+        metrics::bump(counter);
+    }
+    let dropped = session.queue().dropped();
+    counters.dropped_frames.inc_by(dropped);
+}
+
+/// Answers a frame over the rate limit with RATE_LIMITED, echoing what
+/// can be read of it; the frame itself is not processed.
+fn refuse_over_limit(session: &Session, message: &Message, rate: f64) {
+    let frame = match message {
+        Message::Binary(data) => Frame::decode(data.clone()).ok(),
+        _ => None,
+    };
+    let (opcode, request_id) = frame.map_or((0, None), |f| (f.opcode, f.request_id));
+    let reason = format!("rate limit exceeded: at most {rate} frames a second");
+    session.send_error(ErrorCode::RateLimited.as_u32(), reason, opcode, request_id);
+}
+
+async fn handle_message(session: &Session, router: &Router, message: Message) {
+    match message {
+        Message::Binary(data) => {
+            session.count_received();
+            router.handle_message(session, data).await;
+        }
+        Message::Text(text) => {
+            session.count_received();
+            debug!(
+                session = %session.id(),
+                kind = "text",
+                len = text.len(),
+                payload = %Preview::new(text.as_bytes(), 32),
+                "frame in"
+            );
+            session.send_error(
+                ErrorCode::TextNotSupported.as_u32(),
+                "text messages are not supported; send binary frames".into(),
+                0,
+                None,
+            );
+        }
+        // Pongs only count as liveness (done by the caller); tungstenite
+        // answers pings and close frames itself.
+        Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
+    }
+}
+
+fn send_welcome(session: &Session, config: &Config) {
+    let welcome = v1::Welcome {
+        session_id: session.id().to_owned(),
+        user_id: session.user_id().unwrap_or_default().to_owned(),
+        server: crate::SERVER_NAME.to_owned(),
+        protocol_version: crate::PROTOCOL_VERSION,
+        ping_interval_ms: config
+            .ping_interval
+            .as_millis()
+            .try_into()
+            .unwrap_or(u32::MAX),
+        max_message_size: config.max_message_size.try_into().unwrap_or(u32::MAX),
+        ping_timeout_ms: config
+            .ping_timeout
+            .as_millis()
+            .try_into()
+            .unwrap_or(u32::MAX),
+    };
+    let _ = session.send(&Frame::new(opcode::WELCOME, welcome.encode_to_vec()));
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,147 @@
+//! The writer: the only task that writes to a connection's socket.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{stream::SplitSink, SinkExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::{
+    tungstenite::{
+        error::{Error as WsError, ProtocolError},
+        Message,
+    },
+    WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::{close::CloseReason, queue::Batch, session::Session, Config};
+
+/// Most frames the writer moves from the queue into one socket write.
+const WRITE_BATCH: usize = 64;
+
+/// The write half of a connection.
+pub(super) type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+
+/// Flushes what the codec and the stream still hold, for at most `within`.
+/// The codec answers a client's close and reports the connection closed
+/// without flushing, and a TLS stream holds what was written until then.
+pub(crate) async fn flush_rest<S>(ws: &mut WebSocketStream<S>, within: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let flush = async {
+        // The codec's buffer (it reports ConnectionClosed once written),
+        // then the stream's.
+        let _ = SinkExt::flush(&mut *ws).await;
+        let _ = ws.get_mut().flush().await;
+    };
+    let _ = tokio::time::timeout(within, flush).await;
+}
+
+/// Writes `messages` into the socket's buffer, then flushes once: a burst
+/// of queued frames costs one write, not one per frame.
+async fn write_all<S>(sink: &mut Sink<S>, messages: &mut Vec<Message>) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for message in messages.drain(..) {
+        sink.feed(message).await?;
+    }
+    sink.flush().await
+}
+
+enum WriterWork {
+    Batch(Batch),
+    Heartbeat,
+}
+
+/// The only task that writes to the socket: drains the queue in batches
+/// (one flush per batch), pings on an interval and closes silent clients.
+///
+/// Returns the sink, so the session can flush what is left at the end.
+pub(super) async fn write_loop<S>(
+    mut sink: Sink<S>,
+    session: Session,
+    config: Arc<Config>,
+    terminate: CancellationToken,
+) -> Sink<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let queue = session.queue().clone();
+    // Grown on demand: an idle session should not carry room for 64 frames.
+    let mut batch = Vec::new();
+    let mut messages = Vec::new();
+    let period = config.ping_interval;
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let terminated = terminate.cancelled();
+    tokio::pin!(terminated);
+    loop {
+        let work = tokio::select! {
+            biased;
+            _ = &mut terminated => break,
+            // Before the queue, so a queue that never empties cannot starve
+            // the heartbeat.
+            _ = heartbeat.tick() => WriterWork::Heartbeat,
+            batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
+        };
+        let mut closing = false;
+        match work {
+            WriterWork::Batch(Batch::Frames) => {
+                messages.extend(batch.drain(..).map(Message::Binary))
+            }
+            WriterWork::Batch(Batch::Close(reason)) => {
+                debug!(session = %session.id(), code = reason.code, reason = reason.reason, "closing");
+                messages.push(Message::Close(Some(reason.frame())));
+                closing = true;
+            }
+            // While a handler runs the reader is not reading, so the client
+            // cannot show it is alive; silence only counts between frames.
+            WriterWork::Heartbeat
+                if !session.is_handling() && session.silent_for() > config.ping_timeout =>
+            {
+                queue.close(CloseReason::HEARTBEAT_TIMEOUT);
+                continue;
+            }
+            WriterWork::Heartbeat => messages.push(Message::Ping(Bytes::new())),
+        }
+        let frames = messages.iter().filter(|m| m.is_binary()).count() as u64;
+        let written = tokio::select! {
+            biased;
+            _ = &mut terminated => break,
+            written = tokio::time::timeout(config.write_timeout, write_all(&mut sink, &mut messages)) => written,
+        };
+        match written {
+            Ok(Ok(())) if closing => {
+                // The reader waits for the client's answering close.
+                return sink;
+            }
+            Ok(Ok(())) => {
+                session.count_sent(frames);
+            }
+            Ok(Err(
+                WsError::AlreadyClosed
+                | WsError::ConnectionClosed
+                | WsError::Protocol(ProtocolError::SendAfterClosing),
+            )) if !closing => {
+                // The client closed first: the reader answers its close and
+                // ends the session; cutting it off here would lose that answer.
+                return sink;
+            }
+            Ok(Err(err)) => {
+                debug!(session = %session.id(), %err, "write failed");
+                break;
+            }
+            Err(_) => {
+                debug!(session = %session.id(), "write timed out; slow consumer");
+                queue.close(CloseReason::SLOW_CONSUMER);
+                break;
+            }
+        }
+    }
+    terminate.cancel();
+    sink
+}
