@@ -5,6 +5,11 @@
 //! These cover the case families of the Autobahn fuzzingclient that concern
 //! a server's reading side: framing (cases 1–3: reserved bits, opcodes),
 //! control frames (2, 5: size, fragmentation), UTF-8 (6) and limits (9).
+//! Autobahn itself is not run here (its fuzzingclient needs Python 2 or a
+//! Docker image). One known non-strict behaviour: tungstenite validates
+//! UTF-8 once a whole frame has arrived, so a frame whose payload trickles
+//! in with an invalid byte early (Autobahn 6.4.3/6.4.4) fails at the end of
+//! that frame rather than at the byte; invalid fragments fail at once.
 
 mod common;
 
