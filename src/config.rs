@@ -485,6 +485,36 @@ mod tests {
     }
 
     #[test]
+    fn edge_flags_parse_and_proxy_protocol_needs_trusted_proxies() {
+        let cli = Cli::parse_from([
+            "s",
+            "--trusted-proxy",
+            "10.0.0.0/8,127.0.0.1",
+            "--proxy-protocol",
+            "--listen-backlog",
+            "100",
+            "--max-request-head",
+            "8192",
+        ]);
+        let networks: Vec<String> = cli
+            .config
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(networks, ["10.0.0.0/8", "127.0.0.1/32"]);
+        assert!(cli.config.proxy_protocol);
+        assert_eq!(
+            (cli.config.listen_backlog, cli.config.max_request_head),
+            (100, 8192)
+        );
+        assert!(Cli::try_parse_from(["s", "--proxy-protocol"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--trusted-proxy", "nginx"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--listen-backlog", "0"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--max-request-head", "100"]).is_err());
+    }
+
+    #[test]
     fn ws_path_must_be_absolute() {
         assert!(Cli::try_parse_from(["s", "--ws-path", "ws"]).is_err());
         assert_eq!(
