@@ -76,8 +76,9 @@ pub const QUIET_PERIOD: Duration = Duration::from_secs(1);
 /// through in between do not reset the count: a flooder gets a frame
 /// through each time a token comes back, and must not be kept forever by
 /// that. At the default 100 frames/s and bursts of 200, a client sending
-/// 3,000 frames a second is closed within a tenth of a second, one sending
-/// 110 a second within 20 seconds.
+/// 3,000 frames a second is closed within a fifth of a second; one sending
+/// 110 a second within about 40 seconds (20 to use up its burst, 20 more of
+/// refusals at 10 a second).
 #[derive(Debug, Clone)]
 pub struct RateLimit {
     bucket: TokenBucket,
