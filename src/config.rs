@@ -203,6 +203,59 @@ pub struct Config {
     /// Cookie a browser may carry its token in.
     #[arg(long, env = "WSPROTO_JWT_COOKIE", default_value = "wsproto_token")]
     pub jwt_cookie: String,
+
+    /// Where publications go between nodes: `memory` (this process only) or
+    /// `redis://HOST:PORT[/DB]` (every node on that Redis acts as one server).
+    #[arg(
+        long,
+        env = "WSPROTO_BROKER",
+        default_value = "memory",
+        help_heading = "Cluster"
+    )]
+    pub broker: BrokerChoice,
+
+    /// This node's id, unique in the deployment; it prefixes session ids.
+    /// Default: 8 random hex digits.
+    #[arg(long, env = "WSPROTO_NODE_ID", value_parser = parse_node_id, help_heading = "Cluster")]
+    pub node_id: Option<String>,
+
+    /// Prefix of every Redis key and channel (deployments may share a Redis).
+    #[arg(long, env = "WSPROTO_REDIS_PREFIX", default_value = "wsproto", value_parser = parse_node_id, help_heading = "Cluster")]
+    pub redis_prefix: String,
+}
+
+/// The broker a node publishes through.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BrokerChoice {
+    /// In-process: a single node.
+    #[default]
+    Memory,
+    /// A Redis server at this URL.
+    Redis(String),
+}
+
+impl std::str::FromStr for BrokerChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BrokerChoice, String> {
+        match s {
+            "memory" => Ok(BrokerChoice::Memory),
+            url if url.starts_with("redis://") => Ok(BrokerChoice::Redis(url.to_owned())),
+            _ => Err("expected memory or redis://HOST:PORT[/DB]".into()),
+        }
+    }
+}
+
+/// A node id or key prefix: 1 to 64 of `A-Z a-z 0-9 _ . -`.
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    match valid {
+        true => Ok(s.to_owned()),
+        false => Err("1 to 64 of A-Z a-z 0-9 _ . -".into()),
+    }
 }
 
 impl Config {
@@ -261,6 +314,9 @@ impl Default for Config {
             jwt_audience: None,
             jwt_issuer: None,
             jwt_cookie: "wsproto_token".into(),
+            broker: BrokerChoice::Memory,
+            node_id: None,
+            redis_prefix: "wsproto".into(),
         }
     }
 }

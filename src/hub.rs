@@ -21,7 +21,7 @@ use wsproto_proto::v1;
 
 pub use crate::broker::{Publication, Published, Sender, Target};
 use crate::{
-    broker::BrokerEventHandler,
+    broker::{BrokerEventHandler, Interest},
     frame::Frame,
     opcode,
     queue::{DeliveryPolicy, PushError, Pushed, SessionQueue},
@@ -153,12 +153,16 @@ impl Hub {
 
     /// Removes a session and everything it held: subscriptions, room
     /// memberships (announced to those who asked) and its user entry.
-    pub fn unregister(&self, session_id: &str) {
+    /// Returns what it held, for the broker.
+    pub fn unregister(&self, session_id: &str) -> Vec<Interest> {
         let mut events = Vec::new();
         let mut state = self.write();
         let Some((id, entry)) = state.sessions.remove_entry(session_id) else {
-            return;
+            return Vec::new();
         };
+        let mut held: Vec<Interest> = entry.topics.iter().cloned().map(Interest::Topic).collect();
+        held.extend(entry.rooms.iter().cloned().map(Interest::Room));
+        held.extend(entry.user_id.clone().map(Interest::User));
         for topic in &entry.topics {
             state.topics.remove(topic, &id);
         }
@@ -176,6 +180,7 @@ impl Hub {
         // Queued under the lock, so listeners see joins and leaves in the
         // order they happened (queuing never waits).
         send_all(events);
+        held
     }
 
     /// Sessions open on this node.
@@ -233,6 +238,18 @@ impl Hub {
     /// # Errors
     /// Past the per-session subscription limit, or for an unknown session.
     pub fn subscribe_all(&self, session_id: &str, topics: &[Topic]) -> Result<usize, HubError> {
+        self.subscribe_new(session_id, topics).map(|new| new.len())
+    }
+
+    /// As [`Hub::subscribe_all`], returning the subscriptions that are new.
+    ///
+    /// # Errors
+    /// As [`Hub::subscribe_all`].
+    pub fn subscribe_new(
+        &self,
+        session_id: &str,
+        topics: &[Topic],
+    ) -> Result<Vec<Topic>, HubError> {
         let max = self.inner.config.max_subscriptions;
         let mut state = self.write();
         let (id, entry) = entry_mut(&mut state.sessions, session_id)?;
@@ -243,11 +260,12 @@ impl Hub {
         if entry.topics.len() + new.len() > max {
             return Err(HubError::TooManySubscriptions(max));
         }
-        entry.topics.extend(new.iter().map(|t| (*t).clone()));
+        let new: Vec<Topic> = new.into_iter().cloned().collect();
+        entry.topics.extend(new.iter().cloned());
         for topic in &new {
             state.topics.insert(topic, id.clone());
         }
-        Ok(new.len())
+        Ok(new)
     }
 
     /// Ends a subscription; returns false if there was none.
@@ -287,6 +305,20 @@ impl Hub {
         room: &Topic,
         presence_events: bool,
     ) -> Result<v1::Presence, HubError> {
+        self.join_new(session_id, room, presence_events)
+            .map(|(presence, _)| presence)
+    }
+
+    /// As [`Hub::join`], also saying whether the session is new in the room.
+    ///
+    /// # Errors
+    /// As [`Hub::join`].
+    pub fn join_new(
+        &self,
+        session_id: &str,
+        room: &Topic,
+        presence_events: bool,
+    ) -> Result<(v1::Presence, bool), HubError> {
         let max = self.inner.config.max_rooms;
         let room: Arc<str> = room.as_str().into();
         let presence = {
@@ -319,7 +351,7 @@ impl Hub {
                 false => Vec::new(),
             };
             send_all(events);
-            room_presence(&room, members)
+            (room_presence(&room, members), joined)
         };
         Ok(presence)
     }
@@ -474,6 +506,10 @@ impl Inner {
 impl BrokerEventHandler for Inner {
     fn handle_publication(&self, publication: &Publication, seq: u64) -> usize {
         self.deliver(publication, seq)
+    }
+
+    fn recipients(&self, target: &Target) -> usize {
+        self.recipients(target).len()
     }
 }
 

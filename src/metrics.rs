@@ -70,6 +70,10 @@ pub struct Levels {
     pub sessions: usize,
     /// Connections still plain HTTP (not yet upgraded).
     pub handshakes: usize,
+    /// The broker cannot reach the other nodes (local delivery goes on).
+    pub broker_degraded: bool,
+    /// The broker's own counts: (name, help, value), each a counter.
+    pub broker_counts: [(&'static str, &'static str, u64); 5],
 }
 
 /// Adds one to a counter.
@@ -197,6 +201,19 @@ impl Counters {
             "Connections not yet upgraded",
             gauge(levels.handshakes),
         );
+        registry.register(
+            "wsproto_broker_degraded",
+            "1 while the broker cannot reach the other nodes",
+            gauge(usize::from(levels.broker_degraded)),
+        );
+        for (name, help, value) in levels.broker_counts {
+            if name.is_empty() {
+                continue;
+            }
+            let counter = Counter::<u64>::default();
+            counter.inc_by(value);
+            registry.register(name, help, counter);
+        }
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &registry);
@@ -216,6 +233,7 @@ mod tests {
         let text = counters.prometheus(Levels {
             sessions: 3,
             handshakes: 1,
+            ..Levels::default()
         });
         assert!(
             text.contains("# TYPE wsproto_refused_origin counter"),
@@ -224,6 +242,7 @@ mod tests {
         assert!(text.contains("wsproto_refused_origin_total 2"), "{text}");
         assert!(text.contains("wsproto_sessions 3"), "{text}");
         assert!(text.contains("wsproto_handshakes 1"), "{text}");
+        assert!(text.contains("wsproto_broker_degraded 0"), "{text}");
         assert_eq!(text.matches("_total ").count(), 14);
         assert!(text.ends_with("# EOF\n"));
     }

@@ -15,10 +15,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use wsproto_proto::v1;
+
 use crate::{
-    broker::{Broker, BrokerError, MemoryBroker, Publication, Published},
-    hub::{Hub, HubConfig},
+    broker::{Broker, BrokerError, Interest, MemoryBroker, Publication, Published},
+    hub::{Hub, HubConfig, HubError},
     metrics::Counters,
+    queue::SessionQueue,
+    topic::Topic,
 };
 
 /// A node of a deployment; cheap to clone.
@@ -53,7 +57,7 @@ impl Node {
     /// A node with a generated id whose hub (with `config`) receives what
     /// `broker` delivers.
     pub fn with_broker(config: HubConfig, broker: Arc<dyn Broker>) -> Node {
-        Node::with_id(generated_id(), config, broker)
+        Node::with_id(Node::generated_id(), config, broker)
     }
 
     /// As [`Node::with_broker`], with a chosen id (unique in the deployment).
@@ -70,6 +74,12 @@ impl Node {
                 counters: Counters::default(),
             }),
         }
+    }
+
+    /// A node id for a node that was given none: eight hex digits, random
+    /// per process.
+    pub fn generated_id() -> String {
+        format!("{:08x}", RandomState::new().hash_one(Instant::now()) as u32)
     }
 
     /// This node's id.
@@ -103,6 +113,82 @@ impl Node {
         self.inner.started_at.elapsed()
     }
 
+    /// Makes a session reachable on this node and, for a user's session,
+    /// tells the broker (so pushes to the user reach it from any node).
+    pub async fn register(
+        &self,
+        session_id: Arc<str>,
+        user_id: Option<Arc<str>>,
+        queue: SessionQueue,
+    ) {
+        self.hub().register(session_id, user_id.clone(), queue);
+        if let Some(user) = user_id {
+            self.broker().add_interest(&[Interest::User(user)]).await;
+        }
+    }
+
+    /// Removes a session and everything it held, here and at the broker.
+    pub fn unregister(&self, session_id: &str) {
+        let held = self.hub().unregister(session_id);
+        self.broker().remove_interest(&held);
+    }
+
+    /// Subscribes a session to every topic given, or, past the limit, to
+    /// none of them; returns how many were new. Completes once publications
+    /// to them reach this node.
+    ///
+    /// # Errors
+    /// Past the per-session subscription limit, or for an unknown session.
+    pub async fn subscribe_all(
+        &self,
+        session_id: &str,
+        topics: &[Topic],
+    ) -> Result<usize, HubError> {
+        let new = self.hub().subscribe_new(session_id, topics)?;
+        let interest: Vec<Interest> = new.iter().cloned().map(Interest::Topic).collect();
+        self.broker().add_interest(&interest).await;
+        Ok(new.len())
+    }
+
+    /// Ends a subscription; returns false if there was none.
+    pub fn unsubscribe(&self, session_id: &str, topic: &Topic) -> bool {
+        let removed = self.hub().unsubscribe(session_id, topic);
+        if removed {
+            self.broker()
+                .remove_interest(&[Interest::Topic(topic.clone())]);
+        }
+        removed
+    }
+
+    /// Adds a session to a room and returns the room's presence; members
+    /// that asked for presence events hear of it.
+    ///
+    /// # Errors
+    /// Past the per-session room limit, or for an unknown session.
+    pub async fn join(
+        &self,
+        session_id: &str,
+        room: &Topic,
+        presence_events: bool,
+    ) -> Result<v1::Presence, HubError> {
+        let (presence, joined) = self.hub().join_new(session_id, room, presence_events)?;
+        if joined {
+            let room = Interest::Room(room.as_str().into());
+            self.broker().add_interest(&[room]).await;
+        }
+        Ok(presence)
+    }
+
+    /// Removes a session from a room; returns false if it was not there.
+    pub fn leave(&self, session_id: &str, room: &str) -> bool {
+        let left = self.hub().leave(session_id, room);
+        if left {
+            self.broker()
+                .remove_interest(&[Interest::Room(room.into())]);
+        }
+        left
+    }
+
     /// Publishes through the broker, which delivers on every node.
     ///
     /// # Errors
@@ -110,9 +196,4 @@ impl Node {
     pub async fn publish(&self, publication: Publication) -> Result<Published, BrokerError> {
         self.inner.broker.publish(publication).await
     }
-}
-
-/// Eight hex digits, random per process.
-fn generated_id() -> String {
-    format!("{:08x}", RandomState::new().hash_one(Instant::now()) as u32)
 }

@@ -33,8 +33,9 @@ use tracing::{debug, info, warn};
 use crate::{
     api,
     auth::{AuthError, Authenticator},
-    broker::{Broker, MemoryBroker},
+    broker::{Broker, BrokerStatus, MemoryBroker, RedisBroker, RedisSettings},
     close::{self, CloseReason},
+    config::BrokerChoice,
     connection, handlers,
     hub::HubConfig,
     identity::Identity,
@@ -178,6 +179,7 @@ impl Server {
         if origins.allows_any() {
             warn!("--allowed-origin '*': any web page may open WebSockets to this server");
         }
+        let node = node(&config, hub_config)?;
         let state = AppState {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes as usize)),
@@ -190,7 +192,7 @@ impl Server {
             tls,
             config: Arc::new(config),
             router: Arc::new(handlers::with_protocol(router)),
-            node: Node::with_broker(hub_config, Arc::new(MemoryBroker::new())),
+            node,
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -212,7 +214,8 @@ impl Server {
     /// deployment. Call before [`run`](Server::run).
     pub fn with_broker(mut self, broker: Arc<dyn Broker>) -> Server {
         let config = &self.state.config;
-        self.state.node = Node::with_broker(hub_config(config), broker);
+        let id = self.state.node.id().to_owned();
+        self.state.node = Node::with_id(id, hub_config(config), broker);
         self
     }
 
@@ -504,6 +507,26 @@ where
     if let Ok(Ok(())) = tokio::time::timeout(REFUSAL_TIMEOUT, io.write_all(response)).await {
         close::linger(&mut io, REFUSAL_TIMEOUT).await;
     }
+}
+
+/// The node `config` asks for, with its broker.
+fn node(config: &Config, hub_config: HubConfig) -> io::Result<Node> {
+    let id: Arc<str> = match &config.node_id {
+        Some(id) => id.as_str().into(),
+        None => Node::generated_id().into(),
+    };
+    let broker: Arc<dyn Broker> = match &config.broker {
+        BrokerChoice::Memory => Arc::new(MemoryBroker::new()),
+        BrokerChoice::Redis(url) => {
+            let mut settings = RedisSettings::new(url.clone(), id.clone());
+            settings.prefix = config.redis_prefix.clone();
+            let broker = RedisBroker::new(settings)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            info!(node = %id, %url, "cluster mode: publishing through Redis");
+            Arc::new(broker)
+        }
+    };
+    Ok(Node::with_id(id, hub_config, broker))
 }
 
 /// The hub settings `config` asks for.
@@ -846,26 +869,63 @@ async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) 
 
 #[derive(serde::Serialize)]
 struct Health {
+    /// `ok`, or `degraded` while the broker cannot reach the other nodes
+    /// (still 200: the node serves its own clients, so a load balancer
+    /// should keep it).
     status: &'static str,
+    node: String,
     sessions: usize,
+    broker: BrokerStatus,
     /// How often each limit has tripped since start.
     limits: CounterSnapshot,
 }
 
 async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    let broker = state.node.broker().status();
     Json(Health {
-        status: "ok",
+        status: if broker.degraded { "degraded" } else { "ok" },
+        node: state.node.id().to_owned(),
         sessions: state.node.hub().len(),
+        broker,
         limits: state.node.counters().snapshot(),
     })
 }
 
 /// Counters and levels for Prometheus to scrape.
 async fn prometheus_metrics(State(state): State<AppState>) -> Response {
+    let broker = state.node.broker().status();
     let levels = metrics::Levels {
         sessions: state.node.hub().len(),
         handshakes: (state.config.max_handshakes as usize)
             .saturating_sub(state.handshakes.available_permits()),
+        broker_degraded: broker.degraded,
+        broker_counts: [
+            (
+                "wsproto_broker_local_only",
+                "Publications delivered on this node only: the broker was unreachable",
+                broker.local_only,
+            ),
+            (
+                "wsproto_broker_failures",
+                "Broker operations that failed",
+                broker.failures,
+            ),
+            (
+                "wsproto_broker_received",
+                "Publications received from other nodes' broker",
+                broker.received,
+            ),
+            (
+                "wsproto_broker_unmatched",
+                "Received publications that matched no session here",
+                broker.unmatched,
+            ),
+            (
+                "wsproto_broker_reconnects",
+                "Reconnections of the broker's subscription",
+                broker.reconnects,
+            ),
+        ],
     };
     (
         [(

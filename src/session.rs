@@ -100,7 +100,7 @@ impl Session {
     /// [`Session::queue`]. For testing and fuzzing handlers.
     pub fn detached(node: &Node, identity: Identity, queue_capacity: usize) -> Registration {
         let queue = SessionQueue::new(queue_capacity);
-        Registration::new(&Session::new(node.clone(), identity, None, None, queue))
+        Registration::local(&Session::new(node.clone(), identity, None, None, queue))
     }
 
     /// Unique across the nodes of a deployment.
@@ -283,12 +283,20 @@ impl std::fmt::Debug for Session {
 pub struct Registration(Session);
 
 impl Registration {
-    pub(crate) fn new(session: &Session) -> Registration {
-        let queue = session.queue().clone();
-        let user_id = session.inner.user_id.clone();
-        session
-            .hub()
-            .register(session.inner.id.clone(), user_id, queue);
+    /// Registers `session` with its node; completes once what is sent to
+    /// its user from any node reaches it.
+    pub(crate) async fn new(session: &Session) -> Registration {
+        let (id, user_id) = (session.inner.id.clone(), session.inner.user_id.clone());
+        let node = session.node();
+        node.register(id, user_id, session.queue().clone()).await;
+        Registration(session.clone())
+    }
+
+    /// Registers `session` with its node's hub only (what [`Session::detached`]
+    /// does: a session with no socket is not announced to other nodes).
+    fn local(session: &Session) -> Registration {
+        let (id, user_id) = (session.inner.id.clone(), session.inner.user_id.clone());
+        session.hub().register(id, user_id, session.queue().clone());
         Registration(session.clone())
     }
 }
@@ -303,6 +311,6 @@ impl std::ops::Deref for Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.0.hub().unregister(self.0.id());
+        self.0.node().unregister(self.0.id());
     }
 }

@@ -10,6 +10,7 @@
 //! broker with a network behind it.
 
 mod memory;
+mod redis;
 
 use std::{
     future::Future,
@@ -21,6 +22,7 @@ use std::{
 use bytes::Bytes;
 
 pub use memory::MemoryBroker;
+pub use redis::{RedisBroker, RedisSettings};
 
 use crate::topic::Topic;
 
@@ -119,12 +121,47 @@ pub struct Published {
     pub nodes: usize,
 }
 
+/// What a node has local recipients for; a networked broker routes to a
+/// node only what it has declared interest in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Interest {
+    /// A subscription to a topic or pattern.
+    Topic(Topic),
+    /// Membership of a room.
+    Room(Arc<str>),
+    /// A session of a user.
+    User(Arc<str>),
+}
+
+/// How a broker is doing, for `/healthz` and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerStatus {
+    /// The broker cannot currently reach the other nodes: local delivery
+    /// goes on, what cannot cross nodes is counted.
+    pub degraded: bool,
+    /// Publications delivered on this node only, because the backend was
+    /// unreachable.
+    pub local_only: u64,
+    /// Backend operations that failed (publish, interest, probe).
+    pub failures: u64,
+    /// Publications received from the backend.
+    pub received: u64,
+    /// Received publications that matched no session here.
+    pub unmatched: u64,
+    /// Reconnections of the subscription connection.
+    pub reconnects: u64,
+}
+
 /// A node's side of the broker: where publications are delivered.
 pub trait BrokerEventHandler: Send + Sync + 'static {
     /// Queues a numbered publication for this node's recipients and returns
     /// how many sessions it was handed to. Must not wait: it runs on the
     /// broker's delivery path.
     fn handle_publication(&self, publication: &Publication, seq: u64) -> usize;
+
+    /// How many sessions on this node `target` reaches now (what a broker
+    /// that delivers later reports as a publication's local reach).
+    fn recipients(&self, target: &Target) -> usize;
 }
 
 /// Carries publications to every node's [`BrokerEventHandler`].
@@ -136,4 +173,24 @@ pub trait Broker: Send + Sync + 'static {
     /// Numbers `publication` within its stream (see [`Target::stream_key`])
     /// and delivers it on every node.
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>>;
+
+    /// This node now has local recipients for `interest` (called for each
+    /// new subscription, membership or session of a user). Completes once
+    /// publications for it will reach this node; never fails (a broker
+    /// that cannot register it now does so when it heals).
+    fn add_interest(&self, interest: &[Interest]) -> BoxFuture<'_, ()> {
+        let _ = interest;
+        Box::pin(std::future::ready(()))
+    }
+
+    /// The counterpart of [`Broker::add_interest`], once per ended
+    /// subscription, membership or session. Must not wait.
+    fn remove_interest(&self, interest: &[Interest]) {
+        let _ = interest;
+    }
+
+    /// How the broker is doing.
+    fn status(&self) -> BrokerStatus {
+        BrokerStatus::default()
+    }
 }

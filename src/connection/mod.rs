@@ -52,9 +52,12 @@ pub(crate) async fn run<S>(
     // WELCOME is queued before the session is reachable through the hub, so
     // it is always the first frame.
     send_welcome(&session, &config);
-    let registration = Registration::new(&session);
+    let registration = Registration::new(&session).await;
     // Checked against permissions and the limit at upgrade.
-    let _ = session.hub().subscribe_all(session.id(), &subscriptions);
+    let _ = session
+        .node()
+        .subscribe_all(session.id(), &subscriptions)
+        .await;
     debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
 
     let (sink, mut stream) = ws.split();

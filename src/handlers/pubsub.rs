@@ -76,8 +76,9 @@ pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
         return Err(permission_denied("subscribe to", topic));
     }
     session
-        .hub()
+        .node()
         .subscribe_all(session.id(), &topics)
+        .await
         .map_err(hub_error)?;
     Ok(Reply::None)
 }
@@ -86,7 +87,7 @@ pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
 pub async fn unsubscribe(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::Unsubscribe = frame.message()?;
     for topic in topics(&request.topics)? {
-        session.hub().unsubscribe(session.id(), &topic);
+        session.node().unsubscribe(session.id(), &topic);
     }
     Ok(Reply::None)
 }
@@ -121,8 +122,9 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
         return Err(permission_denied("join room", &room));
     }
     let presence = session
-        .hub()
+        .node()
         .join(session.id(), &room, request.presence_events)
+        .await
         .map_err(hub_error)?;
     Ok(Reply::message(&presence))
 }
@@ -131,7 +133,7 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
 pub async fn leave(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::Leave = frame.message()?;
     let room = room(&request.room)?;
-    session.hub().leave(session.id(), room.as_str());
+    session.node().leave(session.id(), room.as_str());
     Ok(Reply::None)
 }
 

@@ -1,0 +1,776 @@
+//! The Redis broker: several nodes on one Redis act as one server.
+//!
+//! **Routing.** Each node subscribes to two Redis channels only: its inbox
+//! `{prefix}:n:{node}` and the broadcast channel `{prefix}:all`. What a node
+//! has local recipients for is recorded in Redis as *interest sets* (node
+//! ids, each set with a TTL that the node keeps refreshing):
+//! `{prefix}:i:r:{room}`, `{prefix}:i:u:{user}` and, for topics, sets keyed
+//! by the pattern's literal prefix (see [`topic_interest`]). One Lua call per
+//! publication numbers it (`INCR` of `{prefix}:seq:{stream}`), reads the
+//! union of the interest sets the publication may concern and `PUBLISH`es
+//! it once to each of those nodes' inboxes. So a node receives only what
+//! may concern it, never twice, and the script's receiver count is exactly
+//! the number of nodes that took it; Redis runs each call atomically, so a
+//! stream's publications reach every inbox in sequence order.
+//!
+//! **Receiving** happens on one task per node, reading the subscription
+//! connection and handing each publication to the node's hub, which only
+//! queues frames: the read side never waits on a session, so Redis never
+//! has a reason to cut a slow subscriber.
+//!
+//! **Outages.** Commands time out after [`RedisSettings::command_timeout`].
+//! A publication Redis cannot take is still delivered on this node (with
+//! sequence number 0) and counted; the node reports itself `degraded`. The
+//! subscription connection is probed with `PING` every
+//! [`RedisSettings::probe_interval`], so a connection that died silently is
+//! replaced; every (re)connection re-registers the node's interest, so a
+//! node heals on its own once Redis is back.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, Weak,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use prost::Message as _;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::{
+    BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, Interest, Publication,
+    Published, Sender, Target,
+};
+use crate::topic::Topic;
+
+/// Topic interest and routing look at this many leading literal segments:
+/// deeper prefixes route more precisely but cost one more interest set per
+/// publication.
+const TOPIC_DEPTH: usize = 2;
+/// Interest operations waiting for the interest task; past it removals are
+/// dropped (their sets expire) and additions wait.
+const INTEREST_QUEUE: usize = 4096;
+/// Interest keys refreshed per pipeline.
+const REFRESH_BATCH: usize = 500;
+
+/// Where a Redis broker connects and how it names things.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// Prefix of every key and channel, so deployments can share a Redis.
+    pub prefix: String,
+    /// This node's id, unique in the deployment (it names the inbox).
+    pub node_id: Arc<str>,
+    /// How long a command may take before the broker counts Redis as
+    /// unreachable.
+    pub command_timeout: Duration,
+    /// How often the subscription connection is probed; one that does not
+    /// answer within the interval is replaced.
+    pub probe_interval: Duration,
+    /// Lifetime of an interest set the node stops refreshing (a node that
+    /// died stops receiving after at most this long).
+    pub interest_ttl: Duration,
+    /// Lifetime of an idle stream's sequence counter.
+    pub sequence_ttl: Duration,
+}
+
+impl RedisSettings {
+    /// Settings with the defaults: prefix `wsproto`, 500 ms commands, 1 s
+    /// probes, 30 s interest, 7 days of sequence.
+    pub fn new(url: impl Into<String>, node_id: impl Into<Arc<str>>) -> RedisSettings {
+        RedisSettings {
+            url: url.into(),
+            prefix: "wsproto".into(),
+            node_id: node_id.into(),
+            command_timeout: Duration::from_millis(500),
+            probe_interval: Duration::from_secs(1),
+            interest_ttl: Duration::from_secs(30),
+            sequence_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A broker on a Redis server; see the module docs. Cheap to share.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    interest_ops: mpsc::Sender<InterestOp>,
+    interest_rx: Mutex<Option<mpsc::Receiver<InterestOp>>>,
+}
+
+struct Shared {
+    settings: RedisSettings,
+    client: redis::Client,
+    commands: ConnectionManager,
+    publish: redis::Script,
+    handler: OnceLock<Weak<dyn BrokerEventHandler>>,
+    /// Interest keys with how many local subscriptions, memberships or
+    /// sessions need each.
+    interest: Mutex<HashMap<String, usize>>,
+    subscribed: AtomicBool,
+    commands_ok: AtomicBool,
+    local_only: AtomicU64,
+    failures: AtomicU64,
+    received: AtomicU64,
+    unmatched: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+enum InterestOp {
+    Add(Vec<String>, oneshot::Sender<()>),
+    Remove(Vec<String>),
+    /// Re-register everything (after a reconnection).
+    Refresh,
+}
+
+/// Numbers the publication (when it has a stream), then publishes it to a
+/// direct channel or to every node in the union of the interest sets.
+/// KEYS: [sequence key if ARGV[1] == '1'], interest sets...
+/// ARGV: has sequence, sequence TTL (s), payload, inbox prefix, direct channel.
+const PUBLISH_SCRIPT: &str = r"
+local first = 1
+local seq = 0
+if ARGV[1] == '1' then
+  seq = redis.call('INCR', KEYS[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  first = 2
+end
+local message = seq .. ':' .. ARGV[3]
+if ARGV[5] ~= '' then
+  return {seq, redis.call('PUBLISH', ARGV[5], message)}
+end
+local nodes = 0
+if #KEYS >= first then
+  local members = redis.call('SUNION', unpack(KEYS, first))
+  for _, node in ipairs(members) do
+    nodes = nodes + redis.call('PUBLISH', ARGV[4] .. node, message)
+  end
+end
+return {seq, nodes}
+";
+
+impl RedisBroker {
+    /// A broker for `settings`. It connects lazily, so a node starts (in
+    /// degraded mode) even while Redis is unreachable.
+    ///
+    /// # Errors
+    /// When the URL is not a valid Redis URL.
+    pub fn new(settings: RedisSettings) -> Result<RedisBroker, BrokerError> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| BrokerError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.command_timeout))
+            .set_connection_timeout(Some(settings.command_timeout))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_number_of_retries(2);
+        let commands = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let (interest_ops, interest_rx) = mpsc::channel(INTEREST_QUEUE);
+        Ok(RedisBroker {
+            shared: Arc::new(Shared {
+                settings,
+                client,
+                commands,
+                publish: redis::Script::new(PUBLISH_SCRIPT),
+                handler: OnceLock::new(),
+                interest: Mutex::new(HashMap::new()),
+                subscribed: AtomicBool::new(false),
+                commands_ok: AtomicBool::new(true),
+                local_only: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                received: AtomicU64::new(0),
+                unmatched: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
+            }),
+            interest_ops,
+            interest_rx: Mutex::new(Some(interest_rx)),
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    /// Registers the node and starts the subscription and interest tasks.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    fn register_event_handler(&self, handler: Weak<dyn BrokerEventHandler>) {
+        if self.shared.handler.set(handler).is_err() {
+            warn!("a Redis broker serves one node; a second one was not registered");
+            return;
+        }
+        let Some(rx) = self
+            .interest_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        tokio::spawn(subscription_loop(
+            self.shared.clone(),
+            self.interest_ops.clone(),
+        ));
+        tokio::spawn(interest_loop(self.shared.clone(), rx));
+    }
+
+    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>> {
+        Box::pin(async move { Ok(self.shared.publish(publication).await) })
+    }
+
+    fn add_interest(&self, interest: &[Interest]) -> BoxFuture<'_, ()> {
+        let new = self.shared.count_interest(interest, true);
+        Box::pin(async move {
+            if new.is_empty() {
+                return;
+            }
+            let (done, registered) = oneshot::channel();
+            if self
+                .interest_ops
+                .send(InterestOp::Add(new, done))
+                .await
+                .is_ok()
+            {
+                // Bounded: a Redis that does not answer degrades the node;
+                // the interest is registered when it heals.
+                let wait = self.shared.settings.command_timeout * 2;
+                let _ = tokio::time::timeout(wait, registered).await;
+            }
+        })
+    }
+
+    fn remove_interest(&self, interest: &[Interest]) {
+        let gone = self.shared.count_interest(interest, false);
+        if !gone.is_empty() {
+            // Dropped when the queue is full: the sets then expire instead.
+            let _ = self.interest_ops.try_send(InterestOp::Remove(gone));
+        }
+    }
+
+    fn status(&self) -> BrokerStatus {
+        let s = &self.shared;
+        BrokerStatus {
+            degraded: !s.subscribed.load(Ordering::Relaxed)
+                || !s.commands_ok.load(Ordering::Relaxed),
+            local_only: s.local_only.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+            received: s.received.load(Ordering::Relaxed),
+            unmatched: s.unmatched.load(Ordering::Relaxed),
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Shared {
+    fn handler(&self) -> Option<Arc<dyn BrokerEventHandler>> {
+        self.handler.get().and_then(Weak::upgrade)
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.settings.prefix)
+    }
+
+    fn inbox(&self, node: &str) -> String {
+        format!("{}:n:{node}", self.settings.prefix)
+    }
+
+    fn failed(&self, what: &str, err: &dyn std::fmt::Display) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if self.commands_ok.swap(false, Ordering::Relaxed) {
+            warn!(%err, "Redis {what} failed; degraded until it answers again");
+        } else {
+            debug!(%err, "Redis {what} failed");
+        }
+    }
+
+    fn succeeded(&self) {
+        if !self.commands_ok.swap(true, Ordering::Relaxed) {
+            info!("Redis answers again");
+        }
+    }
+
+    async fn publish(&self, publication: Publication) -> Published {
+        let payload = Envelope::of(&publication).encode_to_vec();
+        let mut invocation = self.publish.prepare_invoke();
+        let sequenced = match publication.target.stream_key() {
+            Some(stream) => {
+                invocation.key(self.key(&format!("seq:{stream}")));
+                true
+            }
+            None => false,
+        };
+        let mut direct = String::new();
+        match &publication.target {
+            Target::Topic(topic) => {
+                for set in topic_routes(topic) {
+                    invocation.key(self.key(&set));
+                }
+            }
+            Target::Room { room, .. } => {
+                invocation.key(self.key(&format!("i:r:{room}")));
+            }
+            Target::User(user) => {
+                invocation.key(self.key(&format!("i:u:{user}")));
+            }
+            Target::Session(id) => direct = self.inbox(node_of_session(id)),
+            Target::Broadcast => direct = self.key("all"),
+        }
+        invocation
+            .arg(if sequenced { "1" } else { "0" })
+            .arg(self.settings.sequence_ttl.as_secs().max(1))
+            .arg(payload)
+            .arg(self.inbox(""))
+            .arg(direct);
+        let mut commands = self.commands.clone();
+        let result: Result<(u64, u64), _> = tokio::time::timeout(
+            self.settings.command_timeout,
+            invocation.invoke_async(&mut commands),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))
+        });
+        let handler = self.handler();
+        match result {
+            Ok((seq, nodes)) => {
+                self.succeeded();
+                let sessions = handler.map_or(0, |h| h.recipients(&publication.target));
+                Published {
+                    seq,
+                    sessions,
+                    nodes: nodes as usize,
+                }
+            }
+            Err(err) => {
+                // Accepted, so delivered where it can be: on this node.
+                self.failed("publish", &err);
+                self.local_only.fetch_add(1, Ordering::Relaxed);
+                let sessions = handler.map_or(0, |h| h.handle_publication(&publication, 0));
+                Published {
+                    seq: 0,
+                    sessions,
+                    nodes: 1,
+                }
+            }
+        }
+    }
+
+    /// Counts `interest` up (`add`) or down; returns the keys that became
+    /// needed or unneeded.
+    fn count_interest(&self, interest: &[Interest], add: bool) -> Vec<String> {
+        let mut counts = self.interest.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = Vec::new();
+        for key in interest.iter().flat_map(interest_keys) {
+            let key = self.key(&key);
+            if add {
+                let count = counts.entry(key.clone()).or_insert(0);
+                *count += 1;
+                if *count == 1 {
+                    changed.push(key);
+                }
+            } else if let Some(count) = counts.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&key);
+                    changed.push(key);
+                }
+            }
+        }
+        changed
+    }
+
+    /// `SADD` + `EXPIRE` (or `SREM`) of this node in each set, pipelined.
+    async fn write_interest(&self, keys: &[String], add: bool) -> bool {
+        let ttl = self.settings.interest_ttl.as_secs().max(1);
+        for batch in keys.chunks(REFRESH_BATCH) {
+            let mut pipe = redis::pipe();
+            for key in batch {
+                if add {
+                    pipe.sadd(key, &*self.settings.node_id).ignore();
+                    pipe.expire(key, ttl as i64).ignore();
+                } else {
+                    pipe.srem(key, &*self.settings.node_id).ignore();
+                }
+            }
+            let mut commands = self.commands.clone();
+            let wait = self.settings.command_timeout * 2;
+            match tokio::time::timeout(wait, pipe.query_async::<()>(&mut commands)).await {
+                Ok(Ok(())) => self.succeeded(),
+                Ok(Err(err)) => {
+                    self.failed("interest", &err);
+                    return false;
+                }
+                Err(elapsed) => {
+                    self.failed("interest", &elapsed);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Hands one received message to the node.
+    fn receive(&self, payload: &[u8]) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let Some((seq, publication)) = decode(payload) else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return debug!(len = payload.len(), "undecodable message on the inbox");
+        };
+        let Some(handler) = self.handler() else {
+            return;
+        };
+        if handler.handle_publication(&publication, seq) == 0 {
+            self.unmatched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Keeps the subscription connection up: connect, subscribe, re-register
+/// interest, read until the connection dies or a probe goes unanswered,
+/// then again after a short back-off.
+async fn subscription_loop(shared: Arc<Shared>, interest_ops: mpsc::Sender<InterestOp>) {
+    let channels = [shared.inbox(&shared.settings.node_id), shared.key("all")];
+    let mut backoff = Duration::from_millis(50);
+    let mut first = true;
+    loop {
+        if shared.handler().is_none() {
+            return; // the node is gone
+        }
+        let connected = tokio::time::timeout(shared.settings.command_timeout * 2, async {
+            let pubsub = shared.client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            sink.subscribe(&channels).await?;
+            Ok::<_, redis::RedisError>((sink, stream))
+        })
+        .await;
+        let (sink, mut stream) = match connected {
+            Ok(Ok(halves)) => halves,
+            Ok(Err(err)) => {
+                shared.failed("subscribe", &err);
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+            Err(elapsed) => {
+                shared.failed("subscribe", &elapsed);
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        if !first {
+            shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        // What was registered while Redis was away, or lost with it.
+        let _ = interest_ops.try_send(InterestOp::Refresh);
+        shared.subscribed.store(true, Ordering::Relaxed);
+        info!(node = %shared.settings.node_id, "subscribed to Redis");
+
+        let (dead_tx, mut dead) = oneshot::channel::<()>();
+        let prober = tokio::spawn(probe(sink, shared.settings.probe_interval, dead_tx));
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut dead => break,
+                message = stream.next() => match message {
+                    Some(message) => shared.receive(message.get_payload_bytes()),
+                    None => break,
+                },
+            }
+        }
+        prober.abort();
+        shared.subscribed.store(false, Ordering::Relaxed);
+        shared.failures.fetch_add(1, Ordering::Relaxed);
+        warn!(node = %shared.settings.node_id, "Redis subscription lost; reconnecting");
+    }
+}
+
+/// Pings the subscription connection every `interval`; completes `dead`
+/// when a ping is not answered within the interval (a connection that died
+/// without an error delivers nothing and would otherwise go unnoticed).
+async fn probe(mut sink: redis::aio::PubSubSink, interval: Duration, dead: oneshot::Sender<()>) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(interval, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                let _ = dead.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Applies interest changes in order (an addition and a removal of the same
+/// set never overtake each other), and refreshes every set the node needs
+/// each third of their TTL and after every reconnection.
+async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>) {
+    let mut refresh = tokio::time::interval(shared.settings.interest_ttl / 3);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let op = tokio::select! {
+            op = ops.recv() => match op {
+                Some(op) => op,
+                None => return,
+            },
+            _ = refresh.tick() => InterestOp::Refresh,
+        };
+        if shared.handler().is_none() {
+            return;
+        }
+        match op {
+            InterestOp::Add(keys, done) => {
+                shared.write_interest(&keys, true).await;
+                let _ = done.send(());
+            }
+            InterestOp::Remove(keys) => {
+                // A key needed again meanwhile stays.
+                let still_needed: Vec<String> = {
+                    let counts = shared.interest.lock().unwrap_or_else(|e| e.into_inner());
+                    keys.into_iter()
+                        .filter(|k| !counts.contains_key(k))
+                        .collect()
+                };
+                shared.write_interest(&still_needed, false).await;
+            }
+            InterestOp::Refresh => {
+                let keys: Vec<String> = {
+                    let counts = shared.interest.lock().unwrap_or_else(|e| e.into_inner());
+                    counts.keys().cloned().collect()
+                };
+                shared.write_interest(&keys, true).await;
+            }
+        }
+    }
+}
+
+/// Up to `delay`, at random ("full jitter"), so nodes do not reconnect in step.
+fn jitter(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let random = RandomState::new().hash_one(std::time::Instant::now());
+    delay.mul_f64((random % 1000) as f64 / 1000.0)
+}
+
+/// The node a session id belongs to: ids are `NODE-N`.
+fn node_of_session(id: &str) -> &str {
+    id.rsplit_once('-').map_or(id, |(node, _)| node)
+}
+
+/// The leading literal segments of a topic or pattern, at most
+/// [`TOPIC_DEPTH`], and whether a wildcard follows them within that depth.
+fn literal_prefix(topic: &Topic) -> (Vec<&str>, bool) {
+    let mut prefix = Vec::new();
+    for segment in topic.segments().take(TOPIC_DEPTH) {
+        if segment == "*" || segment == "#" {
+            return (prefix, true);
+        }
+        prefix.push(segment);
+    }
+    (prefix, false)
+}
+
+/// The interest sets a subscription to `pattern` joins: `i:t=L` for its
+/// literal prefix L, and `i:t/Q` for every proper prefix Q of L (for
+/// publications whose own wildcard sits where L is still literal).
+fn topic_interest(pattern: &Topic) -> Vec<String> {
+    let (prefix, _) = literal_prefix(pattern);
+    let mut keys = vec![format!("i:t={}", prefix.join("."))];
+    keys.extend((0..prefix.len()).map(|n| format!("i:t/{}", prefix[..n].join("."))));
+    keys
+}
+
+/// The interest sets a publication to `topic` is routed by: `i:t=Q` for
+/// every prefix Q of its literal prefix L (the empty one included), and
+/// `i:t/L` when a wildcard follows L within the routing depth. Every
+/// subscription that may overlap the topic is in one of them.
+fn topic_routes(topic: &Topic) -> Vec<String> {
+    let (prefix, wildcard) = literal_prefix(topic);
+    let mut keys: Vec<String> = (0..=prefix.len())
+        .map(|n| format!("i:t={}", prefix[..n].join(".")))
+        .collect();
+    if wildcard {
+        keys.push(format!("i:t/{}", prefix.join(".")));
+    }
+    keys
+}
+
+fn interest_keys(interest: &Interest) -> Vec<String> {
+    match interest {
+        Interest::Topic(pattern) => topic_interest(pattern),
+        Interest::Room(room) => vec![format!("i:r:{room}")],
+        Interest::User(user) => vec![format!("i:u:{user}")],
+    }
+}
+
+/// A publication as it crosses Redis (the sequence number travels in front
+/// of it: `SEQ:ENVELOPE`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Envelope {
+    #[prost(enumeration = "Kind", tag = "1")]
+    kind: i32,
+    /// Topic, room, user or session id, by kind.
+    #[prost(string, tag = "2")]
+    name: String,
+    #[prost(string, optional, tag = "3")]
+    exclude: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    sender_session: Option<String>,
+    #[prost(string, optional, tag = "5")]
+    sender_user: Option<String>,
+    #[prost(bytes = "bytes", tag = "6")]
+    data: Bytes,
+    #[prost(uint32, tag = "7")]
+    opcode: u32,
+    #[prost(uint64, tag = "8")]
+    published_at_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+enum Kind {
+    Topic = 0,
+    Room = 1,
+    User = 2,
+    Session = 3,
+    Broadcast = 4,
+}
+
+impl Envelope {
+    fn of(publication: &Publication) -> Envelope {
+        let (kind, name, exclude) = match &publication.target {
+            Target::Topic(topic) => (Kind::Topic, topic.as_str().to_owned(), None),
+            Target::Room { room, exclude } => (
+                Kind::Room,
+                room.to_string(),
+                exclude.as_deref().map(str::to_owned),
+            ),
+            Target::User(user) => (Kind::User, user.to_string(), None),
+            Target::Session(id) => (Kind::Session, id.to_string(), None),
+            Target::Broadcast => (Kind::Broadcast, String::new(), None),
+        };
+        let sender = publication.sender.as_ref();
+        Envelope {
+            kind: kind as i32,
+            name,
+            exclude,
+            sender_session: sender.map(|s| s.session_id.to_string()),
+            sender_user: sender.and_then(|s| s.user_id.as_deref().map(str::to_owned)),
+            data: publication.data.clone(),
+            opcode: publication.opcode,
+            published_at_ms: publication.published_at_ms,
+        }
+    }
+}
+
+/// `SEQ:ENVELOPE` back into a publication; `None` if malformed.
+fn decode(payload: &[u8]) -> Option<(u64, Publication)> {
+    let colon = payload.iter().position(|&b| b == b':')?;
+    let seq = std::str::from_utf8(&payload[..colon]).ok()?.parse().ok()?;
+    let envelope = Envelope::decode(&payload[colon + 1..]).ok()?;
+    let target = match Kind::try_from(envelope.kind).ok()? {
+        Kind::Topic => Target::Topic(Topic::parse(&envelope.name).ok()?),
+        Kind::Room => Target::Room {
+            room: envelope.name.into(),
+            exclude: envelope.exclude.map(Into::into),
+        },
+        Kind::User => Target::User(envelope.name.into()),
+        Kind::Session => Target::Session(envelope.name.into()),
+        Kind::Broadcast => Target::Broadcast,
+    };
+    let sender = envelope.sender_session.map(|session_id| Sender {
+        session_id: session_id.into(),
+        user_id: envelope.sender_user.map(Into::into),
+    });
+    Some((
+        seq,
+        Publication {
+            target,
+            sender,
+            data: envelope.data,
+            opcode: envelope.opcode,
+            published_at_ms: envelope.published_at_ms,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(s: &str) -> Topic {
+        Topic::parse(s).unwrap()
+    }
+
+    /// Every subscription overlapping a publication shares an interest set
+    /// with its routes, on both sides' wildcards.
+    #[test]
+    fn routes_reach_every_overlapping_subscription() {
+        let names = [
+            "alarm",
+            "alarm.fire",
+            "alarm.fire.b3",
+            "alarm.#",
+            "alarm.*",
+            "alarm.*.b3",
+            "#",
+            "*",
+            "*.fire",
+            "alarm.fire.#",
+            "rowdata.temp.42",
+            "rowdata.#",
+            "*.*.42",
+        ];
+        for p in names {
+            for t in names {
+                let (p, t) = (topic(p), topic(t));
+                let interest = topic_interest(&p);
+                let routes = topic_routes(&t);
+                let shared = routes.iter().any(|r| interest.contains(r));
+                if p.overlaps(&t) {
+                    assert!(
+                        shared,
+                        "{p} overlaps {t}: interest {interest:?}, routes {routes:?}"
+                    );
+                }
+            }
+        }
+        // And routing stays narrow where it can.
+        assert!(!topic_routes(&topic("rowdata.temp.42"))
+            .iter()
+            .any(|r| topic_interest(&topic("alarm.#")).contains(r)));
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let publication = Publication {
+            target: Target::Room {
+                room: "lobby".into(),
+                exclude: Some("n1-4".into()),
+            },
+            sender: Some(Sender {
+                session_id: "n1-4".into(),
+                user_id: Some("ann".into()),
+            }),
+            data: Bytes::from_static(b"hi: there"),
+            opcode: 7,
+            published_at_ms: 42,
+        };
+        let payload = [
+            b"17:".as_slice(),
+            &Envelope::of(&publication).encode_to_vec(),
+        ]
+        .concat();
+        assert_eq!(decode(&payload), Some((17, publication)));
+        assert_eq!(decode(b"garbage"), None);
+        assert_eq!(node_of_session("a1b2-c3-17"), "a1b2-c3");
+    }
+}
