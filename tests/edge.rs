@@ -396,3 +396,35 @@ async fn a_trusted_load_balancer_names_the_client_with_the_proxy_protocol() {
     let response = read_response(&mut tcp).await;
     assert!(response.starts_with("http/1.1 400"), "{response}");
 }
+
+#[tokio::test]
+async fn over_tls_a_refused_connection_still_gets_its_429() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = std::env::temp_dir().join(format!("wsproto-edge-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let server = TestServer::start(Config {
+        tls_cert: Some(cert_path.clone()),
+        tls_key: Some(key_path),
+        max_handshakes_per_ip: 1,
+        ..config()
+    })
+    .await;
+    // One connection that never starts its TLS handshake holds the slot.
+    let _idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tls = wsproto_client::tls_config(Some(&cert_path)).unwrap();
+    let url = format!("wss://{}/ws", server.addr);
+    match Client::connect_with(&url, Some(tls)).await {
+        Err(ClientError::Refused { status, body }) => {
+            assert_eq!(status, 429);
+            assert!(body.contains("retry later"), "{body}");
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
