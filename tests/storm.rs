@@ -47,6 +47,12 @@ async fn connect_with_backoff(url: String, refused: Arc<[AtomicU32; 3]>) -> Clie
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_from_one_address_reconnecting_at_once_all_get_in() {
+    // Both ends of every connection are in this process.
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    assert!(
+        limit >= 2 * CLIENTS as u64 + 100,
+        "open-file limit {limit} is too low for {CLIENTS} connections (ulimit -Hn)"
+    );
     // The defaults that matter in a storm, as shipped.
     let server = TestServer::start(Config {
         shutdown_timeout: Duration::from_secs(2),
