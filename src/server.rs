@@ -561,12 +561,20 @@ async fn serve_http<IO>(
             None => peer,
         };
         request.extensions_mut().insert(PeerAddr(client));
+        let publishing =
+            request.method() == http::Method::POST && request.uri().path() == "/api/publish";
         let response = app.clone().call(request);
         async move {
             let mut response = response.await?;
             // No keep-alive: an idle HTTP connection would hold this
-            // address's handshake slots until the handshake timeout.
-            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // address's handshake slots until the handshake timeout. Only a
+            // backend that published with the API key keeps its connection
+            // (for --handshake-timeout), since publishing one message per
+            // connection would cost it a TCP handshake and a TIME_WAIT each.
+            let status = response.status();
+            let keep =
+                status == StatusCode::SWITCHING_PROTOCOLS || (publishing && status.is_success());
+            if !keep {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),

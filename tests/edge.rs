@@ -191,6 +191,30 @@ async fn idle_keep_alive_connections_do_not_hold_upgrade_slots() {
         let (status, _) = raw_handshake(server.addr, "/ws", &[], None).await;
         assert_eq!(status, 101);
     }
+    // A backend publishing with the API key keeps its connection: many
+    // publishes, one TCP connection.
+    let mut backend = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let body = r#"{"topic":"news","data":"hi"}"#;
+    let publish = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        common::API_KEY,
+        body.len()
+    );
+    for _ in 0..3 {
+        backend.write_all(publish.as_bytes()).await.unwrap();
+        // Head and JSON body: read until the body's closing brace.
+        let mut response = Vec::new();
+        while !response.ends_with(b"}") {
+            let mut buf = [0u8; 512];
+            let n = backend.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&response));
+            response.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&response).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
 }
 
 #[tokio::test]
