@@ -9,10 +9,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// (cfg set when missing, programs needed).
-const EXTERNALS: [(&str, &[&str]); 3] = [
+/// (cfg set when missing, programs needed). `missing_node` covers the JS
+/// codec tests, which need node alone; `missing_browser` the end-to-end
+/// page test, which also drives Chromium through `web/node_modules`.
+const EXTERNALS: [(&str, &[&str]); 4] = [
     ("missing_redis", &["redis-server"]),
     ("missing_nginx", &["nginx"]),
+    ("missing_node", &["node"]),
     ("missing_browser", &["node", "chromium"]),
 ];
 

@@ -15,13 +15,22 @@ use crate::{
 pub struct Config {
     /// Address to listen on: `:8080` (every interface; loopback only in
     /// insecure mode), `host:port` or `[v6]:port`.
-    #[arg(long, env = "WSPROTO_LISTEN", default_value = ":8080")]
+    #[arg(
+        long,
+        env = "WSPROTO_LISTEN",
+        default_value = ":8080",
+        help_heading = "Connection"
+    )]
     pub listen: ListenAddr,
 
     /// Accept unauthenticated clients from the network: without it, insecure
     /// mode (no JWT key) listens on loopback only and refuses a
     /// non-loopback --listen address.
-    #[arg(long, env = "WSPROTO_INSECURE_ALLOW_REMOTE")]
+    #[arg(
+        long,
+        env = "WSPROTO_INSECURE_ALLOW_REMOTE",
+        help_heading = "Connection"
+    )]
     pub insecure_allow_remote: bool,
 
     /// Length of the kernel's queue of connections not yet accepted; the
@@ -55,55 +64,55 @@ pub struct Config {
     pub proxy_protocol: bool,
 
     /// URL path of the opcode-protocol WebSocket endpoint.
-    #[arg(long, env = "WSPROTO_WS_PATH", default_value = "/ws", value_parser = parse_path)]
+    #[arg(long, env = "WSPROTO_WS_PATH", default_value = "/ws", value_parser = parse_path, help_heading = "Connection")]
     pub ws_path: String,
 
     /// Largest message a client may send, in bytes (opcode word included);
     /// larger ones are refused with close code 1009 before being buffered.
-    #[arg(long, env = "WSPROTO_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    #[arg(long, env = "WSPROTO_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024, help_heading = "Limits")]
     pub max_message_size: usize,
 
     /// Frames that may wait in one session's send queue; a client that lets
     /// it fill up is closed with 1008 (or loses droppable frames, per
     /// --topic-policy).
-    #[arg(long, env = "WSPROTO_SEND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(usize))]
+    #[arg(long, env = "WSPROTO_SEND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(usize), help_heading = "Limits")]
     pub send_queue: usize,
 
     /// Bytes that may wait in one session's send queue (a single larger
     /// frame still goes through an empty queue); keeps memory per client
     /// bounded whatever it asks for.
-    #[arg(long, env = "WSPROTO_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "WSPROTO_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024, help_heading = "Limits")]
     pub send_queue_bytes: usize,
 
     /// How often the server pings each client.
-    #[arg(long, env = "WSPROTO_PING_INTERVAL", default_value = "20s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "WSPROTO_PING_INTERVAL", default_value = "20s", value_parser = parse_positive_duration, help_heading = "Connection")]
     pub ping_interval: Duration,
 
     /// A client silent this long (no pong, no frame) is closed with 4000.
-    #[arg(long, env = "WSPROTO_PING_TIMEOUT", default_value = "50s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "WSPROTO_PING_TIMEOUT", default_value = "50s", value_parser = parse_positive_duration, help_heading = "Connection")]
     pub ping_timeout: Duration,
 
     /// A write to a client that takes longer than this drops the connection
     /// (the client is too slow even to take a close frame).
-    #[arg(long, env = "WSPROTO_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "WSPROTO_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, help_heading = "Connection")]
     pub write_timeout: Duration,
 
     /// How long a connection may stay plain HTTP (slow headers, idle
     /// keep-alive, unfinished upgrade) before it is closed.
-    #[arg(long, env = "WSPROTO_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "WSPROTO_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, help_heading = "Connection")]
     pub handshake_timeout: Duration,
 
     /// Connections allowed to be plain HTTP at once (before their upgrade,
     /// or serving pages); past it new connections wait in the listen
     /// backlog.
-    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
     pub max_handshakes: u32,
 
     /// Connections not yet upgraded allowed from one IP address (IPv6: one
     /// /64); more are answered 429 with Retry-After at once, so one host
     /// cannot hold every --max-handshakes slot. Half of them by default: a
     /// NAT's thousands of clients reconnecting at once get in quickly.
-    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
     pub max_handshakes_per_ip: u32,
 
     /// Largest HTTP request head (request line and headers) in bytes;
@@ -113,22 +122,32 @@ pub struct Config {
     pub max_request_head: u32,
 
     /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
-    #[arg(long, env = "WSPROTO_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "WSPROTO_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        help_heading = "Limits"
+    )]
     pub max_connections: usize,
 
     /// On shutdown, how long to wait for clients to answer Close 1001.
-    #[arg(long, env = "WSPROTO_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "WSPROTO_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration, help_heading = "Connection")]
     pub shutdown_timeout: Duration,
 
     /// Key for the HTTP publish API (`Authorization: Bearer KEY`); without
     /// one the API is off.
-    #[arg(long, env = "WSPROTO_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "WSPROTO_API_KEY",
+        hide_env_values = true,
+        help_heading = "Auth"
+    )]
     pub api_key: Option<String>,
 
     /// Queue policy for topics covered by PATTERN, as
     /// `PATTERN=disconnect|drop-oldest|conflate[,critical]`; repeatable
     /// (`;`-separated in the env var), first match wins. Default: disconnect.
-    #[arg(long = "topic-policy", env = "WSPROTO_TOPIC_POLICY", value_delimiter = ';', value_parser = parse_topic_policy)]
+    #[arg(long = "topic-policy", env = "WSPROTO_TOPIC_POLICY", value_delimiter = ';', value_parser = parse_topic_policy, help_heading = "Hub")]
     pub topic_policies: Vec<(Topic, DeliveryPolicy)>,
 
     /// Topic patterns clients may PUBLISH to over WebSocket; repeatable
@@ -136,16 +155,27 @@ pub struct Config {
     #[arg(
         long = "client-publish",
         env = "WSPROTO_CLIENT_PUBLISH",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "Hub"
     )]
     pub client_publish: Vec<Topic>,
 
     /// Subscriptions one session may hold.
-    #[arg(long, env = "WSPROTO_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "WSPROTO_MAX_SUBSCRIPTIONS",
+        default_value_t = 1000,
+        help_heading = "Limits"
+    )]
     pub max_subscriptions: usize,
 
     /// Rooms one session may be in.
-    #[arg(long, env = "WSPROTO_MAX_ROOMS", default_value_t = 100)]
+    #[arg(
+        long,
+        env = "WSPROTO_MAX_ROOMS",
+        default_value_t = 100,
+        help_heading = "Limits"
+    )]
     pub max_rooms: usize,
 
     /// Browser origins allowed besides same-origin pages:
@@ -154,54 +184,90 @@ pub struct Config {
     #[arg(
         long = "allowed-origin",
         env = "WSPROTO_ALLOWED_ORIGINS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "Connection"
     )]
     pub allowed_origins: Vec<OriginPattern>,
 
     /// Open WebSocket sessions allowed from one IP address (IPv6: one /64);
     /// more get HTTP 429. Large NATs put thousands of clients behind one
     /// address; behind a proxy, see --trusted-proxy.
-    #[arg(long, env = "WSPROTO_MAX_CONNECTIONS_PER_IP", default_value_t = 4096)]
+    #[arg(
+        long,
+        env = "WSPROTO_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 4096,
+        help_heading = "Limits"
+    )]
     pub max_connections_per_ip: usize,
 
     /// Frames a second one session may send on average (0: no limit).
     /// Frames over it are not processed (the first 10 refused each second
     /// get a RATE_LIMITED error frame); more than --rate-burst refused with
     /// no quiet second between them closes the session with 4002.
-    #[arg(long, env = "WSPROTO_RATE_LIMIT", default_value_t = 100.0)]
+    #[arg(
+        long,
+        env = "WSPROTO_RATE_LIMIT",
+        default_value_t = 100.0,
+        help_heading = "Limits"
+    )]
     pub rate_limit: f64,
 
     /// Frames one session may send at once before the rate limit applies.
-    #[arg(long, env = "WSPROTO_RATE_BURST", default_value_t = 200)]
+    #[arg(
+        long,
+        env = "WSPROTO_RATE_BURST",
+        default_value_t = 200,
+        help_heading = "Limits"
+    )]
     pub rate_burst: u32,
 
     /// PEM certificate chain: serve `wss://` (with --tls-key).
-    #[arg(long, env = "WSPROTO_TLS_CERT", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "WSPROTO_TLS_CERT",
+        requires = "tls_key",
+        help_heading = "TLS"
+    )]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "WSPROTO_TLS_KEY", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "WSPROTO_TLS_KEY",
+        requires = "tls_cert",
+        help_heading = "TLS"
+    )]
     pub tls_key: Option<PathBuf>,
 
     /// Require JWTs signed with this HS256 secret at upgrade. Without a
     /// secret or public key the server runs in insecure mode.
-    #[arg(long, env = "WSPROTO_JWT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "WSPROTO_JWT_SECRET",
+        hide_env_values = true,
+        help_heading = "Auth"
+    )]
     pub jwt_secret: Option<String>,
 
     /// Require JWTs verified with this PEM public key (EC: ES256, RSA: RS256).
-    #[arg(long, env = "WSPROTO_JWT_PUBLIC_KEY")]
+    #[arg(long, env = "WSPROTO_JWT_PUBLIC_KEY", help_heading = "Auth")]
     pub jwt_public_key: Option<String>,
 
     /// Required `aud` claim.
-    #[arg(long, env = "WSPROTO_JWT_AUDIENCE")]
+    #[arg(long, env = "WSPROTO_JWT_AUDIENCE", help_heading = "Auth")]
     pub jwt_audience: Option<String>,
 
     /// Required `iss` claim.
-    #[arg(long, env = "WSPROTO_JWT_ISSUER")]
+    #[arg(long, env = "WSPROTO_JWT_ISSUER", help_heading = "Auth")]
     pub jwt_issuer: Option<String>,
 
     /// Cookie a browser may carry its token in.
-    #[arg(long, env = "WSPROTO_JWT_COOKIE", default_value = "wsproto_token")]
+    #[arg(
+        long,
+        env = "WSPROTO_JWT_COOKIE",
+        default_value = "wsproto_token",
+        help_heading = "Auth"
+    )]
     pub jwt_cookie: String,
 
     /// Where publications go between nodes: `memory` (this process only) or

@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     api,
-    auth::{AuthError, Authenticator},
+    auth::{AuthConfigError, AuthError, Authenticator},
     broker::{Broker, BrokerStatus, MemoryBroker, RedisBroker, RedisSettings},
     close::{self, CloseReason},
     config::BrokerChoice,
@@ -63,6 +63,55 @@ const WRITE_BUFFER: usize = 16 * 1024;
 
 /// An upgraded connection, as sessions see it.
 type Socket = WebSocketStream<ReadAhead<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// Why a server cannot start: a setting to fix, or an address that cannot
+/// be bound. Each says what to do in one line, so a binary can print it as
+/// it is; `wsproto-server` exits 2 for [`ServerError::Config`] (like any
+/// other usage error) and 1 for [`ServerError::Bind`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting is unusable; `flag` names its command-line flag and the
+    /// message says what is wrong and how to fix it.
+    #[error("{flag}: {message}")]
+    Config {
+        /// The flag of the setting, e.g. `--jwt-secret`.
+        flag: &'static str,
+        /// What is wrong with it and what to do instead.
+        message: String,
+    },
+    /// The listen address could not be bound: in use, not permitted, or it
+    /// does not resolve. A problem of the machine rather than of the
+    /// settings, so it may go away on its own.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address as configured (`--listen`).
+        addr: String,
+        /// What the system said.
+        source: io::Error,
+    },
+}
+
+impl ServerError {
+    fn config(flag: &'static str, message: impl Into<String>) -> ServerError {
+        ServerError::Config {
+            flag,
+            message: message.into(),
+        }
+    }
+}
+
+/// For callers whose errors are `io::Error` (`?` in a function returning
+/// `io::Result`): a bind failure keeps the system's error kind, a setting
+/// becomes [`io::ErrorKind::InvalidInput`].
+impl From<ServerError> for io::Error {
+    fn from(err: ServerError) -> io::Error {
+        let kind = match &err {
+            ServerError::Config { .. } => io::ErrorKind::InvalidInput,
+            ServerError::Bind { source, .. } => source.kind(),
+        };
+        io::Error::new(kind, err)
+    }
+}
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
@@ -110,13 +159,28 @@ impl Server {
     /// it may claim any user id.
     ///
     /// # Errors
-    /// When the address cannot be bound (or is not loopback in insecure
-    /// mode), or `config.ws_path` collides with a built-in route.
-    pub async fn bind(config: Config, router: Router) -> io::Result<Server> {
-        let listener = match config.is_insecure() && !config.insecure_allow_remote {
-            true => config.listen.bind_loopback(config.listen_backlog).await?,
-            false => config.listen.bind(config.listen_backlog).await?,
+    /// [`ServerError::Bind`] when the address cannot be bound;
+    /// [`ServerError::Config`] when it is not loopback in insecure mode, or
+    /// as [`Server::from_listener`].
+    pub async fn bind(config: Config, router: Router) -> Result<Server, ServerError> {
+        let bound = match config.is_insecure() && !config.insecure_allow_remote {
+            true => config.listen.bind_loopback(config.listen_backlog).await,
+            false => config.listen.bind(config.listen_backlog).await,
         };
+        let listener = bound.map_err(|source| {
+            // bind_loopback's own refusal of a non-loopback address (not
+            // an error of the system, so it has no OS error number) is a
+            // setting to change; its message names the fix.
+            let refused =
+                source.kind() == io::ErrorKind::PermissionDenied && source.raw_os_error().is_none();
+            match refused {
+                true => ServerError::config("--listen", source.to_string()),
+                false => ServerError::Bind {
+                    addr: config.listen.to_string(),
+                    source,
+                },
+            }
+        })?;
         Server::from_listener(listener, config, router)
     }
 
@@ -124,33 +188,35 @@ impl Server {
     /// ignored); what tests use with port 0.
     ///
     /// # Errors
-    /// When `config.ws_path` collides with a built-in route.
+    /// [`ServerError::Config`] naming the setting, when a timeout is zero,
+    /// `config.ws_path` collides with a built-in route, or the JWT or TLS
+    /// settings are unusable.
     pub fn from_listener(
         listener: TcpListener,
         config: Config,
         router: Router,
-    ) -> io::Result<Server> {
+    ) -> Result<Server, ServerError> {
         let durations = [
-            config.ping_interval,
-            config.ping_timeout,
-            config.write_timeout,
-            config.shutdown_timeout,
-            config.handshake_timeout,
+            ("--ping-interval", config.ping_interval),
+            ("--ping-timeout", config.ping_timeout),
+            ("--write-timeout", config.write_timeout),
+            ("--shutdown-timeout", config.shutdown_timeout),
+            ("--handshake-timeout", config.handshake_timeout),
         ];
-        if durations.iter().any(Duration::is_zero) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "ping interval, ping timeout, write timeout and shutdown timeout must be more than zero",
+        if let Some((flag, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ServerError::config(
+                flag,
+                "must be more than zero, e.g. 10s",
             ));
         }
         if matches!(
             config.ws_path.as_str(),
             "/" | "/echo" | "/healthz" | "/metrics" | "/api/publish" | "/demo.js" | "/wsproto.js"
         ) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
+            return Err(ServerError::config(
+                "--ws-path",
                 format!(
-                    "--ws-path {} collides with a built-in route",
+                    "{} is a built-in route; choose another path, e.g. /ws",
                     config.ws_path
                 ),
             ));
@@ -162,17 +228,48 @@ impl Server {
             .max_frame_size(Some(config.max_message_size));
         let hub_config = hub_config(&config);
         let auth = Authenticator::from_settings(&config.auth())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+            .map_err(|err| {
+                let (flag, message) = match &err {
+                    AuthConfigError::Read { .. } | AuthConfigError::NotAPublicKey { .. } => (
+                        "--jwt-public-key",
+                        format!("{err}; give the path of an EC or RSA public key in PEM form"),
+                    ),
+                    AuthConfigError::BothKeys => (
+                        "--jwt-secret",
+                        "cannot be combined with --jwt-public-key; give one of the two".into(),
+                    ),
+                    AuthConfigError::EmptySecret => (
+                        "--jwt-secret",
+                        "is empty, so anyone could sign tokens; give a long random secret, \
+                         or leave the flag out for insecure mode"
+                            .into(),
+                    ),
+                };
+                ServerError::config(flag, message)
+            })?
             .map(Arc::new);
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(
-                tls::server_config(cert, key)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
+                tls::server_config(cert, key).map_err(|err| {
+                    let (flag, fix) = match &err {
+                        tls::TlsError::Key { .. } => {
+                            ("--tls-key", "give the PEM private key of --tls-cert")
+                        }
+                        tls::TlsError::Config(_) => (
+                            "--tls-cert",
+                            "give a certificate chain and the private key that belongs to it",
+                        ),
+                        tls::TlsError::Certificates { .. } | tls::TlsError::HalfConfigured => {
+                            ("--tls-cert", "give a PEM certificate chain file")
+                        }
+                    };
+                    ServerError::config(flag, format!("{err}; {fix}"))
+                })?,
             )),
             (None, None) => None,
             _ => {
-                let err = tls::TlsError::HalfConfigured.to_string();
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, err));
+                let err = tls::TlsError::HalfConfigured;
+                return Err(ServerError::config("--tls-cert", err.to_string()));
             }
         };
         let origins = OriginPolicy::new(config.allowed_origins.clone());
@@ -510,7 +607,7 @@ where
 }
 
 /// The node `config` asks for, with its broker.
-fn node(config: &Config, hub_config: HubConfig) -> io::Result<Node> {
+fn node(config: &Config, hub_config: HubConfig) -> Result<Node, ServerError> {
     let id: Arc<str> = match &config.node_id {
         Some(id) => id.as_str().into(),
         None => Node::generated_id().into(),
@@ -521,7 +618,7 @@ fn node(config: &Config, hub_config: HubConfig) -> io::Result<Node> {
             let mut settings = RedisSettings::new(url.clone(), id.clone());
             settings.prefix = config.redis_prefix.clone();
             let broker = RedisBroker::new(settings)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                .map_err(|e| ServerError::config("--broker", e.to_string()))?;
             info!(node = %id, %url, "cluster mode: publishing through Redis");
             Arc::new(broker)
         }

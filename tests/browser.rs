@@ -5,8 +5,10 @@
 //! frames.
 //!
 //! Needs node, `npm ci` in `web/`, and Chromium (`.ci/run` installs them).
-//! Without them the tests are skipped with a message, except under CI
-//! (`CI` set), where a missing tool is a failure.
+//! On a machine without them `build.rs` marks these tests `ignored`, with
+//! the command that installs what is missing, so `cargo test` reports them
+//! as ignored rather than passed; under CI (`CI` set), or when run with
+//! `--ignored`, a missing tool fails the test with that command instead.
 
 mod common;
 
@@ -15,48 +17,52 @@ use std::{
     process::Command,
 };
 
-use common::{config, TestServer, API_KEY};
+use common::{config, external, TestServer, API_KEY};
 
 fn web_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("web")
 }
 
-/// Whether the tools are there; panics under CI when they are not.
-fn tools_available(need_browser: bool) -> bool {
-    let node = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let playwright = web_dir().join("node_modules/playwright-core").is_dir();
-    let chromium =
-        Path::new(&std::env::var("CHROMIUM_PATH").unwrap_or("/usr/bin/chromium".into())).exists();
-    let missing: Vec<&str> = [
-        (!node).then_some("node"),
-        (need_browser && !playwright).then_some("web/node_modules (run `npm ci` in web/)"),
-        (need_browser && !chromium).then_some("chromium (apt-get install chromium)"),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!("browser test needs: {}", missing.join(", "));
-    assert!(std::env::var_os("CI").is_none(), "{message}");
-    eprintln!("SKIPPED: {message}");
-    false
+/// What the page test needs: node, Chromium (`CHROMIUM_PATH` or on
+/// `PATH`) and playwright-core in `web/node_modules`; returns the paths of
+/// node and Chromium.
+///
+/// # Panics
+/// When one is missing, naming the command that installs it.
+fn require_browser() -> (PathBuf, PathBuf) {
+    let node = external::require("node");
+    let chromium = match std::env::var_os("CHROMIUM_PATH") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "CHROMIUM_PATH={} does not exist; unset it, or: apt-get install -y chromium",
+                path.display()
+            );
+            path
+        }
+        None => external::require("chromium"),
+    };
+    assert!(
+        web_dir().join("node_modules/playwright-core").is_dir(),
+        "web/node_modules/playwright-core is missing; this test needs it: (cd web && npm ci)"
+    );
+    (node, chromium)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_browser,
+    ignore = "needs chromium and web/node_modules: apt-get install -y chromium && (cd web && npm ci)"
+)]
 async fn two_browser_pages_chat_and_a_published_value_reaches_the_chart() {
-    if !tools_available(true) {
-        return;
-    }
+    let (node, chromium) = require_browser();
     let server = TestServer::start(config()).await;
     let base = format!("http://{}", server.addr);
-    let output = tokio::process::Command::new("node")
+    let output = tokio::process::Command::new(node)
         .arg(web_dir().join("test/demo.mjs"))
         .args([&base, API_KEY])
+        .env("CHROMIUM_PATH", chromium)
         .output()
         .await
         .unwrap();
@@ -71,11 +77,10 @@ async fn two_browser_pages_chat_and_a_published_value_reaches_the_chart() {
 }
 
 #[test]
+#[cfg_attr(missing_node, ignore = "needs node: apt-get install -y nodejs npm")]
 fn the_js_client_agrees_with_the_golden_frames() {
-    if !tools_available(false) {
-        return;
-    }
-    let output = Command::new("node")
+    let node = external::require("node");
+    let output = Command::new(node)
         .args(["--test", "test/"])
         .current_dir(web_dir())
         .output()

@@ -112,10 +112,12 @@ fn insecure_mode_needs_an_acknowledgement_to_listen_beyond_loopback() {
         .args(["--listen", "0.0.0.0:0"])
         .output()
         .unwrap();
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(2), "a setting to change");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("not a loopback address") && stderr.contains("--insecure-allow-remote"),
+        stderr.starts_with("error: --listen: ")
+            && stderr.contains("not a loopback address")
+            && stderr.contains("--insecure-allow-remote"),
         "{stderr}"
     );
 
@@ -140,10 +142,69 @@ fn bad_flags_exit_non_zero_with_a_reason() {
         (vec!["--ping-interval", "0s"], "must be more than zero"),
     ] {
         let output = Command::new(SERVER).args(&args).output().unwrap();
-        assert!(!output.status.success(), "{args:?}");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+/// Runs the binary with `args` (on a free loopback port, with
+/// `RUST_BACKTRACE=1`) and returns its exit code and stderr.
+fn failed_start(args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(SERVER)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
+#[test]
+fn a_configuration_error_is_one_line_naming_the_flag_and_exit_code_2() {
+    let dir = std::env::temp_dir().join(format!("wsproto-config-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_a_key = dir.join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello").unwrap();
+    let missing = dir.join("missing.pem");
+    let (missing, not_a_key) = (missing.to_str().unwrap(), not_a_key.to_str().unwrap());
+    for (args, expected) in [
+        (
+            vec!["--jwt-secret", ""],
+            "error: --jwt-secret: is empty, so anyone could sign tokens",
+        ),
+        (
+            vec!["--jwt-secret", "s", "--jwt-public-key", not_a_key],
+            "error: --jwt-secret: cannot be combined with --jwt-public-key",
+        ),
+        (
+            vec!["--jwt-public-key", missing],
+            "error: --jwt-public-key: cannot read",
+        ),
+        (
+            vec!["--jwt-public-key", not_a_key],
+            "error: --jwt-public-key: ",
+        ),
+        (
+            vec!["--tls-cert", missing, "--tls-key", missing],
+            "error: --tls-cert: cannot read certificates from",
+        ),
+        (
+            vec!["--log", "wsproto=loud"],
+            "error: invalid value 'wsproto=loud' for '--log <LOG>'",
+        ),
+    ] {
+        let (code, stderr) = failed_start(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with(expected), "{args:?}: {stderr}");
+        let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
+        // clap adds a "For more information, try '--help'." line.
+        assert!(lines <= 2, "{args:?}: {stderr}");
+        assert!(!stderr.contains("cannot listen"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("backtrace"), "{args:?}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -152,12 +213,85 @@ fn a_busy_port_is_a_clear_error() {
     let addr = taken.local_addr().unwrap().to_string();
     let output = Command::new(SERVER)
         .args(["--listen", &addr])
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(1), "a runtime failure");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains(&format!("cannot listen on {addr}")),
+        stderr.starts_with(&format!("error: cannot listen on {addr}: ")),
         "{stderr}"
     );
+    assert_eq!(stderr.lines().count(), 1, "no backtrace: {stderr}");
+}
+
+#[test]
+fn the_start_up_log_says_where_the_demo_page_and_the_websocket_are() {
+    let mut child = Command::new(SERVER)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("WSPROTO_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut port = None;
+    let mut urls = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some((_, addr)) = line.split_once("addr=") {
+            port = Some(addr.trim().parse::<SocketAddr>().unwrap().port());
+        }
+        if line.contains("demo page") {
+            urls = Some(line);
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    signal(&child, "-TERM");
+    assert!(child.wait().unwrap().success());
+    let (port, urls) = (port.expect("address logged"), urls.expect("URLs logged"));
+    assert!(
+        urls.contains(&format!("http://127.0.0.1:{port}/ "))
+            && urls.contains(&format!("ws://127.0.0.1:{port}/ws")),
+        "{urls}"
+    );
+}
+
+/// The section of `help` under `heading`, up to the next heading.
+fn help_section<'a>(help: &'a str, heading: &str) -> &'a str {
+    let start = help
+        .find(&format!("\n{heading}:\n"))
+        .unwrap_or_else(|| panic!("no {heading} heading in\n{help}"));
+    let rest = &help[start + heading.len() + 3..];
+    let end = rest.find("\n\n").unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn help_groups_the_options() {
+    let output = Command::new(SERVER).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (heading, flags) in [
+        (
+            "Connection",
+            &["--listen", "--ws-path", "--ping-interval"][..],
+        ),
+        (
+            "Limits",
+            &["--max-message-size", "--max-connections", "--rate-limit"],
+        ),
+        ("Auth", &["--jwt-secret", "--api-key"]),
+        ("TLS", &["--tls-cert", "--tls-key"]),
+        ("Hub", &["--topic-policy", "--client-publish"]),
+        ("Logging", &["--log"]),
+    ] {
+        let section = help_section(&help, heading);
+        for flag in flags {
+            assert!(
+                section.contains(flag),
+                "{flag} not under {heading}:\n{help}"
+            );
+        }
+    }
 }

@@ -27,7 +27,20 @@ pub enum ClientError {
     Connect { url: String, error: std::io::Error },
     /// The server answered the upgrade with an HTTP error.
     #[error("server refused the WebSocket upgrade: HTTP {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
-    Refused { status: u16, body: String },
+    Refused {
+        status: u16,
+        /// The first line of the response body, shortened.
+        body: String,
+    },
+    /// The URL leads to a web page, not a WebSocket endpoint (for example
+    /// the demo page at `/` when the `/ws` path was left out).
+    #[error("{url} answered with a web page (HTTP {status}), not a WebSocket; the opcode protocol is at {suggestion}")]
+    WebPage {
+        url: String,
+        status: u16,
+        /// The URL of the opcode-protocol endpoint on the same server.
+        suggestion: String,
+    },
     /// The server closed the connection.
     #[error("server closed the connection: {code} {reason}")]
     Closed { code: u16, reason: String },
@@ -51,7 +64,7 @@ pub enum ClientError {
     #[error("no reply within {0:?}")]
     Timeout(Duration),
     /// The token cannot be sent in a header.
-    #[error("the token contains characters a header cannot carry")]
+    #[error("the token cannot be sent: it holds characters an HTTP header cannot carry (a JWT is letters, digits, '-', '_' and '.')")]
     InvalidToken,
     /// The TLS settings are unusable.
     #[error("TLS: {0}")]
@@ -427,14 +440,28 @@ fn connect_error(url: &str, err: tungstenite::Error) -> ClientError {
             error,
         },
         tungstenite::Error::Http(response) => {
+            let status = response.status().as_u16();
             let body = response
                 .body()
                 .as_deref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .map(String::from_utf8_lossy)
                 .unwrap_or_default();
+            let start = body.trim_start();
+            let html = ["<!doctype html", "<html"].iter().any(|tag| {
+                start
+                    .get(..tag.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(tag))
+            });
+            if html {
+                return ClientError::WebPage {
+                    url: url.to_owned(),
+                    status,
+                    suggestion: protocol_url(url),
+                };
+            }
             ClientError::Refused {
-                status: response.status().as_u16(),
-                body,
+                status,
+                body: first_line(&body, 200),
             }
         }
         tungstenite::Error::Url(reason) => ClientError::Url {
@@ -442,5 +469,46 @@ fn connect_error(url: &str, err: tungstenite::Error) -> ClientError {
             reason: reason.to_string(),
         },
         other => other.into(),
+    }
+}
+
+/// The first non-empty line of `text`, at most `max` characters (with `…`
+/// when cut), so a long error body still prints as one line.
+fn first_line(text: &str, max: usize) -> String {
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty());
+    let line = line.unwrap_or_default();
+    match line.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_owned(),
+    }
+}
+
+/// The opcode-protocol endpoint (`/ws`) on the server of `url`: the same
+/// scheme and host, the default path, no query.
+pub fn protocol_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("ws", url));
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    format!("{scheme}://{host}/ws")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protocol_url_keeps_scheme_and_host() {
+        assert_eq!(
+            protocol_url("ws://127.0.0.1:8080"),
+            "ws://127.0.0.1:8080/ws"
+        );
+        assert_eq!(protocol_url("wss://h:1/echo?x=1"), "wss://h:1/ws");
+        assert_eq!(protocol_url("ws://[::1]:9/"), "ws://[::1]:9/ws");
+    }
+
+    #[test]
+    fn long_bodies_print_as_one_short_line() {
+        assert_eq!(first_line("\n  not found \nmore", 200), "not found");
+        assert_eq!(first_line("ééé", 2), "éé…");
+        assert_eq!(first_line("", 2), "");
     }
 }

@@ -2,10 +2,11 @@
 //! comes back.
 
 mod bench;
+mod token;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use prost::Message as _;
@@ -15,37 +16,73 @@ use wsproto::{
     proto::v1,
     Frame,
 };
-use wsproto_client::{error_of, http, schema, tls_config, Client, ClientError};
+use wsproto_client::{
+    client::protocol_url, error_of, http, schema, tls_config, Client, ClientError,
+};
 
 /// Request id of the PING sent after the user's frames: the server answers
 /// frames in order, so its PONG means every reply has arrived.
 const BARRIER_ID: u32 = u32::MAX;
 
+/// Request id of the PING sent first on every connection: a wsproto
+/// session answers WELCOME before it, while an endpoint that is not one
+/// (such as `/echo`) answers at once with something else, so a wrong URL
+/// shows in one round trip instead of a timeout.
+const PROBE_ID: u32 = u32::MAX - 1;
+
+/// Exit code of a usage error: a bad argument, as opposed to a failure of
+/// the server or the connection (1).
+const USAGE: u8 = 2;
+
+/// A bad argument the parser could not catch alone (it depends on another
+/// argument, or on a file); exits with [`USAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
 #[derive(Parser)]
 #[command(name = "wsproto-client", version, about = "Client for wsproto servers")]
 struct Cli {
-    /// Server endpoint.
+    /// Server endpoint: the opcode protocol is at the path /ws.
     #[arg(
         long,
         global = true,
         env = "WSPROTO_URL",
-        default_value = "ws://127.0.0.1:8080/ws"
+        default_value = "ws://127.0.0.1:8080/ws",
+        help_heading = "Connection"
     )]
     url: String,
 
     /// Give up when the server does not answer (connect, a reply, the
     /// publish API) within this long.
-    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_period, help_heading = "Connection")]
     timeout: Duration,
 
     /// PEM file of a CA to trust for wss:// (e.g. a private CA), besides
     /// the public web roots.
-    #[arg(long, global = true, env = "WSPROTO_CA_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "WSPROTO_CA_FILE",
+        help_heading = "Connection"
+    )]
     ca_file: Option<PathBuf>,
 
-    /// JWT to authenticate with (sent as `Authorization: Bearer`).
-    #[arg(long, global = true, env = "WSPROTO_TOKEN", hide_env_values = true)]
+    /// JWT to authenticate with (sent as `Authorization: Bearer`); for
+    /// development, `wsproto-client token` makes one.
+    #[arg(
+        long,
+        global = true,
+        env = "WSPROTO_TOKEN",
+        hide_env_values = true,
+        help_heading = "Auth"
+    )]
     token: Option<String>,
+
+    /// Connect as this user (`?user=` in the URL), as servers in insecure
+    /// mode allow; with --token the token says who the user is.
+    #[arg(long, global = true, help_heading = "Auth")]
+    user: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -62,6 +99,9 @@ enum Command {
     Listen(ListenArgs),
     /// Load-test a server: echo round trips, topic fan-out, idle connections.
     Bench(bench::BenchArgs),
+    /// Make a signed JWT (HS256) for a server started with --jwt-secret,
+    /// for development and tests; prints it.
+    Token(token::TokenArgs),
 }
 
 #[derive(Args)]
@@ -73,7 +113,12 @@ struct PublishArgs {
     data: String,
 
     /// API key of the publish API.
-    #[arg(long, env = "WSPROTO_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "WSPROTO_API_KEY",
+        hide_env_values = true,
+        help_heading = "Auth"
+    )]
     api_key: Option<String>,
 
     /// Publish with opcode 12 over the WebSocket instead of the HTTP API.
@@ -84,16 +129,12 @@ struct PublishArgs {
 #[derive(Args)]
 struct ListenArgs {
     /// Topic or pattern to subscribe to; repeatable.
-    #[arg(long = "subscribe", short = 's')]
+    #[arg(long = "subscribe", short = 's', help_heading = "Subscriptions")]
     topics: Vec<String>,
 
     /// Room to join (with presence events); repeatable.
-    #[arg(long = "join")]
+    #[arg(long = "join", help_heading = "Subscriptions")]
     rooms: Vec<String>,
-
-    /// Connect as this user (honoured by servers in insecure mode).
-    #[arg(long)]
-    user: Option<String>,
 
     /// Exit after this many deliveries.
     #[arg(long)]
@@ -110,33 +151,47 @@ struct SendArgs {
     #[arg(conflicts_with_all = ["hex", "file", "json"])]
     text: Option<String>,
 
-    /// Payload as hex digits.
-    #[arg(long)]
-    hex: Option<String>,
+    /// Payload as hex digits (spaces and a leading 0x allowed).
+    #[arg(long, value_parser = parse_hex, help_heading = "Payload")]
+    hex: Option<Bytes>,
 
     /// Payload read from a file.
-    #[arg(long)]
+    #[arg(long, help_heading = "Payload")]
     file: Option<PathBuf>,
 
     /// Payload as JSON, encoded as the opcode's protobuf request message.
-    #[arg(long, conflicts_with_all = ["hex", "file"])]
+    #[arg(long, conflicts_with_all = ["hex", "file"], help_heading = "Payload")]
     json: Option<String>,
 
     /// Send on this interval (e.g. 1s, 250ms) until Ctrl-C or --count.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_period, help_heading = "Repeat")]
     every: Option<Duration>,
 
     /// With --every: stop after this many frames.
-    #[arg(long, requires = "every")]
+    #[arg(long, requires = "every", help_heading = "Repeat")]
     count: Option<u64>,
 
     /// Attach a request id (the replies echo it).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     request_id: bool,
 
     /// Also print the WELCOME frame and the PONG that ends the exchange.
-    #[arg(short, long)]
+    #[arg(short, long, help_heading = "Output")]
     verbose: bool,
+}
+
+/// A duration such as `1s` or `250ms`, more than zero (a zero period
+/// would send without pause, and a zero timeout could never be met).
+fn parse_period(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(period) if period.is_zero() => Err("must be more than zero, e.g. 1s".into()),
+        Ok(period) => Ok(period),
+        Err(err) => Err(format!("{err} (expected e.g. 1s, 250ms)")),
+    }
+}
+
+fn parse_hex(s: &str) -> Result<Bytes, String> {
+    schema::payload_from_hex(s).map_err(|err| err.to_string())
 }
 
 fn parse_opcode(s: &str) -> Result<u32, String> {
@@ -156,14 +211,19 @@ fn parse_opcode(s: &str) -> Result<u32, String> {
 }
 
 impl SendArgs {
-    fn payload(&self) -> anyhow::Result<Bytes> {
+    /// The payload the arguments give.
+    ///
+    /// # Errors
+    /// [`Usage`] when the file cannot be read or the JSON does not fit.
+    fn payload(&self) -> Result<Bytes, Usage> {
         Ok(match (&self.text, &self.hex, &self.file, &self.json) {
             (Some(text), ..) => Bytes::from(text.clone()),
-            (_, Some(hex), ..) => schema::payload_from_hex(hex)?,
+            (_, Some(hex), ..) => hex.clone(),
             (_, _, Some(path), _) => std::fs::read(path)
-                .with_context(|| format!("cannot read {}", path.display()))?
+                .map_err(|err| Usage(format!("--file: cannot read {}: {err}", path.display())))?
                 .into(),
-            (.., Some(json)) => schema::payload_from_json(self.opcode, json)?,
+            (.., Some(json)) => schema::payload_from_json(self.opcode, json)
+                .map_err(|err| Usage(format!("--json: {err}")))?,
             _ => Bytes::new(),
         })
     }
@@ -193,19 +253,64 @@ struct Target {
     timeout: Duration,
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
+    user: Option<String>,
 }
 
 impl Target {
+    /// `url` with `?user=` added when --user is given.
+    fn url_for(&self, url: &str) -> String {
+        match &self.user {
+            Some(user) => {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                let user: String = form_urlencoded::byte_serialize(user.as_bytes()).collect();
+                format!("{url}{separator}user={user}")
+            }
+            None => url.to_owned(),
+        }
+    }
+
     async fn connect(&self, url: &str) -> anyhow::Result<Client> {
         let connect = Client::connect_with_token(url, self.tls.clone(), self.token.as_deref());
         bounded(self.timeout, connect).await
     }
+
+    /// Connects and checks that `url` is a wsproto session: its first
+    /// frame must be WELCOME (returned). A PING goes out at once, so an
+    /// endpoint that is something else (an echo server answers with the
+    /// PING itself) is recognised in one round trip, not after a timeout.
+    async fn session(&self, url: &str) -> anyhow::Result<(Client, Frame)> {
+        let mut client = self.connect(&self.url_for(url)).await?;
+        let probe = Frame::new(opcode::PING, Bytes::new()).with_request_id(Some(PROBE_ID));
+        client.send(&probe).await?;
+        let first = bounded(self.timeout, client.recv()).await?;
+        if first.opcode == opcode::WELCOME {
+            return Ok((client, first));
+        }
+        let suggestion = protocol_url(url);
+        if first.encode() == probe.encode() {
+            bail!(
+                "{url} sent back what it was sent, and no WELCOME frame: it is an echo endpoint \
+                 (such as /echo), not the opcode protocol, which is at {suggestion}"
+            );
+        }
+        bail!(
+            "{url} did not begin with a WELCOME frame (its first frame has opcode {}), so it is \
+             not a wsproto session; the opcode protocol is at {suggestion}",
+            first.opcode
+        )
+    }
+}
+
+/// Whether `frame` answers one of the PINGs the CLI sends itself.
+fn is_own_pong(frame: &Frame, id: u32) -> bool {
+    frame.opcode == opcode::PONG && frame.request_id == Some(id)
 }
 
 async fn send(target: &Target, args: SendArgs) -> anyhow::Result<bool> {
     let timeout = target.timeout;
     let payload = args.payload()?;
-    let mut client = target.connect(&target.url).await?;
+    let (mut client, welcome) = target.session(&target.url).await?;
+    print_frame(&welcome, args.verbose);
     let mut request_id = 0u32;
     let mut frame = move || {
         request_id += 1;
@@ -240,8 +345,11 @@ async fn send(target: &Target, args: SendArgs) -> anyhow::Result<bool> {
             // frame, the replies must come within the timeout.
             received = recv(&mut client, done_sending.then_some(timeout)) => {
                 let frame = received?;
+                if is_own_pong(&frame, PROBE_ID) {
+                    continue;
+                }
                 failed |= print_frame(&frame, args.verbose);
-                if frame.opcode == opcode::PONG && frame.request_id == Some(BARRIER_ID) {
+                if is_own_pong(&frame, BARRIER_ID) {
                     break;
                 }
             }
@@ -255,7 +363,7 @@ async fn send(target: &Target, args: SendArgs) -> anyhow::Result<bool> {
 fn api_url(ws_url: &str) -> anyhow::Result<String> {
     let rest = ws_url
         .strip_prefix("ws://")
-        .context("--url must be ws://HOST:PORT/PATH to find the publish API")?;
+        .ok_or_else(|| Usage("--url must be ws://HOST:PORT/PATH to find the publish API".into()))?;
     let host = rest.split(['/', '?']).next().unwrap_or_default();
     Ok(format!("http://{host}/api/publish"))
 }
@@ -263,7 +371,7 @@ fn api_url(ws_url: &str) -> anyhow::Result<String> {
 async fn publish(target: &Target, args: PublishArgs) -> anyhow::Result<bool> {
     let (url, timeout) = (target.url.as_str(), target.timeout);
     if args.ws {
-        let mut client = target.connect(url).await?;
+        let (mut client, _welcome) = target.session(url).await?;
         let published = bounded(timeout, client.publish(&args.topic, args.data)).await?;
         println!(
             "published to {}: seq={} sessions={}",
@@ -312,25 +420,25 @@ fn describe_delivery(delivery: &v1::Delivery) -> String {
 
 async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
     let (url, timeout) = (target.url.as_str(), target.timeout);
-    if args.topics.is_empty() && args.rooms.is_empty() && args.user.is_none() {
-        anyhow::bail!("nothing to listen to: give --subscribe TOPIC, --join ROOM or --user ID");
+    if args.topics.is_empty() && args.rooms.is_empty() && target.user.is_none() {
+        return Err(Usage(
+            "nothing to listen to: give --subscribe TOPIC, --join ROOM or --user ID".into(),
+        )
+        .into());
     }
-    let url = match &args.user {
-        Some(user) => {
-            let separator = if url.contains('?') { '&' } else { '?' };
-            let user: String = form_urlencoded::byte_serialize(user.as_bytes()).collect();
-            format!("{url}{separator}user={user}")
-        }
-        None => url.to_owned(),
-    };
-    let mut client = target.connect(&url).await?;
+    let (mut client, _welcome) = target.session(url).await?;
+    // On stderr, so stdout holds deliveries only.
     if !args.topics.is_empty() {
         let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
         bounded(timeout, client.subscribe(&topics)).await?;
+        eprintln!("subscribed to {}", topics.join(", "));
     }
     for room in &args.rooms {
         let presence = bounded(timeout, client.join(room, true)).await?;
         eprintln!("joined {room}: {} member(s)", presence.count);
+    }
+    if let Some(user) = &target.user {
+        eprintln!("listening as user {user} (direct messages to {user} arrive here too)");
     }
     let mut received = 0u64;
     let interrupt = tokio::signal::ctrl_c();
@@ -348,6 +456,7 @@ async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
                 received += 1;
             }
             opcode::WELCOME => {}
+            _ if is_own_pong(&frame, PROBE_ID) => {}
             _ => {
                 print_frame(&frame, false);
             }
@@ -390,38 +499,105 @@ async fn tick(ticks: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// A JWT's outline: three base64url parts separated by dots, the first a
+/// JSON header. Checked before connecting, so a mistyped or truncated
+/// token is reported here, in words.
+fn check_token(token: &str) -> Result<(), Usage> {
+    let not_a_jwt = |why: String| Usage(format!("--token is not a JWT: {why}"));
+    if let Some(bad) = token
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(not_a_jwt(format!(
+            "{bad:?} cannot appear in one (it is letters, digits, '-', '_' and '.')"
+        )));
+    }
+    let parts = token.split('.').count();
+    if parts != 3 || token.split('.').any(str::is_empty) {
+        let found = match parts {
+            3 => "one of them is empty".to_owned(),
+            n => format!("this one has {n}"),
+        };
+        return Err(not_a_jwt(format!(
+            "a JWT has three non-empty parts separated by '.'; {found}"
+        )));
+    }
+    if jsonwebtoken::decode_header(token).is_err() {
+        return Err(not_a_jwt(
+            "its first part is not a base64url-encoded JSON header".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `err` and its causes as one line, leaving out a cause whose text is
+/// already there (many errors repeat their source in their own message).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// 2 for a usage error, 1 for everything else.
+fn exit_code(err: &anyhow::Error) -> ExitCode {
+    let usage = err.downcast_ref::<Usage>().is_some()
+        || matches!(
+            err.downcast_ref::<ClientError>(),
+            Some(ClientError::Url { .. } | ClientError::InvalidToken | ClientError::Tls(_))
+        );
+    match usage {
+        true => ExitCode::from(USAGE),
+        false => ExitCode::FAILURE,
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let tls = match (cli.url.starts_with("wss://"), &cli.ca_file) {
-        (false, _) => None,
-        (true, ca_file) => match tls_config(ca_file.as_deref()) {
-            Ok(config) => Some(config),
-            Err(err) => {
-                eprintln!("error: {err}");
-                return ExitCode::FAILURE;
-            }
-        },
+    match run(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            exit_code(&err)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    if let Command::Token(args) = cli.command {
+        println!("{}", token::mint(&args)?);
+        return Ok(true);
+    }
+    if let Some(token) = &cli.token {
+        check_token(token)?;
+    }
+    let tls = match cli.url.starts_with("wss://") {
+        false => None,
+        true => Some(tls_config(cli.ca_file.as_deref())?),
     };
     let target = Target {
         url: cli.url,
         timeout: cli.timeout,
         tls,
         token: cli.token,
+        user: cli.user,
     };
-    let result = match cli.command {
+    match cli.command {
         Command::Send(args) => send(&target, args).await,
         Command::Publish(args) => publish(&target, args).await,
         Command::Listen(args) => listen(&target, args).await,
         Command::Bench(args) => bench::run(&target.url, target.token.as_deref(), args).await,
-    };
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
+        Command::Token(_) => Ok(true),
     }
 }
 

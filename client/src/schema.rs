@@ -28,10 +28,12 @@ pub fn pool() -> &'static DescriptorPool {
 pub enum PayloadError {
     #[error("opcode {0} does not take a protobuf payload; send text, --hex or --file instead")]
     NotAMessage(u32),
-    #[error("invalid JSON for {message}: {source}")]
+    // `error`, not `source`: the text is already in this message, so a
+    // printed chain of causes would repeat it.
+    #[error("invalid JSON for {message}: {error}")]
     Json {
         message: String,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("invalid hex: {0}")]
     Hex(String),
@@ -62,9 +64,9 @@ pub fn payload_from_json(code: u32, json: &str) -> Result<Bytes, PayloadError> {
     let mut deserializer = serde_json::Deserializer::from_str(json);
     let message = DynamicMessage::deserialize(descriptor.clone(), &mut deserializer)
         .and_then(|m| deserializer.end().map(|()| m))
-        .map_err(|source| PayloadError::Json {
+        .map_err(|error| PayloadError::Json {
             message: descriptor.full_name().to_owned(),
-            source,
+            error,
         })?;
     Ok(message.encode_to_vec().into())
 }
@@ -72,20 +74,30 @@ pub fn payload_from_json(code: u32, json: &str) -> Result<Bytes, PayloadError> {
 /// Decodes hex digits, ignoring whitespace and an optional `0x`.
 ///
 /// # Errors
-/// On an odd number of digits or a non-hex character.
+/// On a character that is not a hex digit (any character, not only ASCII)
+/// or an odd number of digits.
 pub fn payload_from_hex(hex: &str) -> Result<Bytes, PayloadError> {
-    let digits: String = hex.trim_start_matches("0x").split_whitespace().collect();
-    if digits.len() % 2 != 0 {
-        return Err(PayloadError::Hex("odd number of digits".into()));
+    let digits: Vec<char> = hex
+        .trim()
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    if let Some(bad) = digits.iter().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(PayloadError::Hex(format!("{bad:?} is not a hex digit")));
     }
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&digits[i..i + 2], 16)
-                .map_err(|_| PayloadError::Hex(format!("{:?}", &digits[i..i + 2])))
-        })
-        .collect::<Result<Vec<u8>, _>>()
-        .map(Bytes::from)
+    if digits.len() % 2 != 0 {
+        return Err(PayloadError::Hex(format!(
+            "odd number of digits ({}); each byte is two",
+            digits.len()
+        )));
+    }
+    let value = |c: &char| c.to_digit(16).unwrap_or(0) as u8;
+    Ok(digits
+        .chunks_exact(2)
+        .map(|pair| value(&pair[0]) << 4 | value(&pair[1]))
+        .collect::<Vec<u8>>()
+        .into())
 }
 
 /// A server frame as one line: opcode, name, length, request id, payload
@@ -152,6 +164,8 @@ mod tests {
         assert_eq!(&payload_from_hex("0xde ad").unwrap()[..], &[0xde, 0xad]);
         assert!(payload_from_hex("abc").is_err());
         assert!(payload_from_hex("zz").is_err());
+        assert!(payload_from_hex("aé0").is_err(), "a multi-byte character");
+        assert!(payload_from_hex("é").is_err());
     }
 
     #[test]

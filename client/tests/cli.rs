@@ -154,11 +154,6 @@ async fn failures_are_one_clear_line_and_a_non_zero_exit() {
             "error: cannot connect to ws://127.0.0.1:1/ws",
         ),
         (
-            "http://127.0.0.1:1/ws".to_owned(),
-            vec!["send", "100", "x"],
-            "error: invalid URL",
-        ),
-        (
             format!("ws://{}/ws", silent_server()),
             vec!["--timeout", "300ms", "send", "100", "x"],
             "error: no answer from the server within 300ms",
@@ -170,6 +165,101 @@ async fn failures_are_one_clear_line_and_a_non_zero_exit() {
         assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.starts_with(expected), "{args:?}: {err}");
+    }
+}
+
+/// Usage errors: exit code 2 and one line (clap adds a hint line to its
+/// own), saying what is wrong once, and never a panic.
+#[tokio::test]
+async fn usage_errors_exit_2_with_one_line_that_says_it_once() {
+    let server = start_server().await;
+    let cases: [(&[&str], &str); 11] = [
+        (&["send", "100", "--every", "0s"], "must be more than zero"),
+        (&["send", "100", "--every", "abc"], "--every"),
+        (&["send", "100", "--hex", "aé0"], "'é' is not a hex digit"),
+        (&["send", "100", "--hex", "zz"], "'z' is not a hex digit"),
+        (&["send", "100", "--hex", "abc"], "odd number of digits"),
+        (
+            &["send", "111", "--json", "{1: true}"],
+            "--json: invalid JSON for wsproto.v1.InfoRequest: key must be a string",
+        ),
+        (
+            &["send", "100", "--json", "{}"],
+            "does not take a protobuf payload",
+        ),
+        (
+            &["send", "100", "--file", "/nonexistent"],
+            "--file: cannot read",
+        ),
+        (&["--token", "abc", "send", "100"], "--token is not a JWT"),
+        (&["listen"], "nothing to listen to"),
+        (
+            &["--url", "http://127.0.0.1:1/ws", "send", "100"],
+            "invalid URL",
+        ),
+    ];
+    for (args, expected) in cases {
+        // The helper passes --url itself.
+        let (url, rest) = match args {
+            ["--url", url, rest @ ..] => (url.to_string(), rest),
+            _ => (server.url.clone(), args),
+        };
+        let output = client(&url, rest).await;
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: "), "{args:?}: {err}");
+        assert!(first.contains(expected), "{args:?}: {err}");
+        let rest: Vec<&str> = err.lines().skip(1).filter(|l| !l.is_empty()).collect();
+        assert!(
+            rest.is_empty() || rest == ["For more information, try '--help'."],
+            "{args:?}: {err}"
+        );
+        // The cause is not printed a second time after the message.
+        let reason = first.rsplit(": ").next().unwrap_or_default();
+        assert_eq!(first.matches(reason).count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_url_without_the_ws_path_is_explained_not_dumped() {
+    let server = start_server().await;
+    let root = server.url.trim_end_matches("/ws").to_owned();
+    let output = client(&root, &["send", "100", "x"]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "error: {root} answered with a web page (HTTP 200), not a WebSocket; \
+             the opcode protocol is at {}\n",
+            server.url
+        )
+    );
+}
+
+/// `/echo` sends back what it gets and never a WELCOME: said at once (the
+/// client's own 60 s timeout would outlast the helper's 20 s bound).
+#[tokio::test]
+async fn the_echo_endpoint_is_recognised_instead_of_timing_out() {
+    let server = start_server().await;
+    let echo = server.url.replace("/ws", "/echo");
+    for args in [
+        vec!["--timeout", "60s", "send", "100", "x"],
+        vec!["--timeout", "60s", "listen", "--subscribe", "alarm.#"],
+    ] {
+        let output = client(&echo, &args).await;
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(
+            err,
+            format!(
+                "error: {echo} sent back what it was sent, and no WELCOME frame: it is an echo \
+                 endpoint (such as /echo), not the opcode protocol, which is at {}\n",
+                server.url
+            ),
+            "{args:?}"
+        );
     }
 }
 
@@ -246,6 +336,7 @@ async fn listen_prints_what_publish_sends() {
             "2",
         ])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let alarms = "alarm.#".parse().unwrap();
@@ -279,6 +370,7 @@ async fn listen_prints_what_publish_sends() {
         stdout(&output),
         "topic=alarm.fire seq=1 from=- \"smoke in hall 3\"\ntopic=alarm.fire seq=2 from=- \"all clear\"\n"
     );
+    assert_eq!(stderr(&output), "subscribed to alarm.#\n");
 
     let refused = client(
         &server.url,
@@ -325,4 +417,212 @@ async fn wss_with_ca_file() {
         "{}",
         stderr(&refused)
     );
+}
+
+/// A server requiring HS256 tokens signed with `secret`; returns its /ws URL.
+async fn start_server_with_jwt(secret: &str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Config {
+        jwt_secret: Some(secret.into()),
+        ..Config::default()
+    };
+    let server = Server::from_listener(listener, config, handlers::builtin()).unwrap();
+    let url = format!("ws://{}/ws", server.local_addr().unwrap());
+    tokio::spawn(server.run(std::future::pending()));
+    url
+}
+
+/// `wsproto-client token ARGS…`, the token it printed.
+async fn mint(args: &[&str]) -> String {
+    let output = client("ws://unused/ws", &[&["token"], args].concat()).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let token = stdout(&output);
+    assert_eq!(token.lines().count(), 1, "{token}");
+    token.trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_minted_token_is_accepted_and_its_permissions_hold() {
+    let secret = "cli-test-secret";
+    let url = start_server_with_jwt(secret).await;
+    let token = mint(&[
+        "--secret",
+        secret,
+        "--user",
+        "alice",
+        "--subscribe",
+        "alarm.#",
+        "--join",
+        "lobby",
+        "--ttl",
+        "10m",
+    ])
+    .await;
+
+    let output = client(&url, &["--token", &token, "send", "111"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains(r#""user_id":"alice""#),
+        "{}",
+        stdout(&output)
+    );
+
+    let subscribe = |topic: &str| format!(r#"{{"topics": ["{topic}"]}}"#);
+    let allowed = subscribe("alarm.fire");
+    let output = client(
+        &url,
+        &[
+            "--token",
+            &token,
+            "send",
+            "10",
+            "--json",
+            &allowed,
+            "--request-id",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "5 ACK len=0 id=1 (empty)\n");
+
+    let forbidden = subscribe("rowdata.temp.42");
+    let output = client(
+        &url,
+        &["--token", &token, "send", "10", "--json", &forbidden],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).starts_with("error: server replied PERMISSION_DENIED (15) to opcode 10"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = client(
+        &url,
+        &[
+            "--token", &token, "listen", "--join", "lobby", "--count", "0",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = client(&url, &["--token", &token, "listen", "--join", "kitchen"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("PERMISSION_DENIED"),
+        "{}",
+        stderr(&output)
+    );
+
+    // Signed with another secret, or none at all: refused at the upgrade, in words.
+    let forged = mint(&["--secret", "another-secret", "--user", "alice"]).await;
+    let output = client(&url, &["--token", &forged, "send", "100", "x"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        stderr(&output),
+        "error: server refused the WebSocket upgrade: HTTP 401: invalid token signature\n"
+    );
+}
+
+#[tokio::test]
+async fn token_usage_errors_exit_2() {
+    for (args, expected) in [
+        (
+            vec!["--secret", "s", "--user", "a", "--subscribe", "a..b"],
+            "--subscribe \"a..b\"",
+        ),
+        (vec!["--secret", "", "--user", "a"], "--secret is empty"),
+        (
+            vec!["--secret", "s", "--user", "a", "--ttl", "0s"],
+            "must be more than zero",
+        ),
+        (vec!["--secret", "s"], "--user <USER>"),
+    ] {
+        let output = client("ws://unused/ws", &[&["token"], &args[..]].concat()).await;
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(expected),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// Opcode 110 keeps friends per user: one CLI `send` adds, the next (a new
+/// connection) sees it — by `--user` in insecure mode, or by token.
+#[tokio::test]
+async fn friends_belong_to_the_user_across_connections() {
+    let server = start_server().await;
+    let with_friends = r#"{"include_friends": true}"#;
+    let info = |output: &Output| {
+        assert!(output.status.success(), "{}", stderr(output));
+        let out = stdout(output);
+        let friends = out
+            .split_once(r#""friends":"#)
+            .map(|(_, rest)| rest.to_owned());
+        friends.unwrap_or_else(|| panic!("no friends in {out}"))
+    };
+
+    let added = client(&server.url, &["--user", "carol", "send", "110", "dave"]).await;
+    assert!(added.status.success(), "{}", stderr(&added));
+    let carol = client(
+        &server.url,
+        &["--user", "carol", "send", "111", "--json", with_friends],
+    )
+    .await;
+    assert!(
+        info(&carol).starts_with(r#"["dave"]"#),
+        "{}",
+        stdout(&carol)
+    );
+    assert!(stdout(&carol).contains(r#""friend_count":1"#));
+    // Someone else, and a session without a user, have lists of their own.
+    let erin = client(
+        &server.url,
+        &["--user", "erin", "send", "111", "--json", with_friends],
+    )
+    .await;
+    assert!(info(&erin).starts_with("[]"), "{}", stdout(&erin));
+    let anonymous = client(&server.url, &["send", "111", "--json", with_friends]).await;
+    assert!(info(&anonymous).starts_with("[]"), "{}", stdout(&anonymous));
+
+    let secret = "friends-secret";
+    let url = start_server_with_jwt(secret).await;
+    let token = mint(&["--secret", secret, "--user", "frank"]).await;
+    let added = client(&url, &["--token", &token, "send", "110", "grace"]).await;
+    assert!(added.status.success(), "{}", stderr(&added));
+    let frank = client(
+        &url,
+        &["--token", &token, "send", "111", "--json", with_friends],
+    )
+    .await;
+    assert!(
+        info(&frank).starts_with(r#"["grace"]"#),
+        "{}",
+        stdout(&frank)
+    );
+}
+
+#[test]
+fn help_groups_the_options() {
+    let output = Command::new(CLIENT)
+        .args(["send", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (heading, flag) in [
+        ("Payload", "--hex"),
+        ("Repeat", "--every"),
+        ("Output", "--verbose"),
+        ("Connection", "--url"),
+        ("Auth", "--token"),
+    ] {
+        let start = help.find(&format!("\n{heading}:\n")).expect(heading);
+        let section = help[start + 1..].split("\n\n").next().unwrap_or_default();
+        assert!(
+            section.contains(flag),
+            "{flag} not under {heading}:\n{help}"
+        );
+    }
 }

@@ -57,6 +57,8 @@ const TOPIC_DEPTH: usize = 2;
 const INTEREST_QUEUE: usize = 4096;
 /// Interest keys refreshed per pipeline.
 const REFRESH_BATCH: usize = 500;
+/// Pause before interest that could not be written is written again.
+const RETRY: Duration = Duration::from_millis(200);
 
 /// Where a Redis broker connects and how it names things.
 #[derive(Debug, Clone)]
@@ -129,9 +131,12 @@ enum InterestOp {
 }
 
 /// Numbers the publication (when it has a stream), then publishes it to a
-/// direct channel or to every node in the union of the interest sets.
+/// direct channel or to every node in the union of the interest sets but
+/// the one named in ARGV[6] (a publisher that is not subscribed right now
+/// delivers to itself).
 /// KEYS: [sequence key if ARGV[1] == '1'], interest sets...
-/// ARGV: has sequence, sequence TTL (s), payload, inbox prefix, direct channel.
+/// ARGV: has sequence, sequence TTL (s), payload, inbox prefix, direct
+/// channel, node to skip.
 const PUBLISH_SCRIPT: &str = r"
 local first = 1
 local seq = 0
@@ -148,7 +153,9 @@ local nodes = 0
 if #KEYS >= first then
   local members = redis.call('SUNION', unpack(KEYS, first))
   for _, node in ipairs(members) do
-    nodes = nodes + redis.call('PUBLISH', ARGV[4] .. node, message)
+    if node ~= ARGV[6] then
+      nodes = nodes + redis.call('PUBLISH', ARGV[4] .. node, message)
+    end
   end
 end
 return {seq, nodes}
@@ -295,6 +302,10 @@ impl Shared {
     }
 
     async fn publish(&self, publication: Publication) -> Published {
+        // Not subscribed (Redis was away and the subscription is not back
+        // yet): Redis cannot bring this publication back to this node, so
+        // it is delivered here directly, numbered by Redis all the same.
+        let deliver_here = !self.subscribed.load(Ordering::Acquire);
         let payload = Envelope::of(&publication).encode_to_vec();
         let mut invocation = self.publish.prepare_invoke();
         let sequenced = match publication.target.stream_key() {
@@ -317,7 +328,12 @@ impl Shared {
             Target::User(user) => {
                 invocation.key(self.key(&format!("i:u:{user}")));
             }
-            Target::Session(id) => direct = self.inbox(node_of_session(id)),
+            Target::Session(id) => {
+                let node = node_of_session(id);
+                if !(deliver_here && node == &*self.settings.node_id) {
+                    direct = self.inbox(node);
+                }
+            }
             Target::Broadcast => direct = self.key("all"),
         }
         invocation
@@ -325,7 +341,11 @@ impl Shared {
             .arg(self.settings.sequence_ttl.as_secs().max(1))
             .arg(payload)
             .arg(self.inbox(""))
-            .arg(direct);
+            .arg(direct)
+            .arg(match deliver_here {
+                true => &*self.settings.node_id,
+                false => "",
+            });
         let mut commands = self.commands.clone();
         let result: Result<(u64, u64), _> = tokio::time::timeout(
             self.settings.command_timeout,
@@ -341,11 +361,27 @@ impl Shared {
         match result {
             Ok((seq, nodes)) => {
                 self.succeeded();
-                let sessions = handler.map_or(0, |h| h.recipients(&publication.target));
-                Published {
-                    seq,
-                    sessions,
-                    nodes: nodes as usize,
+                let Some(handler) = handler else {
+                    return Published {
+                        seq,
+                        sessions: 0,
+                        nodes: nodes as usize,
+                    };
+                };
+                match deliver_here {
+                    true => {
+                        let sessions = handler.handle_publication(&publication, seq);
+                        Published {
+                            seq,
+                            sessions,
+                            nodes: nodes as usize + usize::from(sessions > 0),
+                        }
+                    }
+                    false => Published {
+                        seq,
+                        sessions: handler.recipients(&publication.target),
+                        nodes: nodes as usize,
+                    },
                 }
             }
             Err(err) => {
@@ -516,6 +552,10 @@ async fn probe(mut sink: redis::aio::PubSubSink, interval: Duration, dead: onesh
 async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>) {
     let mut refresh = tokio::time::interval(shared.settings.interest_ttl / 3);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a failed write, everything is written again soon: the sets may
+    // be gone (a Redis restart) and nothing else would bring them back
+    // before the next refresh.
+    let mut retry: Option<tokio::time::Instant> = None;
     loop {
         let op = tokio::select! {
             op = ops.recv() => match op {
@@ -523,14 +563,19 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
                 None => return,
             },
             _ = refresh.tick() => InterestOp::Refresh,
+            _ = sleep_until(retry) => InterestOp::Refresh,
         };
+        retry = None;
         if shared.handler().is_none() {
             return;
         }
         match op {
             InterestOp::Add(keys, done) => {
-                shared.write_interest(&keys, true).await;
+                let written = shared.write_interest(&keys, true).await;
                 let _ = done.send(());
+                if !written {
+                    retry = Some(tokio::time::Instant::now() + RETRY);
+                }
             }
             InterestOp::Remove(keys) => {
                 // A key needed again meanwhile stays.
@@ -547,9 +592,18 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
                     let counts = shared.interest.lock().unwrap_or_else(|e| e.into_inner());
                     counts.keys().cloned().collect()
                 };
-                shared.write_interest(&keys, true).await;
+                if !shared.write_interest(&keys, true).await {
+                    retry = Some(tokio::time::Instant::now() + RETRY);
+                }
             }
         }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

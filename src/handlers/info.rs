@@ -1,20 +1,16 @@
 use wsproto_proto::v1;
 
-use super::FriendList;
+use super::social::friends_of;
 use crate::{Frame, HandlerResult, Reply, Session};
 
 /// Opcode 111: server and session info; the request (`InfoRequest`, may be
-/// empty) chooses whether the friend list is included.
+/// empty) chooses whether the friend list is included. The friends are
+/// those of the session's user, shared by all its connections on this node
+/// (see [`add_friend`](super::add_friend)); a session without a user id
+/// has its own.
 pub async fn get_info(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::InfoRequest = frame.message()?;
-    let (friend_count, friends) = session.with_local(|friends: &mut FriendList| {
-        let list = if request.include_friends {
-            friends.0.clone()
-        } else {
-            Vec::new()
-        };
-        (friends.0.len() as u32, list)
-    });
+    let (friend_count, friends) = friends_of(&session, request.include_friends);
     let (node, hub) = (session.node(), session.hub());
     Ok(Reply::message(&v1::Info {
         server: crate::SERVER_NAME.to_owned(),

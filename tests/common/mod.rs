@@ -6,6 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use wsproto::{broker::Broker, handlers, Config, Hub, Node, Router};
 pub use wsproto_client::{error_of, Client};
+pub mod cluster;
 pub mod external;
 
 /// A server running in this process on 127.0.0.1 and a free port.
