@@ -233,12 +233,17 @@ impl Authenticator {
         if claims.sub.is_empty() {
             return Err(AuthError::BadClaims("empty sub".into()));
         }
+        // A validly signed exp of 2^63 seconds or more is past what a clock
+        // can hold (adding it would panic): refused like any bad claim.
+        let expires_at = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .ok_or_else(|| AuthError::BadClaims(format!("exp {} is out of range", claims.exp)))?;
         Ok(Identity {
             user_id: Some(Arc::from(claims.sub.as_str())),
             subscribe: patterns(&claims.subscribe)?,
             publish: patterns(&claims.publish)?,
             rooms: patterns(&claims.rooms)?,
-            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
+            expires_at: Some(expires_at),
         })
     }
 }
@@ -251,9 +256,15 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// How long until `expires_at`, zero if it has passed.
+/// Longest [`time_left`] reports: a century, so that callers can add it
+/// to an `Instant` without overflow whatever expiry a token names.
+pub const MAX_TIME_LEFT: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// How long until `expires_at`: zero if it has passed, at most
+/// [`MAX_TIME_LEFT`].
 pub fn time_left(expires_at: SystemTime) -> Duration {
     expires_at
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO)
+        .min(MAX_TIME_LEFT)
 }

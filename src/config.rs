@@ -3,9 +3,11 @@
 
 use std::{fmt, io, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use tokio::net::{lookup_host, TcpListener};
+use tokio::net::{lookup_host, TcpListener, TcpSocket};
 
-use crate::{auth::AuthSettings, origin::OriginPattern, queue::DeliveryPolicy, topic::Topic};
+use crate::{
+    auth::AuthSettings, origin::OriginPattern, proxy::Cidr, queue::DeliveryPolicy, topic::Topic,
+};
 
 /// Every setting of a wsproto server. [`Config::default`] is what
 /// `wsproto-server` runs with when given no flags.
@@ -30,6 +32,36 @@ pub struct Config {
         help_heading = "Connection"
     )]
     pub insecure_allow_remote: bool,
+
+    /// Length of the kernel's queue of connections not yet accepted; the
+    /// kernel caps it at `net.core.somaxconn`. In a reconnect storm a short
+    /// queue overflows, and clients wait for SYN retransmits (1 s, 3 s…).
+    #[arg(long, env = "WSPROTO_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Connection")]
+    pub listen_backlog: u32,
+
+    /// Reverse proxies and load balancers (`CIDR,...`, e.g.
+    /// `127.0.0.1,10.0.0.0/8`) allowed to name the client: only from these
+    /// peers is the client address taken from `Forwarded`,
+    /// `X-Forwarded-For` (right-most untrusted hop) or `X-Real-IP`. Limits,
+    /// logs and GET_INFO then use the real client address. Default: none.
+    #[arg(
+        long = "trusted-proxy",
+        env = "WSPROTO_TRUSTED_PROXY",
+        value_delimiter = ',',
+        help_heading = "Connection"
+    )]
+    pub trusted_proxies: Vec<Cidr>,
+
+    /// Connections from --trusted-proxy peers start with a PROXY protocol
+    /// header (v1 or v2), as layer-4 load balancers send; the client
+    /// address is taken from it instead of from HTTP headers.
+    #[arg(
+        long,
+        env = "WSPROTO_PROXY_PROTOCOL",
+        requires = "trusted_proxies",
+        help_heading = "Connection"
+    )]
+    pub proxy_protocol: bool,
 
     /// URL path of the opcode-protocol WebSocket endpoint.
     #[arg(long, env = "WSPROTO_WS_PATH", default_value = "/ws", value_parser = parse_path, help_heading = "Connection")]
@@ -77,10 +109,17 @@ pub struct Config {
     pub max_handshakes: u32,
 
     /// Connections not yet upgraded allowed from one IP address (IPv6: one
-    /// /64); more are closed at once, so one host cannot hold every
-    /// --max-handshakes slot.
-    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    /// /64); more are answered 429 with Retry-After at once, so one host
+    /// cannot hold every --max-handshakes slot. Half of them by default: a
+    /// NAT's thousands of clients reconnecting at once get in quickly.
+    #[arg(long, env = "WSPROTO_MAX_HANDSHAKES_PER_IP", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
     pub max_handshakes_per_ip: u32,
+
+    /// Largest HTTP request head (request line and headers) in bytes;
+    /// larger ones get 431. Like nginx's header buffers, it bounds what a
+    /// connection can make the server hold before its upgrade.
+    #[arg(long, env = "WSPROTO_MAX_REQUEST_HEAD", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..), help_heading = "Limits")]
+    pub max_request_head: u32,
 
     /// Open WebSocket sessions allowed at once; upgrades past it get HTTP 503.
     #[arg(
@@ -150,18 +189,21 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<OriginPattern>,
 
-    /// Open WebSocket sessions allowed from one IP address; more get HTTP 429.
+    /// Open WebSocket sessions allowed from one IP address (IPv6: one /64);
+    /// more get HTTP 429. Large NATs put thousands of clients behind one
+    /// address; behind a proxy, see --trusted-proxy.
     #[arg(
         long,
         env = "WSPROTO_MAX_CONNECTIONS_PER_IP",
-        default_value_t = 1000,
+        default_value_t = 4096,
         help_heading = "Limits"
     )]
     pub max_connections_per_ip: usize,
 
     /// Frames a second one session may send on average (0: no limit).
-    /// Frames over it get RATE_LIMITED error frames; a client that keeps
-    /// on past a further burst is closed with 1008.
+    /// Frames over it are not processed (the first 10 refused each second
+    /// get a RATE_LIMITED error frame); more than --rate-burst refused with
+    /// no quiet second between them closes the session with 4002.
     #[arg(
         long,
         env = "WSPROTO_RATE_LIMIT",
@@ -306,6 +348,9 @@ impl Default for Config {
         Config {
             listen: ListenAddr::AnyInterface(8080),
             insecure_allow_remote: false,
+            listen_backlog: 4096,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             ws_path: "/ws".into(),
             max_message_size: 64 * 1024,
             send_queue: 256,
@@ -315,7 +360,8 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
-            max_handshakes_per_ip: 256,
+            max_handshakes_per_ip: 512,
+            max_request_head: 16 * 1024,
             max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(5),
             api_key: None,
@@ -324,7 +370,7 @@ impl Default for Config {
             max_subscriptions: 1000,
             max_rooms: 100,
             allowed_origins: Vec::new(),
-            max_connections_per_ip: 1000,
+            max_connections_per_ip: 4096,
             rate_limit: 100.0,
             rate_burst: 200,
             tls_cert: None,
@@ -425,8 +471,8 @@ impl ListenAddr {
     ///
     /// # Errors
     /// As [`ListenAddr::bind`], and for a non-loopback address.
-    pub async fn bind_loopback(&self) -> io::Result<TcpListener> {
-        self.bind_first(true).await
+    pub async fn bind_loopback(&self, backlog: u32) -> io::Result<TcpListener> {
+        self.bind_first(true, backlog).await
     }
 
     /// Binds a listener. `:PORT` tries the IPv6 wildcard first (which also
@@ -434,13 +480,14 @@ impl ListenAddr {
     ///
     /// # Errors
     /// When the host does not resolve or no address can be bound.
-    pub async fn bind(&self) -> io::Result<TcpListener> {
-        self.bind_first(false).await
+    pub async fn bind(&self, backlog: u32) -> io::Result<TcpListener> {
+        self.bind_first(false, backlog).await
     }
 
     /// Binds the first address this stands for that can be bound (and,
-    /// with `loopback_only`, is loopback); otherwise the last error.
-    async fn bind_first(&self, loopback_only: bool) -> io::Result<TcpListener> {
+    /// with `loopback_only`, is loopback), with a listen queue of `backlog`;
+    /// otherwise the last error.
+    async fn bind_first(&self, loopback_only: bool, backlog: u32) -> io::Result<TcpListener> {
         let candidates: Vec<SocketAddr> = match self {
             ListenAddr::AnyInterface(port) if loopback_only => {
                 vec![SocketAddr::from(([127, 0, 0, 1], *port))]
@@ -465,13 +512,27 @@ impl ListenAddr {
                 ));
                 continue;
             }
-            match TcpListener::bind(addr).await {
+            match listen(addr, backlog) {
                 Ok(listener) => return Ok(listener),
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or_else(|| io::Error::other(format!("{self} resolves to no address"))))
     }
+}
+
+/// A listener on `addr` with a listen queue of `backlog` (as
+/// `TcpListener::bind`, which always asks for 1024).
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As TcpListener::bind: a restart can bind while old connections linger.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 #[cfg(test)]
@@ -543,6 +604,36 @@ mod tests {
         assert!(Cli::try_parse_from(["s", "--topic-policy", "alarm"]).is_err());
         assert!(Cli::try_parse_from(["s", "--topic-policy", "a..b=conflate"]).is_err());
         assert!(Cli::try_parse_from(["s", "--topic-policy", "a=sometimes"]).is_err());
+    }
+
+    #[test]
+    fn edge_flags_parse_and_proxy_protocol_needs_trusted_proxies() {
+        let cli = Cli::parse_from([
+            "s",
+            "--trusted-proxy",
+            "10.0.0.0/8,127.0.0.1",
+            "--proxy-protocol",
+            "--listen-backlog",
+            "100",
+            "--max-request-head",
+            "8192",
+        ]);
+        let networks: Vec<String> = cli
+            .config
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(networks, ["10.0.0.0/8", "127.0.0.1/32"]);
+        assert!(cli.config.proxy_protocol);
+        assert_eq!(
+            (cli.config.listen_backlog, cli.config.max_request_head),
+            (100, 8192)
+        );
+        assert!(Cli::try_parse_from(["s", "--proxy-protocol"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--trusted-proxy", "nginx"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--listen-backlog", "0"]).is_err());
+        assert!(Cli::try_parse_from(["s", "--max-request-head", "100"]).is_err());
     }
 
     #[test]

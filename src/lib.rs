@@ -54,6 +54,7 @@ pub mod metrics;
 pub mod node;
 pub mod opcode;
 pub mod origin;
+pub mod proxy;
 pub mod queue;
 pub mod rate;
 pub mod read_ahead;

@@ -17,7 +17,10 @@ use axum::{
 use futures_util::{SinkExt, StreamExt};
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::protocol::{Role, WebSocketConfig},
@@ -31,15 +34,16 @@ use crate::{
     api,
     auth::{AuthConfigError, AuthError, Authenticator},
     broker::{Broker, BrokerStatus, MemoryBroker, RedisBroker, RedisSettings},
-    close::CloseReason,
+    close::{self, CloseReason},
     config::BrokerChoice,
     connection, handlers,
     hub::HubConfig,
     identity::Identity,
-    limit::AddressLimit,
+    limit::{AddressLimit, AddressPermit},
     metrics::{self, CounterSnapshot},
     node::Node,
     origin::OriginPolicy,
+    proxy::{self, TrustedProxies},
     queue::SessionQueue,
     read_ahead::ReadAhead,
     session::Session,
@@ -127,6 +131,10 @@ struct AppState {
     handshakes: Arc<Semaphore>,
     /// The same per client address, taken after `accept`.
     handshakes_per_address: AddressLimit,
+    /// One permit per connection being answered by [`refuse_connection`].
+    refusals: Arc<Semaphore>,
+    /// Peers allowed to name the client (--trusted-proxy).
+    proxies: Arc<TrustedProxies>,
     per_address: AddressLimit,
     origins: OriginPolicy,
     /// Verifies tokens at upgrade; `None` in insecure mode.
@@ -156,8 +164,8 @@ impl Server {
     /// as [`Server::from_listener`].
     pub async fn bind(config: Config, router: Router) -> Result<Server, ServerError> {
         let bound = match config.is_insecure() && !config.insecure_allow_remote {
-            true => config.listen.bind_loopback().await,
-            false => config.listen.bind().await,
+            true => config.listen.bind_loopback(config.listen_backlog).await,
+            false => config.listen.bind(config.listen_backlog).await,
         };
         let listener = bound.map_err(|source| {
             // bind_loopback's own refusal of a non-loopback address (not
@@ -273,6 +281,8 @@ impl Server {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes as usize)),
             handshakes_per_address: AddressLimit::new(config.max_handshakes_per_ip as usize),
+            refusals: Arc::new(Semaphore::new(config.max_handshakes as usize)),
+            proxies: Arc::new(TrustedProxies::new(config.trusted_proxies.clone())),
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
             auth,
@@ -386,53 +396,213 @@ impl Server {
             let _ = tcp.set_nodelay(true);
             // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            let Some(handshake_from_address) = state.handshakes_per_address.try_acquire(peer.ip())
-            else {
-                metrics::bump(&state.node.counters().refused_handshakes_per_address);
-                debug!(%peer, "too many connections not yet upgraded from this address");
-                continue;
+            // A trusted proxy carries many clients: its own address is not
+            // limited; theirs are, once known.
+            let from_proxy = state.proxies.trusts(peer.ip());
+            let (tcp, handshake_from_address) = match from_proxy {
+                true => (tcp, None),
+                false => match admit_address(&state, tcp, peer) {
+                    Some((tcp, permit)) => (tcp, Some(permit)),
+                    None => continue,
+                },
             };
             let (app, state_for_task) = (app.clone(), state.clone());
             let tls = state.tls.clone();
             state.tasks.spawn(async move {
+                let state = state_for_task;
+                let (tcp, peer, handshake_from_address, proxies) = match handshake_from_address {
+                    Some(permit) => (tcp, peer, Some(permit), None),
+                    None if state.config.proxy_protocol => {
+                        let Some((tcp, client)) = read_proxy_header(&state, tcp, peer).await else {
+                            return;
+                        };
+                        let Some((tcp, permit)) = admit_address(&state, tcp, client) else {
+                            return;
+                        };
+                        (tcp, client, Some(permit), None)
+                    }
+                    // The client address comes with each request's headers.
+                    None => (tcp, peer, None, Some(state.proxies.clone())),
+                };
                 let _handshake = (handshake, handshake_from_address);
                 let Some(tls) = tls else {
-                    return serve_http(state_for_task, app, tcp, peer).await;
+                    return serve_http(state, app, tcp, peer, proxies).await;
                 };
                 // The TLS handshake counts against the handshake timeout too.
-                let timeout = state_for_task.config.handshake_timeout;
+                let timeout = state.config.handshake_timeout;
                 match tokio::time::timeout(timeout, tls.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_http(state_for_task, app, stream, peer).await,
+                    Ok(Ok(stream)) => serve_http(state, app, stream, peer, proxies).await,
                     Ok(Err(err)) => debug!(%peer, %err, "TLS handshake failed"),
                     Err(_) => {
-                        metrics::bump(&state_for_task.node.counters().closed_handshake_timeout);
+                        metrics::bump(&state.node.counters().closed_handshake_timeout);
                         debug!(%peer, "TLS handshake timed out");
                     }
                 }
             });
         }
 
-        drop(listener);
         let open = state.node.hub().len();
         info!(sessions = open, "shutting down: closing sessions with 1001");
         state.shutdown.cancel();
         state.tasks.close();
-        // Sessions give clients shutdown_timeout to answer; allow a little
-        // more for the last writes before giving up on them.
-        let deadline = state.config.shutdown_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(deadline, state.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                sessions = state.node.hub().len(),
-                "shutdown deadline passed; closing remaining connections"
-            );
-            state.abort.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(1), state.tasks.wait()).await;
+        let drain = async {
+            // Sessions give clients shutdown_timeout to answer; allow a little
+            // more for the last writes before giving up on them.
+            let deadline = state.config.shutdown_timeout + Duration::from_secs(1);
+            if tokio::time::timeout(deadline, state.tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    sessions = state.node.hub().len(),
+                    "shutdown deadline passed; closing remaining connections"
+                );
+                state.abort.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), state.tasks.wait()).await;
+            }
+        };
+        // Until the listener closes, connections get 503 and Retry-After
+        // (and a reconnecting client moves on) instead of ECONNREFUSED.
+        let turn_away = async {
+            loop {
+                match listener.accept().await {
+                    Ok((tcp, peer)) => {
+                        metrics::bump(&state.node.counters().refused_capacity);
+                        refuse_connection(&state, tcp, peer, Refusal::ShuttingDown);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        };
+        tokio::select! {
+            _ = drain => {}
+            _ = turn_away => {}
         }
+        drop(listener);
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Takes a handshake slot of `client`'s address for `tcp`, or answers it
+/// 429 (and returns `None`) when the address has none left.
+fn admit_address(
+    state: &AppState,
+    tcp: TcpStream,
+    client: SocketAddr,
+) -> Option<(TcpStream, AddressPermit)> {
+    match state.handshakes_per_address.try_acquire(client.ip()) {
+        Some(permit) => Some((tcp, permit)),
+        None => {
+            metrics::bump(&state.node.counters().refused_handshakes_per_address);
+            debug!(peer = %client, "too many connections not yet upgraded from this address; 429");
+            refuse_connection(state, tcp, client, Refusal::TooManyHandshakes);
+            None
+        }
+    }
+}
+
+/// The client address a trusted load balancer's PROXY protocol header
+/// names, or `None` (the connection is dropped, logged) when it sends none
+/// in time or a malformed one.
+async fn read_proxy_header(
+    state: &AppState,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<(TcpStream, SocketAddr)> {
+    let header = proxy::read_proxy_header(&mut tcp, peer);
+    match tokio::time::timeout(state.config.handshake_timeout, header).await {
+        Ok(Ok(client)) => Some((tcp, client)),
+        Ok(Err(err)) => {
+            debug!(%peer, %err, "PROXY protocol header refused");
+            None
+        }
+        Err(_) => {
+            metrics::bump(&state.node.counters().closed_handshake_timeout);
+            debug!(%peer, "no PROXY protocol header in time");
+            None
+        }
+    }
+}
+
+/// Why a connection is answered before its request is even read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its address already has --max-handshakes-per-ip connections not yet upgraded.
+    TooManyHandshakes,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+impl Refusal {
+    /// The whole HTTP response: status, `Retry-After` and a one-line reason.
+    fn response(self) -> Vec<u8> {
+        let (status, retry_after, reason) = match self {
+            Refusal::TooManyHandshakes => (
+                StatusCode::TOO_MANY_REQUESTS,
+                upgrade::RETRY_AFTER_BUSY,
+                "too many connections being opened from this address; retry later",
+            ),
+            Refusal::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                upgrade::RETRY_AFTER_UNAVAILABLE,
+                "server is shutting down; retry later or elsewhere",
+            ),
+        };
+        format!(
+            "HTTP/1.1 {status}\r\nRetry-After: {retry_after}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",
+            reason.len() + 1
+        )
+        .into_bytes()
+    }
+}
+
+/// How long a refused connection may take to receive its answer (and, with
+/// TLS, to complete the TLS handshake first).
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers a connection refused before HTTP with a fixed response and
+/// closes it gracefully, in a task of its own: a client gets a status it
+/// can act on (and a `Retry-After`) instead of a bare FIN or reset.
+///
+/// At most `--max-handshakes` refusals are in flight; past that a
+/// connection is dropped unanswered, so a flood cannot turn refusals into
+/// unbounded work.
+fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Refusal) {
+    let Ok(permit) = state.refusals.clone().try_acquire_owned() else {
+        debug!(%peer, ?why, "too many refusals in flight; dropped unanswered");
+        return;
+    };
+    let tls = state.tls.clone();
+    // Not tracked with the sessions: refusals during shutdown must not
+    // hold it up, and each ends on its own within a few seconds.
+    tokio::spawn(async move {
+        let _permit = permit;
+        let response = why.response();
+        let answer = async {
+            match tls {
+                None => answer_and_close(tcp, &response).await,
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(tcp).await {
+                        answer_and_close(stream, &response).await;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT + close::LINGER, answer).await;
+    });
+}
+
+/// Writes `response` and closes without a reset: the request the client
+/// has sent meanwhile is drained, not left unread.
+async fn answer_and_close<IO>(mut io: IO, response: &[u8])
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    if let Ok(Ok(())) = tokio::time::timeout(REFUSAL_TIMEOUT, io.write_all(response)).await {
+        close::linger(&mut io, REFUSAL_TIMEOUT).await;
     }
 }
 
@@ -470,16 +640,50 @@ fn hub_config(config: &Config) -> HubConfig {
 /// A connection is plain HTTP until it upgrades (the future then
 /// completes); as such it gets `handshake_timeout` in all, so slowloris
 /// clients and idle keep-alives cannot pile up.
-async fn serve_http<IO>(state: AppState, app: axum::Router, io: IO, peer: SocketAddr)
-where
+///
+/// With `proxies`, each request's client address is what a trusted proxy
+/// says it is (see [`TrustedProxies::client_addr`]); otherwise `peer`.
+async fn serve_http<IO>(
+    state: AppState,
+    app: axum::Router,
+    io: IO,
+    peer: SocketAddr,
+    proxies: Option<Arc<TrustedProxies>>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(PeerAddr(peer));
-        app.clone().call(request)
+        let client = match &proxies {
+            Some(proxies) => proxies.client_addr(peer, request.headers()),
+            None => peer,
+        };
+        request.extensions_mut().insert(PeerAddr(client));
+        let publishing =
+            request.method() == http::Method::POST && request.uri().path() == "/api/publish";
+        let response = app.clone().call(request);
+        async move {
+            let mut response = response.await?;
+            // No keep-alive: an idle HTTP connection would hold this
+            // address's handshake slots until the handshake timeout. Only a
+            // backend that published with the API key keeps its connection
+            // (for --handshake-timeout), since publishing one message per
+            // connection would cost it a TCP handshake and a TIME_WAIT each.
+            let status = response.status();
+            let keep =
+                status == StatusCode::SWITCHING_PROTOCOLS || (publishing && status.is_success());
+            if !keep {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
+        // Past it hyper answers 431 and closes.
+        .max_header_size(state.config.max_request_head as usize)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
@@ -575,7 +779,15 @@ impl ConnectParams {
             user_id: None,
             subscriptions: Vec::new(),
         };
-        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        for pair in query.unwrap_or_default().split('&') {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            // Lossy decoding would map %ff and %fe both to U+FFFD, so two
+            // different ids would be one user: invalid UTF-8 is refused.
+            let (Some(key), Some(value)) =
+                (decode_query_component(key), decode_query_component(value))
+            else {
+                return Err("the query is not percent-encoded UTF-8".into());
+            };
             match &*key {
                 "user" => {
                     let valid = !value.is_empty()
@@ -599,6 +811,34 @@ impl ConnectParams {
         }
         Ok(params)
     }
+}
+
+/// One `application/x-www-form-urlencoded` name or value, decoded: `+` is
+/// a space and `%XX` a byte. `None` when the bytes are not UTF-8 (a `%`
+/// not followed by two hex digits stays as it is, as browsers do).
+fn decode_query_component(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !raw.contains(['%', '+']) {
+        return Some(raw.into());
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match bytes[i] {
+            b'+' => decoded.push(b' '),
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(high), Some(low)) => {
+                    decoded.push((high * 16 + low) as u8);
+                    i += 2;
+                }
+                _ => decoded.push(b'%'),
+            },
+            byte => decoded.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(decoded).ok().map(Into::into)
 }
 
 /// The verified identity of an upgrade request, `None` in insecure mode,
@@ -707,12 +947,19 @@ async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) 
                 }
             }
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_)))) => {
-                let close = ws.close(Some(CloseReason::MESSAGE_TOO_BIG.frame()));
+            Ok(Some(Err(err))) => {
+                let Some(reason) = CloseReason::for_read_error(&err) else {
+                    return connection::flush_rest(&mut ws, config.write_timeout).await;
+                };
+                // Nothing more can be read (the rest of a broken or oversized
+                // message may still be on the wire): say why, then drain so
+                // the close is not lost to a reset.
+                debug!(%err, code = reason.code, "closing /echo");
+                let close = ws.close(Some(reason.frame()));
                 let _ = tokio::time::timeout(config.write_timeout, close).await;
-                return;
+                return close::linger(ws.get_mut(), close::LINGER).await;
             }
-            Ok(None) | Ok(Some(Err(_))) => {
+            Ok(None) => {
                 // The answer to a client's close may not be out yet.
                 return connection::flush_rest(&mut ws, config.write_timeout).await;
             }

@@ -24,6 +24,10 @@ pub enum UpgradeError {
     /// 400: the Sec-WebSocket-Key header is missing.
     #[error("missing Sec-WebSocket-Key header")]
     MissingKey,
+    /// 400: the Sec-WebSocket-Key is not the base64 of 16 bytes (RFC 6455
+    /// §4.2.1 item 5).
+    #[error("Sec-WebSocket-Key must be the base64 encoding of 16 bytes")]
+    InvalidKey,
     /// 500: the HTTP connection cannot be taken over (not HTTP/1.1).
     #[error("connection cannot be upgraded")]
     NotUpgradable,
@@ -46,7 +50,7 @@ impl UpgradeError {
             UpgradeError::NotWebSocket | UpgradeError::UnsupportedVersion => {
                 StatusCode::UPGRADE_REQUIRED
             }
-            UpgradeError::MissingKey => StatusCode::BAD_REQUEST,
+            UpgradeError::MissingKey | UpgradeError::InvalidKey => StatusCode::BAD_REQUEST,
             UpgradeError::NotUpgradable => StatusCode::INTERNAL_SERVER_ERROR,
             UpgradeError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpgradeError::OriginNotAllowed => StatusCode::FORBIDDEN,
@@ -55,9 +59,25 @@ impl UpgradeError {
     }
 }
 
+/// `Retry-After` seconds when the server is busy for a moment (too many
+/// handshakes at once): clients should come back soon, with jitter.
+pub const RETRY_AFTER_BUSY: u32 = 1;
+/// `Retry-After` seconds when the server or this address is full, or the
+/// server is shutting down.
+pub const RETRY_AFTER_UNAVAILABLE: u32 = 5;
+
 impl IntoResponse for UpgradeError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), format!("{self}\n")).into_response();
+        if matches!(
+            self,
+            UpgradeError::Unavailable | UpgradeError::TooManyFromAddress
+        ) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(RETRY_AFTER_UNAVAILABLE),
+            );
+        }
         if self.status() == StatusCode::UPGRADE_REQUIRED {
             let headers = response.headers_mut();
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -77,6 +97,18 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|item| item.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether `key` is the base64 of 16 bytes, as RFC 6455 requires of a
+/// Sec-WebSocket-Key (24 characters, the last two `==`).
+fn is_valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    let mut nonce = [0u8; 18];
+    key.len() == 24
+        && matches!(
+            base64::engine::general_purpose::STANDARD.decode_slice(key, &mut nonce),
+            Ok(16)
+        )
 }
 
 /// Checks a WebSocket upgrade request and builds the 101 response; the
@@ -104,6 +136,9 @@ pub fn accept(request: &mut Request) -> Result<(Response, OnUpgrade), UpgradeErr
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .ok_or(UpgradeError::MissingKey)?;
+    if !is_valid_key(key.as_bytes()) {
+        return Err(UpgradeError::InvalidKey);
+    }
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = request
         .extensions_mut()

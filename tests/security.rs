@@ -71,7 +71,7 @@ async fn connections_per_address_are_capped_with_429() {
 }
 
 #[tokio::test]
-async fn a_frame_flood_gets_rate_limited_then_closed_with_1008() {
+async fn a_frame_flood_gets_rate_limited_then_closed_with_4002() {
     let server = TestServer::start(Config {
         // Slow enough that no token comes back during the test.
         rate_limit: 0.2,
@@ -111,7 +111,7 @@ async fn a_frame_flood_gets_rate_limited_then_closed_with_1008() {
         }
     };
     assert!(
-        matches!(closed, ClientError::Closed { code: 1008, .. }),
+        matches!(closed, ClientError::Closed { code: 4002, .. }),
         "{closed:?}"
     );
     assert_eq!(
@@ -122,6 +122,68 @@ async fn a_frame_flood_gets_rate_limited_then_closed_with_1008() {
     let counters = server.node.counters().snapshot();
     assert_eq!(counters.closed_rate_limit, 1);
     assert!(counters.rate_limited_frames > 5, "{counters:?}");
+}
+
+#[tokio::test]
+async fn a_steady_flood_that_gets_a_frame_through_now_and_then_is_still_closed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start(Config {
+        rate_limit: 100.0,
+        rate_burst: 50,
+        ..config()
+    })
+    .await;
+    let (ws, _) = tokio_tungstenite::connect_async(server.url())
+        .await
+        .unwrap();
+    let (mut sink, mut stream) = ws.split();
+    // One frame a millisecond: a token comes back every tenth frame, so
+    // refusals never run more than ~10 in a row.
+    let flood = tokio::spawn(async move {
+        let frame = Frame::new(opcode::ECHO, "flood").encode();
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        // No catching up in bursts after a stall: a steady stream.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        for _ in 0..20_000 {
+            tick.tick().await;
+            if sink.send(Message::Binary(frame.clone())).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (mut echoes, mut refusals) = (0u32, 0u32);
+    let close = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(Message::Binary(data)) => match Frame::decode(data).unwrap().opcode {
+                    opcode::ECHO => echoes += 1,
+                    opcode::ERROR => refusals += 1,
+                    _ => {}
+                },
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("the flooder was closed");
+    flood.abort();
+    assert_eq!(close, Some(4002));
+    assert!(echoes > 50, "frames within the limit were served: {echoes}");
+    let refused = server.node.counters().snapshot().rate_limited_frames;
+    assert!(
+        u64::from(refusals) < refused,
+        "not every refusal costs an error frame: {refusals} of {refused}"
+    );
+    assert!(
+        refusals <= 2 * wsproto::rate::REPLIES_PER_WINDOW,
+        "{refusals}"
+    );
+    server.wait_for_sessions(0).await;
+    assert_eq!(server.node.counters().snapshot().closed_rate_limit, 1);
 }
 
 #[tokio::test]
@@ -183,17 +245,18 @@ async fn one_address_cannot_hold_every_handshake_slot() {
     // Two idle connections from one address hold its share...
     let _idle = [connect_from(local).await, connect_from(local).await];
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // ...so a third from it is closed without an answer,
+    // ...so a third from it is answered 429 with Retry-After and closed
+    // cleanly (no reset), before its request is even read,
     let mut third = connect_from(local).await;
     let _ = third
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await;
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer)).await;
-    assert!(
-        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-        "closed at once, got {answer:?}"
-    );
+    assert!(matches!(read, Ok(Ok(_))), "closed cleanly: {read:?}");
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 429"), "{answer}");
+    assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
     assert_eq!(
         server
             .node

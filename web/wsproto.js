@@ -534,8 +534,9 @@ export class WsprotoClient extends EventTarget {
    * @param {string} url e.g. `ws://host/ws?user=alice`
    * @param {object} [options]
    * @param {boolean} [options.reconnect=true]
-   * @param {number} [options.minDelayMs=500]   first reconnect delay
-   * @param {number} [options.maxDelayMs=10000] reconnect delay cap
+   * @param {number} [options.minDelayMs=500]   first reconnect window (delays
+   *   are random in [0, window], the window doubling per attempt)
+   * @param {number} [options.maxDelayMs=10000] reconnect window cap
    * @param {number} [options.heartbeatMs=15000] PING period; 0 disables the
    *   heartbeat and the watchdog (which drops a socket silent for 2.5 periods)
    * @param {number} [options.requestTimeoutMs=10000] default request timeout
@@ -940,12 +941,18 @@ export class WsprotoClient extends EventTarget {
     for (const w of waiters) w.reject(err);
   }
 
-  /** Exponential back-off with "equal jitter": a random delay in [d/2, d]. */
+  /**
+   * Exponential back-off with "full jitter": a random delay in [0, d], d
+   * doubling per attempt from minDelayMs up to maxDelayMs. After a server
+   * restart every client reconnects at once; full jitter spreads them over
+   * the whole window instead of sending them back in waves (as the Rust
+   * client's `wsproto_client::backoff::Backoff` does).
+   */
   _scheduleReconnect() {
     this._attempt += 1;
     const { minDelayMs, maxDelayMs } = this.options;
     const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** (this._attempt - 1));
-    const delayMs = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+    const delayMs = Math.round(Math.random() * ceiling);
     this._reconnectTimer = setTimeout(() => this._connect(), delayMs);
     return { delayMs, attempt: this._attempt };
   }

@@ -1,6 +1,7 @@
 //! The wsproto client: an async [`Client`] for the opcode protocol, and the
 //! payload [`schema`] helpers the `wsproto-client` CLI is built from.
 
+pub mod backoff;
 pub mod client;
 pub mod http;
 pub mod schema;

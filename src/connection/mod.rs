@@ -15,10 +15,7 @@ use std::{sync::Arc, time::Duration};
 use futures_util::StreamExt;
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::{
-    tungstenite::{error::Error as WsError, Message},
-    WebSocketStream,
-};
+use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use wsproto_proto::v1;
@@ -28,7 +25,7 @@ use crate::{
     error::ErrorCode,
     frame::{Frame, Preview},
     metrics, opcode,
-    rate::TokenBucket,
+    rate::{RateLimit, Verdict},
     router::Router,
     session::{Registration, Session},
     topic::Topic,
@@ -77,11 +74,10 @@ pub(crate) async fn run<S>(
     let mut writer_ended = None;
 
     let queue = session.queue().clone();
-    let mut limiter = TokenBucket::new(config.rate_limit, config.rate_burst);
-    // Frames refused in a row; past another burst of them the session goes.
-    let mut over_limit = 0u32;
+    let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
     let mut handled_in_a_row = 0u32;
     let mut close_deadline: Option<tokio::time::Instant> = None;
+    let mut linger = false;
     let expiry_of = |session: &Session| {
         session
             .identity()
@@ -116,18 +112,19 @@ pub(crate) async fn run<S>(
         };
         match message {
             None => break,
-            Some(Err(WsError::Capacity(err))) => {
-                debug!(session = %session.id(), %err, "message over the size limit");
-                queue.close(CloseReason::MESSAGE_TOO_BIG);
-                // The rest of the oversized message is still on the wire, so
-                // nothing more can be read; let the writer send the close.
+            Some(Err(err)) => {
+                debug!(session = %session.id(), %err, "read failed");
+                let Some(reason) = CloseReason::for_read_error(&err) else {
+                    break;
+                };
+                queue.close(reason);
+                // The rest of a broken or oversized message may still be on
+                // the wire, so nothing more can be read; let the writer send
+                // the close, and drain at the end so no reset destroys it.
                 if let Ok(ended) = tokio::time::timeout(config.write_timeout, &mut writer).await {
                     writer_ended = Some(ended.ok());
                 }
-                break;
-            }
-            Some(Err(err)) => {
-                debug!(session = %session.id(), %err, "read failed");
+                linger = true;
                 break;
             }
             Some(Ok(message)) => {
@@ -136,16 +133,19 @@ pub(crate) async fn run<S>(
                     // Closing: wait for the client's close, act on nothing else.
                     continue;
                 }
-                if (message.is_binary() || message.is_text()) && !limiter.take() {
-                    over_limit += 1;
+                let verdict = match message.is_binary() || message.is_text() {
+                    true => limiter.check(),
+                    false => Verdict::Allow,
+                };
+                if verdict != Verdict::Allow {
                     metrics::bump(&session.node().counters().rate_limited_frames);
-                    refuse_over_limit(&session, &message, config.rate_limit);
-                    if over_limit > config.rate_burst {
+                    if verdict == (Verdict::Refuse { reply: true }) {
+                        refuse_over_limit(&session, &message, config.rate_limit);
+                    } else if verdict == Verdict::Close {
                         queue.close(CloseReason::RATE_LIMITED);
                     }
                     continue;
                 }
-                over_limit = 0;
                 // A handler that never finishes must not outlive the session.
                 session.set_handling(true);
                 tokio::select! {
@@ -190,6 +190,9 @@ pub(crate) async fn run<S>(
         Box::pin(async move {
             if let Ok(mut ws) = stream.reunite(sink) {
                 flush_rest(&mut ws, last_flush).await;
+                if linger {
+                    crate::close::linger(ws.get_mut(), crate::close::LINGER).await;
+                }
             }
         })
         .await;

@@ -201,3 +201,54 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> String 
     tcp.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// Opens a WebSocket to `/ws` at `addr` from the local
+/// address `source`, first sending `preamble` (e.g. a PROXY protocol
+/// header), then an upgrade with `headers`; returns the client address the
+/// server reports in GET_INFO, or the HTTP status it refused the upgrade with.
+pub async fn remote_addr_seen(
+    addr: SocketAddr,
+    source: &str,
+    headers: &[(&str, &str)],
+    preamble: &[u8],
+) -> Result<String, u16> {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error, Message};
+    use wsproto::{opcode, proto::v1, Frame};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    tcp.write_all(preamble).await.unwrap();
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let mut ws = match tokio_tungstenite::client_async(request, tcp).await {
+        Ok((ws, _)) => ws,
+        Err(Error::Http(response)) => return Err(response.status().as_u16()),
+        Err(err) => panic!("{err}"),
+    };
+    let get_info = Frame::new(opcode::GET_INFO, bytes::Bytes::new()).encode();
+    ws.send(Message::Binary(get_info)).await.unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("GET_INFO answered in time")
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(data) = message {
+            let frame = Frame::decode(data).unwrap();
+            if frame.opcode == opcode::GET_INFO {
+                let info = v1::Info::decode(frame.payload).unwrap();
+                return Ok(info.session.unwrap().remote_addr);
+            }
+        }
+    }
+}

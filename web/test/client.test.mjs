@@ -174,7 +174,7 @@ test('after a drop the client reconnects and replays topics and rooms', async ()
   assert.deepEqual(await closed, { code: 1001, reason: 'server shutting down', wasClean: true });
   const { delayMs, attempt } = await reconnecting;
   assert.equal(attempt, 1);
-  assert.ok(delayMs >= 2 && delayMs <= 5, `delay ${delayMs}`);
+  assert.ok(delayMs >= 0 && delayMs <= 5, `delay ${delayMs}`);
   await assert.rejects(inFlight, { code: 'CLOSED' });
 
   await tick(10);
@@ -199,7 +199,22 @@ test('back-off grows up to maxDelayMs while connects fail', async () => {
   c.close();
   assert.deepEqual(delays.map((d) => d.attempt), [1, 2, 3, 4, 5]);
   const ceilings = [4, 8, 16, 16, 16];
-  delays.forEach(({ delayMs }, i) => assert.ok(delayMs >= ceilings[i] / 2 && delayMs <= ceilings[i], `${i}: ${delayMs}`));
+  // Full jitter: anywhere in [0, window].
+  delays.forEach(({ delayMs }, i) => assert.ok(delayMs >= 0 && delayMs <= ceilings[i], `${i}: ${delayMs}`));
+});
+
+test('reconnect delays use full jitter: spread over the whole window', () => {
+  const c = client({ minDelayMs: 1000, maxDelayMs: 1000, reconnect: false });
+  const delays = [];
+  for (let i = 0; i < 400; i++) {
+    delays.push(c._scheduleReconnect().delayMs);
+    clearTimeout(c._reconnectTimer);
+  }
+  c._reconnectTimer = null;
+  c.close();
+  assert.ok(delays.every((d) => d >= 0 && d <= 1000));
+  assert.ok(delays.some((d) => d < 250), 'short delays too, not only [d/2, d]');
+  assert.ok(delays.some((d) => d > 750));
 });
 
 test('heartbeat sends PING and a silent socket is dropped and replaced', async () => {
