@@ -1,0 +1,181 @@
+//! What a run counts and shows: operation and error counts, latency
+//! histograms, the progress line and the printed summary.
+
+use std::{
+    io::IsTerminal,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+/// Counts shared by a run's tasks.
+#[derive(Default)]
+pub(super) struct Stats {
+    pub(super) ops: AtomicU64,
+    pub(super) errors: AtomicU64,
+    pub(super) latencies: Latencies,
+}
+
+impl Stats {
+    /// A connection that ended early.
+    pub(super) fn fail(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Something with a running count, for the progress line.
+pub(super) trait Counted: Send + Sync {
+    fn count(&self) -> u64;
+}
+
+impl Counted for Stats {
+    fn count(&self) -> u64 {
+        self.ops.load(Ordering::Relaxed)
+    }
+}
+
+/// Latency histograms, sharded so concurrent connections rarely share a lock.
+pub(super) struct Latencies {
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Default for Latencies {
+    fn default() -> Latencies {
+        let histogram = || Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+        Latencies {
+            shards: (0..16).map(|_| Mutex::new(histogram())).collect(),
+        }
+    }
+}
+
+impl Latencies {
+    pub(super) fn record(&self, index: usize, latency: Duration) {
+        let nanos = (latency.as_nanos() as u64).clamp(1, 60_000_000_000);
+        let mut shard = self.shards[index % self.shards.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let _ = shard.record(nanos);
+    }
+
+    /// Adds p50/p90/p99/p99.9 in µs to `report`.
+    pub(super) fn report_into(&self, report: &mut serde_json::Value) {
+        let mut all =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+        for shard in &self.shards {
+            let _ = all.add(&*shard.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        for (key, quantile) in [
+            ("p50_us", 0.5),
+            ("p90_us", 0.9),
+            ("p99_us", 0.99),
+            ("p999_us", 0.999),
+        ] {
+            let micros = match all.is_empty() {
+                true => serde_json::Value::Null,
+                false => json!(all.value_at_quantile(quantile) as f64 / 1000.0),
+            };
+            report[key] = micros;
+        }
+    }
+}
+
+/// A one-line progress display on stderr, when it is a terminal.
+pub(super) struct Progress {
+    label: &'static str,
+    enabled: bool,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub(super) fn new(label: &'static str) -> Progress {
+        Progress {
+            label,
+            enabled: std::io::stderr().is_terminal(),
+            ticker: None,
+        }
+    }
+
+    /// Shows the running count of `counted` once a second for `duration`.
+    pub(super) fn ticking(
+        label: &'static str,
+        counted: Arc<dyn Counted>,
+        duration: Duration,
+    ) -> Progress {
+        let mut progress = Progress::new(label);
+        if progress.enabled {
+            progress.ticker = Some(tokio::spawn(async move {
+                let started = Instant::now();
+                let mut ticks = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    ticks.tick().await;
+                    eprint!(
+                        "\r{label}: {:.0}/{:.0} s, {} so far ",
+                        started.elapsed().as_secs_f64().min(duration.as_secs_f64()),
+                        duration.as_secs_f64(),
+                        counted.count()
+                    );
+                }
+            }));
+        }
+        progress
+    }
+
+    pub(super) fn show(&self, what: std::fmt::Arguments<'_>) {
+        if self.enabled {
+            eprint!("\r{}: {what} ", self.label);
+        }
+    }
+
+    pub(super) fn done(&self) {
+        if let Some(ticker) = &self.ticker {
+            ticker.abort();
+        }
+        if self.enabled {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+pub(super) fn print_summary(report: &serde_json::Value) {
+    let number = |key: &str| report[key].as_f64().unwrap_or(f64::NAN);
+    let latency = || {
+        format!(
+            "latency p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+            number("p50_us"),
+            number("p90_us"),
+            number("p99_us"),
+            number("p999_us")
+        )
+    };
+    match report["mode"].as_str() {
+        Some("echo") => println!(
+            "echo: {} connections × depth {}, {} B payloads, {:.1} s\n  {:.0} round trips/s ({} in all, {} errors)\n  {}",
+            report["connected"], report["depth"], report["size"], number("duration_s"),
+            number("ops_per_s"), report["ops"], report["errors"], latency()
+        ),
+        Some("fanout") => println!(
+            "fanout: {} subscribers, {} B messages, rate {}, {:.1} s\n  {:.0} deliveries/s; {} published, {} expected, {} received, {} lost, {} errors\n  {}",
+            report["connected"], report["size"],
+            report["rate"].as_f64().map_or("max".to_owned(), |r| format!("{r}/s")),
+            number("duration_s"), number("deliveries_per_s"), report["published"],
+            report["expected"], report["received"], report["lost"], report["errors"], latency()
+        ),
+        _ => {
+            println!(
+                "connections: {} of {} held (open-file limit {})",
+                report["held"], report["conns"], report["fd_limit"]
+            );
+            if let Some(bytes) = report["bytes_per_conn"].as_f64() {
+                println!(
+                    "  server RSS {} → {} bytes: {:.0} bytes per connection",
+                    report["rss_before_bytes"], report["rss_after_bytes"], bytes
+                );
+            }
+        }
+    }
+}
