@@ -82,6 +82,18 @@ impl Connector {
         })
     }
 
+    /// A connector like this one (credentials, role, buffers) to another
+    /// server, e.g. another node of a cluster.
+    ///
+    /// # Errors
+    /// When `url` is not `ws://…` or its host does not resolve.
+    pub(super) async fn to(&self, url: &str) -> anyhow::Result<Connector> {
+        let mut other = Connector::new(url, self.token.as_deref(), self.raw).await?;
+        other.sources.clone_from(&self.sources);
+        other.config = self.config;
+        Ok(other)
+    }
+
     /// The URL with its path replaced (the baseline's `/sub` and `/pub`).
     pub(super) fn url_with_path(&self, path: &str) -> String {
         let after_scheme = self.url.find("://").map_or(0, |i| i + 3);

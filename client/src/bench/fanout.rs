@@ -1,5 +1,11 @@
 //! `bench fanout`: one publisher, many subscribers of one topic;
 //! deliveries a second, losses and publish-to-delivery latency.
+//!
+//! Subscribers may be spread over several servers (`--sub-url`, round
+//! robin) and the publisher put on another (`--pub-url`), which is how a
+//! cluster is measured: subscribers on two nodes, publishing on a third.
+//! The report then counts deliveries and losses per subscriber URL, so a
+//! node that receives nothing shows up as that node's loss.
 
 use std::{
     sync::{
@@ -43,11 +49,23 @@ pub(super) struct FanoutArgs {
     /// Messages in flight with `--rate max`.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     window: u64,
+    /// Servers the subscribers connect to, spread round robin (repeat the
+    /// option or separate URLs with commas). Default: --url (its `/sub`
+    /// path with --raw).
+    #[arg(long = "sub-url", value_name = "URL", value_delimiter = ',')]
+    sub_urls: Vec<String>,
+    /// Where the publisher publishes: `ws://…` for PUBLISH frames (the
+    /// baseline's `/pub` with --raw), `http://…/api/publish` for the HTTP
+    /// publish API. Default: --url (its `/pub` path with --raw, its
+    /// `/api/publish` with --via http).
+    #[arg(long, value_name = "URL")]
+    pub_url: Option<String>,
     /// Topic to publish to (the server must allow clients to publish there,
     /// e.g. `--client-publish 'bench.#'`, unless --via http).
     #[arg(long, default_value = "bench.fanout")]
     topic: String,
-    /// How the publisher publishes: PUBLISH frames or the HTTP publish API.
+    /// How the publisher publishes: PUBLISH frames or the HTTP publish API
+    /// (an `http://` --pub-url implies `http`).
     #[arg(long, value_enum, default_value_t = Via::Ws)]
     via: Via,
     /// Key of the HTTP publish API (with --via http).
@@ -87,27 +105,37 @@ pub(super) async fn run(
     ramp: u32,
     args: FanoutArgs,
 ) -> anyhow::Result<serde_json::Value> {
-    if connector.raw && args.via == Via::Http {
-        bail!("--via http needs a wsproto server (the baseline has no publish API)");
-    }
-    let sub_url = match connector.raw {
-        true => connector.url_with_path("/sub"),
-        false => connector.url.clone(),
+    let pub_url = publish_url(connector, &args)?;
+    let sub_urls = match args.sub_urls.is_empty() {
+        true => vec![match connector.raw {
+            true => connector.url_with_path("/sub"),
+            false => connector.url.clone(),
+        }],
+        false => args.sub_urls.clone(),
     };
+    let mut sub_connectors = Vec::with_capacity(sub_urls.len());
+    for url in &sub_urls {
+        sub_connectors.push(Arc::new(connector.to(url).await?));
+    }
     let topic = args.topic.clone();
     let (subscribers, failed, first_error) = connect_all(args.subs, ramp, |index| {
-        let (connector, url, topic) = (connector.clone(), sub_url.clone(), topic.clone());
+        let group = index % sub_connectors.len();
+        let (connector, topic) = (sub_connectors[group].clone(), topic.clone());
         async move {
-            let mut ws = connector.connect(&url, index).await?;
+            let mut ws = connector.connect(&connector.url, index).await?;
             if !connector.raw {
                 subscribe(&mut ws, &topic).await?;
             }
-            Ok(ws)
+            Ok((group, ws))
         }
     })
     .await;
     check_connected(args.subs, subscribers.len(), first_error)?;
     let subs = subscribers.len() as u64;
+    let mut subs_by_url = vec![0u64; sub_urls.len()];
+    for (group, _) in &subscribers {
+        subs_by_url[*group] += 1;
+    }
     // The baseline subscribes a connection just after its handshake.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -117,13 +145,21 @@ pub(super) async fn run(
         epoch: Instant::now(),
         delivered: Notify::new(),
         last_delivery_ns: AtomicU64::new(0),
+        received_by_url: sub_urls.iter().map(|_| AtomicU64::new(0)).collect(),
     });
     let mut readers = JoinSet::new();
-    for (index, ws) in subscribers.into_iter().enumerate() {
-        readers.spawn(fanout_reader(ws, shared.clone(), connector.raw, index));
+    for (index, (group, ws)) in subscribers.into_iter().enumerate() {
+        readers.spawn(fanout_reader(
+            ws,
+            shared.clone(),
+            connector.raw,
+            index,
+            group,
+        ));
     }
 
-    let mut publisher = Publisher::connect(connector, &args, shared.clone()).await?;
+    let mut publisher =
+        Publisher::connect(connector, &pub_url, args.api_key.as_deref(), shared.clone()).await?;
     let progress = Progress::ticking("fanout", shared.clone(), args.duration);
     let started = Instant::now();
     let deadline = started + args.duration;
@@ -195,6 +231,20 @@ pub(super) async fn run(
 
     let received = shared.stats.ops.load(Ordering::Relaxed);
     let last_delivery = Duration::from_nanos(shared.last_delivery_ns.load(Ordering::Relaxed));
+    let by_url: Vec<serde_json::Value> = sub_urls
+        .iter()
+        .zip(&subs_by_url)
+        .zip(&shared.received_by_url)
+        .map(|((url, &subs), received)| {
+            let received = received.load(Ordering::Relaxed);
+            json!({
+                "url": url,
+                "subs": subs,
+                "received": received,
+                "lost": (published * subs).saturating_sub(received),
+            })
+        })
+        .collect();
     let span = last_delivery
         .saturating_sub(started - shared.epoch)
         .max(publishing)
@@ -212,6 +262,8 @@ pub(super) async fn run(
         "deliveries_per_s": received as f64 / span,
         "errors": shared.stats.errors.load(Ordering::Relaxed) + failed as u64,
         "connected": subs,
+        "pub_url": pub_url,
+        "by_url": by_url,
     });
     shared.stats.latencies.report_into(&mut report);
     Ok(report)
@@ -226,6 +278,28 @@ struct Fanout {
     /// Signalled each time another `subs` deliveries have arrived.
     delivered: Notify,
     last_delivery_ns: AtomicU64,
+    /// Deliveries to the subscribers of each --sub-url, in order.
+    received_by_url: Vec<AtomicU64>,
+}
+
+/// Where `args` says to publish: --pub-url, or what --url and --via imply.
+fn publish_url(connector: &Connector, args: &FanoutArgs) -> anyhow::Result<String> {
+    let url = match (&args.pub_url, args.via) {
+        (Some(url), _) => url.clone(),
+        (None, Via::Http) => connector
+            .url_with_path("/api/publish")
+            .replacen("ws://", "http://", 1),
+        (None, Via::Ws) if connector.raw => connector.url_with_path("/pub"),
+        (None, Via::Ws) => connector.url.clone(),
+    };
+    let http = url.starts_with("http://");
+    if args.via == Via::Http && !http {
+        bail!("--via http needs an http:// --pub-url, got {url}");
+    }
+    if connector.raw && http {
+        bail!("publishing over HTTP needs a wsproto server (the baseline has no publish API)");
+    }
+    Ok(url)
 }
 
 /// Sequence number and send time (in hex), padded to `size` bytes: text,
@@ -263,7 +337,7 @@ async fn subscribe(ws: &mut Ws, topic: &str) -> anyhow::Result<()> {
 }
 
 /// One subscriber of `fanout`: counts deliveries and records their latency.
-async fn fanout_reader(mut ws: Ws, shared: Arc<Fanout>, raw: bool, index: usize) {
+async fn fanout_reader(mut ws: Ws, shared: Arc<Fanout>, raw: bool, index: usize, group: usize) {
     while let Some(Ok(message)) = ws.next().await {
         let Message::Binary(bytes) = message else {
             continue;
@@ -290,6 +364,7 @@ async fn fanout_reader(mut ws: Ws, shared: Arc<Fanout>, raw: bool, index: usize)
         shared
             .last_delivery_ns
             .fetch_max(now.as_nanos() as u64, Ordering::Relaxed);
+        shared.received_by_url[group].fetch_add(1, Ordering::Relaxed);
         let received = shared.stats.ops.fetch_add(1, Ordering::Relaxed) + 1;
         if received % shared.subs == 0 {
             shared.delivered.notify_one();
@@ -314,24 +389,24 @@ enum Publisher {
 }
 
 impl Publisher {
+    /// Connects to `url` (from [`publish_url`]): the HTTP publish API for
+    /// `http://`, a WebSocket otherwise.
     async fn connect(
-        connector: &Arc<Connector>,
-        args: &FanoutArgs,
+        connector: &Connector,
+        url: &str,
+        api_key: Option<&str>,
         shared: Arc<Fanout>,
     ) -> anyhow::Result<Publisher> {
-        if args.via == Via::Http {
-            let key = args.api_key.clone().context("--via http needs --api-key")?;
-            let url = connector
-                .url_with_path("/api/publish")
-                .replacen("ws://", "http://", 1);
-            let connection = KeepAlive::connect(&url).await?;
-            return Ok(Publisher::Http { connection, key });
+        if url.starts_with("http://") {
+            let key = api_key.context("publishing over HTTP needs --api-key")?;
+            let connection = KeepAlive::connect(url).await?;
+            return Ok(Publisher::Http {
+                connection,
+                key: key.to_owned(),
+            });
         }
-        let url = match connector.raw {
-            true => connector.url_with_path("/pub"),
-            false => connector.url.clone(),
-        };
-        let ws = connector.connect(&url, 0).await?;
+        let connector = connector.to(url).await?;
+        let ws = connector.connect(url, 0).await?;
         let (sink, mut stream) = ws.split();
         // Replies are read so the server never sees a stalled publisher;
         // an ERROR (no permission to publish, rate limited) is counted.

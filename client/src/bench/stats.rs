@@ -158,13 +158,27 @@ pub(super) fn print_summary(report: &serde_json::Value) {
             report["connected"], report["depth"], report["size"], number("duration_s"),
             number("ops_per_s"), report["ops"], report["errors"], latency()
         ),
-        Some("fanout") => println!(
-            "fanout: {} subscribers, {} B messages, rate {}, {:.1} s\n  {:.0} deliveries/s; {} published, {} expected, {} received, {} lost, {} errors\n  {}",
-            report["connected"], report["size"],
-            report["rate"].as_f64().map_or("max".to_owned(), |r| format!("{r}/s")),
-            number("duration_s"), number("deliveries_per_s"), report["published"],
-            report["expected"], report["received"], report["lost"], report["errors"], latency()
-        ),
+        Some("fanout") => {
+            println!(
+                "fanout: {} subscribers, {} B messages, rate {}, {:.1} s\n  {:.0} deliveries/s; {} published, {} expected, {} received, {} lost, {} errors\n  {}",
+                report["connected"], report["size"],
+                report["rate"].as_f64().map_or("max".to_owned(), |r| format!("{r}/s")),
+                number("duration_s"), number("deliveries_per_s"), report["published"],
+                report["expected"], report["received"], report["lost"], report["errors"], latency()
+            );
+            let by_url = report["by_url"].as_array().map_or(&[][..], Vec::as_slice);
+            if by_url.len() > 1 {
+                for group in by_url {
+                    println!(
+                        "  {}: {} subscribers, {} received, {} lost",
+                        group["url"].as_str().unwrap_or("?"),
+                        group["subs"],
+                        group["received"],
+                        group["lost"]
+                    );
+                }
+            }
+        }
         _ => {
             println!(
                 "connections: {} of {} held (open-file limit {})",
