@@ -18,6 +18,14 @@
 #             1 with QUICK=1); the report shows each server's median
 #   OUT       the report (default benches/results/latest.md); the raw JSON
 #             lines go next to it, in ${OUT%.md}.jsonl
+#   BIN       a directory holding already-built release binaries to use
+#             instead of building (wsproto-server, wsproto-client,
+#             baseline-server, fastwebsockets-server)
+#   A subset of the cells (space-separated lists; default the full set, or
+#   QUICK's): ECHO_CONNS, ECHO_SIZES, ECHO_DEPTHS, FANOUT_SUBS (empty: no
+#   fan-out), FANOUT_FIXED=0 (max rate only), IDLE_CONNS (0: no idle run). E.g.
+#     ECHO_CONNS=1000 ECHO_SIZES=4096 ECHO_DEPTHS=1 FANOUT_SUBS="1000 10000" \
+#     FANOUT_FIXED=0 IDLE_CONNS=0 benches/compare.sh
 #
 # Exits non-zero when a build fails, a server does not start or dies, or a
 # bench run produces no JSON. A run that reports errors or lost messages is
@@ -55,10 +63,15 @@ fail() {
 command -v python3 >/dev/null || fail "python3 is required (it turns the results into tables)"
 command -v curl >/dev/null || fail "curl is required (it waits for wsproto-server's /healthz)"
 
-say "building (release)"
-cargo build --release -p wsproto -p wsproto-client -p wsproto-baseline --bins
-target="$(cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
+if [ -n "${BIN:-}" ]; then
+    target="$BIN"
+    say "using the binaries in $target (not building)"
+else
+    say "building (release)"
+    cargo build --release -p wsproto -p wsproto-client -p wsproto-baseline --bins
+    target="$(cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
+fi
 
 # Every connection costs a descriptor in the server and one in the client.
 hard_limit="$(ulimit -Hn)"
@@ -92,7 +105,7 @@ declare -A server_pid=() server_url=() server_log=()
 bin="$scratch/bin"
 mkdir -p "$bin"
 for program in wsproto-server wsproto-client baseline-server fastwebsockets-server; do
-    cp "$target/$program" "$bin/"
+    cp "$target/$program" "$bin/" || fail "no $program in $target"
 done
 
 # alive PID: the process exists and is not a zombie waiting to be reaped.
@@ -246,6 +259,13 @@ else
     fi
 fi
 echo_depths=(1 16)
+# Overrides for measuring a subset (see the top of this file).
+[ -n "${ECHO_CONNS+set}" ] && read -r -a echo_conns <<<"$ECHO_CONNS"
+[ -n "${ECHO_SIZES+set}" ] && read -r -a echo_sizes <<<"$ECHO_SIZES"
+[ -n "${ECHO_DEPTHS+set}" ] && read -r -a echo_depths <<<"$ECHO_DEPTHS"
+[ -n "${FANOUT_SUBS+set}" ] && read -r -a fanout_subs <<<"$FANOUT_SUBS"
+idle_conns="${IDLE_CONNS:-$idle_conns}"
+fanout_fixed="${FANOUT_FIXED:-1}"
 
 # echo_servers, fanout_servers: the servers each mode runs on, in the order
 # they alternate (fastwebsockets-server has no fan-out).
@@ -292,9 +312,13 @@ say "fan-out: $DURATION per run"
 for name in "${fanout_servers[@]}"; do
     start_server "$name"
 done
-for subs in "${fanout_subs[@]}"; do
+for subs in "${fanout_subs[@]+"${fanout_subs[@]}"}"; do
     fits "$subs" fan-out || continue
-    for rate in max "$(fixed_rate "$subs")"; do
+    rates=(max)
+    if [ "$fanout_fixed" = 1 ]; then
+        rates+=("$(fixed_rate "$subs")")
+    fi
+    for rate in "${rates[@]}"; do
         for _ in $(seq "$REPEAT"); do
             for name in "${fanout_servers[@]}"; do
                 bench "$name" fanout --subs "$subs" --size 256 --rate "$rate" --duration "$DURATION"
