@@ -201,6 +201,11 @@ bench() {
     if [ "$name" != wsproto ]; then
         args+=(--raw)
     fi
+    # The server's CPU time per operation: its cost even when the load
+    # generator, not the server, set the pace.
+    case "$1" in
+        echo | fanout) args+=(--server-pid "${server_pid[$name]}") ;;
+    esac
     say "$name: bench ${args[*]}"
     # Bounded, so a hung run fails the script instead of hanging CI.
     line="$("${client_cpu[@]}" timeout --kill-after=10 600 "$bin/wsproto-client" \

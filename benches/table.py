@@ -36,7 +36,7 @@ def workload(run):
     raise SystemExit(f"table.py: unknown mode {mode!r}")
 
 
-LATENCIES = ("p50_us", "p90_us", "p99_us", "p999_us")
+MEDIAN_FIELDS = ("p50_us", "p90_us", "p99_us", "p999_us", "server_cpu_us_per_op")
 
 
 def headline(run):
@@ -68,9 +68,9 @@ def load(path):
             ranked = sorted(runs, key=headline)
             median = dict(ranked[(len(ranked) - 1) // 2])
             median["repeats"] = len(runs)
-            # Latencies are medians of their own: the median run by
+            # Latencies and CPU cost are medians of their own: the median run by
             # throughput need not have the median tail.
-            for field in LATENCIES:
+            for field in MEDIAN_FIELDS:
                 values = sorted(run[field] for run in runs if run.get(field) is not None)
                 if values:
                     median[field] = values[(len(values) - 1) // 2]
@@ -104,6 +104,17 @@ def show_ratio(value):
 def pair(runs, field):
     """`field` of the wsproto, baseline and fastwebsockets runs (None when absent)."""
     return tuple(runs.get(server, {}).get(field) for server in SERVERS)
+
+
+def cpu_per_op(run, rate_field):
+    """The server's CPU µs per operation: measured when the run has it, else
+    one core's second divided by the rate (right only if the server was the
+    bottleneck)."""
+    measured = run.get("server_cpu_us_per_op")
+    if measured is not None:
+        return measured
+    rate = run.get(rate_field)
+    return 1e6 / rate if rate else None
 
 
 def geometric_mean(ratios):
@@ -163,8 +174,9 @@ def fanout_table(pairs):
         "the baseline's batched broadcast (one `tokio::sync::broadcast` channel; per "
         "connection a writer that feeds up to 64 queued messages, then flushes once). "
         "`max` publishes as fast as subscribers take it, with 32 messages in flight; a "
-        "fixed rate measures latency. µs/delivery is the server's single core divided by "
-        "its max-rate deliveries a second. Lost: messages a subscriber never received.",
+        "fixed rate measures latency. µs/delivery is the server's CPU time per delivery at "
+        "max rate (measured from /proc; without it, one core divided by deliveries a "
+        "second). Lost: messages a subscriber never received.",
         "",
         "| subs | rate | wsproto deliveries/s | baseline deliveries/s | ratio "
         "| µs/delivery (w/b) | lost (w/b) | p99 µs (w/b) | p99 ratio |",
@@ -179,7 +191,10 @@ def fanout_table(pairs):
         # At a fixed rate deliveries/s is the offered load, not a capacity.
         if rate is None:
             shown_ratio = show_ratio(ratio(ours, theirs))
-            per_delivery = tuple(1e6 / v if v else None for v in (ours, theirs))
+            per_delivery = tuple(
+                cpu_per_op(runs.get(server, {}), "deliveries_per_s")
+                for server in ("wsproto", "baseline")
+            )
             cost[subs] = per_delivery
             shown_cost = f"{micros(per_delivery[0])} / {micros(per_delivery[1])}"
         else:
@@ -240,6 +255,12 @@ def warnings(pairs):
                 problems.append(f"failed={run['failed']}")
             if run.get("lost"):
                 problems.append(f"lost={run['lost']}")
+            client_share = run.get("client_cpu_share")
+            if client_share is not None and client_share > 0.9:
+                problems.append(
+                    f"load generator at {client_share:.0%} of a core "
+                    "(its rate may be the load generator's, not the server's)"
+                )
             connected = run.get("connected", run.get("held"))
             if connected is not None and wanted is not None and connected < wanted:
                 problems.append(f"connected {connected} of {wanted}")

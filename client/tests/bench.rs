@@ -61,8 +61,12 @@ fn number(report: &Value, key: &str) -> f64 {
 #[tokio::test]
 async fn echo_reports_round_trips_and_latency_percentiles() {
     let (url, hub) = start_server().await;
+    // The server runs in this process.
+    let pid = std::process::id().to_string();
     let args = [
         "echo",
+        "--server-pid",
+        &pid,
         "--conns",
         "4",
         "--depth",
@@ -84,6 +88,10 @@ async fn echo_reports_round_trips_and_latency_percentiles() {
         number(&report, "p999_us"),
     );
     assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{report}");
+    // CPU time is counted in 10 ms ticks; a second of round trips uses more.
+    assert!(number(&report, "client_cpu_s") > 0.0, "{report}");
+    assert!(number(&report, "server_cpu_us_per_op") > 0.0, "{report}");
+    assert!(number(&report, "server_cpu_share") > 0.0, "{report}");
     wait_for_no_sessions(&hub).await;
 }
 

@@ -16,7 +16,7 @@ use wsproto::{opcode, Frame};
 
 use super::{
     connector::{check_connected, connect_all, Connector, Ws},
-    stats::{Progress, Stats},
+    stats::{CpuClock, Progress, Stats},
     GRACE,
 };
 
@@ -37,6 +37,10 @@ pub(super) struct EchoArgs {
     /// Opcode of the frames (100 is ECHO).
     #[arg(long, default_value_t = opcode::ECHO)]
     opcode: u32,
+    /// Process id of the server, to report the CPU time it used per
+    /// operation (and the share of a core it had).
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 pub(super) async fn run(
@@ -52,6 +56,7 @@ pub(super) async fn run(
     check_connected(args.conns, sockets.len(), first_error)?;
     let frame = Frame::new(args.opcode, vec![b'x'; args.size]).encode();
     let stats = Arc::new(Stats::default());
+    let cpu = CpuClock::start(args.server_pid)?;
     let started = Instant::now();
     let deadline = started + args.duration;
     let progress = Progress::ticking("echo", stats.clone(), args.duration);
@@ -68,6 +73,7 @@ pub(super) async fn run(
         ));
     }
     while workers.join_next().await.is_some() {}
+    let cpu_used = cpu.stop(stats.ops.load(Ordering::Relaxed));
     progress.done();
     let elapsed = started.elapsed().min(args.duration).as_secs_f64();
     let ops = stats.ops.load(Ordering::Relaxed);
@@ -83,6 +89,9 @@ pub(super) async fn run(
         "connected": args.conns - failed,
     });
     stats.latencies.report_into(&mut report);
+    for (key, value) in cpu_used {
+        report[key.as_str()] = value;
+    }
     Ok(report)
 }
 

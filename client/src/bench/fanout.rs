@@ -28,7 +28,7 @@ use wsproto_client::http::KeepAlive;
 
 use super::{
     connector::{check_connected, connect_all, next_frame, Connector, Ws},
-    stats::{Counted, Progress, Stats},
+    stats::{Counted, CpuClock, Progress, Stats},
 };
 
 #[derive(Args)]
@@ -71,6 +71,10 @@ pub(super) struct FanoutArgs {
     /// Key of the HTTP publish API (with --via http).
     #[arg(long, env = "WSPROTO_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Process id of the server, to report the CPU time it used per
+    /// operation (and the share of a core it had).
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,6 +165,7 @@ pub(super) async fn run(
     let mut publisher =
         Publisher::connect(connector, &pub_url, args.api_key.as_deref(), shared.clone()).await?;
     let progress = Progress::ticking("fanout", shared.clone(), args.duration);
+    let cpu = CpuClock::start(args.server_pid)?;
     let started = Instant::now();
     let deadline = started + args.duration;
     let per_second = match args.rate {
@@ -225,6 +230,7 @@ pub(super) async fn run(
             (last, quiet_since) = (now, Instant::now());
         }
     }
+    let cpu_used = cpu.stop(shared.stats.ops.load(Ordering::Relaxed));
     progress.done();
     readers.abort_all();
     publisher.close().await;
@@ -266,6 +272,9 @@ pub(super) async fn run(
         "by_url": by_url,
     });
     shared.stats.latencies.report_into(&mut report);
+    for (key, value) in cpu_used {
+        report[key.as_str()] = value;
+    }
     Ok(report)
 }
 

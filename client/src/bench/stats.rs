@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -191,5 +192,79 @@ pub(super) fn print_summary(report: &serde_json::Value) {
                 );
             }
         }
+    }
+}
+
+/// Clock ticks a second in /proc/PID/stat: Linux's USER_HZ, 100 on every
+/// mainstream architecture whatever the kernel's own tick rate.
+const USER_HZ: f64 = 100.0;
+
+/// CPU time used over a run by the server (with `--server-pid`) and by this
+/// load generator: what an operation costs the server even when something
+/// else limited the rate, and whether the load generator was that limit.
+pub(super) struct CpuClock {
+    server: Option<(u32, f64)>,
+    client: f64,
+    started: Instant,
+}
+
+impl CpuClock {
+    /// Starts measuring now.
+    ///
+    /// # Errors
+    /// When the server's /proc entry cannot be read (no such process).
+    pub(super) fn start(server_pid: Option<u32>) -> anyhow::Result<CpuClock> {
+        let server = match server_pid {
+            Some(pid) => Some((pid, cpu_seconds(pid)?)),
+            None => None,
+        };
+        Ok(CpuClock {
+            server,
+            client: cpu_seconds(std::process::id())?,
+            started: Instant::now(),
+        })
+    }
+
+    /// The CPU time used since the start, `ops` operations having been done:
+    /// `client_cpu_s`, `client_cpu_share` (of the wall time), and with a
+    /// server, `server_cpu_s`, `server_cpu_share` and `server_cpu_us_per_op`.
+    /// A server that is gone is left out.
+    pub(super) fn stop(&self, ops: u64) -> serde_json::Map<String, serde_json::Value> {
+        let wall = self.started.elapsed().as_secs_f64();
+        let mut used = serde_json::Map::new();
+        if let Ok(now) = cpu_seconds(std::process::id()) {
+            let seconds = now - self.client;
+            used.insert("client_cpu_s".into(), json!(seconds));
+            used.insert("client_cpu_share".into(), json!(seconds / wall));
+        }
+        if let Some((pid, before)) = self.server {
+            if let Ok(now) = cpu_seconds(pid) {
+                let seconds = now - before;
+                used.insert("server_cpu_s".into(), json!(seconds));
+                used.insert("server_cpu_share".into(), json!(seconds / wall));
+                if ops > 0 {
+                    used.insert(
+                        "server_cpu_us_per_op".into(),
+                        json!(seconds * 1e6 / ops as f64),
+                    );
+                }
+            }
+        }
+        used
+    }
+}
+
+/// User plus system CPU time of process `pid` (all its threads), from /proc.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read the CPU time of process {pid}"))?;
+    // The command name, in parentheses, may hold spaces: count fields
+    // after its closing parenthesis (utime and stime are fields 14 and 15).
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let mut fields = after_name.split_whitespace().skip(11);
+    let mut ticks = || fields.next().and_then(|f| f.parse::<u64>().ok());
+    match (ticks(), ticks()) {
+        (Some(user), Some(system)) => Ok((user + system) as f64 / USER_HZ),
+        _ => anyhow::bail!("unexpected /proc/{pid}/stat: {stat:?}"),
     }
 }
