@@ -100,12 +100,16 @@ say "$pinning"
 scratch="$(mktemp -d)"
 declare -A server_pid=() server_url=() server_log=()
 
-# The binaries are copied out of the target directory, so a build running
-# meanwhile (a shared CARGO_TARGET_DIR) cannot swap them mid-run.
+# The binaries are linked (or, across file systems, copied) out of the target
+# directory, so a build running meanwhile (a shared CARGO_TARGET_DIR) cannot
+# swap them mid-run: cargo replaces a binary with a new file, and the link
+# keeps the old one.
 bin="$scratch/bin"
 mkdir -p "$bin"
 for program in wsproto-server wsproto-client baseline-server fastwebsockets-server; do
-    cp "$target/$program" "$bin/" || fail "no $program in $target"
+    [ -x "$target/$program" ] || fail "no $program in $target"
+    cp -l "$target/$program" "$bin/" 2>/dev/null || cp "$target/$program" "$bin/" ||
+        fail "cannot copy $program out of $target"
 done
 
 # alive PID: the process exists and is not a zombie waiting to be reaped.
