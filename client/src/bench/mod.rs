@@ -1,11 +1,16 @@
 //! `wsproto-client bench`: a load generator, both for sizing a deployment
-//! and for comparing wsproto with the raw tokio-tungstenite baseline
-//! (`benches/baseline`) on the same workloads.
+//! and for comparing wsproto with the references in `benches/baseline`
+//! (plain tokio-tungstenite, fastwebsockets) on the same workloads.
 //!
 //! - `echo`: N connections, each keeping D frames in flight; round trips/s
 //!   and latency percentiles.
-//! - `fanout`: N subscribers on a topic and one publisher; deliveries/s,
-//!   losses and end-to-end latency.
+//! - `fanout`: N subscribers on a topic (spread over one or several
+//!   servers) and one publisher; deliveries/s, losses (per server) and
+//!   end-to-end latency.
+//!
+//! With `--server-pid`, `echo` and `fanout` also report the server's CPU
+//! time per operation and the load generator's share of a core, so a run
+//! shows its cost even when the load generator, not the server, set the pace.
 //! - `connections`: N idle sessions held; with `--server-pid`, the server's
 //!   memory per connection.
 //!
@@ -40,8 +45,9 @@ pub struct BenchArgs {
     #[command(subcommand)]
     mode: Mode,
 
-    /// The server is `baseline-server` (benches/baseline): plain echo, and
-    /// fan-out through its `/sub` and `/pub` paths instead of topics.
+    /// The server is a plain reference (benches/baseline: `baseline-server`
+    /// or `fastwebsockets-server`): no WELCOME, plain echo, and fan-out
+    /// through `/sub` and `/pub` paths instead of topics.
     #[arg(long, global = true)]
     raw: bool,
 
