@@ -10,8 +10,9 @@
 //!
 //! Every path echoes text and binary messages; there is no fan-out.
 
+mod shared;
+
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use clap::Parser;
 use fastwebsockets::{upgrade, FragmentCollector, OpCode, WebSocketError};
@@ -21,7 +22,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[derive(Parser)]
 #[command(
@@ -38,33 +39,9 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let listener = TcpListener::bind(cli.listen).await?;
-    eprintln!(
-        "fastwebsockets-server listening addr={}",
-        listener.local_addr()?
-    );
-    tokio::select! {
-        () = accept_loop(listener) => {}
-        result = shutdown_signal() => result?,
-    }
+    shared::run("fastwebsockets-server", cli.listen, serve).await?;
     eprintln!("fastwebsockets-server stopped");
     Ok(())
-}
-
-/// Accepts connections forever, one task each; accept errors (usually out of file
-/// descriptors) are reported and retried after a short pause.
-async fn accept_loop(listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve(stream));
-            }
-            Err(err) => {
-                eprintln!("fastwebsockets-server accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
 }
 
 /// Serves one HTTP/1 connection whose only use is to be upgraded.
@@ -103,21 +80,4 @@ async fn echo(upgraded: upgrade::UpgradeFut) -> Result<(), WebSocketError> {
             _ => {}
         }
     }
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-#[cfg(unix)]
-async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result,
-        _ = terminate.recv() => Ok(()),
-    }
-}
-
-/// Completes on Ctrl-C.
-#[cfg(not(unix))]
-async fn shutdown_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
 }

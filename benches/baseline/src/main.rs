@@ -25,14 +25,15 @@
 //! (`baseline-server lagged skipped=N`) and the total on exit (`lost=N`). The load
 //! generator counts them as lost as well.
 
+mod shared;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast::{
     self,
     error::{RecvError, TryRecvError},
@@ -66,41 +67,21 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let listener = TcpListener::bind(cli.listen).await?;
-    eprintln!("baseline-server listening addr={}", listener.local_addr()?);
     let (publisher, _) = broadcast::channel::<Bytes>(BROADCAST_CAPACITY);
-    tokio::select! {
-        () = accept_loop(listener, publisher) => {}
-        result = shutdown_signal() => result?,
-    }
+    shared::run("baseline-server", cli.listen, move |stream| {
+        let publisher = publisher.clone();
+        async move {
+            // Errors end only this connection, and they are what a benchmark
+            // client vanishing looks like, so they are not reported.
+            let _ = serve(stream, publisher).await;
+        }
+    })
+    .await?;
     eprintln!(
         "baseline-server stopped lost={}",
         LOST.load(Ordering::Relaxed)
     );
     Ok(())
-}
-
-/// Accepts connections forever, one task each.
-///
-/// Accept errors (usually running out of file descriptors) are reported and retried
-/// after a short pause, so a full fd table does not turn into a busy loop.
-async fn accept_loop(listener: TcpListener, publisher: broadcast::Sender<Bytes>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let publisher = publisher.clone();
-                tokio::spawn(async move {
-                    // Errors end only this connection, and they are what a benchmark
-                    // client vanishing looks like, so they are not reported.
-                    let _ = serve(stream, publisher).await;
-                });
-            }
-            Err(err) => {
-                eprintln!("baseline-server accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
 }
 
 /// Completes the handshake and runs the connection in the role its path names.
@@ -192,22 +173,4 @@ async fn echo(mut ws: WebSocketStream<TcpStream>) -> Result<(), WsError> {
         }
     }
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM, so a benchmark script can stop the server cleanly
-/// and read the lost count.
-#[cfg(unix)]
-async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result,
-        _ = terminate.recv() => Ok(()),
-    }
-}
-
-/// Completes on Ctrl-C.
-#[cfg(not(unix))]
-async fn shutdown_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
 }
