@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# Benchmarks wsproto-server against baseline-server (plain tokio-tungstenite,
-# benches/baseline) on the same workloads, back to back, with
-# `wsproto-client bench`, and writes a markdown report of the ratios.
+# Benchmarks wsproto-server against two references on the same workloads,
+# back to back, with `wsproto-client bench`, and writes a markdown report of
+# the ratios:
+#   baseline-server        plain tokio-tungstenite (benches/baseline): echo, and
+#                          fan-out through one broadcast channel with a batched
+#                          writer per connection
+#   fastwebsockets-server  fastwebsockets on hyper 1 (benches/baseline): echo only
 #
-#   benches/compare.sh              full run (a few minutes)
-#   QUICK=1 benches/compare.sh      smoke run: proves the script and tools work
+#   benches/compare.sh              full run (about 20 minutes)
+#   QUICK=1 benches/compare.sh      smoke run: proves the script and tools work,
+#                                   every server exercised once
 #
 # Environment:
 #   DURATION  how long each run measures (default 5s; 1s with QUICK=1)
 #   QUICK     1 for the smoke run: 1 and 10 connections, one size, 10 subscribers
-#   REPEAT    runs of each echo cell, alternating servers (default 3; 1 with
-#             QUICK=1); the report shows each server's median
+#   REPEAT    runs of each echo and fan-out cell, alternating servers (default 3;
+#             1 with QUICK=1); the report shows each server's median
 #   OUT       the report (default benches/results/latest.md); the raw JSON
 #             lines go next to it, in ${OUT%.md}.jsonl
+#   BIN       a directory holding already-built release binaries to use
+#             instead of building (wsproto-server, wsproto-client,
+#             baseline-server, fastwebsockets-server)
+#   A subset of the cells (space-separated lists; default the full set, or
+#   QUICK's): ECHO_CONNS, ECHO_SIZES, ECHO_DEPTHS, FANOUT_SUBS (empty: no
+#   fan-out), FANOUT_FIXED=0 (max rate only), IDLE_CONNS (0: no idle run). E.g.
+#     ECHO_CONNS=1000 ECHO_SIZES=4096 ECHO_DEPTHS=1 FANOUT_SUBS="1000 10000" \
+#     FANOUT_FIXED=0 IDLE_CONNS=0 benches/compare.sh
 #
 # Exits non-zero when a build fails, a server does not start or dies, or a
 # bench run produces no JSON. A run that reports errors or lost messages is
@@ -27,8 +40,8 @@ else
     DURATION="${DURATION:-5s}"
 fi
 OUT="${OUT:-benches/results/latest.md}"
-# Echo cells are run REPEAT times each, alternating servers; the report
-# shows each server's median run.
+# Echo and fan-out cells are run REPEAT times each, alternating servers; the
+# report shows each server's median run.
 REPEAT="${REPEAT:-3}"
 if [ "$QUICK" = 1 ]; then
     REPEAT=1
@@ -50,10 +63,15 @@ fail() {
 command -v python3 >/dev/null || fail "python3 is required (it turns the results into tables)"
 command -v curl >/dev/null || fail "curl is required (it waits for wsproto-server's /healthz)"
 
-say "building (release)"
-cargo build --release -p wsproto -p wsproto-client -p wsproto-baseline --bins
-bin="$(cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
+if [ -n "${BIN:-}" ]; then
+    target="$BIN"
+    say "using the binaries in $target (not building)"
+else
+    say "building (release)"
+    cargo build --release -p wsproto -p wsproto-client -p wsproto-baseline --bins
+    target="$(cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
+fi
 
 # Every connection costs a descriptor in the server and one in the client.
 hard_limit="$(ulimit -Hn)"
@@ -82,6 +100,18 @@ say "$pinning"
 scratch="$(mktemp -d)"
 declare -A server_pid=() server_url=() server_log=()
 
+# The binaries are linked (or, across file systems, copied) out of the target
+# directory, so a build running meanwhile (a shared CARGO_TARGET_DIR) cannot
+# swap them mid-run: cargo replaces a binary with a new file, and the link
+# keeps the old one.
+bin="$scratch/bin"
+mkdir -p "$bin"
+for program in wsproto-server wsproto-client baseline-server fastwebsockets-server; do
+    [ -x "$target/$program" ] || fail "no $program in $target"
+    cp -l "$target/$program" "$bin/" 2>/dev/null || cp "$target/$program" "$bin/" ||
+        fail "cannot copy $program out of $target"
+done
+
 # alive PID: the process exists and is not a zombie waiting to be reaped.
 alive() {
     [ -r "/proc/$1/stat" ] && ! grep -q ') Z ' "/proc/$1/stat" 2>/dev/null
@@ -95,11 +125,11 @@ free_port() {
 ready() {
     case "$1" in
         wsproto) curl -sf -o /dev/null "http://127.0.0.1:$2/healthz" ;;
-        baseline) (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null ;;
+        baseline | fastwebsockets) (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null ;;
     esac
 }
 
-# start_server NAME: starts a fresh wsproto or baseline server on a free port
+# start_server NAME: starts a fresh wsproto, baseline or fastwebsockets server on a free port
 # and waits (at most 10s) until it answers.
 start_server() {
     local name="$1" port log
@@ -117,6 +147,10 @@ start_server() {
             ;;
         baseline)
             "${server_cpu[@]}" "$bin/baseline-server" --listen "127.0.0.1:$port" >"$log" 2>&1 &
+            server_url[$name]="ws://127.0.0.1:$port/"
+            ;;
+        fastwebsockets)
+            "${server_cpu[@]}" "$bin/fastwebsockets-server" --listen "127.0.0.1:$port" >"$log" 2>&1 &
             server_url[$name]="ws://127.0.0.1:$port/"
             ;;
     esac
@@ -168,9 +202,14 @@ bench() {
     local name="$1" line status=0 err="$scratch/client.err"
     shift
     local args=("$@")
-    if [ "$name" = baseline ]; then
+    if [ "$name" != wsproto ]; then
         args+=(--raw)
     fi
+    # The server's CPU time per operation: its cost even when the load
+    # generator, not the server, set the pace.
+    case "$1" in
+        echo | fanout) args+=(--server-pid "${server_pid[$name]}") ;;
+    esac
     say "$name: bench ${args[*]}"
     # Bounded, so a hung run fails the script instead of hanging CI.
     line="$("${client_cpu[@]}" timeout --kill-after=10 600 "$bin/wsproto-client" \
@@ -229,6 +268,18 @@ else
     fi
 fi
 echo_depths=(1 16)
+# Overrides for measuring a subset (see the top of this file).
+[ -n "${ECHO_CONNS+set}" ] && read -r -a echo_conns <<<"$ECHO_CONNS"
+[ -n "${ECHO_SIZES+set}" ] && read -r -a echo_sizes <<<"$ECHO_SIZES"
+[ -n "${ECHO_DEPTHS+set}" ] && read -r -a echo_depths <<<"$ECHO_DEPTHS"
+[ -n "${FANOUT_SUBS+set}" ] && read -r -a fanout_subs <<<"$FANOUT_SUBS"
+idle_conns="${IDLE_CONNS:-$idle_conns}"
+fanout_fixed="${FANOUT_FIXED:-1}"
+
+# echo_servers, fanout_servers: the servers each mode runs on, in the order
+# they alternate (fastwebsockets-server has no fan-out).
+echo_servers=(wsproto baseline fastwebsockets)
+fanout_servers=(wsproto baseline)
 
 # A fixed rate low enough that both servers keep up (50,000 deliveries a
 # second, well under either's maximum on a 2-core machine), so p99 is
@@ -245,15 +296,16 @@ mkdir -p "$(dirname "$OUT")"
 : >"$JSONL"
 
 say "echo: $DURATION per run"
-start_server wsproto
-start_server baseline
+for name in "${echo_servers[@]}"; do
+    start_server "$name"
+done
 for conns in "${echo_conns[@]}"; do
     fits "$conns" echo || continue
     for size in "${echo_sizes[@]}"; do
         for depth in "${echo_depths[@]}"; do
             # Alternating repeats; the report takes each server's median.
             for _ in $(seq "$REPEAT"); do
-                for name in wsproto baseline; do
+                for name in "${echo_servers[@]}"; do
                     bench "$name" echo --conns "$conns" --depth "$depth" --size "$size" \
                         --duration "$DURATION"
                 done
@@ -261,27 +313,40 @@ for conns in "${echo_conns[@]}"; do
         done
     done
 done
-stop_server wsproto
-stop_server baseline
+for name in "${echo_servers[@]}"; do
+    stop_server "$name"
+done
 
 say "fan-out: $DURATION per run"
-start_server wsproto
-start_server baseline
-for subs in "${fanout_subs[@]}"; do
+for name in "${fanout_servers[@]}"; do
+    start_server "$name"
+done
+for subs in "${fanout_subs[@]+"${fanout_subs[@]}"}"; do
     fits "$subs" fan-out || continue
-    for rate in max "$(fixed_rate "$subs")"; do
-        for name in wsproto baseline; do
-            bench "$name" fanout --subs "$subs" --size 256 --rate "$rate" --duration "$DURATION"
+    rates=(max)
+    if [ "$fanout_fixed" = 1 ]; then
+        rates+=("$(fixed_rate "$subs")")
+    fi
+    for rate in "${rates[@]}"; do
+        for _ in $(seq "$REPEAT"); do
+            for name in "${fanout_servers[@]}"; do
+                bench "$name" fanout --subs "$subs" --size 256 --rate "$rate" --duration "$DURATION"
+            done
         done
     done
 done
-stop_server wsproto
-stop_server baseline
+for name in "${fanout_servers[@]}"; do
+    stop_server "$name"
+done
+# The baseline's own count of messages its lagging subscribers skipped (the
+# load generator counts them as lost too; this says where they were lost).
+baseline_lost="$(grep -o 'stopped lost=[0-9]*' "${server_log[baseline]}" | tail -n 1 | cut -d= -f2 || true)"
+baseline_lost="${baseline_lost:-unknown (no exit line in its log)}"
 
 # A fresh server each, alone, so its resident memory is only these connections.
 if [ "$idle_conns" -gt 0 ] && fits "$idle_conns" "idle connections"; then
     say "idle connections: $idle_conns held for $DURATION"
-    for name in wsproto baseline; do
+    for name in "${echo_servers[@]}"; do
         start_server "$name"
         bench "$name" connections --conns "$idle_conns" --hold "$DURATION" \
             --server-pid "${server_pid[$name]}"
@@ -296,18 +361,20 @@ fi
 cpu_model="$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
 report="$scratch/report.md"
 {
-    echo "# wsproto vs baseline (plain tokio-tungstenite)"
+    echo "# wsproto vs plain tokio-tungstenite and fastwebsockets"
     echo
-    printf '%s · `%s` · %s · nproc %s · %s · open-file limit %s · %s per run, echo cells median of %s%s · commit %s\n' \
+    printf '%s · `%s` · %s · nproc %s · %s · open-file limit %s · %s per run, echo and fan-out cells median of %s%s · commit %s\n' \
         "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(uname -srm)" "${cpu_model:-unknown CPU}" \
         "$(nproc)" "$pinning" "$fd_limit" "$DURATION" "$REPEAT" \
         "$run_kind" \
         "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo
-    echo "Each workload ran on wsproto, then at once on the baseline, on the same machine."
+    echo "Each workload ran on wsproto, then at once on each reference, on the same machine."
     echo "The ratios are the result; the absolute numbers depend on the machine."
     echo
     python3 benches/table.py "$JSONL"
+    echo
+    echo "baseline-server's broadcast channel skipped $baseline_lost messages for lagging subscribers."
     if [ "${#skipped[@]}" -gt 0 ]; then
         echo
         echo "## Skipped"

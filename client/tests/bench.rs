@@ -61,8 +61,12 @@ fn number(report: &Value, key: &str) -> f64 {
 #[tokio::test]
 async fn echo_reports_round_trips_and_latency_percentiles() {
     let (url, hub) = start_server().await;
+    // The server runs in this process.
+    let pid = std::process::id().to_string();
     let args = [
         "echo",
+        "--server-pid",
+        &pid,
         "--conns",
         "4",
         "--depth",
@@ -84,6 +88,10 @@ async fn echo_reports_round_trips_and_latency_percentiles() {
         number(&report, "p999_us"),
     );
     assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{report}");
+    // CPU time is counted in 10 ms ticks; a second of round trips uses more.
+    assert!(number(&report, "client_cpu_s") > 0.0, "{report}");
+    assert!(number(&report, "server_cpu_us_per_op") > 0.0, "{report}");
+    assert!(number(&report, "server_cpu_share") > 0.0, "{report}");
     wait_for_no_sessions(&hub).await;
 }
 
@@ -126,6 +134,97 @@ async fn fanout_delivers_every_message_to_every_subscriber() {
     assert!((40.0..=60.0).contains(&published), "{report}");
     assert_eq!(report["rate"], 50.0);
     assert_eq!(report["lost"], 0);
+}
+
+/// What `bench fanout` reports for the subscribers of one --sub-url.
+fn group(report: &Value, index: usize) -> &Value {
+    &report["by_url"][index]
+}
+
+/// Subscribers spread round robin over two URLs and a publisher on a third,
+/// the shape of a cluster measurement. Today's server is one node, so the
+/// two URLs name the same server (by `127.0.0.1` and by `localhost`): this
+/// proves the spreading, the separate publisher and the per-URL counts, not
+/// delivery across nodes (the next test shows what a node that receives
+/// nothing looks like).
+#[tokio::test]
+async fn fanout_spreads_subscribers_over_urls_and_publishes_on_another() {
+    let (url, hub) = start_server().await;
+    let port = url
+        .trim_start_matches("ws://127.0.0.1:")
+        .trim_end_matches("/ws");
+    let sub_urls = format!("ws://127.0.0.1:{port}/ws,ws://localhost:{port}/ws");
+    for pub_url in [
+        format!("ws://localhost:{port}/ws"),
+        format!("http://127.0.0.1:{port}/api/publish"),
+    ] {
+        let args = [
+            "fanout",
+            "--subs",
+            "6",
+            "--duration",
+            "1s",
+            "--sub-url",
+            &sub_urls,
+            "--pub-url",
+            &pub_url,
+            "--api-key",
+            API_KEY,
+        ];
+        let (output, report) = bench(&url, &args).await;
+        assert!(output.status.success(), "{pub_url}: {report}");
+        assert_eq!(report["pub_url"], pub_url.as_str());
+        let published = number(&report, "published");
+        assert!(published > 10.0, "{report}");
+        assert_eq!(report["lost"], 0, "{report}");
+        for (index, sub_url) in sub_urls.split(',').enumerate() {
+            let group = group(&report, index);
+            assert_eq!(group["url"], sub_url, "{report}");
+            assert_eq!(group["subs"], 3, "{report}");
+            assert_eq!(number(group, "received"), published * 3.0, "{report}");
+            assert_eq!(group["lost"], 0, "{report}");
+        }
+        wait_for_no_sessions(&hub).await;
+    }
+}
+
+/// Two separate servers, publishing on the first: with today's single-node
+/// memory broker the second one's subscribers receive nothing, and the run
+/// must say so (per URL, and as a failure) rather than report a rate.
+#[tokio::test]
+async fn fanout_reports_subscribers_of_another_server_that_received_nothing() {
+    let (first, _first_hub) = start_server().await;
+    let (second, _second_hub) = start_server().await;
+    let sub_urls = format!("{first},{second}");
+    let args = [
+        "fanout",
+        "--subs",
+        "4",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+        "--sub-url",
+        &sub_urls,
+        "--pub-url",
+        &first,
+    ];
+    let (output, report) = bench(&first, &args).await;
+    assert!(
+        !output.status.success(),
+        "lost messages fail the run: {report}"
+    );
+    let published = number(&report, "published");
+    assert!(published > 10.0, "{report}");
+    let (reached, unreached) = (group(&report, 0), group(&report, 1));
+    assert_eq!(reached["url"], first.as_str());
+    assert_eq!(number(reached, "received"), published * 2.0, "{report}");
+    assert_eq!(reached["lost"], 0, "{report}");
+    assert_eq!(unreached["url"], second.as_str());
+    assert_eq!(unreached["received"], 0, "{report}");
+    assert_eq!(number(unreached, "lost"), published * 2.0, "{report}");
+    assert_eq!(report["lost"], unreached["lost"], "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
 }
 
 #[tokio::test]

@@ -3,27 +3,41 @@
 //!
 //! It is what a competent developer writes in an afternoon with tokio-tungstenite:
 //! one task per connection, `accept_hdr_async` with the default `WebSocketConfig`,
-//! `ws.send(msg).await` for every message, and one `tokio::sync::broadcast` channel
-//! for fan-out. The defaults are kept on purpose: the question the benchmarks answer
-//! is what wsproto's opcode dispatch, hub and per-session queues cost (or save)
-//! against the obvious approach, not against a rival tuned for the benchmark.
+//! and one `tokio::sync::broadcast` channel for fan-out. The defaults are kept on
+//! purpose: the question the benchmarks answer is what wsproto's opcode dispatch,
+//! hub and per-session queues cost (or save) against the obvious approach.
+//!
+//! The obvious approach includes the one optimisation every broadcast server
+//! needs, though: a subscriber's writer feeds everything already queued for it (up
+//! to [`BATCH`] messages) and flushes once, instead of one write system call per
+//! message. Without it the baseline is several times slower at fan-out and the
+//! comparison flatters wsproto (benches/README.md, issue 13).
 //!
 //! Paths:
-//! - `/sub` receives every message published; a subscriber that falls more than the
-//!   channel's capacity behind skips ahead, and the skipped messages are counted as
-//!   lost (printed on exit).
+//! - `/sub` receives every message published, batched as above.
+//! - `/sub-unbatched` the same, flushing after every message (the baseline before
+//!   issue 13; kept to show what batching is worth, not used by `compare.sh`).
 //! - `/pub` publishes every binary message it sends; nothing is echoed back.
-//! - anything else echoes text and binary messages.
+//! - anything else echoes text and binary messages, one flush each (`ws.send`).
+//!
+//! A subscriber that falls more than the channel's capacity behind skips ahead; the
+//! skipped messages are never hidden: each lag is reported on stderr as it happens
+//! (`baseline-server lagged skipped=N`) and the total on exit (`lost=N`). The load
+//! generator counts them as lost as well.
+
+mod shared;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -31,6 +45,9 @@ use tokio_tungstenite::WebSocketStream;
 /// Messages a `/sub` subscriber may fall behind by before it starts losing them;
 /// the usual order of magnitude for a hand-rolled hub.
 const BROADCAST_CAPACITY: usize = 1024;
+
+/// Messages a `/sub` writer takes off the channel before it flushes.
+const BATCH: usize = 64;
 
 /// Messages skipped by lagging subscribers, over the life of the process.
 static LOST: AtomicU64 = AtomicU64::new(0);
@@ -50,41 +67,21 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let listener = TcpListener::bind(cli.listen).await?;
-    eprintln!("baseline-server listening addr={}", listener.local_addr()?);
     let (publisher, _) = broadcast::channel::<Bytes>(BROADCAST_CAPACITY);
-    tokio::select! {
-        () = accept_loop(listener, publisher) => {}
-        result = shutdown_signal() => result?,
-    }
+    shared::run("baseline-server", cli.listen, move |stream| {
+        let publisher = publisher.clone();
+        async move {
+            // Errors end only this connection, and they are what a benchmark
+            // client vanishing looks like, so they are not reported.
+            let _ = serve(stream, publisher).await;
+        }
+    })
+    .await?;
     eprintln!(
         "baseline-server stopped lost={}",
         LOST.load(Ordering::Relaxed)
     );
     Ok(())
-}
-
-/// Accepts connections forever, one task each.
-///
-/// Accept errors (usually running out of file descriptors) are reported and retried
-/// after a short pause, so a full fd table does not turn into a busy loop.
-async fn accept_loop(listener: TcpListener, publisher: broadcast::Sender<Bytes>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let publisher = publisher.clone();
-                tokio::spawn(async move {
-                    // Errors end only this connection, and they are what a benchmark
-                    // client vanishing looks like, so they are not reported.
-                    let _ = serve(stream, publisher).await;
-                });
-            }
-            Err(err) => {
-                eprintln!("baseline-server accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
 }
 
 /// Completes the handshake and runs the connection in the role its path names.
@@ -99,27 +96,42 @@ async fn serve(stream: TcpStream, publisher: broadcast::Sender<Bytes>) -> Result
     };
     let ws = tokio_tungstenite::accept_hdr_async(stream, record_path).await?;
     match path.as_str() {
-        "/sub" => subscribe(ws, publisher.subscribe()).await,
+        "/sub" => subscribe(ws, publisher.subscribe(), BATCH).await,
+        "/sub-unbatched" => subscribe(ws, publisher.subscribe(), 1).await,
         "/pub" => publish(ws, &publisher).await,
         _ => echo(ws).await,
     }
 }
 
-/// Forwards every published message to the client until it goes away.
+/// Forwards every published message to the client until it goes away, feeding
+/// up to `batch` queued messages before each flush.
 ///
 /// The socket is read as well, so pings are answered and a close is noticed while
 /// nothing is being published.
 async fn subscribe(
     mut ws: WebSocketStream<TcpStream>,
     mut published: broadcast::Receiver<Bytes>,
+    batch: usize,
 ) -> Result<(), WsError> {
     loop {
         tokio::select! {
             message = published.recv() => match message {
-                Ok(bytes) => ws.send(Message::Binary(bytes)).await?,
-                Err(RecvError::Lagged(skipped)) => {
-                    LOST.fetch_add(skipped, Ordering::Relaxed);
+                Ok(bytes) => {
+                    ws.feed(Message::Binary(bytes)).await?;
+                    let mut fed = 1;
+                    while fed < batch {
+                        match published.try_recv() {
+                            Ok(bytes) => {
+                                ws.feed(Message::Binary(bytes)).await?;
+                                fed += 1;
+                            }
+                            Err(TryRecvError::Lagged(skipped)) => lagged(skipped),
+                            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                        }
+                    }
+                    ws.flush().await?;
                 }
+                Err(RecvError::Lagged(skipped)) => lagged(skipped),
                 Err(RecvError::Closed) => return Ok(()),
             },
             incoming = ws.next() => match incoming {
@@ -129,6 +141,13 @@ async fn subscribe(
             },
         }
     }
+}
+
+/// Counts and reports messages a lagging subscriber skipped: a benchmark must see
+/// them, never a silently thinner stream.
+fn lagged(skipped: u64) {
+    LOST.fetch_add(skipped, Ordering::Relaxed);
+    eprintln!("baseline-server lagged skipped={skipped}");
 }
 
 /// Puts every binary message from the client on the broadcast channel.
@@ -154,22 +173,4 @@ async fn echo(mut ws: WebSocketStream<TcpStream>) -> Result<(), WsError> {
         }
     }
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM, so a benchmark script can stop the server cleanly
-/// and read the lost count.
-#[cfg(unix)]
-async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result,
-        _ = terminate.recv() => Ok(()),
-    }
-}
-
-/// Completes on Ctrl-C.
-#[cfg(not(unix))]
-async fn shutdown_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
 }
