@@ -13,7 +13,9 @@ use tokio_tungstenite::tungstenite::{
 /// PROTOCOL.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseReason {
+    /// The WebSocket close code (1000–4999) sent in the close frame.
     pub code: u16,
+    /// The short reason text sent with it, e.g. `slow consumer`.
     pub reason: &'static str,
 }
 
@@ -28,7 +30,7 @@ impl CloseReason {
     /// connection is dropped, which the client sees as 1006.)
     pub const SLOW_CONSUMER: CloseReason = CloseReason::new(1008, "slow consumer: send queue full");
     /// 4002: the client kept sending past the rate limit (see
-    /// [`RateLimit`](crate::rate::RateLimit)); distinct from a slow
+    /// [`Config::rate_limit`](crate::Config::rate_limit)); distinct from a slow
     /// consumer's 1008 so clients can tell the two apart.
     pub const RATE_LIMITED: CloseReason = CloseReason::new(4002, "rate limit exceeded");
     /// 1002: the client broke the WebSocket protocol (RFC 6455 §7.4.1):

@@ -5,8 +5,12 @@ use std::{fmt, io, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration}
 
 use tokio::net::{lookup_host, TcpListener, TcpSocket};
 
-use crate::{
-    auth::AuthSettings, origin::OriginPattern, proxy::Cidr, queue::DeliveryPolicy, topic::Topic,
+use crate::{auth::AuthSettings, queue::DeliveryPolicy, topic::Topic};
+/// The types of [`Config::allowed_origins`] and [`Config::trusted_proxies`],
+/// and the errors of parsing them from their flags.
+pub use crate::{
+    origin::{OriginPattern, OriginPatternError},
+    proxy::{Cidr, CidrError},
 };
 
 /// Every setting of a wsproto server. [`Config::default`] is what
@@ -332,7 +336,7 @@ impl Config {
     }
 
     /// The authentication part of the settings.
-    pub fn auth(&self) -> AuthSettings {
+    pub(crate) fn auth(&self) -> AuthSettings {
         AuthSettings {
             secret: self.jwt_secret.clone(),
             public_key: self.jwt_public_key.clone(),

@@ -121,10 +121,12 @@ impl HandlerError {
         HandlerError::protocol(ErrorCode::Internal, message)
     }
 
+    /// The [`ErrorCode`] number the ERROR frame carries.
     pub fn code(&self) -> u32 {
         self.code
     }
 
+    /// The human-readable text the ERROR frame carries.
     pub fn message(&self) -> &str {
         &self.message
     }

@@ -48,15 +48,26 @@ pub struct Frame {
 pub enum FrameError {
     /// The message ends before the 4-byte opcode word does.
     #[error("frame is {len} bytes long, shorter than its 4-byte opcode")]
-    TooShort { len: usize },
+    TooShort {
+        /// Length of the message in bytes.
+        len: usize,
+    },
     /// The R bit is set but the message ends before the 4-byte request id.
     #[error("frame announces a request id but is only {len} bytes long")]
-    MissingRequestId { opcode: u32, len: usize },
+    MissingRequestId {
+        /// The opcode, so the error reply can name it.
+        opcode: u32,
+        /// Length of the message in bytes.
+        len: usize,
+    },
     /// One of the reserved bits 30..24 of the opcode word is set.
     #[error("reserved bits {bits:#010x} of the opcode word are set")]
     ReservedFlags {
+        /// The opcode, so the error reply can name it.
         opcode: u32,
+        /// The request id, if one was announced and present, for the reply.
         request_id: Option<u32>,
+        /// The reserved bits that were set, in place in the opcode word.
         bits: u32,
     },
 }

@@ -34,10 +34,13 @@ pub const MAX_LISTED_MEMBERS: usize = 1000;
 /// Why a subscription or membership change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HubError {
+    /// The session already has [`HubConfig::max_subscriptions`] patterns.
     #[error("at most {0} subscriptions per session")]
     TooManySubscriptions(usize),
+    /// The session is already in [`HubConfig::max_rooms`] rooms.
     #[error("at most {0} rooms per session")]
     TooManyRooms(usize),
+    /// The session has closed (or was never registered with this hub).
     #[error("session is not connected")]
     NotConnected,
 }
@@ -48,7 +51,9 @@ pub struct HubConfig {
     /// Per-topic queue policies; the first pattern covering a
     /// publication's topic wins, else the default (disconnect).
     pub policies: Vec<(Topic, DeliveryPolicy)>,
+    /// Subscriptions one session may hold at once (`--max-subscriptions`).
     pub max_subscriptions: usize,
+    /// Rooms one session may be in at once (`--max-rooms`).
     pub max_rooms: usize,
 }
 

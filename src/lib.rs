@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! wsproto: a WebSocket server for a binary opcode-framed command protocol.
 //!
 //! Every binary WebSocket message is one [`Frame`]: a 4-byte big-endian
@@ -16,7 +17,7 @@
 //! ```
 //!
 //! # Layout
-//! Data flows one way: socket → [`connection`] (read loop) → [`frame`]
+//! Data flows one way: socket → `connection` (read loop) → [`frame`]
 //! decode → [`router`] (opcode → [`handler`]) → [`handlers`] → [`node`] →
 //! [`broker`] → ([`BrokerEventHandler`](broker::BrokerEventHandler)) →
 //! [`hub`] → [`queue`] → the connection's writer → socket. Each module
@@ -29,42 +30,48 @@
 //!   [`queue`] (a session's bounded send queue), [`hub`] (this node's
 //!   sessions' queues, by id, user, topic and room), [`node`] (hub + broker
 //!   + counters: what handlers act through).
-//! - one connection: [`session`] (the handle handlers get), [`connection`]
-//!   (read loop, writer, heartbeat), [`rate`], [`read_ahead`].
+//! - one connection: [`session`] (the handle handlers get), `connection`
+//!   (read loop, writer, heartbeat), `rate`, `read_ahead`.
 //! - dispatch: [`handler`] (the contract), [`router`] (the table),
 //!   [`handlers`] (the protocol's own opcodes and the built-in examples).
-//! - the edge: [`server`] (HTTP, accept loop, shutdown), [`upgrade`],
-//!   [`auth`], [`origin`], [`limit`], [`tls`], [`api`] (the publish API),
-//!   [`metrics`], [`web`]; [`config`]: settings.
+//! - the edge: [`server`] (HTTP, accept loop, shutdown), `upgrade`, `auth`,
+//!   [`identity`], `origin`, `proxy`, `limit`, `tls`, `api` (the publish
+//!   API), `metrics`, `web`; [`config`]: settings.
+//!
+//! The modules in `code` without a link are private: a library user sets
+//! them up through [`Config`] and sees their effects through [`Server`].
+//! What is public is what a custom server needs (routers, handlers,
+//! sessions, frames, settings), what a handler acts through (node, hub,
+//! broker, queue, topics) and what a test or a fuzz target drives directly.
 
-pub mod api;
-pub mod auth;
+mod api;
+mod auth;
 pub mod broker;
 pub mod close;
 pub mod config;
-pub mod connection;
+mod connection;
 pub mod error;
 pub mod frame;
 pub mod handler;
 pub mod handlers;
 pub mod hub;
 pub mod identity;
-pub mod limit;
-pub mod metrics;
+mod limit;
+mod metrics;
 pub mod node;
 pub mod opcode;
-pub mod origin;
-pub mod proxy;
+mod origin;
+mod proxy;
 pub mod queue;
-pub mod rate;
-pub mod read_ahead;
+mod rate;
+mod read_ahead;
 pub mod router;
 pub mod server;
 pub mod session;
-pub mod tls;
+mod tls;
 pub mod topic;
-pub mod upgrade;
-pub mod web;
+mod upgrade;
+mod web;
 
 pub use close::CloseReason;
 pub use config::{Config, ListenAddr};
@@ -74,7 +81,7 @@ pub use handler::{Handler, HandlerResult, Reply};
 pub use hub::Hub;
 pub use node::Node;
 pub use router::Router;
-pub use server::{shutdown_signal, Server};
+pub use server::{shutdown_signal, Server, ServerError};
 pub use session::Session;
 pub use wsproto_proto as proto;
 

@@ -51,11 +51,13 @@ impl AddressLimit {
     }
 
     /// Sessions open from `ip`.
+    #[cfg(test)]
     pub fn open_from(&self, ip: IpAddr) -> usize {
         self.open().get(&group(ip)).copied().unwrap_or(0)
     }
 
     /// Addresses with at least one open session.
+    #[cfg(test)]
     pub fn addresses(&self) -> usize {
         self.open().len()
     }

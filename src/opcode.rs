@@ -69,6 +69,7 @@ pub enum PayloadKind {
 /// One opcode of the built-in protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpcodeSpec {
+    /// The opcode number (24 bits).
     pub code: u32,
     /// Upper-case name, as used in docs and logs.
     pub name: &'static str,

@@ -18,8 +18,12 @@ pub enum OriginPattern {
     /// `scheme://host[:port]`, where host may start with `*.` to match any
     /// subdomain (not the domain itself).
     Exact {
+        /// The scheme, lower-cased (`https`).
         scheme: String,
+        /// Lower-case host name, possibly starting with `*.`.
         host: String,
+        /// The port, if the pattern names one; `None` matches only an
+        /// origin without a port.
         port: Option<u16>,
     },
 }

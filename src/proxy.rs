@@ -106,11 +106,6 @@ impl TrustedProxies {
         self.networks.iter().any(|n| n.contains(ip))
     }
 
-    /// Whether any proxy is trusted at all.
-    pub fn is_empty(&self) -> bool {
-        self.networks.is_empty()
-    }
-
     /// The client's address for a request that came from `peer` with
     /// `headers`: `peer` itself unless it is a trusted proxy; otherwise the
     /// right-most untrusted hop of `Forwarded`, else of `X-Forwarded-For`,

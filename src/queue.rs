@@ -45,6 +45,7 @@ pub enum Overflow {
 /// How one topic's frames are treated in a session queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeliveryPolicy {
+    /// What happens to the topic's frames when the queue is full.
     pub overflow: Overflow,
     /// Never evicted or conflated; when the queue is full, droppable
     /// (drop-oldest, conflate) frames make room first.

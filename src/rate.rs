@@ -41,6 +41,7 @@ impl TokenBucket {
     }
 
     /// Takes one token now.
+    #[cfg(test)]
     pub fn take(&mut self) -> bool {
         self.take_at(Instant::now())
     }

@@ -40,7 +40,8 @@ impl<S> ReadAhead<S> {
         }
     }
 
-    /// Bytes read ahead and not yet taken; for tests and diagnostics.
+    /// Bytes read ahead and not yet taken; for tests.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.pending.len()
     }

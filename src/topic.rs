@@ -22,18 +22,25 @@ pub const MAX_SEGMENTS: usize = 16;
 /// Why a string is not a valid topic or pattern.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
+    /// The string is empty.
     #[error("topic is empty")]
     Empty,
+    /// Longer than [`MAX_TOPIC_LEN`] bytes.
     #[error("topic is longer than {MAX_TOPIC_LEN} bytes")]
     TooLong,
+    /// More than [`MAX_SEGMENTS`] dot-separated segments.
     #[error("topic has more than {MAX_SEGMENTS} segments")]
     TooManySegments,
+    /// Two dots in a row, or a leading or trailing dot.
     #[error("topic {0:?} has an empty segment")]
     EmptySegment(String),
+    /// A wildcard shares its segment with other characters (`a*`).
     #[error("topic {0:?}: wildcards `*` and `#` must be whole segments")]
     PartialWildcard(String),
+    /// `#` appears before the last segment.
     #[error("topic {0:?}: `#` may only be the last segment")]
     MisplacedHash(String),
+    /// Whitespace or a control character anywhere in the string.
     #[error("topic {0:?} contains whitespace or a control character")]
     InvalidCharacter(String),
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use common::{config, raw_handshake, TestServer};
+use common::{config, raw_handshake, refused_flag, TestServer};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use wsproto::{opcode, proto::v1, Config, ErrorCode};
@@ -332,22 +332,22 @@ async fn rs256_tokens_are_verified_with_a_public_key_file() {
     public_key_tokens_are_verified("rs256", Algorithm::RS256).await;
 }
 
-#[test]
-fn bad_key_settings_are_start_up_errors() {
-    let settings = wsproto::auth::AuthSettings {
-        secret: Some("s".into()),
-        public_key: Some("k.pem".into()),
-        ..Default::default()
+#[tokio::test]
+async fn bad_key_settings_are_start_up_errors() {
+    let both = Config {
+        jwt_secret: Some("s".into()),
+        jwt_public_key: Some("k.pem".into()),
+        ..config()
     };
-    assert!(wsproto::auth::Authenticator::from_settings(&settings).is_err());
-    let missing = wsproto::auth::AuthSettings {
-        public_key: Some("/nonexistent.pem".into()),
-        ..Default::default()
+    assert_eq!(refused_flag(both).await, Some("--jwt-secret"));
+    let missing = Config {
+        jwt_public_key: Some("/nonexistent.pem".into()),
+        ..config()
     };
-    assert!(wsproto::auth::Authenticator::from_settings(&missing).is_err());
-    let empty = wsproto::auth::AuthSettings {
-        secret: Some(String::new()),
-        ..Default::default()
+    assert_eq!(refused_flag(missing).await, Some("--jwt-public-key"));
+    let empty = Config {
+        jwt_secret: Some(String::new()),
+        ..config()
     };
-    assert!(wsproto::auth::Authenticator::from_settings(&empty).is_err());
+    assert_eq!(refused_flag(empty).await, Some("--jwt-secret"));
 }

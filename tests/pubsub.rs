@@ -282,10 +282,8 @@ async fn publish_api_refuses_bad_keys_and_bodies() {
         assert!(error.contains(reason), "{bad}: {error}");
     }
 
-    let huge = format!(
-        r#"{{"topic": "a", "data": "{}"}}"#,
-        "x".repeat(wsproto::api::MAX_BODY)
-    );
+    // PROTOCOL.md §11: a body over 1 MiB is refused with 413.
+    let huge = format!(r#"{{"topic": "a", "data": "{}"}}"#, "x".repeat(1024 * 1024));
     assert_eq!(server.publish_api(Some(API_KEY), &huge).await.0, 413);
     assert_eq!(
         server.publish_api(None, &huge).await.0,

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{config, TestServer};
+use common::{config, refused_flag, TestServer};
 use wsproto::{opcode, Config};
 use wsproto_client::{tls_config, Client, ClientError};
 
@@ -59,15 +59,23 @@ async fn wss_with_a_private_ca_and_refusal_without_it() {
     server.wait_for_sessions(0).await;
 }
 
-#[test]
-fn unusable_tls_files_are_start_up_errors() {
+#[tokio::test]
+async fn unusable_tls_files_are_start_up_errors() {
     let (cert, key) = certificate();
-    assert!(wsproto::tls::server_config(&cert, &key).is_ok());
+    let tls = |cert: &PathBuf, key: &PathBuf| Config {
+        tls_cert: Some(cert.clone()),
+        tls_key: Some(key.clone()),
+        ..config()
+    };
+    assert_eq!(refused_flag(tls(&cert, &key)).await, None);
     assert!(
-        wsproto::tls::server_config(&key, &cert).is_err(),
+        refused_flag(tls(&key, &cert)).await.is_some(),
         "swapped files"
     );
-    assert!(wsproto::tls::server_config(&cert, &PathBuf::from("/nonexistent")).is_err());
+    assert_eq!(
+        refused_flag(tls(&cert, &PathBuf::from("/nonexistent"))).await,
+        Some("--tls-key")
+    );
     assert!(
         matches!(tls_config(Some(&key)), Err(ClientError::Tls(_))),
         "a key is not a CA"

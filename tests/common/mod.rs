@@ -129,6 +129,17 @@ pub fn config() -> Config {
     }
 }
 
+/// The flag [`wsproto::Server::from_listener`] names when it refuses
+/// `config` as a start-up error; `None` when it accepts it.
+pub async fn refused_flag(config: Config) -> Option<&'static str> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    match wsproto::Server::from_listener(listener, config, handlers::builtin()) {
+        Ok(_) => None,
+        Err(wsproto::ServerError::Config { flag, .. }) => Some(flag),
+        Err(err) => panic!("not a configuration error: {err}"),
+    }
+}
+
 /// Asserts `frame` is an ERROR frame with `code` about `opcode`.
 pub fn assert_error(frame: &wsproto::Frame, code: wsproto::ErrorCode, opcode: u32) {
     let error = error_of(frame).unwrap_or_else(|| panic!("expected an error frame, got {frame:?}"));
