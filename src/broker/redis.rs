@@ -452,6 +452,30 @@ impl Shared {
         }
     }
 
+    /// Runs one Redis operation for at most `wait`. A failure or a timeout
+    /// is counted and marks the node degraded until an operation succeeds.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        wait: Duration,
+        operation: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(wait, operation).await {
+            Ok(Ok(value)) => {
+                self.succeeded();
+                Some(value)
+            }
+            Ok(Err(err)) => {
+                self.failed(what, &err);
+                None
+            }
+            Err(elapsed) => {
+                self.failed(what, &elapsed);
+                None
+            }
+        }
+    }
+
     async fn publish(&self, publication: Publication) -> Published {
         // Not subscribed (Redis was away and the subscription is not back
         // yet): Redis cannot bring this publication back to this node, so
@@ -498,20 +522,12 @@ impl Shared {
                 false => "",
             });
         let mut commands = self.commands.clone();
-        let result: Result<(u64, u64), _> = tokio::time::timeout(
-            self.settings.command_timeout,
-            invocation.invoke_async(&mut commands),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(redis::RedisError::from(std::io::Error::from(
-                std::io::ErrorKind::TimedOut,
-            )))
-        });
+        let wait = self.settings.command_timeout;
+        let published = invocation.invoke_async::<(u64, u64)>(&mut commands);
+        let published = self.bounded("publish", wait, published).await;
         let handler = self.handler();
-        match result {
-            Ok((seq, nodes)) => {
-                self.succeeded();
+        match published {
+            Some((seq, nodes)) => {
                 let Some(handler) = handler else {
                     return Published {
                         seq,
@@ -535,9 +551,8 @@ impl Shared {
                     },
                 }
             }
-            Err(err) => {
+            None => {
                 // Accepted, so delivered where it can be: on this node.
-                self.failed("publish", &err);
                 self.local_only.fetch_add(1, Ordering::Relaxed);
                 let sessions = handler.map_or(0, |h| h.handle_publication(&publication, 0));
                 Published {
@@ -588,16 +603,9 @@ impl Shared {
             }
             let mut commands = self.commands.clone();
             let wait = self.settings.command_timeout * 2;
-            match tokio::time::timeout(wait, pipe.query_async::<()>(&mut commands)).await {
-                Ok(Ok(())) => self.succeeded(),
-                Ok(Err(err)) => {
-                    self.failed("interest", &err);
-                    return false;
-                }
-                Err(elapsed) => {
-                    self.failed("interest", &elapsed);
-                    return false;
-                }
+            let written = pipe.query_async::<()>(&mut commands);
+            if self.bounded("interest", wait, written).await.is_none() {
+                return false;
             }
         }
         true
@@ -628,7 +636,7 @@ impl Shared {
         &self,
         script: &redis::Script,
         args: &[&str],
-    ) -> Result<T, String> {
+    ) -> Option<T> {
         let mut invocation = script.prepare_invoke();
         invocation
             .arg(&self.settings.prefix)
@@ -637,25 +645,9 @@ impl Shared {
             invocation.arg(*arg);
         }
         let mut commands = self.commands.clone();
-        match tokio::time::timeout(
-            self.settings.command_timeout,
-            invocation.invoke_async(&mut commands),
-        )
-        .await
-        {
-            Ok(Ok(value)) => {
-                self.succeeded();
-                Ok(value)
-            }
-            Ok(Err(err)) => {
-                self.failed("presence", &err);
-                Err(err.to_string())
-            }
-            Err(elapsed) => {
-                self.failed("presence", &elapsed);
-                Err(elapsed.to_string())
-            }
-        }
+        let wait = self.settings.command_timeout;
+        self.bounded("presence", wait, invocation.invoke_async(&mut commands))
+            .await
     }
 
     /// Records a change and announces it to every node with members in the room.
@@ -675,7 +667,7 @@ impl Shared {
             user_id.unwrap_or_default(),
             ttl.as_str(),
         ];
-        let Ok(count) = self
+        let Some(count) = self
             .presence_script::<u64>(&self.presence_write, &args)
             .await
         else {
@@ -705,29 +697,13 @@ impl Shared {
             .arg("")
             .arg("");
         let mut commands = self.commands.clone();
-        let sent: Result<Result<(u64, u64), _>, _> = tokio::time::timeout(
-            self.settings.command_timeout,
-            invocation.invoke_async(&mut commands),
-        )
-        .await;
-        match sent {
-            Ok(Ok(_)) => true,
-            Ok(Err(err)) => {
-                self.failed("presence", &err);
-                false
-            }
-            Err(elapsed) => {
-                self.failed("presence", &elapsed);
-                false
-            }
-        }
+        let wait = self.settings.command_timeout;
+        let sent = invocation.invoke_async::<(u64, u64)>(&mut commands);
+        self.bounded("presence", wait, sent).await.is_some()
     }
 
     async fn room_members(&self, room: &str) -> Option<RoomMembers> {
-        let reply: Vec<String> = self
-            .presence_script(&self.presence_read, &[room])
-            .await
-            .ok()?;
+        let reply: Vec<String> = self.presence_script(&self.presence_read, &[room]).await?;
         let (count, pairs) = reply.split_first()?;
         let members = pairs
             .chunks(2)
@@ -760,21 +736,10 @@ impl Shared {
         let pn = self.key(&format!("pn:{node}"));
         let mut commands = self.commands.clone();
         let wait = self.settings.command_timeout * 2;
-        let held: Result<Result<Vec<String>, _>, _> = tokio::time::timeout(
-            wait,
-            redis::cmd("SMEMBERS").arg(&pn).query_async(&mut commands),
-        )
-        .await;
-        let held = match held {
-            Ok(Ok(held)) => held,
-            Ok(Err(err)) => {
-                self.failed("presence", &err);
-                return false;
-            }
-            Err(elapsed) => {
-                self.failed("presence", &elapsed);
-                return false;
-            }
+        let mut members = redis::cmd("SMEMBERS");
+        let held = members.arg(&pn).query_async::<Vec<String>>(&mut commands);
+        let Some(held) = self.bounded("presence", wait, held).await else {
+            return false;
         };
         let stale: Vec<&String> = held
             .iter()
@@ -805,22 +770,13 @@ impl Shared {
         if !rooms.is_empty() {
             pipe.expire(&pn, ttl).ignore();
         }
-        match tokio::time::timeout(wait, pipe.query_async::<()>(&mut commands)).await {
-            Ok(Ok(())) => true,
-            Ok(Err(err)) => {
-                self.failed("presence", &err);
-                false
-            }
-            Err(elapsed) => {
-                self.failed("presence", &elapsed);
-                false
-            }
-        }
+        let written = pipe.query_async::<()>(&mut commands);
+        self.bounded("presence", wait, written).await.is_some()
     }
 
     /// Removes `node`'s members and announces them gone.
     async fn sweep_node(&self, node: &str) {
-        let Ok(removed) = self
+        let Some(removed) = self
             .presence_script::<Vec<String>>(&self.sweep, &[node])
             .await
         else {
@@ -854,27 +810,17 @@ async fn subscription_loop(shared: Arc<Shared>, interest_ops: mpsc::Sender<Inter
         if shared.handler().is_none() {
             return; // the node is gone
         }
-        let connected = tokio::time::timeout(shared.settings.command_timeout * 2, async {
+        let connect = async {
             let pubsub = shared.client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             sink.subscribe(&channels).await?;
-            Ok::<_, redis::RedisError>((sink, stream))
-        })
-        .await;
-        let (sink, mut stream) = match connected {
-            Ok(Ok(halves)) => halves,
-            Ok(Err(err)) => {
-                shared.failed("subscribe", &err);
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-                continue;
-            }
-            Err(elapsed) => {
-                shared.failed("subscribe", &elapsed);
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-                continue;
-            }
+            Ok((sink, stream))
+        };
+        let wait = shared.settings.command_timeout * 2;
+        let Some((sink, mut stream)) = shared.bounded("subscribe", wait, connect).await else {
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+            continue;
         };
         backoff = Duration::from_millis(50);
         if !first {
@@ -1032,22 +978,11 @@ async fn liveness_loop(shared: Arc<Shared>) {
         pipe.zrangebyscore(&nodes, 0, now_ms.saturating_sub(ttl.as_millis() as u64));
         let mut commands = shared.commands.clone();
         let wait = shared.settings.command_timeout * 2;
-        let quiet: Vec<String> =
-            match tokio::time::timeout(wait, pipe.query_async::<(Vec<String>,)>(&mut commands))
-                .await
-            {
-                Ok(Ok((quiet,))) => quiet,
-                Ok(Err(err)) => {
-                    shared.failed("liveness", &err);
-                    suspects.clear();
-                    continue;
-                }
-                Err(elapsed) => {
-                    shared.failed("liveness", &elapsed);
-                    suspects.clear();
-                    continue;
-                }
-            };
+        let said = pipe.query_async::<(Vec<String>,)>(&mut commands);
+        let Some((quiet,)) = shared.bounded("liveness", wait, said).await else {
+            suspects.clear();
+            continue;
+        };
         if !swept_self {
             shared.sweep_node(&node).await;
             swept_self = true;
@@ -1061,18 +996,14 @@ async fn liveness_loop(shared: Arc<Shared>) {
             if *strikes < 2 {
                 continue;
             }
-            let claim: Result<Result<Option<String>, _>, _> = tokio::time::timeout(
-                wait,
-                redis::cmd("SET")
-                    .arg(shared.key(&format!("sweep:{other}")))
-                    .arg(&node)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(10_000)
-                    .query_async(&mut commands),
-            )
-            .await;
-            if let Ok(Ok(Some(_))) = claim {
+            let mut set = redis::cmd("SET");
+            set.arg(shared.key(&format!("sweep:{other}")))
+                .arg(&node)
+                .arg("NX")
+                .arg("PX")
+                .arg(10_000);
+            let claim = set.query_async::<Option<String>>(&mut commands);
+            if let Some(Some(_)) = shared.bounded("liveness", wait, claim).await {
                 shared.sweep_node(&other).await;
             }
             suspects.remove(&other);
