@@ -8,6 +8,11 @@
 //! session is closed as a slow consumer (1008) and what was pending is
 //! freed; topics may instead drop their oldest frames or keep only their
 //! newest, and critical topics are evicted last.
+//!
+//! Replies to the client's own requests are held back differently: while
+//! the queue is [backlogged](SessionQueue::is_backlogged) the session's
+//! reader stops reading the socket, so a client that pipelines faster than
+//! it reads is slowed down by TCP rather than closed.
 
 use std::{collections::VecDeque, fmt, str::FromStr, sync::Arc};
 
@@ -121,6 +126,9 @@ pub struct SessionQueue {
 struct Inner {
     state: std::sync::Mutex<State>,
     wake: Notify,
+    /// Notified when the writer takes frames, for a reader held back by a
+    /// backlog.
+    drained: Notify,
     /// Cancelled once a close reason is set, for whoever waits on that.
     closing: CancellationToken,
     capacity: usize,
@@ -165,6 +173,7 @@ impl SessionQueue {
             inner: Arc::new(Inner {
                 state: std::sync::Mutex::new(State::default()),
                 wake: Notify::new(),
+                drained: Notify::new(),
                 closing: CancellationToken::new(),
                 capacity: capacity.max(1),
                 max_bytes,
@@ -251,6 +260,7 @@ impl SessionQueue {
                     state.close = Some(CloseReason::SLOW_CONSUMER);
                     drop(state);
                     self.inner.wake.notify_one();
+                    self.inner.drained.notify_one();
                     self.inner.closing.cancel();
                     return Err(PushError::Full);
                 }
@@ -278,6 +288,7 @@ impl SessionQueue {
         state.close = Some(reason);
         drop(state);
         self.inner.wake.notify_one();
+        self.inner.drained.notify_one();
         self.inner.closing.cancel();
         true
     }
@@ -307,23 +318,56 @@ impl SessionQueue {
         self.len() == 0
     }
 
+    /// True when more than half the queue is taken, in frames or in bytes.
+    /// The session's reader then reads no further request until the writer
+    /// has drained it: each request adds at most about one reply, so
+    /// replies alone never fill the queue, and the other half stays free
+    /// for pushes.
+    pub fn is_backlogged(&self) -> bool {
+        self.backlogged(&self.state())
+    }
+
+    fn backlogged(&self, state: &State) -> bool {
+        state.frames.len() > self.inner.capacity / 2 || state.bytes > self.inner.max_bytes / 2
+    }
+
+    /// Completes once the queue is no longer
+    /// [backlogged](SessionQueue::is_backlogged) or is closing. Only the
+    /// session's reader calls this; the wait is as long as the writer takes
+    /// to write, which its write timeout bounds.
+    pub async fn backlog_drained(&self) {
+        loop {
+            // notify_one stores a permit when nobody waits, so a drain
+            // between this check and the wait is not missed.
+            {
+                let state = self.state();
+                if !self.backlogged(&state) || state.close.is_some() {
+                    return;
+                }
+            }
+            self.inner.drained.notified().await;
+        }
+    }
+
     /// Waits for work: moves up to `max` pending frames into `out`, or, once
     /// none are left and the queue is closing, returns the close reason.
     /// Only the session's writer calls this.
     pub async fn next_batch(&self, out: &mut Vec<Bytes>, max: usize) -> Batch {
         loop {
             {
-                let mut state = self.state();
-                if !state.frames.is_empty() {
-                    let n = state.frames.len().min(max.max(1));
-                    let state = &mut *state;
+                let mut guard = self.state();
+                if !guard.frames.is_empty() {
+                    let n = guard.frames.len().min(max.max(1));
+                    let state = &mut *guard;
                     for entry in state.frames.drain(..n) {
                         state.bytes -= entry.frame.len();
                         out.push(entry.frame);
                     }
+                    drop(guard);
+                    self.inner.drained.notify_one();
                     return Batch::Frames;
                 }
-                if let Some(reason) = state.close {
+                if let Some(reason) = guard.close {
                     return Batch::Close(reason);
                 }
             }
@@ -352,6 +396,38 @@ mod tests {
             queue.next_batch(&mut out, 16).await,
             Batch::Close(CloseReason::GOING_AWAY)
         );
+    }
+
+    #[tokio::test]
+    async fn past_half_full_is_a_backlog_until_the_writer_takes_frames() {
+        let queue = SessionQueue::with_limits(4, 100);
+        for _ in 0..2 {
+            queue.push(Bytes::from_static(b"x")).unwrap();
+        }
+        assert!(!queue.is_backlogged(), "half is not past half");
+        queue.push(Bytes::from_static(b"x")).unwrap();
+        assert!(queue.is_backlogged(), "3 of 4 frames");
+        let drained = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.backlog_drained().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished());
+        let mut out = Vec::new();
+        assert_eq!(queue.next_batch(&mut out, 1).await, Batch::Frames);
+        tokio::time::timeout(std::time::Duration::from_secs(5), drained)
+            .await
+            .expect("woken by the writer")
+            .unwrap();
+
+        let bytes = SessionQueue::with_limits(100, 100);
+        bytes.push(Bytes::from(vec![0u8; 51])).unwrap();
+        assert!(bytes.is_backlogged(), "51 of 100 bytes");
+        bytes.close(CloseReason::GOING_AWAY);
+        let closing = bytes.backlog_drained();
+        tokio::time::timeout(std::time::Duration::from_secs(5), closing)
+            .await
+            .expect("a closing queue holds no reader back");
     }
 
     #[tokio::test]

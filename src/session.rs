@@ -242,8 +242,9 @@ impl Session {
         self.inner.connected_at.elapsed().saturating_sub(last)
     }
 
-    /// Marks whether a handler is running for this session (the client
-    /// cannot show it is alive meanwhile: the reader is not reading).
+    /// Marks whether a handler is running for this session, or its reader is
+    /// held back by a backlog of replies (the client cannot show it is alive
+    /// meanwhile: the reader is not reading).
     pub(crate) fn set_handling(&self, handling: bool) {
         self.inner.handling.store(handling, Ordering::Relaxed);
     }

@@ -7,6 +7,11 @@
 //! session's bounded [`SessionQueue`](crate::queue::SessionQueue), so a
 //! client that stops reading fills its own queue and is closed; it never
 //! blocks a producer.
+//!
+//! The one exception is the client itself: while its queue is backlogged
+//! the reader reads nothing more from it, so a client that pipelines
+//! requests faster than it reads the replies is slowed down by TCP instead
+//! of overflowing its queue.
 
 mod writer;
 
@@ -95,6 +100,12 @@ pub(crate) async fn run<S>(
         if close_deadline.is_none() && queue.close_reason().is_some() {
             close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
         }
+        // Replies are queued past the bound: read nothing more until the
+        // writer has taken them, so TCP holds the client back. Each request
+        // adds about one reply, so replies alone never fill the queue. The
+        // client cannot show it is alive meanwhile, as while a handler runs.
+        let held_back = close_deadline.is_none() && queue.is_backlogged();
+        session.set_handling(held_back);
         let message = tokio::select! {
             biased;
             _ = &mut terminated => break,
@@ -108,7 +119,12 @@ pub(crate) async fn run<S>(
                 continue;
             }
             _ = sleep_until(close_deadline), if close_deadline.is_some() => break,
-            message = stream.next() => message,
+            _ = queue.backlog_drained(), if held_back => {
+                // The writer is getting the replies through: the client is reading.
+                session.touch();
+                continue;
+            }
+            message = stream.next(), if !held_back => message,
         };
         match message {
             None => break,
