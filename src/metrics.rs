@@ -32,9 +32,10 @@ pub struct Counters {
     pub rate_limited_frames: Counter,
     /// Requests refused with LIMIT_EXCEEDED (subscriptions, rooms, friends).
     pub limit_exceeded: Counter,
-    /// Sessions closed for flooding (1008 rate limit exceeded).
+    /// Sessions closed for flooding (4002 rate limit exceeded).
     pub closed_rate_limit: Counter,
-    /// Sessions closed as slow consumers (1008 send queue full).
+    /// Sessions closed as slow consumers (1008 send queue full, or a write
+    /// slower than --write-timeout).
     pub closed_slow_consumer: Counter,
     /// Sessions closed for an oversized message (1009).
     pub closed_message_too_big: Counter,
@@ -44,22 +45,40 @@ pub struct Counters {
     pub dropped_frames: Counter,
 }
 
-/// A point-in-time copy of [`Counters`].
+/// A point-in-time copy of the node's counters: what `/healthz` reports
+/// under `limits`, and what tests assert on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CounterSnapshot {
+    /// Upgrades refused: origin not allowed (403).
     pub refused_origin: u64,
+    /// Upgrades refused: missing or invalid credentials (401).
     pub refused_auth: u64,
+    /// Upgrades refused: per-address cap (429).
     pub refused_per_address: u64,
+    /// Upgrades refused: connection cap or shutdown (503).
     pub refused_capacity: u64,
+    /// Times the accept loop waited because --max-handshakes connections
+    /// were still plain HTTP.
     pub handshakes_full: u64,
+    /// Connections closed at once: their address already had
+    /// --max-handshakes-per-ip connections not yet upgraded.
     pub refused_handshakes_per_address: u64,
+    /// HTTP connections closed for not upgrading in time (slowloris, idle).
     pub closed_handshake_timeout: u64,
+    /// Frames refused with RATE_LIMITED.
     pub rate_limited_frames: u64,
+    /// Requests refused with LIMIT_EXCEEDED (subscriptions, rooms, friends).
     pub limit_exceeded: u64,
+    /// Sessions closed for flooding (4002 rate limit exceeded).
     pub closed_rate_limit: u64,
+    /// Sessions closed as slow consumers (1008 send queue full, or a write
+    /// slower than --write-timeout).
     pub closed_slow_consumer: u64,
+    /// Sessions closed for an oversized message (1009).
     pub closed_message_too_big: u64,
+    /// Sessions closed for silence (4000).
     pub closed_heartbeat: u64,
+    /// Frames dropped or conflated away by slow-consumer policies.
     pub dropped_frames: u64,
 }
 

@@ -25,6 +25,8 @@ use crate::{
     topic::Topic,
 };
 
+pub use crate::metrics::CounterSnapshot;
+
 /// A node of a deployment; cheap to clone.
 #[derive(Clone)]
 pub struct Node {
@@ -107,8 +109,14 @@ impl Node {
     }
 
     /// Counts of the limits that tripped on this node.
-    pub fn counters(&self) -> &Counters {
+    pub(crate) fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+
+    /// A copy of this node's counts of the limits that tripped (refused
+    /// upgrades, rate-limited frames, slow consumers, ...).
+    pub fn counter_snapshot(&self) -> CounterSnapshot {
+        self.inner.counters.snapshot()
     }
 
     /// How long this node has been up.

@@ -100,7 +100,7 @@ async fn missing_or_invalid_tokens_get_401_before_any_upgrade() {
         }
     }
     assert!(server.hub.is_empty(), "nothing was registered");
-    assert_eq!(server.node.counters().snapshot().refused_auth, 7);
+    assert_eq!(server.node.counter_snapshot().refused_auth, 7);
 }
 
 #[tokio::test]

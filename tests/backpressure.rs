@@ -94,7 +94,7 @@ async fn a_client_that_pipelines_faster_than_it_reads_is_slowed_not_closed() {
         panic!("{last:?}");
     };
     assert_eq!(Frame::decode(last).unwrap().request_id, Some(REQUESTS + 1));
-    assert_eq!(server.node.counters().snapshot().closed_slow_consumer, 0);
+    assert_eq!(server.node.counter_snapshot().closed_slow_consumer, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +130,7 @@ async fn a_client_held_back_that_does_not_read_pushes_is_still_a_slow_consumer()
         publisher.publish("feed", data.clone()).await.unwrap();
         published += 1;
     }
-    assert_eq!(server.node.counters().snapshot().closed_slow_consumer, 1);
+    assert_eq!(server.node.counter_snapshot().closed_slow_consumer, 1);
     // The publisher is unaffected.
     assert_eq!(
         publisher.call(opcode::ECHO, "alive").await.unwrap().payload,
@@ -161,6 +161,6 @@ async fn a_client_held_back_that_stops_reading_is_closed_by_the_write_timeout() 
     // Its replies fill the socket, the writer's write times out and the
     // session ends: being held back is not a way to stay open forever.
     server.wait_for_sessions(0).await;
-    assert_eq!(server.node.counters().snapshot().closed_slow_consumer, 1);
+    assert_eq!(server.node.counter_snapshot().closed_slow_consumer, 1);
     pipeline.abort();
 }

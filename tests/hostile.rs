@@ -64,10 +64,7 @@ async fn slowloris_connections_are_dropped_after_the_handshake_timeout() {
     read_until_closed(&mut partial, Duration::from_secs(5)).await;
     read_until_closed(&mut silent, Duration::from_secs(5)).await;
     assert!(started.elapsed() >= Duration::from_millis(450));
-    assert_eq!(
-        server.node.counters().snapshot().closed_handshake_timeout,
-        2
-    );
+    assert_eq!(server.node.counter_snapshot().closed_handshake_timeout, 2);
     still_serving(&server).await;
     server.wait_for_sessions(0).await;
 }

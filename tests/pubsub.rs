@@ -356,7 +356,7 @@ async fn subscriptions_are_capped_and_bad_connect_urls_are_refused() {
         .request(opcode::GET_INFO, &v1::InfoRequest::default())
         .await
         .unwrap();
-    assert_eq!(server.node.counters().snapshot().limit_exceeded, 1);
+    assert_eq!(server.node.counter_snapshot().limit_exceeded, 1);
     assert_eq!(info.session.unwrap().subscriptions, ["a"]);
     client.subscribe(&["b"]).await.unwrap();
 

@@ -26,7 +26,7 @@ async fn browser_origins_are_same_origin_only_unless_allowed() {
         }
     }
     server.wait_for_sessions(0).await;
-    assert_eq!(server.node.counters().snapshot().refused_origin, 6);
+    assert_eq!(server.node.counter_snapshot().refused_origin, 6);
 
     let allowing = TestServer::start(Config {
         allowed_origins: vec![
@@ -60,7 +60,7 @@ async fn connections_per_address_are_capped_with_429() {
     let (_, _second) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
     let (status, _) = raw_handshake(server.addr, "/ws", &[], Some(local)).await;
     assert_eq!(status, 429);
-    assert_eq!(server.node.counters().snapshot().refused_per_address, 1);
+    assert_eq!(server.node.counter_snapshot().refused_per_address, 1);
     let (status, _another_host) = raw_handshake(server.addr, "/ws", &[], Some(other)).await;
     assert_eq!(status, 101, "another address has its own allowance");
 
@@ -119,7 +119,7 @@ async fn a_frame_flood_gets_rate_limited_then_closed_with_4002() {
         "fine"
     );
     server.wait_for_sessions(1).await;
-    let counters = server.node.counters().snapshot();
+    let counters = server.node.counter_snapshot();
     assert_eq!(counters.closed_rate_limit, 1);
     assert!(counters.rate_limited_frames > 5, "{counters:?}");
 }
@@ -173,7 +173,7 @@ async fn a_steady_flood_that_gets_a_frame_through_now_and_then_is_still_closed()
     flood.abort();
     assert_eq!(close, Some(4002));
     assert!(echoes > 50, "frames within the limit were served: {echoes}");
-    let refused = server.node.counters().snapshot().rate_limited_frames;
+    let refused = server.node.counter_snapshot().rate_limited_frames;
     assert!(
         u64::from(refusals) < refused,
         "not every refusal costs an error frame: {refusals} of {refused}"
@@ -181,7 +181,7 @@ async fn a_steady_flood_that_gets_a_frame_through_now_and_then_is_still_closed()
     // PROTOCOL.md §5: only the first 10 refusals in each second are answered.
     assert!(refusals <= 2 * 10, "{refusals}");
     server.wait_for_sessions(0).await;
-    assert_eq!(server.node.counters().snapshot().closed_rate_limit, 1);
+    assert_eq!(server.node.counter_snapshot().closed_rate_limit, 1);
 }
 
 #[tokio::test]
@@ -209,7 +209,7 @@ async fn connections_not_yet_upgraded_are_capped_before_accept() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "served past the handshake cap");
-    assert!(server.node.counters().snapshot().handshakes_full >= 1);
+    assert!(server.node.counter_snapshot().handshakes_full >= 1);
 
     drop(idle);
     let mut client = tokio::time::timeout(Duration::from_secs(5), waiting)
@@ -258,8 +258,7 @@ async fn one_address_cannot_hold_every_handshake_slot() {
     assert_eq!(
         server
             .node
-            .counters()
-            .snapshot()
+            .counter_snapshot()
             .refused_handshakes_per_address,
         1
     );

@@ -104,7 +104,7 @@ async fn disconnect_policy_closes_the_stuck_client_and_the_rest_get_everything()
     // Only the stuck one is gone.
     server.wait_for_sessions(2).await;
     assert!(server.hub.sessions_of_user("stuck").is_empty());
-    assert_eq!(server.node.counters().snapshot().closed_slow_consumer, 1);
+    assert_eq!(server.node.counter_snapshot().closed_slow_consumer, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
