@@ -28,6 +28,20 @@ fn echo(id: u32) -> Message {
     )
 }
 
+/// Connects to `url` and sends ECHO requests, never reading a reply, until
+/// all are sent or the connection fails; the task holds the connection.
+async fn pipeline_without_reading(url: String) -> tokio::task::JoinHandle<()> {
+    let (ws, _) = connect_async(url).await.unwrap();
+    let (mut sink, _) = ws.split();
+    tokio::spawn(async move {
+        for id in 1..=REQUESTS {
+            if sink.feed(echo(id)).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_pipelines_faster_than_it_reads_is_slowed_not_closed() {
     let server = TestServer::start(Config {
@@ -109,17 +123,9 @@ async fn a_client_held_back_that_does_not_read_pushes_is_still_a_slow_consumer()
     })
     .await;
     let url = format!("{}?user=stuck&subscribe=feed", server.url());
-    let (stuck, _) = connect_async(url).await.unwrap();
-    let (mut sink, _stream) = stuck.split();
     // It pipelines requests and never reads anything, so the server stops
     // reading it once its replies are queued.
-    let pipeline = tokio::spawn(async move {
-        for id in 1..=REQUESTS {
-            if sink.feed(echo(id)).await.is_err() {
-                break;
-            }
-        }
-    });
+    let pipeline = pipeline_without_reading(url).await;
     server.wait_for_sessions(1).await;
 
     let mut publisher = server.client().await;
@@ -148,15 +154,7 @@ async fn a_client_held_back_that_stops_reading_is_closed_by_the_write_timeout() 
         ..config()
     })
     .await;
-    let (stuck, _) = connect_async(server.url()).await.unwrap();
-    let (mut sink, _stream) = stuck.split();
-    let pipeline = tokio::spawn(async move {
-        for id in 1..=REQUESTS {
-            if sink.feed(echo(id)).await.is_err() {
-                break;
-            }
-        }
-    });
+    let pipeline = pipeline_without_reading(server.url()).await;
     server.wait_for_sessions(1).await;
     // Its replies fill the socket, the writer's write times out and the
     // session ends: being held back is not a way to stay open forever.
