@@ -74,6 +74,9 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(%addr, "wsproto-server listening");
+    for also in server.local_addrs().iter().skip(1) {
+        tracing::info!(addr = %also, "also listening");
+    }
     let (page, websocket) = urls(addr, tls, &ws_path);
     tracing::info!("demo page: {page} · WebSocket endpoint: {websocket}");
     match server.run(shutdown).await {

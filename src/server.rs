@@ -35,7 +35,7 @@ use crate::{
     auth::{AuthConfigError, AuthError, Authenticator},
     broker::{Broker, BrokerStatus, MemoryBroker, RedisBroker, RedisSettings},
     close::{self, CloseReason},
-    config::BrokerChoice,
+    config::{BrokerChoice, ListenAddr},
     connection, handlers,
     hub::HubConfig,
     identity::Identity,
@@ -115,7 +115,7 @@ impl From<ServerError> for io::Error {
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
-    listener: TcpListener,
+    listeners: Listeners,
     state: AppState,
 }
 
@@ -181,7 +181,27 @@ impl Server {
                 },
             }
         })?;
-        Server::from_listener(listener, config, router)
+        // Insecure mode on `:PORT` serves loopback: IPv6's too, so that
+        // `localhost` works wherever it resolves to ::1 first. Skipped
+        // where the machine has no IPv6 loopback.
+        let also_ipv6 = match (&config.listen, listener.local_addr()) {
+            (ListenAddr::AnyInterface(_), Ok(v4))
+                if config.is_insecure() && !config.insecure_allow_remote =>
+            {
+                let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, v4.port()));
+                match ListenAddr::Socket(v6).bind(config.listen_backlog).await {
+                    Ok(listener) => Some(listener),
+                    Err(err) => {
+                        debug!(%err, "not listening on {v6}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let mut server = Server::from_listener(listener, config, router)?;
+        server.listeners.0.extend(also_ipv6);
+        Ok(server)
     }
 
     /// Serves `router` on an already-bound listener (`config.listen` is
@@ -295,15 +315,23 @@ impl Server {
             tasks: TaskTracker::new(),
             ws_config,
         };
-        Ok(Server { listener, state })
+        let listeners = Listeners(vec![listener]);
+        Ok(Server { listeners, state })
     }
 
-    /// The address the server listens on.
+    /// The address the server listens on (the first, when insecure mode
+    /// serves both IPv4 and IPv6 loopback).
     ///
     /// # Errors
     /// As [`TcpListener::local_addr`].
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners.0[0].local_addr()
+    }
+
+    /// Every address the server listens on.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let addrs = self.listeners.0.iter().map(TcpListener::local_addr);
+        addrs.filter_map(Result::ok).collect()
     }
 
     /// Publishes through `broker` instead of the default in-process
@@ -337,7 +365,10 @@ impl Server {
     /// # Errors
     /// None at present; the signature leaves room for fatal listener errors.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let Server { listener, state } = self;
+        let Server {
+            listeners: listener,
+            state,
+        } = self;
         let app = axum::Router::new()
             // any(): the upgrade itself answers a non-GET with 405 and a reason.
             .route(&state.config.ws_path, any(protocol_endpoint))
@@ -481,6 +512,24 @@ impl Server {
         drop(listener);
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// The sockets a server accepts on: one, or IPv4 and IPv6 loopback.
+struct Listeners(Vec<TcpListener>);
+
+impl Listeners {
+    /// The next connection on any of them.
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        std::future::poll_fn(|cx| {
+            for listener in &self.0 {
+                if let std::task::Poll::Ready(accepted) = listener.poll_accept(cx) {
+                    return std::task::Poll::Ready(accepted);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 }
 

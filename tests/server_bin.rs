@@ -67,6 +67,16 @@ async fn go_style_listen_address_serves_loopback_in_insecure_mode() {
     assert_eq!(reply.opcode, opcode::ADD_FRIEND);
     let added: v1::FriendAdded = prost::Message::decode(reply.payload).unwrap();
     assert_eq!(added.name, "我们都好");
+    // IPv6 loopback too (`localhost` may resolve to ::1 first), where the
+    // machine has it.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let mut v6 = Client::connect(&format!("ws://[::1]:{port}/ws"))
+            .await
+            .expect("insecure mode serves ::1 too");
+        v6.welcome().await.unwrap();
+    } else {
+        eprintln!("no IPv6 loopback on this machine; ::1 not checked");
+    }
 
     signal(&child, "-TERM");
     match client.recv_timeout(Duration::from_secs(5)).await {
