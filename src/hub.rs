@@ -545,7 +545,18 @@ impl BrokerEventHandler for Inner {
     }
 
     fn recipients(&self, target: &Target) -> usize {
-        self.recipients(target).len()
+        // Counted, not listed: no queue handle is cloned for a count.
+        let state = self.read();
+        match target {
+            Target::Topic(topic) => state.topics.matching(topic).len(),
+            Target::Room { room, exclude } => state.rooms.get(room).map_or(0, |members| {
+                let excluded = exclude.as_ref().is_some_and(|id| members.contains_key(id));
+                members.len() - usize::from(excluded)
+            }),
+            Target::User(user) => state.users.get(user).map_or(0, HashSet::len),
+            Target::Session(id) => usize::from(state.sessions.contains_key(&**id)),
+            Target::Broadcast => state.sessions.len(),
+        }
     }
 
     fn handle_presence(&self, change: &PresenceChange) {

@@ -57,6 +57,8 @@ async fn three_nodes_behave_as_one_server() {
     let mut publisher = a.client("user=pub").await;
     let published = publisher.publish("alarm.fire.b3", "smoke").await.unwrap();
     assert_eq!((published.seq, published.nodes), (1, 3), "{published:?}");
+    // `sessions` counts the publishing node's own recipients.
+    assert_eq!(published.sessions, 1, "{published:?}");
     for client in [&mut on_a, &mut on_b, &mut on_c] {
         let delivery = client.delivery(WAIT).await.unwrap();
         assert_eq!(
@@ -116,7 +118,7 @@ async fn three_nodes_behave_as_one_server() {
     ann.join("lobby", false).await.unwrap();
     cat.join("lobby", false).await.unwrap();
     let said = ann.say("lobby", "hello", false).await.unwrap();
-    assert_eq!((said.seq, said.nodes), (1, 2));
+    assert_eq!((said.seq, said.nodes, said.sessions), (1, 2, 0), "{said:?}");
     let heard = cat.delivery(WAIT).await.unwrap();
     assert_eq!((heard.room.as_str(), heard.seq), ("lobby", 1));
     assert_quiet(&mut ann).await;

@@ -884,7 +884,8 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
                 None => return,
             },
             _ = refresh.tick() => InterestOp::Refresh,
-            _ = sleep_until(retry) => InterestOp::Refresh,
+            _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)),
+                if retry.is_some() => InterestOp::Refresh,
         };
         retry = None;
         if shared.handler().is_none() {
@@ -933,13 +934,6 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
