@@ -34,6 +34,10 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what nginx made of it.
+        if std::thread::panicking() {
+            eprintln!("nginx error log:\n{}", self.error_log());
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -259,9 +263,11 @@ async fn a_node_shutting_down_reaches_the_client_through_nginx_as_1001_and_it_re
         }
         other => panic!("expected close 1001 through nginx, got {other:?}"),
     }
-    // Reconnecting right away lands on the node still up: nginx skips the
-    // draining one (503) or the stopped one (refused).
-    let mut again = Client::connect(&url).await.unwrap();
+    // Reconnecting lands on the node still up: nginx skips the draining
+    // one (503) or the stopped one (refused). Like any client, this one
+    // retries a refused upgrade with back-off; it must get in well within
+    // the upstreams' fail_timeout.
+    let mut again = reconnect(&url, Duration::from_secs(4)).await;
     again.welcome().await.unwrap();
     assert_eq!(
         again.call(opcode::ECHO, "back").await.unwrap().payload,
@@ -270,4 +276,22 @@ async fn a_node_shutting_down_reaches_the_client_through_nginx_as_1001_and_it_re
     assert_eq!(nodes[0].hub.len(), 1);
     stopping.await.unwrap().unwrap();
     drop(nginx);
+}
+
+/// Connects to `url`, retrying refused upgrades (nginx answers 502 or 503
+/// while it has no node to offer) with back-off for up to `within`.
+async fn reconnect(url: &str, within: Duration) -> Client {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match Client::connect(url).await {
+            Ok(client) => return client,
+            Err(err) if tokio::time::Instant::now() + pause < deadline => {
+                eprintln!("reconnect refused ({err}); retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(err) => panic!("no node took the reconnect within {within:?}: {err}"),
+        }
+    }
 }
