@@ -7,7 +7,9 @@
 //! one node or many, the hub being the node's [`BrokerEventHandler`].
 //! Delivery encodes the frame once and shares the bytes; the index lock is
 //! held only to list recipients, never while queuing to them, and a queue
-//! push never waits, so one slow client cannot delay the others.
+//! push never waits, so one slow client cannot delay the others. Large
+//! recipient lists are kept between publications until the indexes change,
+//! so the fan-out to a stable audience is one walk over a flat list.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -79,7 +81,39 @@ struct Inner {
     /// keeps presence and announces them to every node).
     announces_presence: std::sync::atomic::AtomicBool,
     state: RwLock<State>,
+    /// Recipient lists of recent fan-outs (see [`ReadyLists`]).
+    ready: std::sync::Mutex<ReadyLists>,
 }
+
+/// One session as a fan-out reaches it.
+type Recipient = (Arc<str>, SessionQueue);
+
+/// Recipient lists of the topics, rooms and broadcasts published to
+/// recently, so that a publication to thousands of subscribers walks a
+/// flat list instead of matching patterns, removing duplicates and looking
+/// every session up again.
+///
+/// Lists are filled under the state's read lock and the whole set is
+/// emptied under its write lock (any change to sessions, subscriptions or
+/// rooms), so a list is never older than the index it was built from.
+/// Lock order: state, then this.
+#[derive(Default)]
+struct ReadyLists {
+    lists: HashMap<ListKey, Arc<[Recipient]>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum ListKey {
+    Topic(Box<str>),
+    Room(Arc<str>),
+    Broadcast,
+}
+
+/// Fan-outs smaller than this are listed afresh each time: cheap enough,
+/// and not worth the memory.
+const MIN_READY_LIST: usize = 16;
+/// Most lists kept; past it the set starts again empty.
+const MAX_READY_LISTS: usize = 1024;
 
 #[derive(Default)]
 struct State {
@@ -122,6 +156,7 @@ impl Hub {
                 config,
                 announces_presence: std::sync::atomic::AtomicBool::new(true),
                 state: RwLock::new(State::default()),
+                ready: std::sync::Mutex::new(ReadyLists::default()),
             }),
         }
     }
@@ -150,8 +185,12 @@ impl Hub {
         self.inner.read()
     }
 
+    /// The state, to change it: every ready list is dropped, since any
+    /// change may change who a fan-out reaches.
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.inner.state.write().unwrap_or_else(|e| e.into_inner())
+        let state = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
+        self.inner.ready_lists().lists.clear();
+        state
     }
 
     /// Makes a session reachable: publications to it, its user, and the
@@ -472,8 +511,15 @@ impl Inner {
         };
 
         let recipients = self.recipients(&publication.target);
+        let exclude = match &publication.target {
+            Target::Room { exclude, .. } => exclude.as_deref(),
+            _ => None,
+        };
         let mut handed = 0;
-        for (id, queue) in recipients {
+        for (id, queue) in recipients.iter() {
+            if exclude == Some(&**id) {
+                continue;
+            }
             match queue.push_with(frame.clone(), policy, conflate_key.as_ref()) {
                 Ok(Pushed::Queued | Pushed::Conflated) => handed += 1,
                 Ok(Pushed::Dropped) => {}
@@ -493,49 +539,79 @@ impl Inner {
             .unwrap_or_default()
     }
 
-    fn recipients(&self, target: &Target) -> Vec<(Arc<str>, SessionQueue)> {
+    fn ready_lists(&self) -> std::sync::MutexGuard<'_, ReadyLists> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Who a publication to `target` reaches on this node (for a room,
+    /// including the member it excludes). Large lists come from, or go
+    /// into, the ready lists.
+    fn recipients(&self, target: &Target) -> Arc<[Recipient]> {
         let state = self.read();
-        let session = |id: &Arc<str>| {
-            state
-                .sessions
-                .get(id)
-                .map(|e| (id.clone(), e.queue.clone()))
+        let key = match target {
+            Target::Topic(topic) => Some(ListKey::Topic(topic.as_str().into())),
+            Target::Room { room, .. } => Some(ListKey::Room(room.clone())),
+            Target::Broadcast => Some(ListKey::Broadcast),
+            Target::User(_) | Target::Session(_) => None,
         };
-        match target {
-            Target::Topic(topic) => state
-                .topics
-                .matching(topic)
-                .iter()
-                .filter_map(session)
-                .collect(),
-            Target::Room { room, exclude } => state
-                .rooms
-                .get(room)
-                .map(|members| {
-                    members
-                        .iter()
-                        .filter(|(id, _)| Some(*id) != exclude.as_ref())
-                        .map(|(id, m)| (id.clone(), m.queue.clone()))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            Target::User(user) => state
-                .users
-                .get(user)
-                .map(|ids| ids.iter().filter_map(session).collect())
-                .unwrap_or_default(),
-            Target::Session(id) => state
-                .sessions
-                .get_key_value(&**id)
-                .map(|(id, e)| (id.clone(), e.queue.clone()))
-                .into_iter()
-                .collect(),
-            Target::Broadcast => state
-                .sessions
-                .iter()
-                .map(|(id, e)| (id.clone(), e.queue.clone()))
-                .collect(),
+        if let Some(key) = &key {
+            if let Some(list) = self.ready_lists().lists.get(key) {
+                return list.clone();
+            }
         }
+        let list: Arc<[Recipient]> = list_recipients(&state, target).into();
+        if let Some(key) = key.filter(|_| list.len() >= MIN_READY_LIST) {
+            let mut ready = self.ready_lists();
+            if ready.lists.len() >= MAX_READY_LISTS {
+                ready.lists.clear();
+            }
+            ready.lists.insert(key, list.clone());
+        }
+        list
+    }
+}
+
+/// Everyone a publication to `target` reaches, listed from the indexes.
+fn list_recipients(state: &State, target: &Target) -> Vec<Recipient> {
+    let session = |id: &Arc<str>| {
+        state
+            .sessions
+            .get(id)
+            .map(|e| (id.clone(), e.queue.clone()))
+    };
+    match target {
+        Target::Topic(topic) => state
+            .topics
+            .matching(topic)
+            .iter()
+            .filter_map(session)
+            .collect(),
+        Target::Room { room, .. } => state
+            .rooms
+            .get(room)
+            .map(|members| {
+                members
+                    .iter()
+                    .map(|(id, m)| (id.clone(), m.queue.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Target::User(user) => state
+            .users
+            .get(user)
+            .map(|ids| ids.iter().filter_map(session).collect())
+            .unwrap_or_default(),
+        Target::Session(id) => state
+            .sessions
+            .get_key_value(&**id)
+            .map(|(id, e)| (id.clone(), e.queue.clone()))
+            .into_iter()
+            .collect(),
+        Target::Broadcast => state
+            .sessions
+            .iter()
+            .map(|(id, e)| (id.clone(), e.queue.clone()))
+            .collect(),
     }
 }
 
@@ -691,5 +767,75 @@ fn presence_events_for(
 fn send_all(events: Vec<(SessionQueue, Bytes)>) {
     for (queue, frame) in events {
         let _ = queue.push(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(s: &str) -> Topic {
+        Topic::parse(s).unwrap()
+    }
+
+    fn publish(hub: &Hub, target: Target) -> usize {
+        hub.deliver(&Publication::new(target, None, Bytes::from_static(b"x")), 1)
+    }
+
+    /// Sessions `s0..s{n}`, each with a queue large enough for the test.
+    fn sessions(hub: &Hub, n: usize) -> Vec<SessionQueue> {
+        (0..n)
+            .map(|i| {
+                let queue = SessionQueue::new(64);
+                hub.register(format!("s{i}").into(), None, queue.clone());
+                queue
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_kept_recipient_list_follows_every_change_of_audience() {
+        let hub = Hub::new();
+        let queues = sessions(&hub, 40);
+        let news = Target::Topic(topic("news.eu"));
+        for i in 0..30 {
+            hub.subscribe(&format!("s{i}"), &topic("news.*")).unwrap();
+        }
+        // Overlapping patterns still deliver once.
+        hub.subscribe("s0", &topic("news.#")).unwrap();
+        assert_eq!(publish(&hub, news.clone()), 30);
+        assert_eq!(publish(&hub, news.clone()), 30, "from the kept list");
+
+        hub.subscribe("s35", &topic("news.eu")).unwrap();
+        assert_eq!(publish(&hub, news.clone()), 31, "a new subscriber");
+        hub.unsubscribe("s1", &topic("news.*"));
+        assert_eq!(publish(&hub, news.clone()), 30, "an unsubscribe");
+        hub.unregister("s2");
+        assert_eq!(publish(&hub, news.clone()), 29, "a closed session");
+        assert_eq!(queues[1].len(), 3, "s1 got what came before it left");
+        assert_eq!(queues[35].len(), 3);
+
+        assert_eq!(publish(&hub, Target::Broadcast), 39);
+        hub.register("late".into(), None, SessionQueue::new(8));
+        assert_eq!(publish(&hub, Target::Broadcast), 40);
+    }
+
+    #[test]
+    fn a_room_list_is_kept_whole_and_the_sender_still_skipped() {
+        let hub = Hub::new();
+        sessions(&hub, 20);
+        let room = topic("lobby");
+        for i in 0..20 {
+            hub.join(&format!("s{i}"), &room, false).unwrap();
+        }
+        let say = |exclude: Option<&str>| Target::Room {
+            room: "lobby".into(),
+            exclude: exclude.map(Into::into),
+        };
+        assert_eq!(publish(&hub, say(Some("s3"))), 19);
+        assert_eq!(publish(&hub, say(None)), 20);
+        assert_eq!(publish(&hub, say(Some("s4"))), 19);
+        hub.leave("s5", "lobby");
+        assert_eq!(publish(&hub, say(Some("s4"))), 18);
     }
 }

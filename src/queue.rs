@@ -217,7 +217,11 @@ impl SessionQueue {
         let entry = Entry {
             frame,
             policy,
-            topic: topic.cloned(),
+            // Only conflation looks at it; not cloned (an atomic increment
+            // per recipient of a fan-out) for anything else.
+            topic: topic
+                .filter(|_| policy.overflow == Overflow::Conflate)
+                .cloned(),
         };
         if policy.overflow == Overflow::Conflate && !policy.critical {
             let pending = state.frames.iter_mut().find(|e| {
