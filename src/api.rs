@@ -1,4 +1,4 @@
-//! The HTTP publish API, for backends: `POST /api/publish`.
+//! The HTTP API for backends: `POST /api/publish` and `POST /api/history`.
 //!
 //! ```text
 //! POST /api/publish
@@ -9,9 +9,24 @@
 //! The target is exactly one of `topic` (a name or pattern), `user`,
 //! `session` or `"broadcast": true`; the payload is `data` (UTF-8 text) or
 //! `data_base64`; `opcode` optionally tells clients what the data is for.
-//! Answers `200 {"sessions": N, "seq": S, "nodes": K}` with the sessions on
-//! this node the message was handed to and the nodes that took it; `400 {"error": …}` for a bad body; `401` for a
-//! missing or wrong key; `404` when the server has no key (the API is off).
+//! Answers `200 {"sessions": N, "seq": S, "epoch": E, "nodes": K}` with the
+//! message's position, the sessions on this node the message was handed to
+//! and the nodes that took it; `400 {"error": …}` for a bad body; `401` for
+//! a missing or wrong key; `404` when the server has no key (the API is
+//! off); `503` when the broker cannot take it.
+//!
+//! ```text
+//! POST /api/history
+//! {"topic": "alarm.fire.b3", "since": {"epoch": "…", "seq": 40}, "limit": 100}
+//! ```
+//!
+//! reads a topic's (or, with `room`, a room's) kept history: the messages
+//! after `since` (from the start of the current epoch without it), oldest
+//! first, at most `limit` (default and cap 1000). Answers
+//! `200 {"epoch", "top", "recovered", "publications": [{"seq", "data" or
+//! "data_base64", "opcode", "published_at_ms", "sender"?}]}`: `recovered`
+//! is false when part of the range is no longer (or never was) in history,
+//! or `since` is of another epoch.
 
 use std::time::Duration;
 
@@ -28,7 +43,7 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     auth::bearer_token,
-    broker::{Publication, Target},
+    broker::{Position, Publication, Target},
     frame::MAX_OPCODE,
     node::Node,
     topic::Topic,
@@ -112,6 +127,68 @@ pub struct PublishResponse {
     /// Nodes of the deployment that took the message (1 on a single node).
     #[serde(default)]
     pub nodes: usize,
+    /// The epoch `seq` counts in (empty for targets that are not numbered).
+    #[serde(default)]
+    pub epoch: String,
+}
+
+/// Most publications one history read returns.
+pub const MAX_HISTORY_READ: usize = 1000;
+
+/// A stream position in JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JsonPosition {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// The JSON body of `POST /api/history`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRequest {
+    pub topic: Option<String>,
+    pub room: Option<String>,
+    pub since: Option<JsonPosition>,
+    pub limit: Option<usize>,
+}
+
+/// One kept message in a history answer.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryPublication {
+    pub seq: u64,
+    /// The payload, when it is UTF-8 text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The payload, base64, when it is not text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    pub opcode: u32,
+    pub published_at_ms: u64,
+    /// The sending session and user, for messages sessions sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender: Option<HistorySender>,
+}
+
+/// Who sent a kept message.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistorySender {
+    pub session_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+}
+
+/// The JSON answer of `POST /api/history`.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryResponse {
+    /// The stream's current epoch.
+    pub epoch: String,
+    /// Its latest sequence number in that epoch.
+    pub top: u64,
+    /// True when every message after `since` up to the last one returned
+    /// (or up to `top`, when fewer than `limit` came back) is here.
+    pub recovered: bool,
+    pub publications: Vec<HistoryPublication>,
 }
 
 /// Checks the request's key against `expected` in constant time.
@@ -193,14 +270,7 @@ pub async fn publish(
     api_key: Option<&str>,
     request: Request,
 ) -> Result<PublishResponse, ApiError> {
-    authorize(api_key, request.headers())?;
-    let body = tokio::time::timeout(
-        BODY_TIMEOUT,
-        axum::body::to_bytes(request.into_body(), MAX_BODY),
-    )
-    .await
-    .map_err(|_| ApiError::BadRequest("request body took too long".into()))?
-    .map_err(|_| ApiError::TooLarge)?;
+    let body = read_body(api_key, request).await?;
     let publication = PublishRequest::parse(&body)?.publication()?;
     let published = node
         .publish(publication)
@@ -210,5 +280,107 @@ pub async fn publish(
         sessions: published.sessions,
         seq: published.seq,
         nodes: published.nodes,
+        epoch: published.epoch.to_string(),
+    })
+}
+
+/// Reads the body of an authorized API request, bounded in size and time.
+async fn read_body(api_key: Option<&str>, request: Request) -> Result<Bytes, ApiError> {
+    authorize(api_key, request.headers())?;
+    tokio::time::timeout(
+        BODY_TIMEOUT,
+        axum::body::to_bytes(request.into_body(), MAX_BODY),
+    )
+    .await
+    .map_err(|_| ApiError::BadRequest("request body took too long".into()))?
+    .map_err(|_| ApiError::TooLarge)
+}
+
+/// Handles one history request end to end.
+///
+/// # Errors
+/// An [`ApiError`] for the response (503 when the broker cannot read).
+pub async fn history(
+    node: &Node,
+    api_key: Option<&str>,
+    request: Request,
+) -> Result<HistoryResponse, ApiError> {
+    let body = read_body(api_key, request).await?;
+    let request: HistoryRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let bad = |reason: String| ApiError::BadRequest(reason);
+    let stream = match (request.topic, request.room) {
+        (Some(topic), None) => {
+            let topic = Topic::parse(&topic).map_err(|e| bad(e.to_string()))?;
+            Target::Topic(topic)
+        }
+        (None, Some(room)) => {
+            let name = Topic::parse(&room).map_err(|e| bad(e.to_string()))?;
+            if !name.is_name() {
+                return Err(bad("wildcards are not allowed in room names".into()));
+            }
+            Target::Room {
+                room: room.into(),
+                exclude: None,
+            }
+        }
+        _ => return Err(bad("give exactly one of topic and room".into())),
+    };
+    let limit = request.limit.unwrap_or(MAX_HISTORY_READ);
+    if limit == 0 || limit > MAX_HISTORY_READ {
+        return Err(bad(format!(
+            "limit must be between 1 and {MAX_HISTORY_READ}"
+        )));
+    }
+    let since = request.since.map(|p| Position::new(p.epoch, p.seq));
+    let history = node
+        .broker()
+        .history(&stream, since.as_ref(), limit)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    // Complete when the messages returned start right after `since` (in
+    // this epoch) and run without a hole, up to the top or the limit.
+    let after = since
+        .as_ref()
+        .filter(|p| *p.epoch == *history.epoch)
+        .map(|p| p.seq);
+    let same_epoch = since.is_none() || after.is_some();
+    let mut expected = after.unwrap_or(0) + 1;
+    let contiguous = history.publications.iter().all(|(seq, _)| {
+        let ok = *seq == expected;
+        expected += 1;
+        ok
+    });
+    let reached = history.publications.len() == limit || expected > history.top;
+    let recovered = same_epoch && contiguous && reached;
+    let publications = history
+        .publications
+        .into_iter()
+        .map(|(seq, publication)| {
+            let (data, data_base64) = match std::str::from_utf8(&publication.data) {
+                Ok(text) => (Some(text.to_owned()), None),
+                Err(_) => (
+                    None,
+                    Some(base64::engine::general_purpose::STANDARD.encode(&publication.data)),
+                ),
+            };
+            HistoryPublication {
+                seq,
+                data,
+                data_base64,
+                opcode: publication.opcode,
+                published_at_ms: publication.published_at_ms,
+                sender: publication.sender.map(|s| HistorySender {
+                    session_id: s.session_id.to_string(),
+                    user_id: s.user_id.map(|u| u.to_string()),
+                }),
+            }
+        })
+        .collect();
+    Ok(HistoryResponse {
+        epoch: history.epoch.to_string(),
+        top: history.top,
+        recovered,
+        publications,
     })
 }

@@ -5,7 +5,10 @@ use std::{fmt, io, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration}
 
 use tokio::net::{lookup_host, TcpListener, TcpSocket};
 
-use crate::{auth::AuthSettings, queue::DeliveryPolicy, topic::Topic};
+use crate::{
+    auth::AuthSettings, broker::HistoryPolicy, queue::DeliveryPolicy, recovery::MAX_REPLAY,
+    topic::Topic,
+};
 /// The types of [`Config::allowed_origins`] and [`Config::trusted_proxies`],
 /// and the errors of parsing them from their flags.
 pub use crate::{
@@ -153,6 +156,14 @@ pub struct Config {
     /// (`;`-separated in the env var), first match wins. Default: disconnect.
     #[arg(long = "topic-policy", env = "WSPROTO_TOPIC_POLICY", value_delimiter = ';', value_parser = parse_topic_policy, help_heading = "Hub")]
     pub topic_policies: Vec<(Topic, DeliveryPolicy)>,
+
+    /// History kept for topics and rooms covered by PATTERN, as
+    /// `PATTERN=COUNT[,MAX_AGE]` (e.g. `rowdata.#=100,60s`): the last COUNT
+    /// messages (at most 10000), none older than MAX_AGE. Clients that
+    /// reconnect recover what they missed from it. Repeatable (`;`-separated
+    /// in the env var), first match wins. Default: none.
+    #[arg(long = "history", env = "WSPROTO_HISTORY", value_delimiter = ';', value_parser = parse_history, help_heading = "Hub")]
+    pub history: Vec<(Topic, HistoryPolicy)>,
 
     /// Topic patterns clients may PUBLISH to over WebSocket; repeatable
     /// (`,`-separated). Default: none — backends publish through the HTTP API.
@@ -370,6 +381,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             api_key: None,
             topic_policies: Vec::new(),
+            history: Vec::new(),
             client_publish: Vec::new(),
             max_subscriptions: 1000,
             max_rooms: 100,
@@ -410,6 +422,34 @@ fn parse_topic_policy(s: &str) -> Result<(Topic, DeliveryPolicy), String> {
         .parse()
         .map_err(|e: crate::queue::PolicyError| e.to_string())?;
     Ok((pattern, policy))
+}
+
+fn parse_history(s: &str) -> Result<(Topic, HistoryPolicy), String> {
+    let (pattern, policy) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected PATTERN=COUNT[,MAX_AGE], got {s:?}"))?;
+    let pattern = Topic::parse(pattern.trim()).map_err(|e| e.to_string())?;
+    let (count, age) = match policy.split_once(',') {
+        Some((count, age)) => (count, Some(age)),
+        None => (policy, None),
+    };
+    let max_len: usize = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("history COUNT must be a number, got {count:?}"))?;
+    if max_len == 0 || max_len > MAX_REPLAY {
+        return Err(format!(
+            "history COUNT must be between 1 and {MAX_REPLAY}, got {max_len}"
+        ));
+    }
+    let max_age = age
+        .map(|age| humantime::parse_duration(age.trim()))
+        .transpose()
+        .map_err(|e| format!("history MAX_AGE: {e}"))?;
+    if max_age.is_some_and(|age| age.is_zero()) {
+        return Err("history MAX_AGE must be more than 0s".into());
+    }
+    Ok((pattern, HistoryPolicy { max_len, max_age }))
 }
 
 fn parse_path(path: &str) -> Result<String, String> {
@@ -606,6 +646,34 @@ mod tests {
         );
         assert_eq!(cli.config.client_publish.len(), 2);
         assert!(Cli::try_parse_from(["s", "--topic-policy", "alarm"]).is_err());
+    }
+
+    #[test]
+    fn history_policies_parse_and_bad_ones_are_refused() {
+        let cli = Cli::try_parse_from([
+            "s",
+            "--history",
+            "rowdata.#=100,60s",
+            "--history",
+            "chat.*=50",
+        ])
+        .unwrap();
+        let history = cli.config.history;
+        assert_eq!(history[0].0.as_str(), "rowdata.#");
+        assert_eq!(
+            history[0].1,
+            HistoryPolicy {
+                max_len: 100,
+                max_age: Some(std::time::Duration::from_secs(60))
+            }
+        );
+        assert_eq!(history[1].1.max_age, None);
+        for bad in ["a", "a=0", "a=x", "a=20000", "a=5,0s", "a=5,soon", "a..b=5"] {
+            assert!(
+                Cli::try_parse_from(["s", "--history", bad]).is_err(),
+                "{bad}"
+            );
+        }
         assert!(Cli::try_parse_from(["s", "--topic-policy", "a..b=conflate"]).is_err());
         assert!(Cli::try_parse_from(["s", "--topic-policy", "a=sometimes"]).is_err());
     }

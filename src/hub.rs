@@ -21,7 +21,7 @@ use prost::Message as _;
 use tracing::debug;
 use wsproto_proto::v1;
 
-pub use crate::broker::{Publication, Published, Sender, Target};
+pub use crate::broker::{Position, Publication, Published, Sender, Target};
 use crate::{
     broker::{BrokerEventHandler, Interest, Membership, PresenceChange},
     frame::Frame,
@@ -469,8 +469,8 @@ impl Hub {
     /// Delivers a numbered publication to this node's recipients: encodes
     /// the DELIVERY frame once and queues the same bytes for each. Returns
     /// how many sessions it was handed to.
-    pub fn deliver(&self, publication: &Publication, seq: u64) -> usize {
-        self.inner.deliver(publication, seq)
+    pub fn deliver(&self, publication: &Publication, position: &Position) -> usize {
+        self.inner.deliver(publication, position)
     }
 
     /// The queue policy for a topic.
@@ -484,27 +484,11 @@ impl Inner {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn deliver(&self, publication: &Publication, seq: u64) -> usize {
-        let (kind, topic, room) = match &publication.target {
-            Target::Topic(topic) => (v1::delivery::Kind::Topic, topic.as_str(), ""),
-            Target::Room { room, .. } => (v1::delivery::Kind::Room, "", &**room),
-            Target::User(_) | Target::Session(_) => (v1::delivery::Kind::Direct, "", ""),
-            Target::Broadcast => (v1::delivery::Kind::Broadcast, "", ""),
-        };
-        let delivery = v1::Delivery {
-            kind: kind.into(),
-            topic: topic.to_owned(),
-            room: room.to_owned(),
-            sender: publication.sender.as_ref().map(|s| v1::Sender {
-                session_id: s.session_id.to_string(),
-                user_id: s.user_id.as_deref().unwrap_or_default().to_owned(),
-            }),
-            seq,
-            data: publication.data.clone(),
-            opcode: publication.opcode,
-            published_at_ms: publication.published_at_ms,
-        };
-        let frame = Frame::new(opcode::DELIVERY, delivery.encode_to_vec()).encode();
+    fn deliver(&self, publication: &Publication, position: &Position) -> usize {
+        let frame = delivery_frame(publication, position, false);
+        // Numbered deliveries go through the sessions' position checks
+        // (which cost nothing for a session that never recovered).
+        let stream = publication.target.stream_key().filter(|_| position.seq > 0);
         let (policy, conflate_key) = match &publication.target {
             Target::Topic(topic) => (self.policy(topic), Some(Arc::<str>::from(topic.as_str()))),
             _ => (DeliveryPolicy::default(), None),
@@ -520,9 +504,19 @@ impl Inner {
             if exclude == Some(&**id) {
                 continue;
             }
-            match queue.push_with(frame.clone(), policy, conflate_key.as_ref()) {
+            let pushed = match &stream {
+                Some(stream) => queue.push_delivery(
+                    frame.clone(),
+                    policy,
+                    conflate_key.as_ref(),
+                    stream,
+                    position,
+                ),
+                None => queue.push_with(frame.clone(), policy, conflate_key.as_ref()),
+            };
+            match pushed {
                 Ok(Pushed::Queued | Pushed::Conflated) => handed += 1,
-                Ok(Pushed::Dropped) => {}
+                Ok(Pushed::Dropped | Pushed::Duplicate) => {}
                 Err(PushError::Full) => debug!(session = %id, "slow consumer: closing"),
                 Err(PushError::Closed) => {}
             }
@@ -616,8 +610,8 @@ fn list_recipients(state: &State, target: &Target) -> Vec<Recipient> {
 }
 
 impl BrokerEventHandler for Inner {
-    fn handle_publication(&self, publication: &Publication, seq: u64) -> usize {
-        self.deliver(publication, seq)
+    fn handle_publication(&self, publication: &Publication, position: &Position) -> usize {
+        self.deliver(publication, position)
     }
 
     fn recipients(&self, target: &Target) -> usize {
@@ -676,6 +670,37 @@ impl BrokerEventHandler for Inner {
     }
 }
 
+/// The DELIVERY frame of `publication` at `position`, encoded once for all
+/// its recipients.
+pub(crate) fn delivery_frame(
+    publication: &Publication,
+    position: &Position,
+    replayed: bool,
+) -> Bytes {
+    let (kind, topic, room) = match &publication.target {
+        Target::Topic(topic) => (v1::delivery::Kind::Topic, topic.as_str(), ""),
+        Target::Room { room, .. } => (v1::delivery::Kind::Room, "", &**room),
+        Target::User(_) | Target::Session(_) => (v1::delivery::Kind::Direct, "", ""),
+        Target::Broadcast => (v1::delivery::Kind::Broadcast, "", ""),
+    };
+    let delivery = v1::Delivery {
+        kind: kind.into(),
+        topic: topic.to_owned(),
+        room: room.to_owned(),
+        sender: publication.sender.as_ref().map(|s| v1::Sender {
+            session_id: s.session_id.to_string(),
+            user_id: s.user_id.as_deref().unwrap_or_default().to_owned(),
+        }),
+        seq: position.seq,
+        data: publication.data.clone(),
+        opcode: publication.opcode,
+        published_at_ms: publication.published_at_ms,
+        epoch: position.epoch.to_string(),
+        replayed,
+    };
+    Frame::new(opcode::DELIVERY, delivery.encode_to_vec()).encode()
+}
+
 fn entry_mut<'a>(
     sessions: &'a mut HashMap<Arc<str>, Entry>,
     session_id: &str,
@@ -705,6 +730,7 @@ fn room_presence(room: &str, members: &HashMap<Arc<str>, Member>) -> v1::Presenc
         topic: String::new(),
         count: members.len() as u32,
         members: listed,
+        stream: None,
     }
 }
 
@@ -779,7 +805,11 @@ mod tests {
     }
 
     fn publish(hub: &Hub, target: Target) -> usize {
-        hub.deliver(&Publication::new(target, None, Bytes::from_static(b"x")), 1)
+        let position = Position::new("e", 1);
+        hub.deliver(
+            &Publication::new(target, None, Bytes::from_static(b"x")),
+            &position,
+        )
     }
 
     /// Sessions `s0..s{n}`, each with a queue large enough for the test.

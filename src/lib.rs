@@ -65,6 +65,7 @@ mod proxy;
 pub mod queue;
 mod rate;
 mod read_ahead;
+pub(crate) mod recovery;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -18,12 +18,20 @@ use std::{
 use wsproto_proto::v1;
 
 use crate::{
-    broker::{Broker, BrokerError, Interest, MemoryBroker, Publication, Published},
+    broker::{
+        Broker, BrokerError, Interest, MemoryBroker, Position, Publication, Published, Target,
+    },
     hub::{Hub, HubConfig, HubError, MAX_LISTED_MEMBERS},
     metrics::Counters,
     queue::SessionQueue,
+    recovery::{self, MAX_REPLAY},
     topic::Topic,
 };
+
+/// The key a session's queue follows a stream's positions by.
+fn stream_key(stream: &Target) -> String {
+    stream.stream_key().unwrap_or_default()
+}
 
 pub use crate::metrics::CounterSnapshot;
 
@@ -179,6 +187,9 @@ impl Node {
     /// Ends a subscription; returns false if there was none.
     pub fn unsubscribe(&self, session_id: &str, topic: &Topic) -> bool {
         let removed = self.hub().unsubscribe(session_id, topic);
+        if let Some(queue) = self.hub().queue_of(session_id) {
+            queue.forget_stream(&stream_key(&Target::Topic(topic.clone())));
+        }
         if removed {
             self.broker()
                 .remove_interest(&[Interest::Topic(topic.clone())]);
@@ -226,6 +237,7 @@ impl Node {
             room: room.to_owned(),
             topic: String::new(),
             count: all.count,
+            stream: None,
             members: all
                 .members
                 .into_iter()
@@ -241,6 +253,13 @@ impl Node {
     pub async fn leave(&self, session_id: &str, room: &str) -> bool {
         let user = self.hub().user_of(session_id);
         let left = self.hub().leave(session_id, room);
+        if let Some(queue) = self.hub().queue_of(session_id) {
+            let stream = Target::Room {
+                room: room.into(),
+                exclude: None,
+            };
+            queue.forget_stream(&stream_key(&stream));
+        }
         if left {
             if self.broker().keeps_presence() {
                 let change =
@@ -252,6 +271,106 @@ impl Node {
                 .remove_interest(&[Interest::Room(room.into())]);
         }
         left
+    }
+
+    /// Subscribes a session to `topics` and recovers the streams it names
+    /// in `since` (each a topic name covered by `topics`, with the last
+    /// position the client saw); see [`crate::recovery`]. Returns where
+    /// each stream of `since` and of `report` stands.
+    ///
+    /// # Errors
+    /// As [`Node::subscribe_all`]; nothing is subscribed or recovered then.
+    pub async fn subscribe_recovering(
+        &self,
+        session_id: &str,
+        topics: &[Topic],
+        since: &[(Topic, Position)],
+        report: &[Topic],
+    ) -> Result<Vec<v1::StreamState>, HubError> {
+        let queue = self
+            .hub()
+            .queue_of(session_id)
+            .ok_or(HubError::NotConnected)?;
+        let streams: Vec<(Target, &Position)> = since
+            .iter()
+            .map(|(topic, position)| (Target::Topic(topic.clone()), position))
+            .collect();
+        for (stream, _) in &streams {
+            queue.begin_recovery(&stream_key(stream));
+        }
+        if let Err(err) = self.subscribe_all(session_id, topics).await {
+            for (stream, _) in &streams {
+                queue.forget_stream(&stream_key(stream));
+            }
+            return Err(err);
+        }
+        let mut states = Vec::with_capacity(streams.len() + report.len());
+        for (stream, position) in &streams {
+            states.push(self.recover(&queue, stream, Some(position)).await);
+        }
+        for topic in report {
+            if !since.iter().any(|(t, _)| t == topic) {
+                states.push(self.stream_state(&Target::Topic(topic.clone())).await);
+            }
+        }
+        Ok(states)
+    }
+
+    /// [`Node::join`], then the room stream's state, recovered from `since`
+    /// when given (see [`Node::subscribe_recovering`]).
+    ///
+    /// # Errors
+    /// As [`Node::join`].
+    pub async fn join_recovering(
+        &self,
+        session_id: &str,
+        room: &Topic,
+        presence_events: bool,
+        since: Option<&Position>,
+    ) -> Result<v1::Presence, HubError> {
+        let stream = Target::Room {
+            room: room.as_str().into(),
+            exclude: None,
+        };
+        let queue = self
+            .hub()
+            .queue_of(session_id)
+            .ok_or(HubError::NotConnected)?;
+        if since.is_some() {
+            queue.begin_recovery(&stream_key(&stream));
+        }
+        let mut presence = match self.join(session_id, room, presence_events).await {
+            Ok(presence) => presence,
+            Err(err) => {
+                queue.forget_stream(&stream_key(&stream));
+                return Err(err);
+            }
+        };
+        presence.stream = Some(match since {
+            Some(position) => self.recover(&queue, &stream, Some(position)).await,
+            None => self.stream_state(&stream).await,
+        });
+        Ok(presence)
+    }
+
+    /// Replays what a session missed in `stream` since `since` (its
+    /// recovery begun) and says how it went.
+    async fn recover(
+        &self,
+        queue: &SessionQueue,
+        stream: &Target,
+        since: Option<&Position>,
+    ) -> v1::StreamState {
+        let history = self.broker().history(stream, since, MAX_REPLAY).await;
+        let plan = recovery::plan(stream, since, history);
+        queue.replay(&stream_key(stream), plan.replay).await;
+        plan.state
+    }
+
+    /// Where a stream stands now (for a client's first subscription).
+    async fn stream_state(&self, stream: &Target) -> v1::StreamState {
+        let history = self.broker().history(stream, None, 1).await;
+        recovery::plan(stream, None, history).state
     }
 
     /// Publishes through the broker, which delivers on every node.

@@ -41,6 +41,9 @@ pub const SEND: u32 = 17;
 pub const PRESENCE: u32 = 18;
 /// Server → client: a member joined or left a room (`wsproto.v1.PresenceEvent`).
 pub const PRESENCE_EVENT: u32 = 19;
+/// Server → client: messages of a followed stream are missing and cannot be
+/// delivered (`wsproto.v1.Gap`).
+pub const GAP: u32 = 20;
 
 /// First opcode available to applications.
 pub const FIRST_APPLICATION: u32 = 100;
@@ -121,7 +124,7 @@ pub const BUILTIN: &[OpcodeSpec] = &[
         code: SUBSCRIBE,
         name: "SUBSCRIBE",
         request: PayloadKind::Message("wsproto.v1.Subscribe"),
-        reply: PayloadKind::None,
+        reply: PayloadKind::Message("wsproto.v1.Subscribed"),
     },
     OpcodeSpec {
         code: UNSUBSCRIBE,
@@ -176,6 +179,12 @@ pub const BUILTIN: &[OpcodeSpec] = &[
         name: "PRESENCE_EVENT",
         request: PayloadKind::None,
         reply: PayloadKind::Message("wsproto.v1.PresenceEvent"),
+    },
+    OpcodeSpec {
+        code: GAP,
+        name: "GAP",
+        request: PayloadKind::None,
+        reply: PayloadKind::Message("wsproto.v1.Gap"),
     },
     OpcodeSpec {
         code: ECHO,

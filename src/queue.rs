@@ -14,13 +14,18 @@
 //! reader stops reading the socket, so a client that pipelines faster than
 //! it reads is slowed down by TCP rather than closed.
 
-use std::{collections::VecDeque, fmt, str::FromStr, sync::Arc};
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    str::FromStr,
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::close::CloseReason;
+use crate::{broker::Position, close::CloseReason};
 
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +111,9 @@ pub enum Pushed {
     Conflated,
     /// The queue was full and this frame was the one to go.
     Dropped,
+    /// The session already has this position of the stream (it came with
+    /// a recovery): not queued twice.
+    Duplicate,
 }
 
 /// What the writer should do next.
@@ -129,6 +137,9 @@ struct Inner {
     /// Notified when the writer takes frames, for a reader held back by a
     /// backlog.
     drained: Notify,
+    /// Notified (all waiters) when the writer takes frames, for a replay
+    /// waiting for room.
+    taken: Notify,
     /// Cancelled once a close reason is set, for whoever waits on that.
     closing: CancellationToken,
     capacity: usize,
@@ -143,6 +154,30 @@ struct State {
     close: Option<CloseReason>,
     /// Frames dropped or conflated away so far.
     dropped: u64,
+    /// Streams this session recovered or is recovering, by stream key; only
+    /// those are checked for positions (see [`SessionQueue::replay`]).
+    streams: HashMap<Box<str>, Follow>,
+}
+
+/// What a recovering session is sent before its live deliveries resume.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// The last position the client has (when of the stream's current
+    /// epoch): live deliveries up to it are not sent again.
+    pub seen: Option<Position>,
+    /// A GAP frame for what cannot be recovered.
+    pub notice: Option<Bytes>,
+    /// Numbered DELIVERY frames from history, oldest first, all of the
+    /// stream's current epoch.
+    pub missed: Vec<(Position, Bytes)>,
+}
+
+/// Where a recovered stream stands for this session.
+enum Follow {
+    /// A replay from history is under way: live deliveries wait here.
+    Recovering(Vec<(Position, Entry)>),
+    /// Live deliveries at or before this position were replayed already.
+    Following(Position),
 }
 
 struct Entry {
@@ -150,6 +185,19 @@ struct Entry {
     policy: DeliveryPolicy,
     /// The topic a conflated frame belongs to.
     topic: Option<Arc<str>>,
+}
+
+/// A queue entry; the topic is kept only where conflation needs it.
+fn entry(frame: Bytes, policy: DeliveryPolicy, topic: Option<&Arc<str>>) -> Entry {
+    Entry {
+        frame,
+        policy,
+        // Not cloned (an atomic increment per recipient of a fan-out)
+        // for anything but conflation.
+        topic: topic
+            .filter(|_| policy.overflow == Overflow::Conflate)
+            .cloned(),
+    }
 }
 
 impl Entry {
@@ -174,6 +222,7 @@ impl SessionQueue {
                 state: std::sync::Mutex::new(State::default()),
                 wake: Notify::new(),
                 drained: Notify::new(),
+                taken: Notify::new(),
                 closing: CancellationToken::new(),
                 capacity: capacity.max(1),
                 max_bytes,
@@ -210,19 +259,62 @@ impl SessionQueue {
         policy: DeliveryPolicy,
         topic: Option<&Arc<str>>,
     ) -> Result<Pushed, PushError> {
+        let state = self.state();
+        if state.close.is_some() {
+            return Err(PushError::Closed);
+        }
+        self.push_locked(state, entry(frame, policy, topic))
+    }
+
+    /// Queues a numbered delivery of `stream` at `position`. On a stream
+    /// being recovered it waits for the replay; on a recovered one, a
+    /// position the replay already delivered is dropped as a duplicate.
+    ///
+    /// # Errors
+    /// As [`SessionQueue::push_with`].
+    pub fn push_delivery(
+        &self,
+        frame: Bytes,
+        policy: DeliveryPolicy,
+        topic: Option<&Arc<str>>,
+        stream: &str,
+        position: &Position,
+    ) -> Result<Pushed, PushError> {
         let mut state = self.state();
         if state.close.is_some() {
             return Err(PushError::Closed);
         }
-        let entry = Entry {
-            frame,
-            policy,
-            // Only conflation looks at it; not cloned (an atomic increment
-            // per recipient of a fan-out) for anything else.
-            topic: topic
-                .filter(|_| policy.overflow == Overflow::Conflate)
-                .cloned(),
-        };
+        if !state.streams.is_empty() {
+            let capacity = self.inner.capacity;
+            match state.streams.get_mut(stream) {
+                None => {}
+                Some(Follow::Recovering(held)) => {
+                    if held.len() < capacity {
+                        held.push((position.clone(), entry(frame, policy, topic)));
+                        return Ok(Pushed::Queued);
+                    }
+                    // A replay slower than the stream: as a full queue.
+                    drop(state);
+                    self.close(CloseReason::SLOW_CONSUMER);
+                    return Err(PushError::Full);
+                }
+                Some(Follow::Following(seen)) => {
+                    if seen.epoch == position.epoch && position.seq <= seen.seq {
+                        return Ok(Pushed::Duplicate);
+                    }
+                    *seen = position.clone();
+                }
+            }
+        }
+        self.push_locked(state, entry(frame, policy, topic))
+    }
+
+    fn push_locked(
+        &self,
+        mut state: std::sync::MutexGuard<'_, State>,
+        entry: Entry,
+    ) -> Result<Pushed, PushError> {
+        let policy = entry.policy;
         if policy.overflow == Overflow::Conflate && !policy.critical {
             let pending = state.frames.iter_mut().find(|e| {
                 e.policy.overflow == Overflow::Conflate
@@ -275,6 +367,109 @@ impl SessionQueue {
         drop(state);
         self.inner.wake.notify_one();
         Ok(Pushed::Queued)
+    }
+
+    /// Holds live deliveries of `stream` until [`SessionQueue::replay`]
+    /// has delivered what the session missed: call it before the
+    /// subscription (or membership) that brings them is registered.
+    pub fn begin_recovery(&self, stream: &str) {
+        self.state()
+            .streams
+            .insert(stream.into(), Follow::Recovering(Vec::new()));
+    }
+
+    /// Ends a recovery begun with [`SessionQueue::begin_recovery`]: queues
+    /// the replay's notice and missed messages, then the live deliveries
+    /// held meanwhile that are not
+    /// among them, in order; from then on a delivery at or before the last
+    /// position is dropped as a duplicate. The replay waits for room
+    /// rather than overflowing the queue, so a long one is paced by the
+    /// client. Returns false when the session closed meanwhile.
+    pub async fn replay(&self, stream: &str, replay: Replay) -> bool {
+        if let Some(notice) = replay.notice {
+            if !self
+                .push_paced(entry(notice, DeliveryPolicy::default(), None))
+                .await
+            {
+                return false;
+            }
+        }
+        let mut last = replay.seen;
+        for (position, frame) in replay.missed {
+            if !self
+                .push_paced(entry(frame, DeliveryPolicy::default(), None))
+                .await
+            {
+                return false;
+            }
+            last = Some(position);
+        }
+        loop {
+            let held = {
+                let mut state = self.state();
+                let Some(follow) = state.streams.get_mut(stream) else {
+                    return state.close.is_none();
+                };
+                let held = match follow {
+                    Follow::Recovering(held) => std::mem::take(held),
+                    Follow::Following(_) => Vec::new(),
+                };
+                if held.is_empty() {
+                    // What the client has from now on: the last replayed
+                    // position (or, with nothing replayed, none yet).
+                    let seen = last.clone().unwrap_or_default();
+                    state.streams.insert(stream.into(), Follow::Following(seen));
+                    return state.close.is_none();
+                }
+                held
+            };
+            for (position, entry) in held {
+                let duplicate = last
+                    .as_ref()
+                    .is_some_and(|l| l.epoch == position.epoch && position.seq <= l.seq);
+                if duplicate {
+                    continue;
+                }
+                if !self.push_paced(entry).await {
+                    return false;
+                }
+                last = Some(position);
+            }
+        }
+    }
+
+    /// Stops checking positions of `stream` (the subscription ended).
+    pub fn forget_stream(&self, stream: &str) {
+        self.state().streams.remove(stream);
+    }
+
+    /// Queues `entry` once there is room for it; false once closed.
+    async fn push_paced(&self, entry: Entry) -> bool {
+        loop {
+            let taken = self.inner.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            {
+                let mut state = self.state();
+                if state.close.is_some() {
+                    return false;
+                }
+                let room = state.frames.len() < self.inner.capacity
+                    && (state.bytes + entry.frame.len() <= self.inner.max_bytes
+                        || state.frames.is_empty());
+                if room {
+                    state.bytes += entry.frame.len();
+                    state.frames.push_back(entry);
+                    drop(state);
+                    self.inner.wake.notify_one();
+                    return true;
+                }
+            }
+            tokio::select! {
+                _ = &mut taken => {}
+                _ = self.inner.closing.cancelled() => return false,
+            }
+        }
     }
 
     /// Frames dropped or conflated away so far under non-disconnect policies.
@@ -369,6 +564,7 @@ impl SessionQueue {
                     }
                     drop(guard);
                     self.inner.drained.notify_one();
+                    self.inner.taken.notify_waiters();
                     return Batch::Frames;
                 }
                 if let Some(reason) = guard.close {

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::{
     api,
     auth::{AuthConfigError, AuthError, Authenticator},
-    broker::{Broker, BrokerStatus, MemoryBroker, RedisBroker, RedisSettings},
+    broker::{Broker, BrokerStatus, HistoryPolicies, MemoryBroker, RedisBroker, RedisSettings},
     close::{self, CloseReason},
     config::{BrokerChoice, ListenAddr},
     connection, handlers,
@@ -231,7 +231,13 @@ impl Server {
         }
         if matches!(
             config.ws_path.as_str(),
-            "/" | "/echo" | "/healthz" | "/metrics" | "/api/publish" | "/demo.js" | "/wsproto.js"
+            "/" | "/echo"
+                | "/healthz"
+                | "/metrics"
+                | "/api/publish"
+                | "/api/history"
+                | "/demo.js"
+                | "/wsproto.js"
         ) {
             return Err(ServerError::config(
                 "--ws-path",
@@ -376,6 +382,7 @@ impl Server {
             .route("/healthz", get(healthz))
             .route("/metrics", get(prometheus_metrics))
             .route("/api/publish", post(publish_endpoint))
+            .route("/api/history", post(history_endpoint))
             .merge(web::routes())
             .with_state(state.clone());
         if state.auth.is_none() {
@@ -661,11 +668,13 @@ fn node(config: &Config, hub_config: HubConfig) -> Result<Node, ServerError> {
         Some(id) => id.as_str().into(),
         None => Node::generated_id().into(),
     };
+    let history = HistoryPolicies(config.history.clone());
     let broker: Arc<dyn Broker> = match &config.broker {
-        BrokerChoice::Memory => Arc::new(MemoryBroker::new()),
+        BrokerChoice::Memory => Arc::new(MemoryBroker::with_history(history.clone())),
         BrokerChoice::Redis(url) => {
             let mut settings = RedisSettings::new(url.clone(), id.clone());
             settings.prefix = config.redis_prefix.clone();
+            settings.history = history.clone();
             let broker = RedisBroker::new(settings)
                 .map_err(|e| ServerError::config("--broker", e.to_string()))?;
             info!(node = %id, %url, "cluster mode: publishing through Redis");
@@ -708,7 +717,7 @@ async fn serve_http<IO>(
         };
         request.extensions_mut().insert(PeerAddr(client));
         let publishing =
-            request.method() == http::Method::POST && request.uri().path() == "/api/publish";
+            request.method() == http::Method::POST && request.uri().path().starts_with("/api/");
         let response = app.clone().call(request);
         async move {
             let mut response = response.await?;
@@ -963,6 +972,13 @@ async fn protocol_endpoint(
 async fn publish_endpoint(State(state): State<AppState>, request: Request) -> Response {
     match api::publish(&state.node, state.config.api_key.as_deref(), request).await {
         Ok(published) => Json(published).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn history_endpoint(State(state): State<AppState>, request: Request) -> Response {
+    match api::history(&state.node, state.config.api_key.as_deref(), request).await {
+        Ok(history) => Json(history).into_response(),
         Err(err) => err.into_response(),
     }
 }

@@ -408,3 +408,92 @@ async fn presence_spans_nodes_and_a_killed_nodes_members_leave_within_ten_second
     assert_eq!((left.count, users(&left)), (1, vec!["ann"]));
     drop(cat);
 }
+
+/// The next delivery or GAP a subscriber hands the app, skipping reports.
+async fn subscriber_event(subscriber: &mut wsproto_client::Subscriber) -> wsproto_client::Event {
+    loop {
+        let event = tokio::time::timeout(WAIT, subscriber.next())
+            .await
+            .expect("an event in time")
+            .unwrap();
+        match event {
+            wsproto_client::Event::Delivery(_) | wsproto_client::Event::Gap(_) => return event,
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
+async fn a_device_recovers_on_another_node_what_was_published_while_it_was_away() {
+    use wsproto_client::{Event, Subscriber};
+    let redis = Redis::start();
+    let history = ["--history", "alarm.#=500"];
+    let (a, b) = (
+        Node::start(&redis, "ra", &history),
+        Node::start(&redis, "rb", &history),
+    );
+    let mut device = Subscriber::new(a.url(), vec!["alarm.#".into()], vec![]);
+    let mut publisher = b.client("user=backend").await;
+    // Subscribed (the reply comes once node a's interest is in Redis).
+    let Event::Subscribed { .. } = device.next().await.unwrap() else {
+        panic!("expected the subscription report");
+    };
+    publisher.publish("alarm.b3", "first").await.unwrap();
+    let Event::Delivery(first) = subscriber_event(&mut device).await else {
+        panic!("expected the first alarm");
+    };
+    let seen = first.seq;
+    device.close().await;
+
+    // Away while 200 alarms are published through node b.
+    for n in 1..=200 {
+        publisher
+            .publish("alarm.b3", format!("alarm {n}"))
+            .await
+            .unwrap();
+    }
+    // Back, on the other node: history lives in Redis.
+    let saved = device.positions().clone();
+    let mut device = Subscriber::new(b.url(), vec!["alarm.#".into()], vec![]).with_positions(saved);
+    let Event::Subscribed { streams, .. } = device.next().await.unwrap() else {
+        panic!("expected the recovery report");
+    };
+    assert!(streams[0].recovered, "{streams:?}");
+    for n in 1..=200 {
+        let Event::Delivery(d) = subscriber_event(&mut device).await else {
+            panic!("expected a delivery");
+        };
+        assert_eq!(
+            (d.seq, d.data.as_ref()),
+            (seen + n, format!("alarm {n}").as_bytes())
+        );
+    }
+    assert_eq!(device.duplicates(), 0);
+
+    // Redis restarted without persistence: a new epoch, announced.
+    let saved = device.positions().clone();
+    device.close().await;
+    let mut redis = redis;
+    redis.restart();
+    let mut device = Subscriber::new(a.url(), vec!["alarm.#".into()], vec![]).with_positions(saved);
+    let streams = loop {
+        match tokio::time::timeout(WAIT, device.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Subscribed { streams, .. } => break streams,
+            Event::Disconnected { .. } => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(!streams[0].recovered, "{streams:?}");
+    let Event::Gap(gap) = subscriber_event(&mut device).await else {
+        panic!("expected a GAP");
+    };
+    assert_eq!(gap.reason, "epoch");
+}

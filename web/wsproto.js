@@ -19,7 +19,9 @@
 //   encodeFrame / decodeFrame / FrameError           the frame codec
 //   encodeMessage / decodeMessage / messages         the protobuf codec
 //   WsprotoError                                     an ERROR frame as an Error
-//   WsprotoClient                                    the reconnecting client
+//   WsprotoClient                                    the reconnecting client, which
+//                                                    also recovers missed messages
+//   topicCovers                                      the topic "covers" rule
 
 // ---------------------------------------------------------------------------
 // Constants
@@ -43,6 +45,7 @@ export const OP = Object.freeze({
   SEND: 17,
   PRESENCE: 18,
   PRESENCE_EVENT: 19,
+  GAP: 20,
   ECHO: 100,
   ADD_FRIEND: 110,
   GET_INFO: 111,
@@ -192,8 +195,9 @@ export function decodeFrame(data) {
 
 /**
  * Schemas: message name -> { fieldNumber: [jsName, type, repeated?] }.
- * type is 'string' | 'bytes' | 'bool' | 'uint32' | 'uint64' | 'enum' or the
- * name of another message here. JS names are the proto names in camelCase.
+ * type is 'string' | 'bytes' | 'bool' | 'uint32' | 'uint64' | 'enum', the
+ * name of another message here, or 'map<K,V>' (K a scalar type, V either).
+ * JS names are the proto names in camelCase.
  */
 const SCHEMAS = {
   // protocol.proto
@@ -210,7 +214,28 @@ const SCHEMAS = {
   RefreshToken: { 1: ['token', 'string'] },
   TokenRefreshed: { 1: ['expiresAtMs', 'uint64'] },
   // pubsub.proto
-  Subscribe: { 1: ['topics', 'string', true] },
+  Subscribe: {
+    1: ['topics', 'string', true],
+    2: ['since', 'map<string,Position>'],
+    3: ['positions', 'bool'],
+  },
+  Position: { 1: ['epoch', 'string'], 2: ['seq', 'uint64'] },
+  StreamState: {
+    1: ['topic', 'string'],
+    2: ['room', 'string'],
+    3: ['position', 'Position'],
+    4: ['recovered', 'bool'],
+    5: ['replayed', 'uint32'],
+  },
+  Subscribed: { 1: ['streams', 'StreamState', true] },
+  Gap: {
+    1: ['topic', 'string'],
+    2: ['room', 'string'],
+    3: ['epoch', 'string'],
+    4: ['fromSeq', 'uint64'],
+    5: ['toSeq', 'uint64'],
+    6: ['reason', 'string'],
+  },
   Unsubscribe: { 1: ['topics', 'string', true] },
   Publish: { 1: ['topic', 'string'], 2: ['data', 'bytes'], 3: ['opcode', 'uint32'] },
   Published: {
@@ -218,6 +243,8 @@ const SCHEMAS = {
     2: ['room', 'string'],
     3: ['seq', 'uint64'],
     4: ['sessions', 'uint32'],
+    5: ['nodes', 'uint32'],
+    6: ['epoch', 'string'],
   },
   Sender: { 1: ['sessionId', 'string'], 2: ['userId', 'string'] },
   Delivery: {
@@ -229,8 +256,10 @@ const SCHEMAS = {
     6: ['data', 'bytes'],
     7: ['opcode', 'uint32'],
     8: ['publishedAtMs', 'uint64'],
+    9: ['epoch', 'string'],
+    10: ['replayed', 'bool'],
   },
-  Join: { 1: ['room', 'string'], 2: ['presenceEvents', 'bool'] },
+  Join: { 1: ['room', 'string'], 2: ['presenceEvents', 'bool'], 3: ['since', 'Position'] },
   Leave: { 1: ['room', 'string'] },
   Say: { 1: ['room', 'string'], 2: ['data', 'bytes'], 3: ['includeSelf', 'bool'] },
   Send: { 1: ['userId', 'string'], 2: ['sessionId', 'string'], 3: ['data', 'bytes'] },
@@ -241,6 +270,7 @@ const SCHEMAS = {
     2: ['topic', 'string'],
     3: ['count', 'uint32'],
     4: ['members', 'Member', true],
+    5: ['stream', 'StreamState'],
   },
   PresenceEvent: {
     1: ['room', 'string'],
@@ -347,6 +377,24 @@ class Reader {
   }
 }
 
+// A map<K, V> field is, on the wire, a repeated embedded message per entry:
+// key = field 1, value = field 2. These are the schemas of those entries.
+const MAP_TYPE = /^map<(\w+),(\w+)>$/;
+const entrySchemas = new Map();
+
+/** The entry schema of a 'map<K,V>' field type, or undefined for other types. */
+function mapEntrySchema(type) {
+  if (!type.startsWith('map<')) return undefined;
+  let schema = entrySchemas.get(type);
+  if (!schema) {
+    const m = MAP_TYPE.exec(type);
+    if (!m) throw new TypeError(`bad map type ${type}`);
+    schema = { 1: ['key', m[1]], 2: ['value', m[2]] };
+    entrySchemas.set(type, schema);
+  }
+  return schema;
+}
+
 function defaultValue(type, repeated) {
   if (repeated) return [];
   switch (type) {
@@ -354,7 +402,7 @@ function defaultValue(type, repeated) {
     case 'bytes': return new Uint8Array(0);
     case 'bool': return false;
     case 'uint32': case 'uint64': case 'enum': return 0;
-    default: return null; // embedded message: absent
+    default: return mapEntrySchema(type) ? {} : null; // embedded message: absent
   }
 }
 
@@ -382,19 +430,46 @@ function isDefault(type, value) {
 }
 
 /**
- * Encodes a plain object as protobuf message `type` (a key of `messages`).
- * Missing fields are defaults; fields are written in field-number order and
- * defaults are omitted, as proto3 encoders (prost included) do.
- * `bytes` fields accept a Uint8Array, an ArrayBuffer or a string (UTF-8).
- * @returns {Uint8Array}
+ * The entries of a map field's value (a Map or a plain object), sorted by
+ * key so that equal maps encode to equal bytes.
  */
-export function encodeMessage(type, obj = {}) {
-  const schema = SCHEMAS[type];
-  if (!schema) throw new TypeError(`unknown message type ${type}`);
+function mapEntries(keyType, value) {
+  if (value === undefined || value === null) return [];
+  const entries = value instanceof Map ? [...value] : Object.entries(value);
+  if (VARINT_TYPES.has(keyType)) {
+    // Object keys are strings; varint keys are numbers (or booleans).
+    const toKey = keyType === 'bool' ? (k) => k === true || k === 'true' : Number;
+    return entries.map(([k, v]) => [toKey(k), v]).sort(([a], [b]) => a - b);
+  }
+  return entries.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+}
+
+function encodeFields(schema, obj) {
   const w = new Writer();
   for (const [number, [name, fieldType, repeated]] of Object.entries(schema)) {
     const value = obj?.[name];
-    if (repeated) {
+    const entrySchema = mapEntrySchema(fieldType);
+    if (entrySchema) {
+      // One entry message per key; as prost does, an entry omits a key or
+      // value at its default (a default message value included).
+      const [, keyType] = entrySchema[1];
+      const [, valueType] = entrySchema[2];
+      for (const [key, item] of mapEntries(keyType, value)) {
+        const entry = new Writer();
+        if (!isDefault(keyType, key)) writeField(entry, 1, keyType, key);
+        if (SCHEMAS[valueType]) {
+          const encoded = encodeMessage(valueType, item ?? {});
+          if (encoded.length > 0) {
+            entry.varint((2 << 3) | 2);
+            entry.bytes(encoded);
+          }
+        } else if (!isDefault(valueType, item)) {
+          writeField(entry, 2, valueType, item);
+        }
+        w.varint((Number(number) << 3) | 2);
+        w.bytes(entry.finish());
+      }
+    } else if (repeated) {
       // Repeated strings and messages are one field per element (never packed).
       for (const item of value ?? []) writeField(w, Number(number), fieldType, item);
     } else if (!isDefault(fieldType, value)) {
@@ -405,14 +480,20 @@ export function encodeMessage(type, obj = {}) {
 }
 
 /**
- * Decodes protobuf message `type` into a plain object with every field
- * present (defaults for absent ones; null for absent embedded messages).
- * `bytes` fields are views into `bytes`, not copies. Unknown fields are skipped.
- * @throws {RangeError} on truncated or malformed input
+ * Encodes a plain object as protobuf message `type` (a key of `messages`).
+ * Missing fields are defaults; fields are written in field-number order and
+ * defaults are omitted, as proto3 encoders (prost included) do.
+ * `bytes` fields accept a Uint8Array, an ArrayBuffer or a string (UTF-8);
+ * map fields a Map or a plain object (entries are written sorted by key).
+ * @returns {Uint8Array}
  */
-export function decodeMessage(type, bytes) {
+export function encodeMessage(type, obj = {}) {
   const schema = SCHEMAS[type];
   if (!schema) throw new TypeError(`unknown message type ${type}`);
+  return encodeFields(schema, obj);
+}
+
+function decodeFields(schema, type, bytes) {
   const out = {};
   for (const [name, fieldType, repeated] of Object.values(schema)) {
     out[name] = defaultValue(fieldType, repeated);
@@ -438,6 +519,22 @@ export function decodeMessage(type, bytes) {
     else if (VARINT_TYPES.has(fieldType)) value = r.varint();
     else {
       const chunk = r.take(r.varint());
+      const entrySchema = mapEntrySchema(fieldType);
+      if (entrySchema) {
+        const entry = decodeFields(entrySchema, `${type}.${name} entry`, chunk);
+        const [, valueType] = entrySchema[2];
+        // A map's message values are never absent: a missing one is the default.
+        const item = entry.value ?? decodeMessage(valueType, new Uint8Array(0));
+        // defineProperty: a key such as "__proto__" becomes an own property
+        // like any other. proto3: the last entry with a key wins.
+        Object.defineProperty(out[name], String(entry.key), {
+          value: item,
+          enumerable: true,
+          writable: true,
+          configurable: true,
+        });
+        continue;
+      }
       if (fieldType === 'string') value = utf8Decoder.decode(chunk);
       else if (fieldType === 'bytes') value = chunk;
       else value = decodeMessage(fieldType, chunk);
@@ -446,6 +543,19 @@ export function decodeMessage(type, bytes) {
     else out[name] = value; // proto3: the last occurrence wins
   }
   return out;
+}
+
+/**
+ * Decodes protobuf message `type` into a plain object with every field
+ * present (defaults for absent ones; null for absent embedded messages; a
+ * plain object for a map field, keyed by the map's keys).
+ * `bytes` fields are views into `bytes`, not copies. Unknown fields are skipped.
+ * @throws {RangeError} on truncated or malformed input
+ */
+export function decodeMessage(type, bytes) {
+  const schema = SCHEMAS[type];
+  if (!schema) throw new TypeError(`unknown message type ${type}`);
+  return decodeFields(schema, type, bytes);
 }
 
 /** `messages.Delivery.encode(obj)` / `messages.Delivery.decode(bytes)`, and so on. */
@@ -505,6 +615,85 @@ function asList(topics) {
   return typeof topics === 'string' ? [topics] : [...topics];
 }
 
+function unexpectedReply(opcode, reply, expected) {
+  return new WsprotoError(
+    'UNEXPECTED_REPLY',
+    `opcode ${opcode} was answered with opcode ${reply.opcode}, expected ${expected}`,
+    opcode,
+  );
+}
+
+/**
+ * Whether topic pattern `pattern` covers `topic` (a name or a pattern):
+ * every name matching `topic` also matches `pattern` (PROTOCOL.md §8).
+ * Segments are split on '.'; '*' matches one segment, '#' (last segment
+ * only) zero or more. For a name this is "the name matches the pattern":
+ * `alarm.#` covers `alarm` and `alarm.fire.b3`, `rowdata.*` covers
+ * `rowdata.temp` but not `rowdata.temp.42` or `rowdata.#`.
+ */
+export function topicCovers(pattern, topic) {
+  const outer = pattern.split('.');
+  const inner = topic.split('.');
+  for (let i = 0; ; i++) {
+    if (outer[i] === '#') return true;
+    if (i === outer.length || i === inner.length) return outer.length === inner.length;
+    if (inner[i] === '#') return false;
+    if (outer[i] !== '*' && outer[i] !== inner[i]) return false;
+  }
+}
+
+/** Whether some name matches both topics (the delivery rule, PROTOCOL.md §8). */
+function topicsOverlap(a, b) {
+  const x = a.split('.');
+  const y = b.split('.');
+  for (let i = 0; ; i++) {
+    if (x[i] === '#' || y[i] === '#') return true;
+    if (i === x.length || i === y.length) return x.length === y.length;
+    if (x[i] !== '*' && y[i] !== '*' && x[i] !== y[i]) return false;
+  }
+}
+
+// Keys of the position map: 't:' + topic for a topic's stream (as
+// published: a name, or a pattern published to), 'r:' + room for a room's.
+const TOPIC_STREAM = 't:';
+const ROOM_STREAM = 'r:';
+
+/** The stream key of a Delivery, or null when it has no position. */
+function deliveryStream({ kind, topic, room, seq, epoch }) {
+  if (seq === 0 || !epoch) return null; // unnumbered, or a server without epochs
+  if (kind === DELIVERY_KIND.TOPIC && topic) return TOPIC_STREAM + topic;
+  if (kind === DELIVERY_KIND.ROOM && room) return ROOM_STREAM + room;
+  return null;
+}
+
+/** The stream key of a StreamState or a Gap, or null. */
+function stateStream({ topic, room }) {
+  if (topic) return TOPIC_STREAM + topic;
+  if (room) return ROOM_STREAM + room;
+  return null;
+}
+
+/**
+ * Whether `s` is a valid topic (PROTOCOL.md §8), or with `nameOnly` a valid
+ * name (a room): what the server accepts, checked on saved positions since
+ * one bad `since` key fails the whole SUBSCRIBE.
+ */
+function isTopic(s, nameOnly = false) {
+  if (typeof s !== 'string' || s === '' || utf8Encoder.encode(s).length > 200) return false;
+  const segments = s.split('.');
+  if (segments.length > 16) return false;
+  return segments.every((segment, i) => {
+    if (segment === '' || /[\s\p{Cc}]/u.test(segment)) return false;
+    if (segment === '*' || segment === '#') return !nameOnly && (segment === '*' || i === segments.length - 1);
+    return !/[*#]/.test(segment);
+  });
+}
+
+function isPosition(p) {
+  return p !== null && typeof p === 'object' && typeof p.epoch === 'string' && p.epoch !== ''
+    && Number.isSafeInteger(p.seq) && p.seq >= 0;
+}
+
 /**
  * A reconnecting wsproto client.
  *
@@ -513,8 +702,21 @@ function asList(topics) {
  *   welcome       Welcome — the session is ready
  *   joined        Presence — reply to a JOIN, including the automatic
  *                 re-joins after a reconnect (so member lists can be rebuilt)
- *   delivery      Delivery, plus `text` (the data as a string when it is UTF-8)
+ *   delivery      Delivery, plus `text` (the data as a string when it is UTF-8);
+ *                 `replayed` is true for a missed message recovered from history.
+ *                 Duplicates are not dispatched (see below)
  *   presence      PresenceEvent
+ *   gap           Gap {topic, room, epoch, fromSeq, toSeq, reason} — messages
+ *                 of a followed stream are missing and will not come (reason
+ *                 'history', 'epoch', 'unavailable' or 'lost'): reload that
+ *                 stream's state
+ *   recovered     {streams, unrecovered, topics | room} — the answer to a
+ *                 SUBSCRIBE or JOIN that asked to recover from kept positions
+ *                 (after a reconnect, or with the `positions` option):
+ *                 `streams` the StreamStates {topic, room, position,
+ *                 recovered, replayed}; `unrecovered` those with recovered
+ *                 false, whose missed messages could not all be replayed
+ *                 (a `gap` event said which): reload those streams
  *   error         Error (code, message, opcode) not answering a pending
  *                 request; also frames that do not decode ({code: 'DECODE'})
  *                 and failures of the automatic re-subscribe/re-join
@@ -528,6 +730,27 @@ function asList(topics) {
  * disconnected are queued and sent after those, so a SAY issued during a
  * reconnect reaches a room the session is back in (the server answers a
  * session's frames in order).
+ *
+ * Positions and recovery. A topic or room delivery with seq > 0 has a
+ * position (epoch, seq) in its stream: its `topic` as published, or its
+ * `room`. The client keeps the last position per stream, so that:
+ *   - a delivery whose position was seen (same epoch, seq not above the
+ *     last) is a duplicate and dropped; another epoch is never one (the
+ *     stream restarted; positions of different epochs do not compare);
+ *   - every SUBSCRIBE (the app's and the one sent on reconnect) carries
+ *     `positions: true` and `since`: the kept position of every stream the
+ *     subscribed topics cover; every JOIN carries the room's kept `since`.
+ *     The server replays what was missed (deliveries with `replayed`), in
+ *     order, before the reply and live messages; what it cannot replay it
+ *     reports as a `gap` event and `recovered: false` (see `recovered`);
+ *   - a reply's StreamState gives the position of a stream the client has
+ *     no message of yet (or whose epoch changed), so recovery works even
+ *     for a stream that was quiet until the disconnect.
+ * `positions()` returns the kept positions (save them, e.g. in
+ * sessionStorage) and the `positions` option starts from saved ones, so a
+ * reloaded page recovers too. unsubscribe() and leave() forget the positions
+ * of the streams no longer followed. A server without recovery answers
+ * with ACK and no epochs: the client then keeps no positions.
  */
 export class WsprotoClient extends EventTarget {
   /**
@@ -540,6 +763,9 @@ export class WsprotoClient extends EventTarget {
    * @param {number} [options.heartbeatMs=15000] PING period; 0 disables the
    *   heartbeat and the watchdog (which drops a socket silent for 2.5 periods)
    * @param {number} [options.requestTimeoutMs=10000] default request timeout
+   * @param {Object<string, {epoch: string, seq: number}>|Map} [options.positions]
+   *   stream positions to start from, as a previous `positions()` returned
+   *   (entries that are not valid positions are ignored)
    * @param {typeof WebSocket} [options.WebSocket] constructor to use (tests, Node)
    */
   constructor(url, options = {}) {
@@ -571,6 +797,19 @@ export class WsprotoClient extends EventTarget {
     this._topics = new Set(); // what the app subscribed to
     this._rooms = new Map(); // room -> {presenceEvents}
     this._openWaiters = []; // {resolve, reject} for calls made while disconnected
+    // Stream key ('t:' + topic, 'r:' + room) -> {epoch, seq, seen}: `seq`
+    // is the position recovery asks from, `seen` the highest seq dispatched
+    // in `epoch` (a delivery at or below it is a duplicate). They differ
+    // only when a SUBSCRIBE/JOIN reply moved `seq` ahead of what was seen.
+    this._positions = new Map();
+    const saved = this.options.positions;
+    const entries = saved instanceof Map ? saved : Object.entries(saved ?? {});
+    for (const [key, p] of entries) {
+      const valid = typeof key === 'string'
+        && (key.startsWith(TOPIC_STREAM) ? isTopic(key.slice(TOPIC_STREAM.length))
+          : key.startsWith(ROOM_STREAM) && isTopic(key.slice(ROOM_STREAM.length), true));
+      if (valid && isPosition(p)) this._positions.set(key, { epoch: p.epoch, seq: p.seq, seen: p.seq });
+    }
 
     this._connect();
   }
@@ -590,6 +829,18 @@ export class WsprotoClient extends EventTarget {
     return [...this._rooms.keys()];
   }
 
+  /**
+   * The last position the client saw in each stream, to save (e.g. in
+   * sessionStorage) and pass back as the `positions` option, so a reloaded
+   * page recovers what it missed: a fresh plain object
+   * `{'t:<topic>': {epoch, seq}, 'r:<room>': {epoch, seq}}`.
+   */
+  positions() {
+    const out = {};
+    for (const [key, { epoch, seq }] of this._positions) out[key] = { epoch, seq };
+    return out;
+  }
+
   // --- requests -----------------------------------------------------------
 
   /**
@@ -601,6 +852,15 @@ export class WsprotoClient extends EventTarget {
    * runs from the call).
    */
   request(opcode, payload = new Uint8Array(0), { timeoutMs = this.options.requestTimeoutMs } = {}) {
+    return this._request(opcode, payload, timeoutMs);
+  }
+
+  /**
+   * request(), with `onReply(frame)` (for replies other than ERROR) run
+   * while the reply is handled, before any later frame: its result resolves
+   * the promise, an exception rejects it.
+   */
+  _request(opcode, payload, timeoutMs = this.options.requestTimeoutMs, onReply = null) {
     if (this._closedByUser) {
       return Promise.reject(new WsprotoError('CLOSED', 'client is closed', opcode));
     }
@@ -615,7 +875,7 @@ export class WsprotoClient extends EventTarget {
         this._queue = this._queue.filter((queued) => queued.id !== id);
         reject(new WsprotoError('TIMEOUT', `no reply to opcode ${opcode} within ${timeoutMs} ms`, opcode));
       }, timeoutMs);
-      this._pending.set(id, { resolve, reject, timer, opcode });
+      this._pending.set(id, { resolve, reject, timer, opcode, onReply });
       if (this.connected) this._ws.send(frame);
       else this._queue.push({ id, frame });
     });
@@ -628,25 +888,36 @@ export class WsprotoClient extends EventTarget {
     return true;
   }
 
-  /** Subscribes to topics or patterns (string or array); remembered across reconnects. */
+  /**
+   * Subscribes to topics or patterns (string or array); remembered across
+   * reconnects. Recovers the streams they cover from the positions kept
+   * (see the class comment). Resolves to the StreamState list of the reply
+   * (where each named stream stands; [] from a server without recovery).
+   */
   async subscribe(topics) {
     const list = asList(topics);
-    if (list.length === 0) return;
+    if (list.length === 0) return [];
     list.forEach((t) => this._topics.add(t));
     if (!this.connected) {
       // The SUBSCRIBE sent on (re)connect covers them.
       const replay = await this._nextOpen();
-      await replay.subscribed;
-      return;
+      return replay.subscribed;
     }
-    await this._call(OP.SUBSCRIBE, 'Subscribe', { topics: list }, OP.ACK);
+    return this._subscribe(list);
   }
 
-  /** Unsubscribes and forgets the topics. */
+  /** Unsubscribes and forgets the topics (and the positions of streams no longer followed). */
   async unsubscribe(topics) {
     const list = asList(topics);
     if (list.length === 0) return;
     list.forEach((t) => this._topics.delete(t));
+    const remaining = [...this._topics];
+    for (const key of this._positions.keys()) {
+      if (!key.startsWith(TOPIC_STREAM)) continue;
+      const name = key.slice(TOPIC_STREAM.length);
+      const follows = (t) => topicsOverlap(t, name);
+      if (list.some(follows) && !remaining.some(follows)) this._positions.delete(key);
+    }
     if (!this.connected) return; // nothing to undo on a socket that is not there
     await this._call(OP.UNSUBSCRIBE, 'Unsubscribe', { topics: list }, OP.ACK);
   }
@@ -660,8 +931,10 @@ export class WsprotoClient extends EventTarget {
   }
 
   /**
-   * Joins a room (remembered across reconnects). Resolves to the Presence
-   * of the room; also dispatched as a `joined` event.
+   * Joins a room (remembered across reconnects), recovering what was said
+   * since the room's kept position. Resolves to the Presence of the room
+   * (`stream`: where the room's stream stands); also dispatched as a
+   * `joined` event.
    */
   async join(room, { presenceEvents = false } = {}) {
     this._rooms.set(room, { presenceEvents });
@@ -675,9 +948,10 @@ export class WsprotoClient extends EventTarget {
     return this._join(room);
   }
 
-  /** Leaves a room and forgets it. */
+  /** Leaves a room and forgets it (and its position). */
   async leave(room) {
     this._rooms.delete(room);
+    this._positions.delete(ROOM_STREAM + room);
     if (!this.connected) return;
     await this._call(OP.LEAVE, 'Leave', { room }, OP.ACK);
   }
@@ -737,24 +1011,94 @@ export class WsprotoClient extends EventTarget {
     }
   }
 
-  /** request() + reply-opcode check + payload decode. */
-  async _call(opcode, requestType, fields, replyOpcode, replyType = null) {
-    const reply = await this.request(opcode, encodeMessage(requestType, fields));
-    if (reply.opcode !== replyOpcode) {
-      throw new WsprotoError(
-        'UNEXPECTED_REPLY',
-        `opcode ${opcode} was answered with opcode ${reply.opcode}, expected ${replyOpcode}`,
-        opcode,
-      );
-    }
-    return replyType ? decodeMessage(replyType, reply.payload) : undefined;
+  /**
+   * request() + reply-opcode check + payload decode; `then(message)`, when
+   * given, runs as the reply is handled and its result is the call's.
+   */
+  async _call(opcode, requestType, fields, replyOpcode, replyType = null, then = null) {
+    return this._request(opcode, encodeMessage(requestType, fields), undefined, (reply) => {
+      if (reply.opcode !== replyOpcode) throw unexpectedReply(opcode, reply, replyOpcode);
+      const message = replyType ? decodeMessage(replyType, reply.payload) : undefined;
+      return then ? then(message) : message;
+    });
   }
 
-  async _join(room) {
+  /**
+   * SUBSCRIBE with `positions` and, for every kept topic position one of
+   * `topics` covers, `since`. Missed messages arrive (and are dispatched)
+   * before the reply; resolves to its StreamState list.
+   */
+  _subscribe(topics) {
+    const since = new Map();
+    for (const [key, { epoch, seq }] of this._positions) {
+      if (!key.startsWith(TOPIC_STREAM)) continue;
+      const name = key.slice(TOPIC_STREAM.length);
+      if (topics.some((t) => topicCovers(t, name))) since.set(name, { epoch, seq });
+    }
+    const payload = encodeMessage('Subscribe', { topics, since, positions: true });
+    return this._request(OP.SUBSCRIBE, payload, undefined, (reply) => {
+      // A server without recovery ignores both fields and ACKs.
+      if (reply.opcode === OP.ACK) return [];
+      if (reply.opcode !== OP.SUBSCRIBE) throw unexpectedReply(OP.SUBSCRIBE, reply, OP.SUBSCRIBE);
+      const { streams } = decodeMessage('Subscribed', reply.payload);
+      streams.forEach((state) => this._adopt(state));
+      if (since.size > 0) this._recovered(streams, { topics });
+      return streams;
+    });
+  }
+
+  _join(room) {
     const { presenceEvents } = this._rooms.get(room) ?? { presenceEvents: false };
-    const presence = await this._call(OP.JOIN, 'Join', { room, presenceEvents }, OP.JOIN, 'Presence');
-    this.dispatchEvent(detail('joined', presence));
-    return presence;
+    const kept = this._positions.get(ROOM_STREAM + room);
+    const since = kept ? { epoch: kept.epoch, seq: kept.seq } : null;
+    return this._call(OP.JOIN, 'Join', { room, presenceEvents, since }, OP.JOIN, 'Presence', (presence) => {
+      if (presence.stream) this._adopt(presence.stream);
+      this.dispatchEvent(detail('joined', presence));
+      if (since && presence.stream) this._recovered([presence.stream], { room });
+      return presence;
+    });
+  }
+
+  _recovered(streams, what) {
+    const unrecovered = streams.filter((s) => !s.recovered);
+    this.dispatchEvent(detail('recovered', { streams, unrecovered, ...what }));
+  }
+
+  /**
+   * Keeps a delivery's position; false when it was seen already (same
+   * epoch, seq not above the highest seen): a duplicate, not dispatched.
+   */
+  _observe(delivery) {
+    const key = deliveryStream(delivery);
+    if (key === null) return true;
+    const { epoch, seq } = delivery;
+    const kept = this._positions.get(key);
+    if (kept && kept.epoch === epoch) {
+      if (seq <= kept.seen) return false;
+      kept.seen = seq;
+      kept.seq = Math.max(kept.seq, seq);
+    } else {
+      // New, or another epoch: positions of different epochs never compare.
+      this._positions.set(key, { epoch, seq, seen: seq });
+    }
+    return true;
+  }
+
+  /**
+   * Takes a stream's position from a SUBSCRIBE/JOIN reply when the client
+   * has none (it saw no message yet, so it recovers from the stream's
+   * position then, e.g. (epoch, 0)), when the stream's epoch changed, or
+   * when the stream is ahead (what lies between was reported lost). Only
+   * `seq` moves: deliveries at or below it that were not seen (still on
+   * their way) are not duplicates.
+   */
+  _adopt(state) {
+    const key = stateStream(state);
+    const p = state.position;
+    if (key === null || !isPosition(p)) return;
+    const kept = this._positions.get(key);
+    if (!kept || kept.epoch !== p.epoch) this._positions.set(key, { epoch: p.epoch, seq: p.seq, seen: 0 });
+    else if (p.seq > kept.seq) kept.seq = p.seq;
   }
 
   /** False once the client will not open another socket. */
@@ -818,11 +1162,10 @@ export class WsprotoClient extends EventTarget {
     this._startTimers();
 
     // Replay what the app asked for, before anything queued: one SUBSCRIBE
-    // with every topic, then a JOIN per room.
+    // with every topic, then a JOIN per room, each with the positions to
+    // recover from.
     const topics = [...this._topics];
-    const subscribed = topics.length
-      ? this._call(OP.SUBSCRIBE, 'Subscribe', { topics }, OP.ACK)
-      : Promise.resolve();
+    const subscribed = topics.length ? this._subscribe(topics) : Promise.resolve([]);
     subscribed.catch((err) => this._replayFailed(err, { topics }));
     const joined = new Map();
     for (const room of this._rooms.keys()) {
@@ -877,6 +1220,15 @@ export class WsprotoClient extends EventTarget {
       if (opcode === OP.ERROR) {
         const e = decodeMessage('Error', frame.payload);
         pending.reject(new WsprotoError(e.code, e.message, e.opcode));
+      } else if (pending.onReply) {
+        let value;
+        try {
+          value = pending.onReply(frame);
+        } catch (err) {
+          pending.reject(err);
+          return;
+        }
+        pending.resolve(value);
       } else {
         pending.resolve(frame);
       }
@@ -889,12 +1241,16 @@ export class WsprotoClient extends EventTarget {
         break;
       case OP.DELIVERY: {
         const delivery = decodeMessage('Delivery', frame.payload);
+        if (!this._observe(delivery)) break; // a duplicate
         delivery.text = utf8OrUndefined(delivery.data);
         this.dispatchEvent(detail('delivery', delivery));
         break;
       }
       case OP.PRESENCE_EVENT:
         this.dispatchEvent(detail('presence', decodeMessage('PresenceEvent', frame.payload)));
+        break;
+      case OP.GAP:
+        this.dispatchEvent(detail('gap', decodeMessage('Gap', frame.payload)));
         break;
       case OP.ERROR:
         this.dispatchEvent(detail('error', decodeMessage('Error', frame.payload)));

@@ -13,6 +13,8 @@ use tokio_tungstenite::{
 };
 use wsproto::{frame::FrameError, opcode, proto::v1, Frame};
 
+use crate::positions::Positions;
+
 /// How long [`Client::close`] waits for the server's answering close.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -235,6 +237,12 @@ impl Client {
         }
     }
 
+    /// A frame read earlier while waiting for a reply, if any (what
+    /// [`Client::recv`] returns next without reading the socket).
+    pub fn pending_frame(&mut self) -> Option<Frame> {
+        self.pending.pop_front()
+    }
+
     /// Reads the WELCOME frame that opens every session.
     ///
     /// # Errors
@@ -299,6 +307,10 @@ impl Client {
         request: &impl prost::Message,
     ) -> Result<R, ClientError> {
         let reply = self.call(opcode, request.encode_to_vec()).await?;
+        self.decode_reply(reply)
+    }
+
+    fn decode_reply<R: prost::Message + Default>(&self, reply: Frame) -> Result<R, ClientError> {
         if let Some(error) = error_of(&reply) {
             return Err(ClientError::ErrorFrame {
                 code: error.code,
@@ -318,8 +330,35 @@ impl Client {
     /// As [`Client::request`].
     pub async fn subscribe(&mut self, topics: &[&str]) -> Result<(), ClientError> {
         let topics = topics.iter().map(|t| t.to_string()).collect();
-        self.request::<()>(opcode::SUBSCRIBE, &v1::Subscribe { topics })
-            .await
+        let subscribe = v1::Subscribe {
+            topics,
+            ..Default::default()
+        };
+        self.request::<()>(opcode::SUBSCRIBE, &subscribe).await
+    }
+
+    /// Subscribes and recovers: asks for the messages published since the
+    /// positions in `positions` (for the streams the topics cover) and for
+    /// where each named stream stands. Missed messages arrive before the
+    /// reply, which this returns; feed every delivery to
+    /// [`Positions::observe`] to keep positions and drop duplicates.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn subscribe_since(
+        &mut self,
+        topics: &[&str],
+        positions: &Positions,
+    ) -> Result<v1::Subscribed, ClientError> {
+        let subscribe = v1::Subscribe {
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            since: positions.topics_covered_by(topics),
+            positions: true,
+        };
+        let reply = self
+            .call(opcode::SUBSCRIBE, subscribe.encode_to_vec())
+            .await?;
+        self.decode_reply(reply)
     }
 
     /// Publishes to a topic (where the server permits it).
@@ -351,6 +390,26 @@ impl Client {
         let join = v1::Join {
             room: room.into(),
             presence_events,
+            since: None,
+        };
+        self.request(opcode::JOIN, &join).await
+    }
+
+    /// [`Client::join`], recovering what was said in the room since the
+    /// position `positions` keeps for it (see [`Client::subscribe_since`]).
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn join_since(
+        &mut self,
+        room: &str,
+        presence_events: bool,
+        positions: &Positions,
+    ) -> Result<v1::Presence, ClientError> {
+        let join = v1::Join {
+            room: room.into(),
+            presence_events,
+            since: positions.room(room),
         };
         self.request(opcode::JOIN, &join).await
     }

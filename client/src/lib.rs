@@ -4,6 +4,8 @@
 pub mod backoff;
 pub mod client;
 pub mod http;
+pub mod positions;
 pub mod schema;
 
 pub use client::{error_of, tls_config, Client, ClientError};
+pub use positions::{Event, Positions, Subscriber};

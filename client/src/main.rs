@@ -6,10 +6,9 @@ mod token;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use prost::Message as _;
 use wsproto::{
     frame::{Preview, MAX_OPCODE},
     opcode,
@@ -17,7 +16,8 @@ use wsproto::{
     Frame,
 };
 use wsproto_client::{
-    client::protocol_url, error_of, http, schema, tls_config, Client, ClientError,
+    client::protocol_url, error_of, http, schema, tls_config, Client, ClientError, Event,
+    Subscriber,
 };
 
 /// Request id of the PING sent after the user's frames: the server answers
@@ -419,51 +419,103 @@ fn describe_delivery(delivery: &v1::Delivery) -> String {
 }
 
 async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
-    let (url, timeout) = (target.url.as_str(), target.timeout);
+    let url = target.url.as_str();
     if args.topics.is_empty() && args.rooms.is_empty() && target.user.is_none() {
         return Err(Usage(
             "nothing to listen to: give --subscribe TOPIC, --join ROOM or --user ID".into(),
         )
         .into());
     }
-    let (mut client, _welcome) = target.session(url).await?;
-    // On stderr, so stdout holds deliveries only.
-    if !args.topics.is_empty() {
-        let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
-        bounded(timeout, client.subscribe(&topics)).await?;
-        eprintln!("subscribed to {}", topics.join(", "));
-    }
-    for room in &args.rooms {
-        let presence = bounded(timeout, client.join(room, true)).await?;
-        eprintln!("joined {room}: {} member(s)", presence.count);
-    }
-    if let Some(user) = &target.user {
-        eprintln!("listening as user {user} (direct messages to {user} arrive here too)");
-    }
+    // The first connection is checked the way every command's is, so a
+    // wrong URL fails at once with a reason instead of being retried.
+    let (probe, _welcome) = target.session(url).await?;
+    probe.close(1000).await?;
+    let mut subscriber =
+        Subscriber::new(target.url_for(url), args.topics.clone(), args.rooms.clone())
+            .with_auth(target.tls.clone(), target.token.clone());
     let mut received = 0u64;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
     while args.count.is_none_or(|count| received < count) {
-        let frame = tokio::select! {
+        let event = tokio::select! {
             _ = &mut interrupt => break,
-            frame = client.recv() => frame?,
+            event = subscriber.next() => event?,
         };
-        match frame.opcode {
-            opcode::DELIVERY => {
-                let delivery =
-                    v1::Delivery::decode(frame.payload).context("undecodable DELIVERY")?;
+        // Everything but deliveries goes to stderr, so stdout holds
+        // deliveries only.
+        match event {
+            Event::Subscribed {
+                streams,
+                reconnected,
+            } => report_streams(&args, target, &streams, reconnected),
+            Event::Delivery(delivery) => {
                 println!("{}", describe_delivery(&delivery));
                 received += 1;
             }
-            opcode::WELCOME => {}
-            _ if is_own_pong(&frame, PROBE_ID) => {}
-            _ => {
+            Event::Gap(gap) => eprintln!(
+                "GAP: {} missed seq {}..{} of epoch {} ({}); reload what it describes",
+                match gap.room.is_empty() {
+                    true => format!("topic={}", gap.topic),
+                    false => format!("room={}", gap.room),
+                },
+                gap.from_seq,
+                match gap.to_seq {
+                    0 => "?".to_owned(),
+                    to => to.to_string(),
+                },
+                gap.epoch,
+                gap.reason
+            ),
+            Event::Disconnected { error, retry_in } => eprintln!(
+                "disconnected ({error}); reconnecting in {}",
+                humantime::format_duration(Duration::from_millis(retry_in.as_millis() as u64))
+            ),
+            Event::Frame(frame) if frame.opcode == opcode::WELCOME => {}
+            Event::Frame(frame) => {
                 print_frame(&frame, false);
             }
         }
     }
-    client.close(1000).await?;
+    subscriber.close().await;
     Ok(true)
+}
+
+/// Says on stderr what a (re)subscription found.
+fn report_streams(args: &ListenArgs, target: &Target, streams: &[v1::StreamState], again: bool) {
+    match again {
+        false => {
+            if !args.topics.is_empty() {
+                eprintln!("subscribed to {}", args.topics.join(", "));
+            }
+            for room in &args.rooms {
+                eprintln!("joined {room}");
+            }
+            if let Some(user) = &target.user {
+                eprintln!("listening as user {user} (direct messages to {user} arrive here too)");
+            }
+        }
+        true => {
+            let lost: Vec<&str> = streams
+                .iter()
+                .filter(|s| !s.recovered)
+                .map(|s| {
+                    if s.room.is_empty() {
+                        &*s.topic
+                    } else {
+                        &*s.room
+                    }
+                })
+                .collect();
+            let replayed: u32 = streams.iter().map(|s| s.replayed).sum();
+            match lost.is_empty() {
+                true => eprintln!("reconnected: recovered {replayed} missed message(s)"),
+                false => eprintln!(
+                    "reconnected: recovered {replayed} message(s); NOT recovered: {}",
+                    lost.join(", ")
+                ),
+            }
+        }
+    }
 }
 
 /// `future`, or an error once `timeout` has passed without an answer.

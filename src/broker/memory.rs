@@ -1,58 +1,123 @@
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     hash::{BuildHasher, RandomState},
-    sync::{Mutex, RwLock, Weak},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock, Weak,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{BoxFuture, Broker, BrokerError, BrokerEventHandler, Publication, Published};
+use super::{
+    BoxFuture, Broker, BrokerError, BrokerEventHandler, History, HistoryPolicies, Position,
+    Publication, Published, Target,
+};
 
-/// Counters are split over this many locks, so publications to different
+/// Streams are split over this many locks, so publications to different
 /// topics rarely wait on each other.
 const SHARDS: usize = 16;
-/// Most topics and rooms whose sequence numbers one shard remembers; past
-/// it an arbitrary other counter is forgotten (that topic's sequence starts
-/// again at 1), which keeps memory bounded however many topics are used.
-const MAX_SEQUENCES_PER_SHARD: usize = 8192;
+/// Most topics and rooms whose numbering one shard remembers; past it an
+/// arbitrary other stream is forgotten, which keeps memory bounded however
+/// many topics are used. A forgotten stream starts again in a new epoch,
+/// so its subscribers can tell (it never silently restarts at 1).
+const MAX_STREAMS_PER_SHARD: usize = 8192;
 
-/// The in-process broker: numbers each publication and hands it, in-line,
-/// to every registered node — the one node of a single-process server, or
-/// several in-process nodes sharing it (as tests do).
+/// The in-process broker: numbers each publication, keeps the history its
+/// policy asks for, and hands it, in-line, to every registered node — the
+/// one node of a single-process server, or several in-process nodes
+/// sharing it (as tests do).
 ///
-/// A topic's (or room's) publications are numbered and delivered under the
-/// same lock, so every subscriber sees them in sequence order even when
-/// several tasks publish to the topic at once.
+/// A stream's publications are numbered, kept and delivered under the same
+/// lock, so every subscriber sees them in sequence order even when several
+/// tasks publish to the stream at once.
 #[derive(Debug)]
 pub struct MemoryBroker {
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<String, u64>>>,
+    shards: Vec<Mutex<HashMap<String, Stream>>>,
     handlers: RwLock<Vec<Weak<dyn BrokerEventHandler>>>,
+    history: HistoryPolicies,
+    /// This broker's epochs are `{run}-{n}`: `run` is random per broker (a
+    /// new process has another), `n` counts the streams it has started.
+    run: u64,
+    started: AtomicU64,
+}
+
+/// One topic's or room's numbering and history.
+#[derive(Debug)]
+struct Stream {
+    epoch: Arc<str>,
+    seq: u64,
+    /// (seq, publication), oldest first; empty without a history policy.
+    kept: VecDeque<(u64, Publication)>,
 }
 
 impl Default for MemoryBroker {
     fn default() -> MemoryBroker {
-        MemoryBroker {
-            hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            handlers: RwLock::new(Vec::new()),
-        }
+        MemoryBroker::with_history(HistoryPolicies::default())
     }
 }
 
 impl MemoryBroker {
-    /// A broker with no nodes registered yet.
+    /// A broker with no nodes registered yet, keeping no history.
     pub fn new() -> MemoryBroker {
         MemoryBroker::default()
     }
 
+    /// A broker keeping history as `policies` say.
+    pub fn with_history(policies: HistoryPolicies) -> MemoryBroker {
+        let hasher = RandomState::new();
+        let run = hasher.hash_one((std::process::id(), SystemTime::now())) & 0xffff_ffff_ffff;
+        MemoryBroker {
+            hasher,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            handlers: RwLock::new(Vec::new()),
+            history: policies,
+            run,
+            started: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, Stream>> {
+        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_stream(&self) -> Stream {
+        let n = self.started.fetch_add(1, Ordering::Relaxed) + 1;
+        Stream {
+            epoch: format!("{:012x}-{n:x}", self.run).into(),
+            seq: 0,
+            kept: VecDeque::new(),
+        }
+    }
+
     /// Hands `publication` to every live node; (sessions, nodes) it reached.
-    fn deliver(&self, publication: &Publication, seq: u64) -> (usize, usize) {
+    fn deliver(&self, publication: &Publication, position: &Position) -> (usize, usize) {
         let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
         let (mut sessions, mut nodes) = (0, 0);
         for handler in handlers.iter().filter_map(Weak::upgrade) {
-            sessions += handler.handle_publication(publication, seq);
+            sessions += handler.handle_publication(publication, position);
             nodes += 1;
         }
         (sessions, nodes)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Drops kept messages older than `max_age`.
+fn expire(kept: &mut VecDeque<(u64, Publication)>, max_age: Option<Duration>) {
+    let Some(max_age) = max_age else { return };
+    let oldest = now_ms().saturating_sub(max_age.as_millis() as u64);
+    while kept
+        .front()
+        .is_some_and(|(_, p)| p.published_at_ms < oldest)
+    {
+        kept.pop_front();
     }
 }
 
@@ -64,28 +129,74 @@ impl Broker for MemoryBroker {
     }
 
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>> {
-        let (seq, (sessions, nodes)) = match publication.target.stream_key() {
-            None => (0, self.deliver(&publication, 0)),
+        let (position, (sessions, nodes)) = match publication.target.stream_key() {
+            None => {
+                let position = Position::default();
+                let reached = self.deliver(&publication, &position);
+                (position, reached)
+            }
             Some(key) => {
-                let shard = &self.shards[self.hasher.hash_one(&key) as usize % SHARDS];
-                let mut sequences = shard.lock().unwrap_or_else(|e| e.into_inner());
-                if sequences.len() >= MAX_SEQUENCES_PER_SHARD && !sequences.contains_key(&key) {
-                    if let Some(idle) = sequences.keys().next().cloned() {
-                        sequences.remove(&idle);
+                let mut streams = self.shard(&key);
+                if streams.len() >= MAX_STREAMS_PER_SHARD && !streams.contains_key(&key) {
+                    if let Some(idle) = streams.keys().next().cloned() {
+                        streams.remove(&idle);
                     }
                 }
-                let seq = sequences.entry(key).or_insert(0);
-                *seq += 1;
+                let stream = streams.entry(key).or_insert_with(|| self.new_stream());
+                stream.seq += 1;
+                let position = Position::new(stream.epoch.clone(), stream.seq);
+                if let Some(policy) = self.history.of(&publication.target) {
+                    stream.kept.push_back((stream.seq, publication.clone()));
+                    while stream.kept.len() > policy.max_len {
+                        stream.kept.pop_front();
+                    }
+                    expire(&mut stream.kept, policy.max_age);
+                }
                 // Delivery only queues frames (it never waits on a socket),
                 // so holding the shard lock across it is brief.
-                (*seq, self.deliver(&publication, *seq))
+                let reached = self.deliver(&publication, &position);
+                (position, reached)
             }
         };
         let published = Published {
-            seq,
+            seq: position.seq,
+            epoch: position.epoch,
             sessions,
             nodes,
         };
         Box::pin(std::future::ready(Ok(published)))
+    }
+
+    fn history<'a>(
+        &'a self,
+        stream: &'a Target,
+        since: Option<&'a Position>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        let Some(key) = stream.stream_key() else {
+            return Box::pin(std::future::ready(Ok(History::default())));
+        };
+        let mut streams = self.shard(&key);
+        // A stream nobody published to yet starts its epoch now, so that a
+        // client's position taken from it stays valid once it gets messages.
+        let stream_state = streams.entry(key).or_insert_with(|| self.new_stream());
+        if let Some(policy) = self.history.of(stream) {
+            expire(&mut stream_state.kept, policy.max_age);
+        }
+        let after = since
+            .filter(|p| p.epoch == stream_state.epoch)
+            .map_or(0, |p| p.seq);
+        let history = History {
+            epoch: stream_state.epoch.clone(),
+            top: stream_state.seq,
+            publications: stream_state
+                .kept
+                .iter()
+                .filter(|(seq, _)| *seq > after)
+                .take(limit)
+                .cloned()
+                .collect(),
+        };
+        Box::pin(std::future::ready(Ok(history)))
     }
 }

@@ -109,11 +109,80 @@ impl Publication {
     }
 }
 
+/// Where a message stands in its stream (a topic's or a room's).
+///
+/// The epoch names one run of the stream's numbering: it changes whenever
+/// the sequence could restart (a new process for the memory broker, a
+/// stream Redis lost), so positions of different epochs are never compared.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Position {
+    /// The stream's epoch; empty for messages that are not numbered.
+    pub epoch: Arc<str>,
+    /// Sequence number within the epoch, from 1; 0 when not numbered.
+    pub seq: u64,
+}
+
+impl Position {
+    /// A position in `epoch`.
+    pub fn new(epoch: impl Into<Arc<str>>, seq: u64) -> Position {
+        Position {
+            epoch: epoch.into(),
+            seq,
+        }
+    }
+}
+
+/// How much of a stream's past a broker keeps, for recovery and
+/// `POST /api/history`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryPolicy {
+    /// Most messages kept.
+    pub max_len: usize,
+    /// Messages older than this are no longer served (none: kept until
+    /// pushed out by newer ones).
+    pub max_age: Option<std::time::Duration>,
+}
+
+/// History policies by topic (or room name) pattern; the first pattern
+/// covering a stream wins, and a stream no pattern covers keeps none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryPolicies(pub Vec<(Topic, HistoryPolicy)>);
+
+impl HistoryPolicies {
+    /// The policy of `target`'s stream, if it keeps history.
+    pub fn of(&self, target: &Target) -> Option<HistoryPolicy> {
+        let name = match target {
+            Target::Topic(topic) => topic.clone(),
+            Target::Room { room, .. } => Topic::parse(room).ok()?,
+            _ => return None,
+        };
+        self.0
+            .iter()
+            .find(|(pattern, _)| pattern.covers(&name))
+            .map(|(_, policy)| *policy)
+    }
+}
+
+/// A read of a stream's history.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct History {
+    /// The stream's current epoch.
+    pub epoch: Arc<str>,
+    /// The stream's latest sequence number in that epoch (0: none yet).
+    pub top: u64,
+    /// Kept messages after the position asked for (or from the start of the
+    /// epoch when the position was of another epoch or none), oldest first,
+    /// at most the limit asked for.
+    pub publications: Vec<(u64, Publication)>,
+}
+
 /// What publishing did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Published {
     /// Sequence number of the message within its topic or room (0 otherwise).
     pub seq: u64,
+    /// The epoch `seq` counts in (empty when not numbered).
+    pub epoch: Arc<str>,
     /// Sessions it was handed to, as far as the publishing node can tell
     /// (with a networked broker: those on the publishing node).
     pub sessions: usize,
@@ -192,7 +261,7 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
     /// Queues a numbered publication for this node's recipients and returns
     /// how many sessions it was handed to. Must not wait: it runs on the
     /// broker's delivery path.
-    fn handle_publication(&self, publication: &Publication, seq: u64) -> usize;
+    fn handle_publication(&self, publication: &Publication, position: &Position) -> usize;
 
     /// How many sessions on this node `target` reaches now (what a broker
     /// that delivers later reports as a publication's local reach).
@@ -212,9 +281,20 @@ pub trait Broker: Send + Sync + 'static {
     /// dropped stops receiving without unregistering.
     fn register_event_handler(&self, handler: Weak<dyn BrokerEventHandler>);
 
-    /// Numbers `publication` within its stream (see [`Target::stream_key`])
-    /// and delivers it on every node.
+    /// Numbers `publication` within its stream (see [`Target::stream_key`]),
+    /// keeps it in the stream's history when its policy says so, and
+    /// delivers it on every node.
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>>;
+
+    /// Reads the history of `stream` (a topic or a room target): messages
+    /// after `since` when it is a position of the current epoch, else from
+    /// the start of the current epoch; at most `limit`.
+    fn history<'a>(
+        &'a self,
+        stream: &'a Target,
+        since: Option<&'a Position>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>>;
 
     /// This node now has local recipients for `interest` (called for each
     /// new subscription, membership or session of a user). Completes once

@@ -6,7 +6,9 @@
 //! ids, each set with a TTL that the node keeps refreshing):
 //! `{prefix}:i:r:{room}`, `{prefix}:i:u:{user}` and, for topics, sets keyed
 //! by the pattern's literal prefix (see [`topic_interest`]). One Lua call per
-//! publication numbers it (`INCR` of `{prefix}:seq:{stream}`), reads the
+//! publication numbers it (`{prefix}:s:{stream}` holds the stream's epoch
+//! and sequence number), keeps it in the stream's history when its policy
+//! asks for one (a Redis stream, `{prefix}:h:{stream}`), reads the
 //! union of the interest sets the publication may concern and `PUBLISH`es
 //! it once to each of those nodes' inboxes. So a node receives only what
 //! may concern it, never twice, and the script's receiver count is exactly
@@ -43,8 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{
-    BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, Interest, Membership,
-    PresenceChange, Publication, Published, RoomMembers, Sender, Target,
+    BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, History, HistoryPolicies,
+    HistoryPolicy, Interest, Membership, Position, PresenceChange, Publication, Published,
+    RoomMembers, Sender, Target,
 };
 use crate::topic::Topic;
 
@@ -83,6 +86,8 @@ pub struct RedisSettings {
     /// A node that has not said it is alive for this long is taken for dead:
     /// the others remove its room members and announce them gone.
     pub node_ttl: Duration,
+    /// Which streams keep history (in a Redis stream per topic or room).
+    pub history: HistoryPolicies,
 }
 
 impl RedisSettings {
@@ -98,6 +103,7 @@ impl RedisSettings {
             interest_ttl: Duration::from_secs(30),
             sequence_ttl: Duration::from_secs(7 * 24 * 3600),
             node_ttl: Duration::from_secs(3),
+            history: HistoryPolicies::default(),
         }
     }
 }
@@ -114,6 +120,7 @@ struct Shared {
     client: redis::Client,
     commands: ConnectionManager,
     publish: redis::Script,
+    history: redis::Script,
     presence_write: redis::Script,
     presence_read: redis::Script,
     sweep: redis::Script,
@@ -145,27 +152,42 @@ enum InterestOp {
     },
 }
 
-/// Numbers the publication (when it has a stream), then publishes it to a
+/// Numbers the publication (when it has a stream) in the stream's epoch,
+/// keeps it in the stream's history when asked, then publishes it to a
 /// direct channel or to every node in the union of the interest sets but
 /// the one named in ARGV[6] (a publisher that is not subscribed right now
-/// delivers to itself).
-/// KEYS: [sequence key if ARGV[1] == 'seq'], interest sets...
+/// delivers to itself). Numbering, history and publishing are one atomic
+/// step, so history holds exactly what was published, in order.
+/// KEYS: [stream hash `s:STREAM` and history `h:STREAM` if ARGV[1] ==
+/// 'seq'], interest sets...
 /// ARGV: 'seq' to number it ('': unnumbered; else a number to send in
 /// front, such as a presence event's count), sequence TTL (s), payload,
-/// inbox prefix, direct channel, node to skip.
+/// inbox prefix, direct channel, node to skip, the epoch to start if the
+/// stream has none, history length ('': none), history TTL (s).
+/// Messages are `SEQ:EPOCH:PAYLOAD`; returns {seq, nodes, epoch}.
 const PUBLISH_SCRIPT: &str = r"
 local first = 1
 local seq = 0
+local epoch = ''
 if ARGV[1] == 'seq' then
-  seq = redis.call('INCR', KEYS[1])
+  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  epoch = redis.call('HGET', KEYS[1], 'epoch')
+  if not epoch then
+    epoch = ARGV[7]
+    redis.call('HSET', KEYS[1], 'epoch', epoch)
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  first = 2
+  if ARGV[8] ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[8], '0-' .. seq, 'p', ARGV[3])
+    redis.call('EXPIRE', KEYS[2], ARGV[9])
+  end
+  first = 3
 elseif ARGV[1] ~= '' then
   seq = ARGV[1]
 end
-local message = seq .. ':' .. ARGV[3]
+local message = seq .. ':' .. epoch .. ':' .. ARGV[3]
 if ARGV[5] ~= '' then
-  return {seq, redis.call('PUBLISH', ARGV[5], message)}
+  return {seq, redis.call('PUBLISH', ARGV[5], message), epoch}
 end
 local nodes = 0
 if #KEYS >= first then
@@ -176,7 +198,27 @@ if #KEYS >= first then
     end
   end
 end
-return {seq, nodes}
+return {seq, nodes, epoch}
+";
+
+/// Reads a stream's history: its epoch (starting one, ARGV[4], if the
+/// stream has none, with TTL ARGV[5]), its latest sequence number, and up
+/// to ARGV[3] kept entries after ARGV[2] when ARGV[1] is the current epoch,
+/// else from the start. KEYS: stream hash, history.
+/// Returns {epoch, top, {id, {field, value}}...}.
+const HISTORY_SCRIPT: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('DEL', KEYS[2])
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local after = 0
+if ARGV[1] == epoch then after = tonumber(ARGV[2]) end
+local entries = redis.call('XRANGE', KEYS[2], '0-' .. (after + 1), '+', 'COUNT', ARGV[3])
+return {epoch, top, entries}
 ";
 
 /// Members of a room on the nodes still alive (this one always counts).
@@ -293,6 +335,7 @@ impl RedisBroker {
                 client,
                 commands,
                 publish: redis::Script::new(PUBLISH_SCRIPT),
+                history: redis::Script::new(HISTORY_SCRIPT),
                 presence_write: redis::Script::new(&PRESENCE_WRITE_SCRIPT),
                 presence_read: redis::Script::new(&PRESENCE_READ_SCRIPT),
                 sweep: redis::Script::new(&SWEEP_SCRIPT),
@@ -340,6 +383,15 @@ impl Broker for RedisBroker {
 
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(async move { Ok(self.shared.publish(publication).await) })
+    }
+
+    fn history<'a>(
+        &'a self,
+        stream: &'a Target,
+        since: Option<&'a Position>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        Box::pin(self.shared.history(stream, since, limit))
     }
 
     fn add_interest(&self, interest: &[Interest]) -> BoxFuture<'_, ()> {
@@ -485,11 +537,13 @@ impl Shared {
         let mut invocation = self.publish.prepare_invoke();
         let sequenced = match publication.target.stream_key() {
             Some(stream) => {
-                invocation.key(self.key(&format!("seq:{stream}")));
+                invocation.key(self.key(&format!("s:{stream}")));
+                invocation.key(self.key(&format!("h:{stream}")));
                 true
             }
             None => false,
         };
+        let history = self.settings.history.of(&publication.target);
         let mut direct = String::new();
         match &publication.target {
             Target::Topic(topic) => {
@@ -520,48 +574,100 @@ impl Shared {
             .arg(match deliver_here {
                 true => &*self.settings.node_id,
                 false => "",
-            });
+            })
+            .arg(new_epoch())
+            .arg(history.map_or(String::new(), |h| h.max_len.to_string()))
+            .arg(history_ttl(&self.settings, history));
         let mut commands = self.commands.clone();
         let wait = self.settings.command_timeout;
-        let published = invocation.invoke_async::<(u64, u64)>(&mut commands);
+        let published = invocation.invoke_async::<(u64, u64, String)>(&mut commands);
         let published = self.bounded("publish", wait, published).await;
         let handler = self.handler();
         match published {
-            Some((seq, nodes)) => {
+            Some((seq, nodes, epoch)) => {
+                let position = Position::new(epoch, seq);
                 let Some(handler) = handler else {
                     return Published {
                         seq,
+                        epoch: position.epoch,
                         sessions: 0,
                         nodes: nodes as usize,
                     };
                 };
-                match deliver_here {
+                let (sessions, nodes) = match deliver_here {
                     true => {
-                        let sessions = handler.handle_publication(&publication, seq);
-                        Published {
-                            seq,
-                            sessions,
-                            nodes: nodes as usize + usize::from(sessions > 0),
-                        }
+                        let sessions = handler.handle_publication(&publication, &position);
+                        (sessions, nodes as usize + usize::from(sessions > 0))
                     }
-                    false => Published {
-                        seq,
-                        sessions: handler.recipients(&publication.target),
-                        nodes: nodes as usize,
-                    },
+                    false => (handler.recipients(&publication.target), nodes as usize),
+                };
+                Published {
+                    seq,
+                    epoch: position.epoch,
+                    sessions,
+                    nodes,
                 }
             }
             None => {
-                // Accepted, so delivered where it can be: on this node.
+                // Accepted, so delivered where it can be: on this node,
+                // unnumbered (Redis did not number or keep it).
                 self.local_only.fetch_add(1, Ordering::Relaxed);
-                let sessions = handler.map_or(0, |h| h.handle_publication(&publication, 0));
+                let unnumbered = Position::default();
+                let sessions =
+                    handler.map_or(0, |h| h.handle_publication(&publication, &unnumbered));
                 Published {
-                    seq: 0,
                     sessions,
                     nodes: 1,
+                    ..Published::default()
                 }
             }
         }
+    }
+
+    async fn history(
+        &self,
+        stream: &Target,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let Some(key) = stream.stream_key() else {
+            return Ok(History::default());
+        };
+        let mut invocation = self.history.prepare_invoke();
+        invocation
+            .key(self.key(&format!("s:{key}")))
+            .key(self.key(&format!("h:{key}")))
+            .arg(since.map_or("", |p| &*p.epoch))
+            .arg(since.map_or(0, |p| p.seq))
+            .arg(limit.max(1))
+            .arg(new_epoch())
+            .arg(self.settings.sequence_ttl.as_secs().max(1));
+        let mut commands = self.commands.clone();
+        let wait = self.settings.command_timeout;
+        type Entries = Vec<(String, HashMap<String, Bytes>)>;
+        let read = invocation.invoke_async::<(String, u64, Entries)>(&mut commands);
+        let Some((epoch, top, entries)) = self.bounded("history", wait, read).await else {
+            return Err(BrokerError::Unavailable("history read failed".into()));
+        };
+        let max_age = self.settings.history.of(stream).and_then(|h| h.max_age);
+        let oldest = max_age.map_or(0, |age| now_ms().saturating_sub(age.as_millis() as u64));
+        let mut publications = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let seq = id.rsplit('-').next().and_then(|n| n.parse().ok());
+            let publication = fields.get("p").and_then(|p| decode_envelope(p));
+            let (Some(seq), Some(publication)) = (seq, publication) else {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if publication.published_at_ms >= oldest {
+                publications.push((seq, publication));
+            }
+        }
+        Ok(History {
+            epoch: epoch.into(),
+            top,
+            publications,
+        })
     }
 
     /// Counts `interest` up (`add`) or down; returns the keys that became
@@ -621,9 +727,9 @@ impl Shared {
             return;
         };
         match received {
-            Received::Publication(seq, publication) => {
+            Received::Publication(position, publication) => {
                 self.received.fetch_add(1, Ordering::Relaxed);
-                if handler.handle_publication(&publication, seq) == 0 {
+                if handler.handle_publication(&publication, &position) == 0 {
                     self.unmatched.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -1129,7 +1235,7 @@ impl Envelope {
 /// What arrives on a node's inbox.
 #[derive(Debug, PartialEq)]
 enum Received {
-    Publication(u64, Publication),
+    Publication(Position, Publication),
     Presence(PresenceChange),
 }
 
@@ -1154,20 +1260,37 @@ fn presence_envelope(
 fn decode(payload: &[u8]) -> Option<Received> {
     let colon = payload.iter().position(|&b| b == b':')?;
     let seq = std::str::from_utf8(&payload[..colon]).ok()?.parse().ok()?;
-    let envelope = Envelope::decode(&payload[colon + 1..]).ok()?;
+    let rest = &payload[colon + 1..];
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let epoch = std::str::from_utf8(&rest[..colon]).ok()?;
+    let envelope = Envelope::decode(&rest[colon + 1..]).ok()?;
+    if Kind::try_from(envelope.kind).ok()? == Kind::Presence {
+        return Some(Received::Presence(PresenceChange {
+            room: envelope.name.into(),
+            joined: envelope.opcode == 1,
+            session_id: envelope.sender_session?.into(),
+            user_id: envelope
+                .sender_user
+                .filter(|u| !u.is_empty())
+                .map(Into::into),
+            count: u32::try_from(seq).ok()?,
+        }));
+    }
+    let publication = publication_of(envelope)?;
+    Some(Received::Publication(
+        Position::new(epoch, seq),
+        publication,
+    ))
+}
+
+/// A publication kept in history (its envelope alone).
+fn decode_envelope(payload: &[u8]) -> Option<Publication> {
+    publication_of(Envelope::decode(payload).ok()?)
+}
+
+fn publication_of(envelope: Envelope) -> Option<Publication> {
     let target = match Kind::try_from(envelope.kind).ok()? {
-        Kind::Presence => {
-            return Some(Received::Presence(PresenceChange {
-                room: envelope.name.into(),
-                joined: envelope.opcode == 1,
-                session_id: envelope.sender_session?.into(),
-                user_id: envelope
-                    .sender_user
-                    .filter(|u| !u.is_empty())
-                    .map(Into::into),
-                count: u32::try_from(seq).ok()?,
-            }))
-        }
+        Kind::Presence => return None,
         Kind::Topic => Target::Topic(Topic::parse(&envelope.name).ok()?),
         Kind::Room => Target::Room {
             room: envelope.name.into(),
@@ -1181,16 +1304,36 @@ fn decode(payload: &[u8]) -> Option<Received> {
         session_id: session_id.into(),
         user_id: envelope.sender_user.map(Into::into),
     });
-    Some(Received::Publication(
-        seq,
-        Publication {
-            target,
-            sender,
-            data: envelope.data,
-            opcode: envelope.opcode,
-            published_at_ms: envelope.published_at_ms,
-        },
-    ))
+    Some(Publication {
+        target,
+        sender,
+        data: envelope.data,
+        opcode: envelope.opcode,
+        published_at_ms: envelope.published_at_ms,
+    })
+}
+
+/// A fresh epoch for a stream that has none: random, so a stream Redis
+/// lost (restarted without persistence, expired) never continues one.
+fn new_epoch() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let n = RandomState::new().hash_one(std::time::SystemTime::now());
+    format!("{:012x}", n & 0xffff_ffff_ffff)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long a stream's history outlives its last publication.
+fn history_ttl(settings: &RedisSettings, history: Option<HistoryPolicy>) -> u64 {
+    history
+        .and_then(|h| h.max_age)
+        .unwrap_or(settings.sequence_ttl)
+        .as_secs()
+        .max(1)
 }
 
 #[cfg(test)]
@@ -1256,16 +1399,19 @@ mod tests {
             published_at_ms: 42,
         };
         let payload = [
-            b"17:".as_slice(),
+            b"17:5f3a:".as_slice(),
             &Envelope::of(&publication).encode_to_vec(),
         ]
         .concat();
         assert_eq!(
             decode(&payload),
-            Some(Received::Publication(17, publication))
+            Some(Received::Publication(
+                Position::new("5f3a", 17),
+                publication
+            ))
         );
         let change = presence_envelope("lobby", true, "n1-4", Some("ann")).encode_to_vec();
-        let payload = [b"3:".as_slice(), &change].concat();
+        let payload = [b"3::".as_slice(), &change].concat();
         let Some(Received::Presence(change)) = decode(&payload) else {
             panic!("a presence change");
         };

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use wsproto_proto::v1;
 
 use crate::{
-    broker::{Publication, Published, Target},
+    broker::{Position, Publication, Published, Target},
     frame::MAX_OPCODE,
     hub::HubError,
     topic::Topic,
@@ -64,23 +64,49 @@ fn published(topic: &str, room: &str, published: Published) -> Reply {
         seq: published.seq,
         sessions: published.sessions as u32,
         nodes: published.nodes as u32,
+        epoch: published.epoch.to_string(),
     })
 }
 
 /// Opcode 10: subscribes to every topic given, or to none if any is
-/// invalid, not permitted, or past the limit.
+/// invalid, not permitted, or past the limit. With `since` it recovers
+/// what the client missed in those streams, and with `since` or
+/// `positions` it replies with where each stream stands.
 pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::Subscribe = frame.message()?;
     let topics = topics(&request.topics)?;
     if let Some(topic) = topics.iter().find(|t| !session.identity().may_subscribe(t)) {
         return Err(permission_denied("subscribe to", topic));
     }
-    session
+    if request.since.is_empty() && !request.positions {
+        session
+            .node()
+            .subscribe_all(session.id(), &topics)
+            .await
+            .map_err(hub_error)?;
+        return Ok(Reply::None);
+    }
+    let mut since = Vec::with_capacity(request.since.len());
+    for (name, position) in &request.since {
+        let stream = Topic::parse(name)?;
+        if !topics.iter().any(|t| t.covers(&stream)) {
+            return Err(HandlerError::bad_payload(format!(
+                "since: {name:?} is not covered by the topics subscribed to"
+            )));
+        }
+        since.push((stream, Position::new(&*position.epoch, position.seq)));
+    }
+    // A pattern names no one stream to report on.
+    let report: Vec<Topic> = match request.positions {
+        true => topics.iter().filter(|t| t.is_name()).cloned().collect(),
+        false => Vec::new(),
+    };
+    let streams = session
         .node()
-        .subscribe_all(session.id(), &topics)
+        .subscribe_recovering(session.id(), &topics, &since, &report)
         .await
         .map_err(hub_error)?;
-    Ok(Reply::None)
+    Ok(Reply::message(&v1::Subscribed { streams }))
 }
 
 /// Opcode 11: ends subscriptions; unknown ones are ignored.
@@ -121,9 +147,10 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
     if !session.identity().may_join(&room) {
         return Err(permission_denied("join room", &room));
     }
+    let since = request.since.map(|p| Position::new(&*p.epoch, p.seq));
     let presence = session
         .node()
-        .join(session.id(), &room, request.presence_events)
+        .join_recovering(session.id(), &room, request.presence_events, since.as_ref())
         .await
         .map_err(hub_error)?;
     Ok(Reply::message(&presence))

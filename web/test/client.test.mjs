@@ -85,7 +85,7 @@ test('requests carry fresh ids and resolve on the echoing reply', async () => {
   // Answers in any order are matched by id.
   ws.push(OP.PRESENCE, encodeMessage('Presence', { room: 'lobby', count: 1, members: [{ sessionId: 's', userId: 'a' }] }), pres.requestId);
   ws.push(OP.PUBLISH, encodeMessage('Published', { topic: 'demo.value', seq: 7, sessions: 2 }), pub.requestId);
-  assert.deepEqual(await published, { topic: 'demo.value', room: '', seq: 7, sessions: 2 });
+  assert.deepEqual(await published, { topic: 'demo.value', room: '', seq: 7, sessions: 2, nodes: 0, epoch: '' });
   assert.deepEqual((await presence).members, [{ sessionId: 's', userId: 'a' }]);
   c.close();
 });
@@ -142,7 +142,7 @@ test('subscribe and join before open are sent on open, before queued requests', 
   await opened;
   assert.deepEqual(ws.sent.map((f) => f.opcode), [OP.SUBSCRIBE, OP.JOIN, OP.SAY]);
   assert.deepEqual(decodeMessage('Subscribe', ws.sent[0].payload).topics, ['demo.value', 'alarm.#']);
-  assert.deepEqual(decodeMessage('Join', ws.sent[1].payload), { room: 'lobby', presenceEvents: true });
+  assert.deepEqual(decodeMessage('Join', ws.sent[1].payload), { room: 'lobby', presenceEvents: true, since: null });
   assert.equal(decodeMessage('Say', ws.sent[2].payload).includeSelf, true);
 
   const joinedEvent = nextEvent(c, 'joined');
@@ -183,8 +183,8 @@ test('after a drop the client reconnects and replays topics and rooms', async ()
   ws.open();
   assert.deepEqual(ws.sent.map((f) => f.opcode), [OP.SUBSCRIBE, OP.JOIN, OP.JOIN]);
   assert.deepEqual(decodeMessage('Subscribe', ws.sent[0].payload).topics, ['c.*']);
-  assert.deepEqual(decodeMessage('Join', ws.sent[1].payload), { room: 'lobby', presenceEvents: true });
-  assert.deepEqual(decodeMessage('Join', ws.sent[2].payload), { room: 'quiet', presenceEvents: false });
+  assert.deepEqual(decodeMessage('Join', ws.sent[1].payload), { room: 'lobby', presenceEvents: true, since: null });
+  assert.deepEqual(decodeMessage('Join', ws.sent[2].payload), { room: 'quiet', presenceEvents: false, since: null });
   c.close();
 });
 

@@ -22,6 +22,23 @@ const fromHex = (hex) => Uint8Array.from(hex.match(/../g) ?? [], (b) => parseInt
 const toHex = (bytes) => Buffer.from(bytes).toString('hex');
 const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 const camelKeys = (obj) => Object.fromEntries(Object.entries(obj).map(([k, v]) => [camel(k), v]));
+// The vectors use protobuf's JSON mapping, where 64-bit integers are
+// strings; wsproto.js decodes them to numbers. Converts such strings (and
+// nested keys) where the decoded value is a number.
+const asDecoded = (expected, decoded) => {
+  if (typeof expected === 'string' && typeof decoded === 'number' && /^\d+$/.test(expected)) {
+    return Number(expected);
+  }
+  if (expected && typeof expected === 'object' && !Array.isArray(expected)) {
+    return Object.fromEntries(
+      Object.entries(expected).map(([k, v]) => {
+        const key = decoded && typeof decoded === 'object' && camel(k) in decoded ? camel(k) : k;
+        return [key, asDecoded(v, decoded?.[key])];
+      }),
+    );
+  }
+  return expected;
+};
 
 test('golden file has valid and invalid entries', () => {
   assert.equal(golden.version, 1);
@@ -47,7 +64,10 @@ for (const entry of golden.frames.filter((f) => !f.error)) {
     if (entry.message) {
       const type = entry.message.type.replace(/^wsproto\.v1\./, '');
       const decoded = decodeMessage(type, frame.payload);
-      assert.deepEqual(decoded, camelKeys(entry.message.json));
+      // Fields added to a message after its vector was written are absent
+      // from the JSON: they must decode to their defaults.
+      const defaults = decodeMessage(type, new Uint8Array());
+      assert.deepEqual(decoded, { ...defaults, ...asDecoded(camelKeys(entry.message.json), decoded) });
       assert.equal(toHex(encodeMessage(type, decoded)), entry.payload_hex);
     }
   });

@@ -329,6 +329,7 @@ fn sent_at(data: &[u8]) -> Option<Duration> {
 async fn subscribe(ws: &mut Ws, topic: &str) -> anyhow::Result<()> {
     let request = v1::Subscribe {
         topics: vec![topic.to_owned()],
+        ..Default::default()
     };
     let frame = Frame::new(opcode::SUBSCRIBE, request.encode_to_vec()).with_request_id(Some(1));
     ws.send(Message::Binary(frame.encode())).await?;

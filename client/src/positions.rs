@@ -1,0 +1,468 @@
+//! Stream positions on the client side: what makes recovery after a
+//! reconnect, and exactly-once delivery to the application, work.
+//!
+//! The server numbers every topic and room message with a position
+//! `(epoch, seq)`. A client keeps the last one it saw per stream, sends
+//! them when it subscribes or joins again, and drops any delivery whose
+//! position it has already seen (a message can come twice when a
+//! recovery's history and the live stream overlap, or when an
+//! acknowledged delivery is sent again). [`Subscriber`] does all of it,
+//! reconnecting with back-off.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use prost::Message as _;
+use wsproto::{opcode, proto::v1, topic::Topic, Frame};
+
+use crate::{backoff::Backoff, Client, ClientError};
+
+/// The last position seen per stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// By stream: `t:TOPIC` or `r:ROOM`.
+    streams: HashMap<String, Kept>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Kept {
+    /// Where to recover from: the last delivery, or a later position a
+    /// server reported (a stream seen through a gap).
+    since: v1::Position,
+    /// The last message actually delivered: only it makes later copies
+    /// duplicates (a reported position may be ahead of messages still on
+    /// their way).
+    delivered: Option<v1::Position>,
+}
+
+/// What [`Positions::observe`] made of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// Not seen before: hand it to the application.
+    New,
+    /// Its position was seen already: drop it.
+    Duplicate,
+    /// Not numbered (direct messages, broadcasts): nothing to compare.
+    Unnumbered,
+}
+
+impl Positions {
+    /// No positions: everything is new.
+    pub fn new() -> Positions {
+        Positions::default()
+    }
+
+    fn key(delivery: &v1::Delivery) -> Option<String> {
+        match v1::delivery::Kind::try_from(delivery.kind).ok()? {
+            v1::delivery::Kind::Topic => Some(format!("t:{}", delivery.topic)),
+            v1::delivery::Kind::Room => Some(format!("r:{}", delivery.room)),
+            _ => None,
+        }
+    }
+
+    /// Records a delivery's position; says whether it is new.
+    pub fn observe(&mut self, delivery: &v1::Delivery) -> Observed {
+        // Without an epoch (a server without positions) a sequence number
+        // may restart unannounced: nothing can be compared.
+        let numbered = delivery.seq > 0 && !delivery.epoch.is_empty();
+        let Some(key) = Positions::key(delivery).filter(|_| numbered) else {
+            return Observed::Unnumbered;
+        };
+        let position = v1::Position {
+            epoch: delivery.epoch.clone(),
+            seq: delivery.seq,
+        };
+        let kept = self.streams.entry(key).or_insert_with(|| Kept {
+            since: position.clone(),
+            delivered: None,
+        });
+        let seen = kept
+            .delivered
+            .as_ref()
+            .is_some_and(|d| d.epoch == position.epoch && position.seq <= d.seq);
+        if seen {
+            return Observed::Duplicate;
+        }
+        if kept.since.epoch != position.epoch || kept.since.seq < position.seq {
+            kept.since = position.clone();
+        }
+        kept.delivered = Some(position);
+        Observed::New
+    }
+
+    /// Takes the position a SUBSCRIBE or JOIN reply reports, so that the
+    /// next recovery starts there: for a stream without one (recover even
+    /// if no message arrives before the next reconnect), or one the server
+    /// is past (a range announced as a gap, a new epoch), so the same gap
+    /// is not announced again.
+    pub fn record(&mut self, state: &v1::StreamState) {
+        let key = match state.room.is_empty() {
+            true => format!("t:{}", state.topic),
+            false => format!("r:{}", state.room),
+        };
+        let Some(position) = &state.position else {
+            return;
+        };
+        match self.streams.get_mut(&key) {
+            None => {
+                self.streams.insert(
+                    key,
+                    Kept {
+                        since: position.clone(),
+                        delivered: None,
+                    },
+                );
+            }
+            Some(kept) => {
+                if kept.since.epoch != position.epoch || kept.since.seq < position.seq {
+                    kept.since = position.clone();
+                }
+            }
+        }
+    }
+
+    /// Forgets a stream (after unsubscribing or leaving): `t:TOPIC` or
+    /// `r:ROOM`.
+    pub fn forget(&mut self, stream: &str) {
+        self.streams.remove(stream);
+    }
+
+    /// The kept positions of topic streams that `topics` (names or
+    /// patterns) cover: a SUBSCRIBE's `since`.
+    pub fn topics_covered_by(&self, topics: &[&str]) -> HashMap<String, v1::Position> {
+        let patterns: Vec<Topic> = topics.iter().filter_map(|t| Topic::parse(t).ok()).collect();
+        self.streams
+            .iter()
+            .filter_map(|(key, kept)| Some((key.strip_prefix("t:")?, kept)))
+            .filter(|(name, _)| {
+                Topic::parse(name).is_ok_and(|name| patterns.iter().any(|p| p.covers(&name)))
+            })
+            .map(|(name, kept)| (name.to_owned(), kept.since.clone()))
+            .collect()
+    }
+
+    /// The kept position of a room's stream: a JOIN's `since`.
+    pub fn room(&self, room: &str) -> Option<v1::Position> {
+        self.streams
+            .get(&format!("r:{room}"))
+            .map(|k| k.since.clone())
+    }
+
+    /// The kept position of a topic's stream.
+    pub fn topic(&self, topic: &str) -> Option<v1::Position> {
+        self.streams
+            .get(&format!("t:{topic}"))
+            .map(|k| k.since.clone())
+    }
+}
+
+/// What a [`Subscriber`] has for the application.
+#[derive(Debug)]
+pub enum Event {
+    /// (Re)connected and (re)subscribed: where each stream stands, and
+    /// whether what was missed was recovered. A stream with `recovered`
+    /// false lost messages (a [`Event::Gap`] said which): reload its state.
+    Subscribed {
+        /// Streams reported by the server's replies.
+        streams: Vec<v1::StreamState>,
+        /// True after a reconnect, false the first time.
+        reconnected: bool,
+    },
+    /// A message not seen before, live or recovered.
+    Delivery(v1::Delivery),
+    /// Messages of a stream are missing and cannot be delivered.
+    Gap(v1::Gap),
+    /// Any other frame the server sent (presence events, pushes...).
+    Frame(Frame),
+    /// The connection failed or was lost; the next attempt is in `retry_in`.
+    Disconnected {
+        /// What happened.
+        error: String,
+        /// The back-off delay before the next attempt.
+        retry_in: Duration,
+    },
+}
+
+/// A subscription that survives reconnects: it reconnects with exponential
+/// back-off and full jitter, subscribes and joins again with the positions
+/// it kept, and hands the application every message once, in order.
+pub struct Subscriber {
+    url: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    token: Option<String>,
+    topics: Vec<String>,
+    rooms: Vec<String>,
+    positions: Positions,
+    backoff: Backoff,
+    client: Option<Client>,
+    /// When the next connection attempt may start.
+    retry_at: Option<tokio::time::Instant>,
+    connected_before: bool,
+    duplicates: u64,
+    events: VecDeque<Event>,
+}
+
+impl Subscriber {
+    /// A subscriber to `topics` and `rooms` at `url` (not connected yet:
+    /// [`Subscriber::next`] connects).
+    pub fn new(url: impl Into<String>, topics: Vec<String>, rooms: Vec<String>) -> Subscriber {
+        Subscriber {
+            url: url.into(),
+            tls: None,
+            token: None,
+            topics,
+            rooms,
+            positions: Positions::new(),
+            backoff: Backoff::default(),
+            client: None,
+            retry_at: None,
+            connected_before: false,
+            duplicates: 0,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Connects with this TLS configuration and bearer token.
+    pub fn with_auth(
+        mut self,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        token: Option<String>,
+    ) -> Subscriber {
+        self.tls = tls;
+        self.token = token;
+        self
+    }
+
+    /// Starts from saved positions (e.g. persisted by the application).
+    pub fn with_positions(mut self, positions: Positions) -> Subscriber {
+        self.positions = positions;
+        self
+    }
+
+    /// Reconnects with this back-off.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Subscriber {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The positions kept so far.
+    pub fn positions(&self) -> &Positions {
+        &self.positions
+    }
+
+    /// Deliveries dropped because their position was seen already.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Drops the connection as if it had failed (tests use it to simulate
+    /// a network change); the next call to [`Subscriber::next`] reconnects.
+    pub fn disconnect(&mut self) {
+        self.client = None;
+    }
+
+    /// The next event, connecting or reconnecting as needed.
+    ///
+    /// # Errors
+    /// Only for what retrying cannot fix: an invalid URL or token, an
+    /// upgrade refused for a reason other than load (401, 403, 404...), a
+    /// web page instead of a WebSocket, or a subscription or join the
+    /// server refuses (an ERROR frame, such as PERMISSION_DENIED).
+    pub async fn next(&mut self) -> Result<Event, ClientError> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Ok(event);
+            }
+            let Some(client) = self.client.as_mut() else {
+                if let Some(at) = self.retry_at.take() {
+                    tokio::time::sleep_until(at).await;
+                }
+                match self.connect().await {
+                    Ok(()) => continue,
+                    Err(err) if fatal(&err) => return Err(err),
+                    Err(err) => return Ok(self.lost(err)),
+                }
+            };
+            let frame = match client.recv().await {
+                Ok(frame) => frame,
+                Err(err) => return Ok(self.lost(err)),
+            };
+            match self.event(frame) {
+                Some(event) => return Ok(event),
+                None => continue,
+            }
+        }
+    }
+
+    /// Closes the connection with 1000; no reconnect follows unless
+    /// [`Subscriber::next`] is called again.
+    pub async fn close(&mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = client.close(1000).await;
+        }
+    }
+
+    fn lost(&mut self, err: ClientError) -> Event {
+        self.client = None;
+        let retry_in = self.backoff.next_delay();
+        self.retry_at = Some(tokio::time::Instant::now() + retry_in);
+        Event::Disconnected {
+            error: err.to_string(),
+            retry_in,
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), ClientError> {
+        let mut client =
+            Client::connect_with_token(&self.url, self.tls.clone(), self.token.as_deref()).await?;
+        client.welcome().await?;
+        let mut streams = Vec::new();
+        if !self.topics.is_empty() {
+            let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+            let reply = client.subscribe_since(&topics, &self.positions).await?;
+            streams.extend(reply.streams);
+        }
+        for room in &self.rooms {
+            let presence = client.join_since(room, true, &self.positions).await?;
+            streams.extend(presence.stream);
+        }
+        // Missed messages came before the replies and wait in the client;
+        // they are observed (and positions advanced) before the states
+        // below are recorded for streams without a position.
+        let mut early = Vec::new();
+        while let Some(frame) = client.pending_frame() {
+            early.push(frame);
+        }
+        for frame in early {
+            if let Some(event) = self.event(frame) {
+                self.events.push_back(event);
+            }
+        }
+        for state in &streams {
+            self.positions.record(state);
+        }
+        let subscribed = Event::Subscribed {
+            streams,
+            reconnected: self.connected_before,
+        };
+        // The report comes first, then what was recovered.
+        self.events.push_front(subscribed);
+        self.connected_before = true;
+        self.backoff.reset();
+        self.client = Some(client);
+        Ok(())
+    }
+
+    fn event(&mut self, frame: Frame) -> Option<Event> {
+        match frame.opcode {
+            opcode::DELIVERY => {
+                let Ok(delivery) = v1::Delivery::decode(frame.payload.clone()) else {
+                    return Some(Event::Frame(frame));
+                };
+                match self.positions.observe(&delivery) {
+                    Observed::Duplicate => {
+                        self.duplicates += 1;
+                        None
+                    }
+                    Observed::New | Observed::Unnumbered => Some(Event::Delivery(delivery)),
+                }
+            }
+            opcode::GAP => match v1::Gap::decode(frame.payload.clone()) {
+                Ok(gap) => Some(Event::Gap(gap)),
+                Err(_) => Some(Event::Frame(frame)),
+            },
+            _ => Some(Event::Frame(frame)),
+        }
+    }
+}
+
+/// Whether reconnecting could not help.
+fn fatal(err: &ClientError) -> bool {
+    match err {
+        ClientError::Url { .. }
+        | ClientError::InvalidToken
+        | ClientError::WebPage { .. }
+        | ClientError::ErrorFrame { .. } => true,
+        // Busy (429) and unavailable (5xx) pass; the rest will not.
+        ClientError::Refused { status, .. } => *status != 429 && *status < 500,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(topic: &str, epoch: &str, seq: u64) -> v1::Delivery {
+        v1::Delivery {
+            kind: v1::delivery::Kind::Topic.into(),
+            topic: topic.into(),
+            epoch: epoch.into(),
+            seq,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_seen_position_is_a_duplicate_and_a_new_epoch_is_not() {
+        let mut positions = Positions::new();
+        assert_eq!(positions.observe(&delivery("a.b", "e1", 1)), Observed::New);
+        assert_eq!(positions.observe(&delivery("a.b", "e1", 2)), Observed::New);
+        assert_eq!(
+            positions.observe(&delivery("a.b", "e1", 2)),
+            Observed::Duplicate
+        );
+        assert_eq!(
+            positions.observe(&delivery("a.b", "e1", 1)),
+            Observed::Duplicate
+        );
+        assert_eq!(positions.observe(&delivery("a.b", "e2", 1)), Observed::New);
+        assert_eq!(positions.observe(&delivery("a.c", "e1", 1)), Observed::New);
+        assert_eq!(
+            positions.observe(&delivery("a.b", "", 0)),
+            Observed::Unnumbered
+        );
+    }
+
+    #[test]
+    fn since_holds_the_streams_the_subscription_covers() {
+        let mut positions = Positions::new();
+        for topic in ["rowdata.temp.1", "rowdata.hum.2", "alarms"] {
+            positions.observe(&delivery(topic, "e", 3));
+        }
+        let since = positions.topics_covered_by(&["rowdata.temp.*"]);
+        assert_eq!(since.keys().collect::<Vec<_>>(), ["rowdata.temp.1"]);
+        assert_eq!(positions.topics_covered_by(&["rowdata.#"]).len(), 2);
+        assert_eq!(positions.topics_covered_by(&["#"]).len(), 3);
+    }
+
+    #[test]
+    fn a_reported_position_moves_recovery_on_but_never_drops_a_delivery() {
+        let mut positions = Positions::new();
+        positions.observe(&delivery("a", "e1", 5));
+        let state = |topic: &str, seq| v1::StreamState {
+            topic: topic.into(),
+            position: Some(v1::Position {
+                epoch: "e1".into(),
+                seq,
+            }),
+            ..Default::default()
+        };
+        positions.record(&state("a", 3));
+        assert_eq!(positions.topic("a").unwrap().seq, 5, "never backwards");
+        positions.record(&state("a", 9));
+        positions.record(&state("b", 9));
+        assert_eq!(positions.topic("a").unwrap().seq, 9);
+        assert_eq!(positions.topic("b").unwrap().seq, 9);
+        // A message the report was ahead of still gets through, once.
+        assert_eq!(positions.observe(&delivery("b", "e1", 8)), Observed::New);
+        assert_eq!(
+            positions.observe(&delivery("b", "e1", 8)),
+            Observed::Duplicate
+        );
+        assert_eq!(positions.topic("b").unwrap().seq, 9);
+    }
+}
