@@ -97,6 +97,10 @@ impl IntoResponse for ApiError {
             StatusCode::UNAUTHORIZED => {
                 (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
             }
+            // Redis unreachable: a retry soon is expected to work.
+            StatusCode::SERVICE_UNAVAILABLE => {
+                (status, [(header::RETRY_AFTER, "1")], body).into_response()
+            }
             _ => (status, body).into_response(),
         }
     }

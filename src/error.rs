@@ -35,6 +35,10 @@ pub enum ErrorCode {
     /// REFRESH_TOKEN was refused: the token does not verify, is for another
     /// user, or the server does not authenticate.
     InvalidToken = 18,
+    /// The broker cannot take the request now (a cluster node that cannot
+    /// reach Redis, for a stream with history); nothing was done: retry
+    /// shortly.
+    Unavailable = 19,
 }
 
 impl ErrorCode {
@@ -58,6 +62,7 @@ impl ErrorCode {
             ErrorCode::NotInRoom => "NOT_IN_ROOM",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::InvalidToken => "INVALID_TOKEN",
+            ErrorCode::Unavailable => "UNAVAILABLE",
         }
     }
 
@@ -76,6 +81,7 @@ impl ErrorCode {
             ErrorCode::NotInRoom,
             ErrorCode::RateLimited,
             ErrorCode::InvalidToken,
+            ErrorCode::Unavailable,
         ]
         .into_iter()
         .find(|c| c.as_u32() == code)

@@ -23,7 +23,7 @@ use wsproto_proto::v1;
 
 pub use crate::broker::{Position, Publication, Published, Sender, Target};
 use crate::{
-    broker::{BrokerEventHandler, Interest, Membership, PresenceChange},
+    broker::{BrokerEventHandler, Interest, Membership, PresenceChange, StreamGap},
     frame::Frame,
     opcode,
     queue::{DeliveryPolicy, PushError, Pushed, SessionQueue},
@@ -652,6 +652,26 @@ impl BrokerEventHandler for Inner {
             about,
             change.count,
         ));
+    }
+
+    fn handle_gap(&self, gap: &StreamGap) {
+        let (topic, room) = match &gap.stream {
+            Target::Topic(topic) => (topic.to_string(), String::new()),
+            Target::Room { room, .. } => (String::new(), room.to_string()),
+            _ => return,
+        };
+        let notice = v1::Gap {
+            topic,
+            room,
+            epoch: gap.epoch.to_string(),
+            from_seq: gap.from_seq,
+            to_seq: gap.to_seq,
+            reason: gap.reason.to_owned(),
+        };
+        let frame = Frame::new(opcode::GAP, notice.encode_to_vec()).encode();
+        for (_, queue) in self.recipients(&gap.stream).iter() {
+            let _ = queue.push(frame.clone());
+        }
     }
 
     fn local_members(&self) -> Vec<Membership> {

@@ -21,9 +21,7 @@ use crate::{
     queue::Replay,
 };
 
-/// Most messages one stream replays in a recovery; history policies are
-/// capped at it.
-pub const MAX_REPLAY: usize = 10_000;
+pub use crate::broker::MAX_REPLAY;
 
 /// What to send a recovering session for one stream, and what to tell it.
 pub(crate) struct Plan {

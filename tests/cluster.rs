@@ -497,3 +497,90 @@ async fn a_device_recovers_on_another_node_what_was_published_while_it_was_away(
     };
     assert_eq!(gap.reason, "epoch");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
+async fn a_node_that_lost_its_redis_subscription_catches_up_or_says_what_it_missed() {
+    use wsproto_client::{Event, Subscriber};
+    let redis = Redis::start();
+    let history = ["--history", "alarm.#=1000"];
+    let (a, b) = (
+        Node::start(&redis, "ca", &history),
+        Node::start(&redis, "cb", &history),
+    );
+    // On node a: a stream with history and one without.
+    let mut device = Subscriber::new(a.url(), vec!["alarm.x".into(), "news".into()], vec![]);
+    let Event::Subscribed { .. } = device.next().await.unwrap() else {
+        panic!("expected the subscription report");
+    };
+    let (status, _) = b.publish_api(r#"{"topic": "alarm.x", "data": "0"}"#).await;
+    assert_eq!(status, 200);
+    b.publish_api(r#"{"topic": "news", "data": "0"}"#).await;
+    for _ in 0..2 {
+        let Event::Delivery(_) = subscriber_event(&mut device).await else {
+            panic!("expected the first messages");
+        };
+    }
+
+    // Every node's subscription connection is cut, again and again while
+    // messages are published through node b: they reach Redis, but many
+    // miss node a's inbox.
+    let cutting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let cutter = {
+        let (cutting, port) = (cutting.clone(), redis.port);
+        std::thread::spawn(move || {
+            while cutting.load(std::sync::atomic::Ordering::Relaxed) {
+                common::cluster::command_on(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        })
+    };
+    for n in 1..=30 {
+        b.publish_api(&format!(r#"{{"topic": "alarm.x", "data": "{n}"}}"#))
+            .await;
+        b.publish_api(&format!(r#"{{"topic": "news", "data": "{n}"}}"#))
+            .await;
+    }
+    cutting.store(false, std::sync::atomic::Ordering::Relaxed);
+    cutter.join().unwrap();
+    // Checker: every message of each stream is delivered once, in order,
+    // or covered by a GAP; nothing silently missing.
+    // The last seq seen of each (1: the first message).
+    let (mut alarms, mut news) = (1u64, 1u64);
+    let mut news_gaps = 0;
+    while alarms < 31 || news < 31 {
+        match subscriber_event(&mut device).await {
+            Event::Delivery(d) if d.topic == "alarm.x" => {
+                assert_eq!(d.seq, alarms + 1, "alarm.x in order, nothing lost");
+                alarms += 1;
+            }
+            Event::Delivery(d) => {
+                assert_eq!(d.seq, news + 1, "news in order after any gap");
+                news += 1;
+            }
+            Event::Gap(gap) => {
+                assert_eq!((gap.topic.as_str(), gap.reason.as_str()), ("news", "lost"));
+                assert_eq!(gap.from_seq, news + 1, "the gap starts where news stopped");
+                news = gap.to_seq;
+                news_gaps += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(device.duplicates(), 0);
+    println!("news: {news_gaps} gap notice(s); alarms caught up from history");
+
+    // With Redis gone, a stream with history refuses publications (the
+    // publisher retries) rather than deliver them on one node only.
+    let mut redis = redis;
+    redis.kill();
+    let (status, body) = b
+        .publish_api(r#"{"topic": "alarm.x", "data": "down"}"#)
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let (status, _) = b.publish_api(r#"{"topic": "news", "data": "down"}"#).await;
+    assert_eq!(status, 200, "no history: delivered where possible");
+}

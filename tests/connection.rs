@@ -270,7 +270,14 @@ async fn the_echo_endpoint_echoes_any_message() {
 /// it is busy writing deliveries to that client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_close_is_answered_with_its_code_while_deliveries_flow() {
-    let server = TestServer::start(config()).await;
+    // drop-oldest: a client that does not read while it sleeps would
+    // otherwise (rightly) be closed as a slow consumer before its close
+    // frame is read.
+    let server = TestServer::start(Config {
+        topic_policies: vec![("busy".parse().unwrap(), "drop-oldest".parse().unwrap())],
+        ..config()
+    })
+    .await;
     // The race it guards against is narrow; try it many times.
     for _ in 0..20 {
         let client = server.client_with("subscribe=busy").await;
@@ -293,4 +300,53 @@ async fn a_clients_close_is_answered_with_its_code_while_deliveries_flow() {
         publisher.await.unwrap();
     }
     server.wait_for_sessions(0).await;
+}
+
+#[tokio::test]
+async fn a_shutdown_closes_sessions_a_few_at_a_time_and_serves_them_until_their_turn() {
+    let server = TestServer::start(Config {
+        shutdown_timeout: Duration::from_secs(4),
+        ..config()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(server.client().await);
+    }
+    let started = Instant::now();
+    let shutdown = tokio::spawn(server.shutdown());
+    let watchers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                // Served normally until its turn: an echo still comes back.
+                if let Ok(reply) = client.call(opcode::ECHO, "still here").await {
+                    assert_eq!(reply.payload, "still here");
+                }
+                loop {
+                    match client.recv_timeout(Duration::from_secs(5)).await {
+                        Err(ClientError::Closed { code, .. }) => {
+                            assert_eq!(code, 1001);
+                            return started.elapsed();
+                        }
+                        Ok(_) => continue,
+                        other => panic!("expected close 1001, got {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut closed_after = Vec::new();
+    for watcher in watchers {
+        closed_after.push(watcher.await.unwrap());
+    }
+    shutdown.await.unwrap().unwrap();
+    closed_after.sort();
+    let (first, last) = (closed_after[0], closed_after[closed_after.len() - 1]);
+    // Spread over the first half of the shutdown timeout (2 s), not at once.
+    assert!(
+        last - first > Duration::from_millis(800),
+        "{closed_after:?}"
+    );
+    assert!(last < Duration::from_millis(2500), "{closed_after:?}");
 }

@@ -65,6 +65,7 @@ export const ERROR_CODE = Object.freeze({
   NOT_IN_ROOM: 16,
   RATE_LIMITED: 17,
   INVALID_TOKEN: 18,
+  UNAVAILABLE: 19,
 });
 
 /** `wsproto.v1.Delivery.Kind`. */

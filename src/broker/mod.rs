@@ -132,6 +132,10 @@ impl Position {
     }
 }
 
+/// Most messages one stream replays in a recovery (or one catch-up);
+/// history policies are capped at it.
+pub const MAX_REPLAY: usize = 10_000;
+
 /// How much of a stream's past a broker keeps, for recovery and
 /// `POST /api/history`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +178,23 @@ pub struct History {
     /// epoch when the position was of another epoch or none), oldest first,
     /// at most the limit asked for.
     pub publications: Vec<(u64, Publication)>,
+}
+
+/// Messages of a stream a node knows it missed and cannot deliver, to be
+/// announced to the stream's sessions there (a GAP frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamGap {
+    /// The stream (a topic or room target).
+    pub stream: Target,
+    /// The epoch the missing range belongs to.
+    pub epoch: Arc<str>,
+    /// First and last missing sequence numbers (`to_seq` 0: unknown).
+    pub from_seq: u64,
+    /// See `from_seq`.
+    pub to_seq: u64,
+    /// `lost` (the node missed them and history does not have them) or
+    /// `epoch` (the stream restarted).
+    pub reason: &'static str,
 }
 
 /// What publishing did.
@@ -269,6 +290,12 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
 
     /// Tells this node's members of the room who asked for presence events.
     fn handle_presence(&self, change: &PresenceChange);
+
+    /// Tells this node's sessions of a stream that messages of it were
+    /// missed and cannot be delivered. Must not wait.
+    fn handle_gap(&self, gap: &StreamGap) {
+        let _ = gap;
+    }
 
     /// This node's room memberships. A broker that keeps presence
     /// re-registers them after an outage.

@@ -47,7 +47,7 @@ use tracing::{debug, info, warn};
 use super::{
     BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, History, HistoryPolicies,
     HistoryPolicy, Interest, Membership, Position, PresenceChange, Publication, Published,
-    RoomMembers, Sender, Target,
+    RoomMembers, Sender, StreamGap, Target, MAX_REPLAY,
 };
 use crate::topic::Topic;
 
@@ -62,6 +62,9 @@ const INTEREST_QUEUE: usize = 4096;
 const REFRESH_BATCH: usize = 500;
 /// Pause before interest that could not be written is written again.
 const RETRY: Duration = Duration::from_millis(200);
+/// Streams whose last received position a node keeps (to catch up after
+/// its subscription connection was lost).
+const MAX_TRACKED_STREAMS: usize = 100_000;
 
 /// Where a Redis broker connects and how it names things.
 #[derive(Debug, Clone)]
@@ -128,6 +131,10 @@ struct Shared {
     /// Interest keys with how many local subscriptions, memberships or
     /// sessions need each.
     interest: Mutex<HashMap<String, usize>>,
+    /// The last position received per stream (key: [`Target::stream_key`]),
+    /// to drop a message received twice and, after the subscription
+    /// connection was lost, to find what was missed meanwhile.
+    received_positions: Mutex<HashMap<String, Position>>,
     subscribed: AtomicBool,
     commands_ok: AtomicBool,
     local_only: AtomicU64,
@@ -341,6 +348,7 @@ impl RedisBroker {
                 sweep: redis::Script::new(&SWEEP_SCRIPT),
                 handler: OnceLock::new(),
                 interest: Mutex::new(HashMap::new()),
+                received_positions: Mutex::new(HashMap::new()),
                 subscribed: AtomicBool::new(false),
                 commands_ok: AtomicBool::new(true),
                 local_only: AtomicU64::new(0),
@@ -382,7 +390,7 @@ impl Broker for RedisBroker {
     }
 
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>> {
-        Box::pin(async move { Ok(self.shared.publish(publication).await) })
+        Box::pin(self.shared.publish(publication))
     }
 
     fn history<'a>(
@@ -528,7 +536,7 @@ impl Shared {
         }
     }
 
-    async fn publish(&self, publication: Publication) -> Published {
+    async fn publish(&self, publication: Publication) -> Result<Published, BrokerError> {
         // Not subscribed (Redis was away and the subscription is not back
         // yet): Redis cannot bring this publication back to this node, so
         // it is delivered here directly, numbered by Redis all the same.
@@ -587,12 +595,12 @@ impl Shared {
             Some((seq, nodes, epoch)) => {
                 let position = Position::new(epoch, seq);
                 let Some(handler) = handler else {
-                    return Published {
+                    return Ok(Published {
                         seq,
                         epoch: position.epoch,
                         sessions: 0,
                         nodes: nodes as usize,
-                    };
+                    });
                 };
                 let (sessions, nodes) = match deliver_here {
                     true => {
@@ -601,12 +609,20 @@ impl Shared {
                     }
                     false => (handler.recipients(&publication.target), nodes as usize),
                 };
-                Published {
+                Ok(Published {
                     seq,
                     epoch: position.epoch,
                     sessions,
                     nodes,
-                }
+                })
+            }
+            None if history.is_some() => {
+                // A stream with history promises its readers every
+                // message: refused (the publisher retries), not delivered
+                // here alone and missing from history.
+                Err(BrokerError::Unavailable(
+                    "Redis is unreachable; retry shortly".into(),
+                ))
             }
             None => {
                 // Accepted, so delivered where it can be: on this node,
@@ -615,11 +631,11 @@ impl Shared {
                 let unnumbered = Position::default();
                 let sessions =
                     handler.map_or(0, |h| h.handle_publication(&publication, &unnumbered));
-                Published {
+                Ok(Published {
                     sessions,
                     nodes: 1,
                     ..Published::default()
-                }
+                })
             }
         }
     }
@@ -717,6 +733,128 @@ impl Shared {
         true
     }
 
+    /// Records that `target`'s stream reached `position` here; false when
+    /// this node had it already.
+    fn note_received(&self, target: &Target, position: &Position) -> bool {
+        if position.seq == 0 {
+            return true;
+        }
+        let Some(key) = target.stream_key() else {
+            return true;
+        };
+        let mut received = self
+            .received_positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match received.get_mut(&key) {
+            Some(last) if last.epoch == position.epoch && position.seq <= last.seq => false,
+            Some(last) => {
+                *last = position.clone();
+                true
+            }
+            None => {
+                if received.len() >= MAX_TRACKED_STREAMS {
+                    // Bounded: an arbitrary stream is no longer checked.
+                    if let Some(any) = received.keys().next().cloned() {
+                        received.remove(&any);
+                    }
+                }
+                received.insert(key, position.clone());
+                true
+            }
+        }
+    }
+
+    /// After the subscription connection was lost and is back: for each
+    /// stream this node was receiving, delivers from history what was
+    /// published meanwhile, or announces what cannot be delivered. Runs
+    /// before the new connection is read, so what it delivers comes before
+    /// later messages (which the positions then keep from coming twice).
+    async fn catch_up(&self) {
+        let Some(handler) = self.handler() else {
+            return;
+        };
+        let tracked: Vec<(String, Position)> = self
+            .received_positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        let mut missed = 0u64;
+        for batch in tracked.chunks(REFRESH_BATCH) {
+            let mut pipe = redis::pipe();
+            for (key, _) in batch {
+                pipe.cmd("HMGET")
+                    .arg(self.key(&format!("s:{key}")))
+                    .arg("epoch")
+                    .arg("seq");
+            }
+            let mut commands = self.commands.clone();
+            let wait = self.settings.command_timeout * 2;
+            let query = pipe.query_async::<Vec<(Option<String>, Option<u64>)>>(&mut commands);
+            let Some(now) = self.bounded("catch-up", wait, query).await else {
+                return;
+            };
+            for ((key, last), (epoch, top)) in batch.iter().zip(now) {
+                let Some(stream) = target_of_stream_key(key) else {
+                    continue;
+                };
+                let (epoch, top) = (epoch.unwrap_or_default(), top.unwrap_or(0));
+                if *epoch != *last.epoch {
+                    handler.handle_gap(&StreamGap {
+                        stream,
+                        epoch: last.epoch.clone(),
+                        from_seq: last.seq + 1,
+                        to_seq: 0,
+                        reason: "epoch",
+                    });
+                    continue;
+                }
+                if top <= last.seq {
+                    continue;
+                }
+                missed += top - last.seq;
+                let kept = match self.settings.history.of(&stream) {
+                    Some(_) => self.history(&stream, Some(last), MAX_REPLAY).await.ok(),
+                    None => None,
+                };
+                let publications = kept
+                    .filter(|h| *h.epoch == *last.epoch)
+                    .map(|h| h.publications)
+                    .unwrap_or_default();
+                let first = publications.first().map_or(top + 1, |(seq, _)| *seq);
+                if first > last.seq + 1 {
+                    handler.handle_gap(&StreamGap {
+                        stream: stream.clone(),
+                        epoch: last.epoch.clone(),
+                        from_seq: last.seq + 1,
+                        to_seq: first - 1,
+                        reason: "lost",
+                    });
+                    // Some of those may still come in on the new
+                    // connection (published after it subscribed): they are
+                    // part of the announced gap now, so they are dropped,
+                    // keeping the stream in order for the sessions.
+                    let announced = Position::new(last.epoch.clone(), first - 1);
+                    self.note_received(&stream, &announced);
+                }
+                for (seq, publication) in publications {
+                    let position = Position::new(last.epoch.clone(), seq);
+                    if self.note_received(&publication.target, &position) {
+                        handler.handle_publication(&publication, &position);
+                    }
+                }
+            }
+        }
+        if missed > 0 {
+            warn!(
+                missed,
+                "caught up with what was published while unsubscribed"
+            );
+        }
+    }
+
     /// Hands one received message to the node.
     fn receive(&self, payload: &[u8]) {
         let Some(received) = decode(payload) else {
@@ -729,6 +867,9 @@ impl Shared {
         match received {
             Received::Publication(position, publication) => {
                 self.received.fetch_add(1, Ordering::Relaxed);
+                if !self.note_received(&publication.target, &position) {
+                    return; // delivered already, by a catch-up
+                }
                 if handler.handle_publication(&publication, &position) == 0 {
                     self.unmatched.fetch_add(1, Ordering::Relaxed);
                 }
@@ -937,6 +1078,9 @@ async fn subscription_loop(shared: Arc<Shared>, interest_ops: mpsc::Sender<Inter
         let _ = interest_ops.try_send(InterestOp::Refresh);
         shared.subscribed.store(true, Ordering::Relaxed);
         info!(node = %shared.settings.node_id, "subscribed to Redis");
+        if shared.reconnects.load(Ordering::Relaxed) > 0 {
+            shared.catch_up().await;
+        }
 
         let (dead_tx, mut dead) = oneshot::channel::<()>();
         let prober = tokio::spawn(probe(sink, shared.settings.probe_interval, dead_tx));
@@ -1311,6 +1455,18 @@ fn publication_of(envelope: Envelope) -> Option<Publication> {
         opcode: envelope.opcode,
         published_at_ms: envelope.published_at_ms,
     })
+}
+
+/// The target a stream key names (`t:TOPIC` or `r:ROOM`).
+fn target_of_stream_key(key: &str) -> Option<Target> {
+    match key.split_once(':')? {
+        ("t", topic) => Some(Target::Topic(Topic::parse(topic).ok()?)),
+        ("r", room) => Some(Target::Room {
+            room: room.into(),
+            exclude: None,
+        }),
+        _ => None,
+    }
 }
 
 /// A fresh epoch for a stream that has none: random, so a stream Redis

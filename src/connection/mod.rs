@@ -42,6 +42,16 @@ pub(crate) use writer::flush_rest;
 const YIELD_EVERY: u32 = 8;
 
 /// Runs one opcode-protocol connection until it ends, then unregisters it.
+/// How long after a shutdown begins this session is closed: spread evenly
+/// over the first half of `--shutdown-timeout`, so that the clients of a
+/// node being restarted reconnect elsewhere a few at a time rather than
+/// all at once (the session is served normally until then).
+fn drain_delay(session: &Session, config: &Config) -> std::time::Duration {
+    use std::hash::BuildHasher;
+    let spread = std::hash::RandomState::new().hash_one(session.id()) % 1_000_000;
+    config.shutdown_timeout / 2 * spread as u32 / 1_000_000
+}
+
 /// `shutdown` asks for a Close 1001 handshake; `abort` ends it at once.
 pub(crate) async fn run<S>(
     ws: WebSocketStream<S>,
@@ -94,6 +104,9 @@ pub(crate) async fn run<S>(
     // The guards below never poll one again after it has completed.
     let terminated = terminate.cancelled();
     let shutting_down = shutdown.cancelled();
+    // When this session's turn to be closed by a shutdown comes (see
+    // `drain_turn`).
+    let mut drain_turn: Option<tokio::time::Instant> = None;
     let closing = queue.closing();
     tokio::pin!(terminated, shutting_down, closing);
     loop {
@@ -109,7 +122,11 @@ pub(crate) async fn run<S>(
         let message = tokio::select! {
             biased;
             _ = &mut terminated => break,
-            _ = &mut shutting_down, if close_deadline.is_none() => {
+            _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
+                drain_turn = Some(tokio::time::Instant::now() + drain_delay(&session, &config));
+                continue;
+            }
+            _ = sleep_until(drain_turn), if close_deadline.is_none() && drain_turn.is_some() => {
                 queue.close(CloseReason::GOING_AWAY);
                 continue;
             }

@@ -54,7 +54,7 @@ async fn publish(session: &Session, publication: Publication) -> Result<Publishe
         .node()
         .publish(publication)
         .await
-        .map_err(|err| HandlerError::internal(err.to_string()))
+        .map_err(|err| HandlerError::protocol(ErrorCode::Unavailable, err.to_string()))
 }
 
 fn published(topic: &str, room: &str, published: Published) -> Reply {

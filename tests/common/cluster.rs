@@ -111,7 +111,14 @@ impl Redis {
 
     /// Runs a command through `redis-cli`-free raw RESP; returns the reply.
     pub fn command(&self, args: &[&str]) -> String {
-        let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        command_on(self.port, args)
+    }
+}
+
+/// [`Redis::command`] on the Redis at `port` (usable from another thread).
+pub fn command_on(port: u16, args: &[&str]) -> String {
+    {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let mut request = format!("*{}\r\n", args.len());
         for arg in args {
             request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
