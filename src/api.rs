@@ -9,6 +9,11 @@
 //! The target is exactly one of `topic` (a name or pattern), `user`,
 //! `session` or `"broadcast": true`; the payload is `data` (UTF-8 text) or
 //! `data_base64`; `opcode` optionally tells clients what the data is for.
+//! An `Idempotency-Key: KEY` header (1–128 printable ASCII characters)
+//! makes a retry harmless: the same key within a day publishes nothing
+//! again and answers with the first publication's position and
+//! `"duplicate": true`.
+//!
 //! Answers `200 {"sessions": N, "seq": S, "epoch": E, "nodes": K}` with the
 //! message's position, the sessions on this node the message was handed to
 //! and the nodes that took it; `400 {"error": …}` for a bad body; `401` for
@@ -134,6 +139,10 @@ pub struct PublishResponse {
     /// The epoch `seq` counts in (empty for targets that are not numbered).
     #[serde(default)]
     pub epoch: String,
+    /// True when this request's `Idempotency-Key` was published before:
+    /// nothing was published now, the position is the first publication's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 /// Most publications one history read returns.
@@ -274,8 +283,10 @@ pub async fn publish(
     api_key: Option<&str>,
     request: Request,
 ) -> Result<PublishResponse, ApiError> {
+    let key = idempotency_key(request.headers())?;
     let body = read_body(api_key, request).await?;
-    let publication = PublishRequest::parse(&body)?.publication()?;
+    let mut publication = PublishRequest::parse(&body)?.publication()?;
+    publication.idempotency_key = key;
     let published = node
         .publish(publication)
         .await
@@ -285,7 +296,30 @@ pub async fn publish(
         seq: published.seq,
         nodes: published.nodes,
         epoch: published.epoch.to_string(),
+        duplicate: published.duplicate,
     })
+}
+
+/// Longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The request's `Idempotency-Key`, if any: printable ASCII, at most
+/// [`MAX_IDEMPOTENCY_KEY`] bytes.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<std::sync::Arc<str>>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+        .filter(|k| k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ))
+        })?;
+    Ok(Some(key.into()))
 }
 
 /// Reads the body of an authorized API request, bounded in size and time.

@@ -357,3 +357,59 @@ async fn backends_read_history_over_http() {
         assert_eq!(status, 400, "{bad}: {body}");
     }
 }
+
+#[tokio::test]
+async fn a_publish_retried_with_its_idempotency_key_publishes_once() {
+    let server = TestServer::start(config()).await;
+    let mut subscriber = server.client_with("subscribe=orders").await;
+    let url = format!("http://{}/api/publish", server.addr);
+    let body = r#"{"topic": "orders", "data": "order 1"}"#;
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let (status, answer) = wsproto_client::http::post_json_with(
+            &url,
+            Some(API_KEY),
+            body,
+            &[("Idempotency-Key", "order-1")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+        answers.push(serde_json::from_slice::<serde_json::Value>(&answer).unwrap());
+    }
+    assert_eq!(answers[0]["seq"], 1);
+    assert_eq!(answers[0].get("duplicate"), None);
+    for retry in &answers[1..] {
+        assert_eq!(
+            (&retry["seq"], &retry["epoch"]),
+            (&answers[0]["seq"], &answers[0]["epoch"])
+        );
+        assert_eq!(retry["duplicate"], true);
+    }
+    assert_eq!(
+        subscriber
+            .delivery(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .seq,
+        1
+    );
+    assert!(
+        subscriber
+            .recv_timeout(Duration::from_millis(200))
+            .await
+            .is_err(),
+        "once"
+    );
+    for bad in ["", "has space", &"x".repeat(129)] {
+        let (status, _) = wsproto_client::http::post_json_with(
+            &url,
+            Some(API_KEY),
+            body,
+            &[("Idempotency-Key", bad)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 400, "{bad:?}");
+    }
+}

@@ -31,7 +31,23 @@ pub async fn post_json(
     bearer: Option<&str>,
     json: &str,
 ) -> Result<(StatusCode, Bytes), HttpError> {
-    KeepAlive::connect(url).await?.post_json(bearer, json).await
+    post_json_with(url, bearer, json, &[]).await
+}
+
+/// [`post_json`] with extra request headers (e.g. `Idempotency-Key`).
+///
+/// # Errors
+/// As [`post_json`].
+pub async fn post_json_with(
+    url: &str,
+    bearer: Option<&str>,
+    json: &str,
+    headers: &[(&str, &str)],
+) -> Result<(StatusCode, Bytes), HttpError> {
+    KeepAlive::connect(url)
+        .await?
+        .post_json_with(bearer, json, headers)
+        .await
 }
 
 /// One keep-alive HTTP/1.1 connection to the server of a URL, for POSTs to
@@ -82,11 +98,27 @@ impl KeepAlive {
         bearer: Option<&str>,
         json: &str,
     ) -> Result<(StatusCode, Bytes), HttpError> {
+        self.post_json_with(bearer, json, &[]).await
+    }
+
+    /// [`KeepAlive::post_json`] with extra request headers.
+    ///
+    /// # Errors
+    /// As [`KeepAlive::post_json`].
+    pub async fn post_json_with(
+        &mut self,
+        bearer: Option<&str>,
+        json: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Bytes), HttpError> {
         let body = Bytes::copy_from_slice(json.as_bytes());
         let request = || {
             let mut request = Request::post(self.path.as_str())
                 .header(hyper::header::HOST, self.authority.as_str())
                 .header(hyper::header::CONTENT_TYPE, "application/json");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
             if let Some(token) = bearer {
                 request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
             }

@@ -2,6 +2,7 @@
 //! payload [`schema`] helpers the `wsproto-client` CLI is built from.
 
 pub mod backoff;
+pub mod checker;
 pub mod client;
 pub mod http;
 pub mod positions;

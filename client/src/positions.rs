@@ -190,7 +190,9 @@ pub enum Event {
 /// back-off and full jitter, subscribes and joins again with the positions
 /// it kept, and hands the application every message once, in order.
 pub struct Subscriber {
-    url: String,
+    /// Where to connect; after a failed attempt the next one is tried.
+    urls: Vec<String>,
+    url_index: usize,
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
     topics: Vec<String>,
@@ -210,7 +212,8 @@ impl Subscriber {
     /// [`Subscriber::next`] connects).
     pub fn new(url: impl Into<String>, topics: Vec<String>, rooms: Vec<String>) -> Subscriber {
         Subscriber {
-            url: url.into(),
+            urls: vec![url.into()],
+            url_index: 0,
             tls: None,
             token: None,
             topics,
@@ -223,6 +226,21 @@ impl Subscriber {
             duplicates: 0,
             events: VecDeque::new(),
         }
+    }
+
+    /// Connects to any of `urls` (several nodes without a load balancer):
+    /// the first, then, after each failed attempt, the next.
+    pub fn with_urls(mut self, urls: Vec<String>) -> Subscriber {
+        if !urls.is_empty() {
+            self.urls = urls;
+            self.url_index = 0;
+        }
+        self
+    }
+
+    /// The URL the subscriber is (or will next be) connected to.
+    pub fn url(&self) -> &str {
+        &self.urls[self.url_index]
     }
 
     /// Connects with this TLS configuration and bearer token.
@@ -283,7 +301,10 @@ impl Subscriber {
                 match self.connect().await {
                     Ok(()) => continue,
                     Err(err) if fatal(&err) => return Err(err),
-                    Err(err) => return Ok(self.lost(err)),
+                    Err(err) => {
+                        self.url_index = (self.url_index + 1) % self.urls.len();
+                        return Ok(self.lost(err));
+                    }
                 }
             };
             let frame = match client.recv().await {
@@ -317,7 +338,7 @@ impl Subscriber {
 
     async fn connect(&mut self) -> Result<(), ClientError> {
         let mut client =
-            Client::connect_with_token(&self.url, self.tls.clone(), self.token.as_deref()).await?;
+            Client::connect_with_token(self.url(), self.tls.clone(), self.token.as_deref()).await?;
         client.welcome().await?;
         let mut streams = Vec::new();
         if !self.topics.is_empty() {

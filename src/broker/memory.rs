@@ -5,13 +5,17 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, RwLock, Weak,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use super::{
     BoxFuture, Broker, BrokerError, BrokerEventHandler, History, HistoryPolicies, Position,
-    Publication, Published, Target,
+    Publication, Published, Target, IDEMPOTENCY_TTL,
 };
+
+/// Most idempotency keys remembered at once; past it, expired ones go, and
+/// if none has expired, all do (a retry then publishes again).
+const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
 
 /// Streams are split over this many locks, so publications to different
 /// topics rarely wait on each other.
@@ -36,6 +40,8 @@ pub struct MemoryBroker {
     shards: Vec<Mutex<HashMap<String, Stream>>>,
     handlers: RwLock<Vec<Weak<dyn BrokerEventHandler>>>,
     history: HistoryPolicies,
+    /// Idempotency keys seen, with when and what publishing them did.
+    idempotent: Mutex<HashMap<Arc<str>, (Instant, Published)>>,
     /// This broker's epochs are `{run}-{n}`: `run` is random per broker (a
     /// new process has another), `n` counts the streams it has started.
     run: u64,
@@ -72,6 +78,7 @@ impl MemoryBroker {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             handlers: RwLock::new(Vec::new()),
             history: policies,
+            idempotent: Mutex::new(HashMap::new()),
             run,
             started: AtomicU64::new(0),
         }
@@ -88,6 +95,46 @@ impl MemoryBroker {
             epoch: format!("{:012x}-{n:x}", self.run).into(),
             seq: 0,
             kept: VecDeque::new(),
+        }
+    }
+
+    /// Numbers, keeps and delivers a publication.
+    fn publish_now(&self, publication: &Publication) -> Published {
+        let (position, (sessions, nodes)) = match publication.target.stream_key() {
+            None => {
+                let position = Position::default();
+                let reached = self.deliver(publication, &position);
+                (position, reached)
+            }
+            Some(key) => {
+                let mut streams = self.shard(&key);
+                if streams.len() >= MAX_STREAMS_PER_SHARD && !streams.contains_key(&key) {
+                    if let Some(idle) = streams.keys().next().cloned() {
+                        streams.remove(&idle);
+                    }
+                }
+                let stream = streams.entry(key).or_insert_with(|| self.new_stream());
+                stream.seq += 1;
+                let position = Position::new(stream.epoch.clone(), stream.seq);
+                if let Some(policy) = self.history.of(&publication.target) {
+                    stream.kept.push_back((stream.seq, publication.clone()));
+                    while stream.kept.len() > policy.max_len {
+                        stream.kept.pop_front();
+                    }
+                    expire(&mut stream.kept, policy.max_age);
+                }
+                // Delivery only queues frames (it never waits on a socket),
+                // so holding the shard lock across it is brief.
+                let reached = self.deliver(publication, &position);
+                (position, reached)
+            }
+        };
+        Published {
+            seq: position.seq,
+            epoch: position.epoch,
+            sessions,
+            nodes,
+            duplicate: false,
         }
     }
 
@@ -129,40 +176,31 @@ impl Broker for MemoryBroker {
     }
 
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>> {
-        let (position, (sessions, nodes)) = match publication.target.stream_key() {
-            None => {
-                let position = Position::default();
-                let reached = self.deliver(&publication, &position);
-                (position, reached)
-            }
+        let published = match publication.idempotency_key.clone() {
+            None => self.publish_now(&publication),
             Some(key) => {
-                let mut streams = self.shard(&key);
-                if streams.len() >= MAX_STREAMS_PER_SHARD && !streams.contains_key(&key) {
-                    if let Some(idle) = streams.keys().next().cloned() {
-                        streams.remove(&idle);
+                // Held across the publication, so two requests with one key
+                // cannot both publish.
+                let mut seen = self.idempotent.lock().unwrap_or_else(|e| e.into_inner());
+                match seen.get(&key) {
+                    Some((at, prior)) if at.elapsed() < IDEMPOTENCY_TTL => Published {
+                        duplicate: true,
+                        sessions: 0,
+                        ..prior.clone()
+                    },
+                    _ => {
+                        if seen.len() >= MAX_IDEMPOTENCY_KEYS {
+                            seen.retain(|_, (at, _)| at.elapsed() < IDEMPOTENCY_TTL);
+                            if seen.len() >= MAX_IDEMPOTENCY_KEYS {
+                                seen.clear();
+                            }
+                        }
+                        let published = self.publish_now(&publication);
+                        seen.insert(key, (Instant::now(), published.clone()));
+                        published
                     }
                 }
-                let stream = streams.entry(key).or_insert_with(|| self.new_stream());
-                stream.seq += 1;
-                let position = Position::new(stream.epoch.clone(), stream.seq);
-                if let Some(policy) = self.history.of(&publication.target) {
-                    stream.kept.push_back((stream.seq, publication.clone()));
-                    while stream.kept.len() > policy.max_len {
-                        stream.kept.pop_front();
-                    }
-                    expire(&mut stream.kept, policy.max_age);
-                }
-                // Delivery only queues frames (it never waits on a socket),
-                // so holding the shard lock across it is brief.
-                let reached = self.deliver(&publication, &position);
-                (position, reached)
             }
-        };
-        let published = Published {
-            seq: position.seq,
-            epoch: position.epoch,
-            sessions,
-            nodes,
         };
         Box::pin(std::future::ready(Ok(published)))
     }

@@ -91,6 +91,10 @@ pub struct Publication {
     pub opcode: u32,
     /// Milliseconds since the Unix epoch when it was published.
     pub published_at_ms: u64,
+    /// A publisher's key for this message: publishing again with the same
+    /// key within a day publishes nothing and answers as the first time did
+    /// (a retry after a lost answer is harmless). Not delivered.
+    pub idempotency_key: Option<Arc<str>>,
 }
 
 impl Publication {
@@ -105,6 +109,7 @@ impl Publication {
             data,
             opcode: 0,
             published_at_ms,
+            idempotency_key: None,
         }
     }
 }
@@ -131,6 +136,9 @@ impl Position {
         }
     }
 }
+
+/// How long a publication's idempotency key is remembered.
+pub const IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Most messages one stream replays in a recovery (or one catch-up);
 /// history policies are capped at it.
@@ -209,6 +217,9 @@ pub struct Published {
     pub sessions: usize,
     /// Nodes that took it (this one included).
     pub nodes: usize,
+    /// It was published before under the same idempotency key: nothing was
+    /// published now, and `seq`/`epoch` are the first publication's.
+    pub duplicate: bool,
 }
 
 /// What a node has local recipients for; a networked broker routes to a

@@ -47,7 +47,7 @@ use tracing::{debug, info, warn};
 use super::{
     BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, History, HistoryPolicies,
     HistoryPolicy, Interest, Membership, Position, PresenceChange, Publication, Published,
-    RoomMembers, Sender, StreamGap, Target, MAX_REPLAY,
+    RoomMembers, Sender, StreamGap, Target, IDEMPOTENCY_TTL, MAX_REPLAY,
 };
 use crate::topic::Topic;
 
@@ -170,9 +170,19 @@ enum InterestOp {
 /// ARGV: 'seq' to number it ('': unnumbered; else a number to send in
 /// front, such as a presence event's count), sequence TTL (s), payload,
 /// inbox prefix, direct channel, node to skip, the epoch to start if the
-/// stream has none, history length ('': none), history TTL (s).
-/// Messages are `SEQ:EPOCH:PAYLOAD`; returns {seq, nodes, epoch}.
+/// stream has none, history length ('': none), history TTL (s), the
+/// idempotency key's key ('': none) and its TTL (s).
+/// Messages are `SEQ:EPOCH:PAYLOAD`; returns {seq, nodes, epoch, duplicate}
+/// (a key seen before returns the first publication's answer and publishes
+/// nothing).
 const PUBLISH_SCRIPT: &str = r"
+if ARGV[10] ~= '' then
+  local prior = redis.call('GET', ARGV[10])
+  if prior then
+    local seq, nodes, epoch = string.match(prior, '^(%d+):(%d+):(.*)$')
+    return {tonumber(seq), tonumber(nodes), epoch, 1}
+  end
+end
 local first = 1
 local seq = 0
 local epoch = ''
@@ -193,11 +203,10 @@ elseif ARGV[1] ~= '' then
   seq = ARGV[1]
 end
 local message = seq .. ':' .. epoch .. ':' .. ARGV[3]
-if ARGV[5] ~= '' then
-  return {seq, redis.call('PUBLISH', ARGV[5], message), epoch}
-end
 local nodes = 0
-if #KEYS >= first then
+if ARGV[5] ~= '' then
+  nodes = redis.call('PUBLISH', ARGV[5], message)
+elseif #KEYS >= first then
   local members = redis.call('SUNION', unpack(KEYS, first))
   for _, node in ipairs(members) do
     if node ~= ARGV[6] then
@@ -205,7 +214,10 @@ if #KEYS >= first then
     end
   end
 end
-return {seq, nodes, epoch}
+if ARGV[10] ~= '' then
+  redis.call('SET', ARGV[10], seq .. ':' .. nodes .. ':' .. epoch, 'EX', ARGV[11])
+end
+return {seq, nodes, epoch, 0}
 ";
 
 /// Reads a stream's history: its epoch (starting one, ARGV[4], if the
@@ -585,21 +597,35 @@ impl Shared {
             })
             .arg(new_epoch())
             .arg(history.map_or(String::new(), |h| h.max_len.to_string()))
-            .arg(history_ttl(&self.settings, history));
+            .arg(history_ttl(&self.settings, history))
+            .arg(
+                publication
+                    .idempotency_key
+                    .as_ref()
+                    .map_or(String::new(), |key| self.key(&format!("idem:{key}"))),
+            )
+            .arg(IDEMPOTENCY_TTL.as_secs());
         let mut commands = self.commands.clone();
         let wait = self.settings.command_timeout;
-        let published = invocation.invoke_async::<(u64, u64, String)>(&mut commands);
+        let published = invocation.invoke_async::<(u64, u64, String, u8)>(&mut commands);
         let published = self.bounded("publish", wait, published).await;
         let handler = self.handler();
         match published {
-            Some((seq, nodes, epoch)) => {
+            Some((seq, nodes, epoch, 1)) => Ok(Published {
+                seq,
+                epoch: epoch.into(),
+                nodes: nodes as usize,
+                duplicate: true,
+                ..Published::default()
+            }),
+            Some((seq, nodes, epoch, _)) => {
                 let position = Position::new(epoch, seq);
                 let Some(handler) = handler else {
                     return Ok(Published {
                         seq,
                         epoch: position.epoch,
-                        sessions: 0,
                         nodes: nodes as usize,
+                        ..Published::default()
                     });
                 };
                 let (sessions, nodes) = match deliver_here {
@@ -614,6 +640,7 @@ impl Shared {
                     epoch: position.epoch,
                     sessions,
                     nodes,
+                    duplicate: false,
                 })
             }
             None if history.is_some() => {
@@ -733,6 +760,20 @@ impl Shared {
         true
     }
 
+    /// When `position` opens a new epoch of a stream this node was
+    /// receiving but is not its first message, the last seq missed before
+    /// it. (Within an epoch a jump is not taken for a loss: this node may
+    /// simply have had no one interested for a while.)
+    fn missed_epoch_start(&self, target: &Target, position: &Position) -> Option<u64> {
+        let key = target.stream_key()?;
+        let received = self
+            .received_positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let last = received.get(&key)?;
+        (last.epoch != position.epoch && position.seq > 1).then_some(position.seq - 1)
+    }
+
     /// Records that `target`'s stream reached `position` here; false when
     /// this node had it already.
     fn note_received(&self, target: &Target, position: &Position) -> bool {
@@ -803,48 +844,24 @@ impl Shared {
                 let (epoch, top) = (epoch.unwrap_or_default(), top.unwrap_or(0));
                 if *epoch != *last.epoch {
                     handler.handle_gap(&StreamGap {
-                        stream,
+                        stream: stream.clone(),
                         epoch: last.epoch.clone(),
                         from_seq: last.seq + 1,
                         to_seq: 0,
                         reason: "epoch",
                     });
+                    if top > 0 {
+                        // What the new epoch has published so far.
+                        let start = Position::new(epoch, 0);
+                        self.fill(&handler, &stream, &start, top).await;
+                    }
                     continue;
                 }
                 if top <= last.seq {
                     continue;
                 }
                 missed += top - last.seq;
-                let kept = match self.settings.history.of(&stream) {
-                    Some(_) => self.history(&stream, Some(last), MAX_REPLAY).await.ok(),
-                    None => None,
-                };
-                let publications = kept
-                    .filter(|h| *h.epoch == *last.epoch)
-                    .map(|h| h.publications)
-                    .unwrap_or_default();
-                let first = publications.first().map_or(top + 1, |(seq, _)| *seq);
-                if first > last.seq + 1 {
-                    handler.handle_gap(&StreamGap {
-                        stream: stream.clone(),
-                        epoch: last.epoch.clone(),
-                        from_seq: last.seq + 1,
-                        to_seq: first - 1,
-                        reason: "lost",
-                    });
-                    // Some of those may still come in on the new
-                    // connection (published after it subscribed): they are
-                    // part of the announced gap now, so they are dropped,
-                    // keeping the stream in order for the sessions.
-                    let announced = Position::new(last.epoch.clone(), first - 1);
-                    self.note_received(&stream, &announced);
-                }
-                for (seq, publication) in publications {
-                    let position = Position::new(last.epoch.clone(), seq);
-                    if self.note_received(&publication.target, &position) {
-                        handler.handle_publication(&publication, &position);
-                    }
-                }
+                self.fill(&handler, &stream, last, top).await;
             }
         }
         if missed > 0 {
@@ -855,8 +872,49 @@ impl Shared {
         }
     }
 
+    /// Delivers `stream`'s messages after `after` up to `top` (same epoch),
+    /// which this node missed, from history; announces with a GAP what
+    /// history does not have. Marks all of them received, so copies still
+    /// on their way are dropped and the stream stays in order.
+    async fn fill(
+        &self,
+        handler: &Arc<dyn BrokerEventHandler>,
+        stream: &Target,
+        after: &Position,
+        top: u64,
+    ) {
+        let kept = match self.settings.history.of(stream) {
+            Some(_) => self.history(stream, Some(after), MAX_REPLAY).await.ok(),
+            None => None,
+        };
+        let publications = kept
+            .filter(|h| *h.epoch == *after.epoch)
+            .map(|h| h.publications)
+            .unwrap_or_default();
+        let first = publications.first().map_or(top + 1, |(seq, _)| *seq);
+        if first > after.seq + 1 {
+            handler.handle_gap(&StreamGap {
+                stream: stream.clone(),
+                epoch: after.epoch.clone(),
+                from_seq: after.seq + 1,
+                to_seq: first - 1,
+                reason: "lost",
+            });
+            // Some of those may still come in (published after this node
+            // subscribed again): they are part of the announced gap now.
+            let announced = Position::new(after.epoch.clone(), first - 1);
+            self.note_received(stream, &announced);
+        }
+        for (seq, publication) in publications {
+            let position = Position::new(after.epoch.clone(), seq);
+            if self.note_received(&publication.target, &position) {
+                handler.handle_publication(&publication, &position);
+            }
+        }
+    }
+
     /// Hands one received message to the node.
-    fn receive(&self, payload: &[u8]) {
+    async fn receive(&self, payload: &[u8]) {
         let Some(received) = decode(payload) else {
             self.failures.fetch_add(1, Ordering::Relaxed);
             return debug!(len = payload.len(), "undecodable message on the inbox");
@@ -867,6 +925,13 @@ impl Shared {
         match received {
             Received::Publication(position, publication) => {
                 self.received.fetch_add(1, Ordering::Relaxed);
+                if let Some(missed) = self.missed_epoch_start(&publication.target, &position) {
+                    // The stream restarted (Redis lost it) and its first
+                    // messages did not come here: fill them in first.
+                    let start = Position::new(position.epoch.clone(), 0);
+                    self.fill(&handler, &publication.target, &start, missed)
+                        .await;
+                }
                 if !self.note_received(&publication.target, &position) {
                     return; // delivered already, by a catch-up
                 }
@@ -1089,7 +1154,7 @@ async fn subscription_loop(shared: Arc<Shared>, interest_ops: mpsc::Sender<Inter
                 biased;
                 _ = &mut dead => break,
                 message = stream.next() => match message {
-                    Some(message) => shared.receive(message.get_payload_bytes()),
+                    Some(message) => shared.receive(message.get_payload_bytes()).await,
                     None => break,
                 },
             }
@@ -1454,6 +1519,7 @@ fn publication_of(envelope: Envelope) -> Option<Publication> {
         data: envelope.data,
         opcode: envelope.opcode,
         published_at_ms: envelope.published_at_ms,
+        idempotency_key: None,
     })
 }
 
@@ -1553,6 +1619,7 @@ mod tests {
             data: Bytes::from_static(b"hi: there"),
             opcode: 7,
             published_at_ms: 42,
+            idempotency_key: None,
         };
         let payload = [
             b"17:5f3a:".as_slice(),

@@ -156,8 +156,14 @@ impl Node {
     /// Starts a node called `id` on `redis` (with the test API key, and
     /// clients allowed to publish anywhere) and waits for it to listen.
     pub fn start(redis: &Redis, id: &str, extra: &[&str]) -> Node {
+        Node::start_at(&redis.url(), id, "127.0.0.1:0", extra)
+    }
+
+    /// [`Node::start`] listening on `listen` (a fixed address survives a
+    /// restart), with Redis at `redis_url`.
+    pub fn start_at(redis_url: &str, id: &str, listen: &str, extra: &[&str]) -> Node {
         let mut child = Command::new(SERVER)
-            .args(["--listen", "127.0.0.1:0", "--broker", &redis.url()])
+            .args(["--listen", listen, "--broker", redis_url])
             .args([
                 "--node-id",
                 id,
@@ -239,6 +245,23 @@ impl Node {
     /// What the node has logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Stops it as a deployment does (SIGTERM) and waits for it to exit;
+    /// panics if it takes over 10 s.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} ignored SIGTERM",
+                    self.id
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// Kills it (SIGKILL): no goodbye to anyone.
