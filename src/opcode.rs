@@ -44,6 +44,9 @@ pub const PRESENCE_EVENT: u32 = 19;
 /// Server → client: messages of a followed stream are missing and cannot be
 /// delivered (`wsproto.v1.Gap`).
 pub const GAP: u32 = 20;
+/// Client → server: messages processed up to these positions, kept for the
+/// device (`wsproto.v1.Acknowledge`).
+pub const ACKNOWLEDGE: u32 = 21;
 
 /// First opcode available to applications.
 pub const FIRST_APPLICATION: u32 = 100;
@@ -185,6 +188,12 @@ pub const BUILTIN: &[OpcodeSpec] = &[
         name: "GAP",
         request: PayloadKind::None,
         reply: PayloadKind::Message("wsproto.v1.Gap"),
+    },
+    OpcodeSpec {
+        code: ACKNOWLEDGE,
+        name: "ACKNOWLEDGE",
+        request: PayloadKind::Message("wsproto.v1.Acknowledge"),
+        reply: PayloadKind::None,
     },
     OpcodeSpec {
         code: ECHO,

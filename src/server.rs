@@ -822,10 +822,12 @@ where
     response
 }
 
-/// What the connect URL asks for: `?user=ID&subscribe=TOPIC&subscribe=…`.
+/// What the connect URL asks for:
+/// `?user=ID&device=ID&subscribe=TOPIC&subscribe=…`.
 struct ConnectParams {
     user_id: Option<Arc<str>>,
     subscriptions: Vec<Topic>,
+    device: Option<Arc<str>>,
 }
 
 /// Longest user id accepted from the connect URL.
@@ -836,6 +838,7 @@ impl ConnectParams {
         let mut params = ConnectParams {
             user_id: None,
             subscriptions: Vec::new(),
+            device: None,
         };
         for pair in query.unwrap_or_default().split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -857,6 +860,19 @@ impl ConnectParams {
                         ));
                     }
                     params.user_id = Some(value.as_ref().into());
+                }
+                "device" => {
+                    let valid = !value.is_empty()
+                        && value.len() <= MAX_USER_ID_LEN
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+                    if !valid {
+                        return Err(format!(
+                            "device must be 1 to {MAX_USER_ID_LEN} letters, digits or ._:-"
+                        ));
+                    }
+                    params.device = Some(value.as_ref().into());
                 }
                 "subscribe" => {
                     let topic = Topic::parse(&value).map_err(|e| format!("subscribe: {e}"))?;
@@ -956,7 +972,14 @@ async fn protocol_endpoint(
     );
     upgrade_then(&state, request, move |ws| {
         let queue = SessionQueue::with_limits(config.send_queue, config.send_queue_bytes);
-        let session = Session::new(node, identity, authenticator, Some(peer), queue);
+        let session = Session::new(
+            node,
+            identity,
+            authenticator,
+            Some(peer),
+            queue,
+            params.device,
+        );
         connection::run(
             ws,
             session,

@@ -48,6 +48,9 @@ struct Inner {
     id: Arc<str>,
     /// Fixed for the session's life (a refreshed token must name the same user).
     user_id: Option<Arc<str>>,
+    /// The client's device (`?device=ID`), whose acknowledged positions the
+    /// broker keeps.
+    device: Option<Arc<str>>,
     /// Replaced by REFRESH_TOKEN.
     identity: RwLock<Arc<Identity>>,
     /// Set when `identity` was replaced, so the reader re-arms the expiry timer.
@@ -74,11 +77,13 @@ impl Session {
         authenticator: Option<Arc<Authenticator>>,
         remote_addr: Option<SocketAddr>,
         queue: SessionQueue,
+        device: Option<Arc<str>>,
     ) -> Session {
         Session {
             inner: Arc::new(Inner {
                 id: node.next_session_id(),
                 user_id: identity.user_id.clone(),
+                device,
                 identity: RwLock::new(Arc::new(identity)),
                 identity_changed: AtomicBool::new(false),
                 authenticator,
@@ -100,12 +105,30 @@ impl Session {
     /// [`Session::queue`]. For testing and fuzzing handlers.
     pub fn detached(node: &Node, identity: Identity, queue_capacity: usize) -> Registration {
         let queue = SessionQueue::new(queue_capacity);
-        Registration::local(&Session::new(node.clone(), identity, None, None, queue))
+        Registration::local(&Session::new(
+            node.clone(),
+            identity,
+            None,
+            None,
+            queue,
+            None,
+        ))
     }
 
     /// Unique across the nodes of a deployment.
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The key the broker keeps this session's device's acknowledged
+    /// positions under: `USER/DEVICE` (a device id only counts within its
+    /// user); `None` without `?device=`.
+    pub fn device_key(&self) -> Option<String> {
+        let device = self.inner.device.as_deref()?;
+        Some(format!(
+            "{}/{device}",
+            self.inner.user_id.as_deref().unwrap_or_default()
+        ))
     }
 
     /// The user this session acts for, when known.

@@ -584,3 +584,72 @@ async fn a_node_that_lost_its_redis_subscription_catches_up_or_says_what_it_miss
     let (status, _) = b.publish_api(r#"{"topic": "news", "data": "down"}"#).await;
     assert_eq!(status, 200, "no history: delivered where possible");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
+async fn a_device_acknowledges_on_one_node_and_resumes_on_another() {
+    use wsproto_client::{Event, Subscriber};
+    let redis = Redis::start();
+    let history = ["--history", "alarm.#=100"];
+    let (a, b) = (
+        Node::start(&redis, "da", &history),
+        Node::start(&redis, "db", &history),
+    );
+    let mut phone = Subscriber::new(
+        format!("{}?user=ann", a.url()),
+        vec!["alarm.#".into()],
+        vec![],
+    )
+    .with_device("phone");
+    let Event::Subscribed { .. } = phone.next().await.unwrap() else {
+        panic!("expected the subscription report");
+    };
+    for n in 1..=4 {
+        b.publish_api(&format!(r#"{{"topic": "alarm.x", "data": "{n}"}}"#))
+            .await;
+        let Event::Delivery(d) = subscriber_event(&mut phone).await else {
+            panic!("expected alarm {n}");
+        };
+        assert_eq!(d.seq, n);
+    }
+    phone.acknowledge().await;
+    phone.close().await;
+    for n in 5..=6 {
+        b.publish_api(&format!(r#"{{"topic": "alarm.x", "data": "{n}"}}"#))
+            .await;
+    }
+    // Same user and device, no positions of its own, on the other node.
+    let mut phone = Subscriber::new(
+        format!("{}?user=ann", b.url()),
+        vec!["alarm.#".into()],
+        vec![],
+    )
+    .with_device("phone");
+    let Event::Subscribed { streams, .. } = phone.next().await.unwrap() else {
+        panic!("expected the recovery report");
+    };
+    assert!(
+        streams[0].recovered && streams[0].replayed == 2,
+        "{streams:?}"
+    );
+    for n in 5..=6 {
+        let Event::Delivery(d) = subscriber_event(&mut phone).await else {
+            panic!("expected alarm {n}");
+        };
+        assert_eq!(d.seq, n);
+    }
+    // The same device id under another user is another device.
+    let mut other = Subscriber::new(
+        format!("{}?user=bob", b.url()),
+        vec!["alarm.#".into()],
+        vec![],
+    )
+    .with_device("phone");
+    let Event::Subscribed { streams, .. } = other.next().await.unwrap() else {
+        panic!("expected the subscription report");
+    };
+    assert!(streams.is_empty(), "{streams:?}");
+}

@@ -413,3 +413,60 @@ async fn a_publish_retried_with_its_idempotency_key_publishes_once() {
         assert_eq!(status, 400, "{bad:?}");
     }
 }
+
+#[tokio::test]
+async fn a_device_that_lost_its_positions_resumes_from_what_it_acknowledged() {
+    let server = TestServer::start(with_history("alarm.#", 100)).await;
+    let mut phone =
+        Subscriber::new(server.url(), vec!["alarm.#".into()], vec![]).with_device("phone-1");
+    subscribed(&mut phone).await;
+    for n in 1..=5 {
+        publish(&server, "alarm.b3", format!("alarm {n}")).await;
+    }
+    for n in 1..=5 {
+        assert_eq!(delivery(&mut phone).await.seq, n);
+    }
+    // The app has processed all five; the server keeps that for phone-1.
+    phone.acknowledge().await;
+    phone.close().await;
+    server.wait_for_sessions(0).await;
+    for n in 6..=8 {
+        publish(&server, "alarm.b3", format!("alarm {n}")).await;
+    }
+
+    // The app restarts with no positions of its own: the device's
+    // acknowledged ones bring it back where it was.
+    let mut phone =
+        Subscriber::new(server.url(), vec!["alarm.#".into()], vec![]).with_device("phone-1");
+    let streams = subscribed(&mut phone).await;
+    assert_eq!(streams.len(), 1, "{streams:?}");
+    assert!(
+        streams[0].recovered && streams[0].replayed == 3,
+        "{streams:?}"
+    );
+    for n in 6..=8 {
+        assert_eq!(delivery(&mut phone).await.data, format!("alarm {n}"));
+    }
+    // Another device of no acknowledgements starts fresh.
+    let mut tablet =
+        Subscriber::new(server.url(), vec!["alarm.#".into()], vec![]).with_device("tablet");
+    assert!(subscribed(&mut tablet).await.is_empty());
+
+    // Acknowledging needs a device.
+    let mut anonymous = server.client().await;
+    let ack = v1::Acknowledge {
+        streams: vec![v1::StreamAck {
+            topic: "alarm.b3".into(),
+            room: String::new(),
+            position: Some(v1::Position {
+                epoch: "e".into(),
+                seq: 1,
+            }),
+        }],
+    };
+    let reply = anonymous
+        .call(opcode::ACKNOWLEDGE, prost::Message::encode_to_vec(&ack))
+        .await
+        .unwrap();
+    common::assert_error(&reply, wsproto::ErrorCode::BadPayload, opcode::ACKNOWLEDGE);
+}

@@ -205,7 +205,17 @@ pub struct Subscriber {
     connected_before: bool,
     duplicates: u64,
     events: VecDeque<Event>,
+    /// Acknowledging, as device `device` (see [`Subscriber::with_device`]).
+    device: Option<String>,
+    /// The delivery handed out last: processed once `next` is called again.
+    handed: Option<v1::StreamAck>,
+    /// Processed positions not yet acknowledged, by stream.
+    unacknowledged: HashMap<String, v1::StreamAck>,
+    last_acknowledged: Option<tokio::time::Instant>,
 }
+
+/// How often a [`Subscriber`] sends its device's acknowledgements.
+const ACKNOWLEDGE_EVERY: Duration = Duration::from_millis(100);
 
 impl Subscriber {
     /// A subscriber to `topics` and `rooms` at `url` (not connected yet:
@@ -225,6 +235,10 @@ impl Subscriber {
             connected_before: false,
             duplicates: 0,
             events: VecDeque::new(),
+            device: None,
+            handed: None,
+            unacknowledged: HashMap::new(),
+            last_acknowledged: None,
         }
     }
 
@@ -252,6 +266,45 @@ impl Subscriber {
         self.tls = tls;
         self.token = token;
         self
+    }
+
+    /// Connects as device `id` (`?device=ID`) and acknowledges what the
+    /// application has processed (a delivery counts as processed when
+    /// [`Subscriber::next`] is called again), at most every 100 ms: the
+    /// server keeps those positions for the device, so after an app
+    /// restart that lost its own, it subscribes from where it was.
+    pub fn with_device(mut self, id: impl Into<String>) -> Subscriber {
+        let id = id.into();
+        let encoded: String = form_urlencoded_byte(&id);
+        for url in &mut self.urls {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            url.push_str(&format!("{separator}device={encoded}"));
+        }
+        self.device = Some(id);
+        self
+    }
+
+    /// Sends the device's pending acknowledgements now (also done on
+    /// [`Subscriber::close`]).
+    pub async fn acknowledge(&mut self) {
+        if let Some(handed) = self.handed.take() {
+            let key = format!("{}:{}", handed.topic, handed.room);
+            self.unacknowledged.insert(key, handed);
+        }
+        if self.unacknowledged.is_empty() || self.device.is_none() {
+            return;
+        }
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let request = v1::Acknowledge {
+            streams: self.unacknowledged.drain().map(|(_, ack)| ack).collect(),
+        };
+        let frame = Frame::new(opcode::ACKNOWLEDGE, request.encode_to_vec());
+        // Lost with the connection: the server then has older positions,
+        // and the device gets a few messages again (dropped as duplicates).
+        let _ = client.send(&frame).await;
+        self.last_acknowledged = Some(tokio::time::Instant::now());
     }
 
     /// Starts from saved positions (e.g. persisted by the application).
@@ -290,6 +343,35 @@ impl Subscriber {
     /// web page instead of a WebSocket, or a subscription or join the
     /// server refuses (an ERROR frame, such as PERMISSION_DENIED).
     pub async fn next(&mut self) -> Result<Event, ClientError> {
+        if self.device.is_some() {
+            if let Some(handed) = self.handed.take() {
+                let key = format!("{}:{}", handed.topic, handed.room);
+                self.unacknowledged.insert(key, handed);
+            }
+            let due = self
+                .last_acknowledged
+                .is_none_or(|at| at.elapsed() >= ACKNOWLEDGE_EVERY);
+            if due {
+                self.acknowledge().await;
+            }
+        }
+        let event = self.next_event().await?;
+        if let Event::Delivery(delivery) = &event {
+            if self.device.is_some() && delivery.seq > 0 && !delivery.epoch.is_empty() {
+                self.handed = Some(v1::StreamAck {
+                    topic: delivery.topic.clone(),
+                    room: delivery.room.clone(),
+                    position: Some(v1::Position {
+                        epoch: delivery.epoch.clone(),
+                        seq: delivery.seq,
+                    }),
+                });
+            }
+        }
+        Ok(event)
+    }
+
+    async fn next_event(&mut self) -> Result<Event, ClientError> {
         loop {
             if let Some(event) = self.events.pop_front() {
                 return Ok(event);
@@ -321,6 +403,7 @@ impl Subscriber {
     /// Closes the connection with 1000; no reconnect follows unless
     /// [`Subscriber::next`] is called again.
     pub async fn close(&mut self) {
+        self.acknowledge().await;
         if let Some(client) = self.client.take() {
             let _ = client.close(1000).await;
         }
@@ -398,6 +481,16 @@ impl Subscriber {
             _ => Some(Event::Frame(frame)),
         }
     }
+}
+
+/// `s` percent-encoded for a URL query.
+fn form_urlencoded_byte(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Whether reconnecting could not help.

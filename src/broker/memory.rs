@@ -13,6 +13,10 @@ use super::{
     Publication, Published, Target, IDEMPOTENCY_TTL,
 };
 
+/// Most devices whose acknowledged positions are kept; past it an
+/// arbitrary other device's are forgotten (it then recovers from its own).
+const MAX_DEVICES: usize = 100_000;
+
 /// Most idempotency keys remembered at once; past it, expired ones go, and
 /// if none has expired, all do (a retry then publishes again).
 const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
@@ -40,6 +44,8 @@ pub struct MemoryBroker {
     shards: Vec<Mutex<HashMap<String, Stream>>>,
     handlers: RwLock<Vec<Weak<dyn BrokerEventHandler>>>,
     history: HistoryPolicies,
+    /// Acknowledged positions by device, then by stream.
+    acknowledged: Mutex<HashMap<String, HashMap<String, Position>>>,
     /// Idempotency keys seen, with when and what publishing them did.
     idempotent: Mutex<HashMap<Arc<str>, (Instant, Published)>>,
     /// This broker's epochs are `{run}-{n}`: `run` is random per broker (a
@@ -79,6 +85,7 @@ impl MemoryBroker {
             handlers: RwLock::new(Vec::new()),
             history: policies,
             idempotent: Mutex::new(HashMap::new()),
+            acknowledged: Mutex::new(HashMap::new()),
             run,
             started: AtomicU64::new(0),
         }
@@ -203,6 +210,32 @@ impl Broker for MemoryBroker {
             }
         };
         Box::pin(std::future::ready(Ok(published)))
+    }
+
+    fn save_acknowledged<'a>(
+        &'a self,
+        device: &'a str,
+        acks: &'a [(String, Position)],
+    ) -> BoxFuture<'a, ()> {
+        let mut devices = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+        if devices.len() >= MAX_DEVICES && !devices.contains_key(device) {
+            if let Some(any) = devices.keys().next().cloned() {
+                devices.remove(&any);
+            }
+        }
+        let streams = devices.entry(device.to_owned()).or_default();
+        for (stream, position) in acks {
+            if super::advances(streams.get(stream), position) {
+                streams.insert(stream.clone(), position.clone());
+            }
+        }
+        Box::pin(std::future::ready(()))
+    }
+
+    fn acknowledged<'a>(&'a self, device: &'a str) -> BoxFuture<'a, HashMap<String, Position>> {
+        let devices = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = devices.get(device).cloned().unwrap_or_default();
+        Box::pin(std::future::ready(streams))
     }
 
     fn history<'a>(

@@ -13,6 +13,7 @@ mod memory;
 mod redis;
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
     sync::{Arc, Weak},
@@ -135,6 +136,12 @@ impl Position {
             seq,
         }
     }
+}
+
+/// Whether `position` moves an acknowledged `current` forward (a new epoch
+/// always does).
+pub fn advances(current: Option<&Position>, position: &Position) -> bool {
+    current.is_none_or(|c| c.epoch != position.epoch || c.seq < position.seq)
 }
 
 /// How long a publication's idempotency key is remembered.
@@ -375,6 +382,20 @@ pub trait Broker: Send + Sync + 'static {
         let _ = (room, joined, session_id, user_id);
         Box::pin(std::future::ready(()))
     }
+
+    /// Records that `device` (a `USER/DEVICE` key) has processed each
+    /// stream (`t:TOPIC` / `r:ROOM`) up to its position; a position never
+    /// moves back within an epoch. Bounded; a failure is counted, not
+    /// returned (the device's own positions still work).
+    fn save_acknowledged<'a>(
+        &'a self,
+        device: &'a str,
+        acks: &'a [(String, Position)],
+    ) -> BoxFuture<'a, ()>;
+
+    /// The positions `device` acknowledged, by stream; empty when unknown
+    /// or unreachable.
+    fn acknowledged<'a>(&'a self, device: &'a str) -> BoxFuture<'a, HashMap<String, Position>>;
 
     /// A room's members on every node; `None` when the broker does not keep
     /// presence or cannot reach its backend (the node then answers with

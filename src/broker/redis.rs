@@ -124,6 +124,7 @@ struct Shared {
     commands: ConnectionManager,
     publish: redis::Script,
     history: redis::Script,
+    acknowledge: redis::Script,
     presence_write: redis::Script,
     presence_read: redis::Script,
     sweep: redis::Script,
@@ -218,6 +219,23 @@ if ARGV[10] ~= '' then
   redis.call('SET', ARGV[10], seq .. ':' .. nodes .. ':' .. epoch, 'EX', ARGV[11])
 end
 return {seq, nodes, epoch, 0}
+";
+
+/// Keeps a device's acknowledged positions (hash KEYS[1], field stream,
+/// value `SEQ:EPOCH`, TTL ARGV[1]); ARGV[2..] are (stream, epoch, seq)
+/// triples. A position never moves back within its epoch.
+const ACKNOWLEDGE_SCRIPT: &str = r"
+for i = 2, #ARGV, 3 do
+  local stream, epoch, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local current = redis.call('HGET', KEYS[1], stream)
+  local write = true
+  if current then
+    local cseq, cepoch = string.match(current, '^(%d+):(.*)$')
+    write = cepoch ~= epoch or tonumber(cseq) < seq
+  end
+  if write then redis.call('HSET', KEYS[1], stream, seq .. ':' .. epoch) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 ";
 
 /// Reads a stream's history: its epoch (starting one, ARGV[4], if the
@@ -355,6 +373,7 @@ impl RedisBroker {
                 commands,
                 publish: redis::Script::new(PUBLISH_SCRIPT),
                 history: redis::Script::new(HISTORY_SCRIPT),
+                acknowledge: redis::Script::new(ACKNOWLEDGE_SCRIPT),
                 presence_write: redis::Script::new(&PRESENCE_WRITE_SCRIPT),
                 presence_read: redis::Script::new(&PRESENCE_READ_SCRIPT),
                 sweep: redis::Script::new(&SWEEP_SCRIPT),
@@ -403,6 +422,18 @@ impl Broker for RedisBroker {
 
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Published, BrokerError>> {
         Box::pin(self.shared.publish(publication))
+    }
+
+    fn save_acknowledged<'a>(
+        &'a self,
+        device: &'a str,
+        acks: &'a [(String, Position)],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.shared.save_acknowledged(device, acks))
+    }
+
+    fn acknowledged<'a>(&'a self, device: &'a str) -> BoxFuture<'a, HashMap<String, Position>> {
+        Box::pin(self.shared.acknowledged(device))
     }
 
     fn history<'a>(
@@ -665,6 +696,44 @@ impl Shared {
                 })
             }
         }
+    }
+
+    /// One script call: each stream's position is written unless it would
+    /// move back within its epoch.
+    async fn save_acknowledged(&self, device: &str, acks: &[(String, Position)]) {
+        let mut invocation = self.acknowledge.prepare_invoke();
+        invocation
+            .key(self.key(&format!("ack:{device}")))
+            .arg(self.settings.sequence_ttl.as_secs().max(1));
+        for (stream, position) in acks {
+            invocation
+                .arg(stream)
+                .arg(&*position.epoch)
+                .arg(position.seq);
+        }
+        let mut commands = self.commands.clone();
+        let wait = self.settings.command_timeout;
+        let saved = invocation.invoke_async::<()>(&mut commands);
+        self.bounded("acknowledge", wait, saved).await;
+    }
+
+    async fn acknowledged(&self, device: &str) -> HashMap<String, Position> {
+        let mut commands = self.commands.clone();
+        let wait = self.settings.command_timeout;
+        let key = self.key(&format!("ack:{device}"));
+        let mut command = redis::cmd("HGETALL");
+        command.arg(key);
+        let read = command.query_async::<HashMap<String, String>>(&mut commands);
+        let Some(stored) = self.bounded("acknowledged", wait, read).await else {
+            return HashMap::new();
+        };
+        stored
+            .into_iter()
+            .filter_map(|(stream, value)| {
+                let (seq, epoch) = value.split_once(':')?;
+                Some((stream, Position::new(epoch, seq.parse().ok()?)))
+            })
+            .collect()
     }
 
     async fn history(

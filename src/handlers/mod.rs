@@ -46,6 +46,7 @@ pub fn with_protocol(router: Router) -> Router {
         .route_protocol(opcode::SAY, pubsub::say)
         .route_protocol(opcode::SEND, pubsub::send)
         .route_protocol(opcode::PRESENCE, pubsub::presence)
+        .route_protocol(opcode::ACKNOWLEDGE, pubsub::acknowledge)
         .route_protocol(opcode::PING, pong)
         .route_protocol(opcode::REFRESH_TOKEN, refresh::refresh_token)
 }

@@ -78,7 +78,7 @@ pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
     if let Some(topic) = topics.iter().find(|t| !session.identity().may_subscribe(t)) {
         return Err(permission_denied("subscribe to", topic));
     }
-    if request.since.is_empty() && !request.positions {
+    if request.since.is_empty() && !request.positions && session.device_key().is_none() {
         session
             .node()
             .subscribe_all(session.id(), &topics)
@@ -87,6 +87,19 @@ pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
         return Ok(Reply::None);
     }
     let mut since = Vec::with_capacity(request.since.len());
+    // What this device acknowledged, for the streams the client names no
+    // position for (an app that lost its own, or never kept any).
+    for (stream, position) in acknowledged(&session).await {
+        let Some(name) = stream.strip_prefix("t:") else {
+            continue;
+        };
+        let Ok(topic) = Topic::parse(name) else {
+            continue;
+        };
+        if !request.since.contains_key(name) && topics.iter().any(|t| t.covers(&topic)) {
+            since.push((topic, position));
+        }
+    }
     for (name, position) in &request.since {
         let stream = Topic::parse(name)?;
         if !topics.iter().any(|t| t.covers(&stream)) {
@@ -147,13 +160,63 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
     if !session.identity().may_join(&room) {
         return Err(permission_denied("join room", &room));
     }
-    let since = request.since.map(|p| Position::new(&*p.epoch, p.seq));
+    let since = match request.since {
+        Some(p) => Some(Position::new(&*p.epoch, p.seq)),
+        None => acknowledged(&session)
+            .await
+            .remove(&format!("r:{}", room.as_str())),
+    };
     let presence = session
         .node()
         .join_recovering(session.id(), &room, request.presence_events, since.as_ref())
         .await
         .map_err(hub_error)?;
     Ok(Reply::message(&presence))
+}
+
+/// What the session's device acknowledged, by stream (empty without a
+/// device).
+async fn acknowledged(session: &Session) -> std::collections::HashMap<String, Position> {
+    match session.device_key() {
+        Some(device) => session.node().broker().acknowledged(&device).await,
+        None => Default::default(),
+    }
+}
+
+/// Opcode 21: keeps the positions the device has processed.
+pub async fn acknowledge(session: Session, frame: Frame) -> HandlerResult {
+    let request: v1::Acknowledge = frame.message()?;
+    let Some(device) = session.device_key() else {
+        return Err(HandlerError::bad_payload(
+            "connect with ?device=ID to acknowledge deliveries",
+        ));
+    };
+    let mut acks = Vec::with_capacity(request.streams.len());
+    for ack in request.streams {
+        let stream = match (ack.topic.is_empty(), ack.room.is_empty()) {
+            (false, true) => Target::Topic(Topic::parse(&ack.topic)?),
+            (true, false) => Target::Room {
+                room: room(&ack.room)?.as_str().into(),
+                exclude: None,
+            },
+            _ => {
+                return Err(HandlerError::bad_payload(
+                    "give exactly one of topic and room",
+                ))
+            }
+        };
+        let Some(position) = ack.position.filter(|p| p.seq > 0) else {
+            return Err(HandlerError::bad_payload("every stream needs a position"));
+        };
+        let key = stream.stream_key().unwrap_or_default();
+        acks.push((key, Position::new(&*position.epoch, position.seq)));
+    }
+    session
+        .node()
+        .broker()
+        .save_acknowledged(&device, &acks)
+        .await;
+    Ok(Reply::None)
 }
 
 /// Opcode 15: leaves a room; leaving a room one is not in is harmless.
