@@ -268,7 +268,9 @@ async fn nodes_ride_out_redis_stopped_for_ten_seconds() {
         let published = publisher.publish("tick", "after").await.unwrap();
         let _ = local.delivery(WAIT).await.unwrap();
         if published.seq > 0 {
-            if let Ok(delivery) = remote.delivery(Duration::from_millis(500)).await {
+            // What B missed before its subscription was back is announced
+            // (GAP "lost"; `tick` keeps no history), never silently skipped.
+            if let Some(delivery) = delivery_after_gaps(&mut remote).await {
                 assert_eq!(delivery.data, "after".as_bytes());
                 break resumed.elapsed();
             }
@@ -282,6 +284,21 @@ async fn nodes_ride_out_redis_stopped_for_ten_seconds() {
     while a.health().await["status"] != "ok" || b.health().await["status"] != "ok" {
         assert!(Instant::now() < deadline, "{}", a.health().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next DELIVERY within 500 ms, past any GAP notices (each checked).
+async fn delivery_after_gaps(client: &mut Client) -> Option<v1::Delivery> {
+    loop {
+        let frame = client.recv_timeout(Duration::from_millis(500)).await.ok()?;
+        match frame.opcode {
+            opcode::GAP => {
+                let gap: v1::Gap = prost::Message::decode(frame.payload).unwrap();
+                assert_eq!((gap.topic.as_str(), gap.reason.as_str()), ("tick", "lost"));
+            }
+            opcode::DELIVERY => return Some(prost::Message::decode(frame.payload).unwrap()),
+            other => panic!("unexpected opcode {other}"),
+        }
     }
 }
 

@@ -21,6 +21,8 @@
 //   WsprotoError                                     an ERROR frame as an Error
 //   WsprotoClient                                    the reconnecting client, which
 //                                                    also recovers missed messages
+//                                                    and, with a `device`,
+//                                                    acknowledges processed ones
 //   topicCovers                                      the topic "covers" rule
 
 // ---------------------------------------------------------------------------
@@ -46,6 +48,7 @@ export const OP = Object.freeze({
   PRESENCE: 18,
   PRESENCE_EVENT: 19,
   GAP: 20,
+  ACKNOWLEDGE: 21,
   ECHO: 100,
   ADD_FRIEND: 110,
   GET_INFO: 111,
@@ -229,6 +232,8 @@ const SCHEMAS = {
     5: ['replayed', 'uint32'],
   },
   Subscribed: { 1: ['streams', 'StreamState', true] },
+  Acknowledge: { 1: ['streams', 'StreamAck', true] },
+  StreamAck: { 1: ['topic', 'string'], 2: ['room', 'string'], 3: ['position', 'Position'] },
   Gap: {
     1: ['topic', 'string'],
     2: ['room', 'string'],
@@ -690,6 +695,21 @@ function isTopic(s, nameOnly = false) {
   });
 }
 
+const DEVICE_ID = /^[A-Za-z0-9._:-]{1,64}$/;
+
+/**
+ * `url` with `device=ID` added to its query (after an existing one, before
+ * a fragment), as the Rust client's `Subscriber::with_device` does.
+ */
+function withDevice(url, device) {
+  const text = String(url);
+  const hash = text.indexOf('#');
+  const base = hash < 0 ? text : text.slice(0, hash);
+  const fragment = hash < 0 ? '' : text.slice(hash);
+  const separator = !base.includes('?') ? '?' : /[?&]$/.test(base) ? '' : '&';
+  return `${base}${separator}device=${encodeURIComponent(device)}${fragment}`;
+}
+
 function isPosition(p) {
   return p !== null && typeof p === 'object' && typeof p.epoch === 'string' && p.epoch !== ''
     && Number.isSafeInteger(p.seq) && p.seq >= 0;
@@ -752,6 +772,19 @@ function isPosition(p) {
  * reloaded page recovers too. unsubscribe() and leave() forget the positions
  * of the streams no longer followed. A server without recovery answers
  * with ACK and no epochs: the client then keeps no positions.
+ *
+ * Devices and acknowledgements (PROTOCOL.md §9.4). With the `device`
+ * option the client connects with `?device=ID` and reports what the app has
+ * processed (ACKNOWLEDGE, opcode 21, no reply): the server keeps those
+ * positions per user and device, and recovers a SUBSCRIBE or JOIN from them
+ * for every stream the request names no `since` for, so a device that lost
+ * its own positions (an app restart) resumes where it was. A numbered topic
+ * or room delivery counts as processed once its `delivery` listeners have
+ * returned or, with `manualAck: true`, when the app calls
+ * `acknowledge(delivery)`. The highest processed position per stream waits
+ * in the client and goes out in one frame at most every `ackIntervalMs`,
+ * on `flushAcknowledgements()` and on `close()`; while disconnected it waits
+ * for the next connection. Without a device nothing is acknowledged.
  */
 export class WsprotoClient extends EventTarget {
   /**
@@ -767,17 +800,32 @@ export class WsprotoClient extends EventTarget {
    * @param {Object<string, {epoch: string, seq: number}>|Map} [options.positions]
    *   stream positions to start from, as a previous `positions()` returned
    *   (entries that are not valid positions are ignored)
+   * @param {string} [options.device] device id (1–64 letters, digits or
+   *   `._:-`; a TypeError otherwise): added to the URL as `device=ID`, and
+   *   turns acknowledgements on
+   * @param {boolean} [options.manualAck=false] acknowledge only what the app
+   *   passes to `acknowledge()`, not every delivery once dispatched
+   * @param {number} [options.ackIntervalMs=100] how often pending
+   *   acknowledgements are sent
    * @param {typeof WebSocket} [options.WebSocket] constructor to use (tests, Node)
+   * @throws {TypeError} for an invalid `device`
    */
   constructor(url, options = {}) {
+    const { device } = options;
+    if (device !== undefined && device !== null && (typeof device !== 'string' || !DEVICE_ID.test(device))) {
+      throw new TypeError(`invalid device id ${JSON.stringify(device)}: expected 1 to 64 letters, digits or ._:-`);
+    }
     super();
-    this.url = url;
+    /** The URL connected to (with `device=ID` when there is a device). */
+    this.url = device ? withDevice(url, device) : url;
     this.options = {
       reconnect: true,
       minDelayMs: 500,
       maxDelayMs: 10000,
       heartbeatMs: 15000,
       requestTimeoutMs: 10000,
+      manualAck: false,
+      ackIntervalMs: 100,
       ...options,
     };
     /** The last WELCOME, or null before the first one. */
@@ -811,6 +859,11 @@ export class WsprotoClient extends EventTarget {
           : key.startsWith(ROOM_STREAM) && isTopic(key.slice(ROOM_STREAM.length), true));
       if (valid && isPosition(p)) this._positions.set(key, { epoch: p.epoch, seq: p.seq, seen: p.seq });
     }
+    // Acknowledgements: stream key -> StreamAck {topic, room, position} not
+    // sent yet; the timer that sends them; the delivery being dispatched.
+    this._acks = new Map();
+    this._ackTimer = null;
+    this._dispatching = null;
 
     this._connect();
   }
@@ -828,6 +881,11 @@ export class WsprotoClient extends EventTarget {
   /** Rooms the client keeps joined. */
   get rooms() {
     return [...this._rooms.keys()];
+  }
+
+  /** The device id (the `device` option), or null. */
+  get device() {
+    return this.options.device || null;
   }
 
   /**
@@ -986,8 +1044,83 @@ export class WsprotoClient extends EventTarget {
     return this._call(OP.PRESENCE, 'PresenceRequest', { room, topic }, OP.PRESENCE, 'Presence');
   }
 
-  /** Closes with 1000 and stops reconnecting; pending requests reject with code 'CLOSED'. */
+  /**
+   * Marks a delivery (as the `delivery` event gave it) as processed: its
+   * position is acknowledged with the next batch. Needed with `manualAck`;
+   * harmless otherwise. Returns false when nothing is to acknowledge: no
+   * device, a closed client, or a delivery without a position (direct,
+   * broadcast, seq 0 or no epoch).
+   * @param {{kind: number, topic: string, room: string, epoch: string, seq: number}} delivery
+   */
+  acknowledge(delivery) {
+    if (delivery === null || typeof delivery !== 'object') {
+      throw new TypeError('acknowledge() takes a Delivery');
+    }
+    if (!this.device || this._closedByUser) return false;
+    const key = deliveryStream(delivery);
+    if (key === null) return false;
+    const { epoch, seq } = delivery;
+    const pending = this._acks.get(key);
+    // Cumulative: a lower seq of the same epoch adds nothing. Another
+    // epoch replaces the pending one (the stream restarted).
+    if (pending && pending.position.epoch === epoch && seq <= pending.position.seq) return true;
+    const topicStream = key.startsWith(TOPIC_STREAM);
+    this._acks.set(key, {
+      topic: topicStream ? delivery.topic : '',
+      room: topicStream ? '' : delivery.room,
+      position: { epoch, seq },
+    });
+    if (this._ackTimer === null) {
+      this._ackTimer = setTimeout(() => {
+        this._ackTimer = null;
+        this.flushAcknowledgements();
+      }, this.options.ackIntervalMs);
+    }
+    return true;
+  }
+
+  /**
+   * Sends the pending acknowledgements now (one ACKNOWLEDGE frame, split
+   * only to stay within the server's maximum message size). Returns false
+   * when nothing was sent: no device, nothing pending, or not connected
+   * (they then go out on the next connection).
+   */
+  flushAcknowledgements() {
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    if (!this.device || this._acks.size === 0 || !this.connected) return false;
+    const streams = [...this._acks.values()];
+    this._acks.clear();
+    const limit = (this.welcome?.maxMessageSize || 65536) - 8; // minus the frame header
+    let batch = [];
+    let size = 0;
+    const send = () => this.sendFrame(OP.ACKNOWLEDGE, encodeMessage('Acknowledge', { streams: batch }));
+    for (const ack of streams) {
+      const length = encodeMessage('StreamAck', ack).length + 6; // plus key and length varint
+      if (batch.length > 0 && size + length > limit) {
+        send();
+        batch = [];
+        size = 0;
+      }
+      batch.push(ack);
+      size += length;
+    }
+    send();
+    return true;
+  }
+
+  /**
+   * Sends the pending acknowledgements (counting a delivery whose listener
+   * calls close() as processed, unless `manualAck`), then closes with 1000
+   * and stops reconnecting; pending requests reject with code 'CLOSED'.
+   */
   close(code = 1000, reason = '') {
+    if (!this._closedByUser) {
+      if (this._dispatching && !this.options.manualAck) this.acknowledge(this._dispatching);
+      this.flushAcknowledgements();
+    }
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
     this._closedByUser = true;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
@@ -1178,6 +1311,7 @@ export class WsprotoClient extends EventTarget {
     const queue = this._queue;
     this._queue = [];
     for (const { frame } of queue) ws.send(frame);
+    this.flushAcknowledgements(); // what was processed while disconnected
 
     const waiters = this._openWaiters;
     this._openWaiters = [];
@@ -1244,7 +1378,14 @@ export class WsprotoClient extends EventTarget {
         const delivery = decodeMessage('Delivery', frame.payload);
         if (!this._observe(delivery)) break; // a duplicate
         delivery.text = utf8OrUndefined(delivery.data);
-        this.dispatchEvent(detail('delivery', delivery));
+        this._dispatching = delivery;
+        try {
+          this.dispatchEvent(detail('delivery', delivery));
+        } finally {
+          this._dispatching = null;
+        }
+        // Its listeners have returned: processed.
+        if (!this.options.manualAck) this.acknowledge(delivery);
         break;
       }
       case OP.PRESENCE_EVENT:

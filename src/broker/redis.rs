@@ -177,8 +177,9 @@ enum InterestOp {
 /// (a key seen before returns the first publication's answer and publishes
 /// nothing).
 const PUBLISH_SCRIPT: &str = r"
-if ARGV[10] ~= '' then
-  local prior = redis.call('GET', ARGV[10])
+local idempotency = ARGV[10] or ''
+if idempotency ~= '' then
+  local prior = redis.call('GET', idempotency)
   if prior then
     local seq, nodes, epoch = string.match(prior, '^(%d+):(%d+):(.*)$')
     return {tonumber(seq), tonumber(nodes), epoch, 1}
@@ -215,8 +216,8 @@ elseif #KEYS >= first then
     end
   end
 end
-if ARGV[10] ~= '' then
-  redis.call('SET', ARGV[10], seq .. ':' .. nodes .. ':' .. epoch, 'EX', ARGV[11])
+if idempotency ~= '' then
+  redis.call('SET', idempotency, seq .. ':' .. nodes .. ':' .. epoch, 'EX', ARGV[11])
 end
 return {seq, nodes, epoch, 0}
 ";
@@ -661,6 +662,9 @@ impl Shared {
                 };
                 let (sessions, nodes) = match deliver_here {
                     true => {
+                        // Delivered here, not through the inbox: recorded,
+                        // so a catch-up does not take it for missed.
+                        self.note_received(&publication.target, &position);
                         let sessions = handler.handle_publication(&publication, &position);
                         (sessions, nodes as usize + usize::from(sessions > 0))
                     }
@@ -1079,7 +1083,7 @@ impl Shared {
             .arg("");
         let mut commands = self.commands.clone();
         let wait = self.settings.command_timeout;
-        let sent = invocation.invoke_async::<(u64, u64)>(&mut commands);
+        let sent = invocation.invoke_async::<redis::Value>(&mut commands);
         self.bounded("presence", wait, sent).await.is_some()
     }
 
