@@ -7,10 +7,7 @@
 mod common;
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,8 +16,9 @@ use common::{
     API_KEY,
 };
 use wsproto_client::{
-    checker::{Checker, Report},
-    Event, Subscriber,
+    backoff::Backoff,
+    checker::{follow, Report, Shared},
+    Subscriber,
 };
 
 const TOPIC: &str = "alarm.fire";
@@ -34,63 +32,6 @@ const NODE_FLAGS: [&str; 4] = [
 
 /// What the publisher got accepted: (epoch, seq) of each message.
 type Accepted = Arc<Mutex<Vec<(String, u64)>>>;
-
-/// A device: connects to its own node first, the others after a failure;
-/// feeds everything it receives to its checker. Returns the checker and
-/// how long after losing its connection it had caught up (received
-/// everything accepted before it reconnected), for each reconnect.
-async fn device(
-    urls: Vec<String>,
-    ready: Arc<AtomicU64>,
-    accepted: Accepted,
-    done: Arc<AtomicBool>,
-) -> (Checker, Vec<Duration>) {
-    let mut subscriber = Subscriber::new(urls[0].clone(), vec!["alarm.#".into()], vec![])
-        .with_urls(urls)
-        .with_backoff(wsproto_client::backoff::Backoff::new(
-            Duration::from_millis(50),
-            Duration::from_secs(1),
-        ));
-    let mut checker = Checker::new();
-    let mut catch_ups = Vec::new();
-    let mut lost_at: Option<Instant> = None;
-    let mut catching_up: Option<(Instant, String, u64)> = None;
-    let mut first = true;
-    loop {
-        let event = match tokio::time::timeout(Duration::from_millis(200), subscriber.next()).await
-        {
-            Ok(event) => event.unwrap(),
-            Err(_) if done.load(Ordering::Relaxed) => break,
-            Err(_) => continue,
-        };
-        match event {
-            Event::Subscribed { .. } if first => {
-                first = false;
-                ready.fetch_add(1, Ordering::Relaxed);
-            }
-            Event::Subscribed { .. } => {
-                let target = accepted.lock().unwrap().last().cloned();
-                if let (Some(lost), Some((epoch, seq))) = (lost_at.take(), target) {
-                    catching_up = Some((lost, epoch, seq));
-                }
-            }
-            Event::Delivery(delivery) => checker.delivery(&delivery),
-            Event::Gap(gap) => checker.gap(&gap),
-            Event::Disconnected { .. } => {
-                lost_at.get_or_insert_with(Instant::now);
-            }
-            Event::Frame(_) => {}
-        }
-        if let Some((lost, epoch, seq)) = &catching_up {
-            if checker.last_seq(STREAM, epoch) >= *seq {
-                catch_ups.push(lost.elapsed());
-                catching_up = None;
-            }
-        }
-    }
-    subscriber.close().await;
-    (checker, catch_ups)
-}
 
 /// Publishes `count` alarms at `rate` a second through the API of any node
 /// that takes them, retrying a refused one (503, or a node that is gone)
@@ -176,29 +117,33 @@ async fn run<T>(
     fault: impl std::future::Future<Output = T>,
 ) -> (Run, T) {
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
-    let (ready, done) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let accepted: Accepted = Arc::default();
+    let shared = Shared::default();
     let tasks: Vec<_> = (0..devices)
         .map(|i| {
+            // Each device starts on its own node; the others after a failure.
             let mut urls = urls.clone();
             let first = i % urls.len();
             urls.rotate_left(first);
-            tokio::spawn(device(urls, ready.clone(), accepted.clone(), done.clone()))
+            let subscriber = Subscriber::new(urls[0].clone(), vec!["alarm.#".into()], vec![])
+                .with_urls(urls)
+                .with_backoff(Backoff::new(
+                    Duration::from_millis(50),
+                    Duration::from_secs(1),
+                ));
+            tokio::spawn(follow(subscriber, STREAM.to_owned(), shared.clone(), None))
         })
         .collect();
-    while ready.load(Ordering::Relaxed) < devices as u64 {
+    while shared.ready.load(Ordering::Relaxed) < devices as u64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let accepted = shared.accepted.clone();
     let addrs = nodes.iter().map(|n| n.addr).collect();
     let publisher = tokio::spawn(publish(addrs, count, rate, accepted.clone()));
     let outcome = fault.await;
     let slowest_refusal = publisher.await.unwrap();
     // Settle: until every device has the last accepted alarm, or 15 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    done.store(true, Ordering::Relaxed);
+    shared.done.store(true, Ordering::Relaxed);
     let published = published(&accepted.lock().unwrap());
     let expected = devices as u64
         * published
@@ -208,9 +153,12 @@ async fn run<T>(
     let mut report = Report::default();
     let mut slowest_catch_up = Duration::ZERO;
     for task in tasks {
-        let (checker, catch_ups) = task.await.unwrap();
-        report.add(checker.report(STREAM, &published));
-        slowest_catch_up = catch_ups.into_iter().fold(slowest_catch_up, Duration::max);
+        let device = task.await.unwrap();
+        report.add(device.checker.report(STREAM, &published));
+        slowest_catch_up = device
+            .catch_ups
+            .into_iter()
+            .fold(slowest_catch_up, Duration::max);
     }
     let run = Run {
         report,

@@ -74,6 +74,12 @@ impl Backoff {
         self.attempt = 0;
     }
 
+    /// A number uniform in `[0, 1)` from the same generator (for jitter
+    /// elsewhere, e.g. when a test device drops its connection).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     fn next_u64(&mut self) -> u64 {
         let mut x = self.state;
         x ^= x >> 12;

@@ -3,9 +3,19 @@
 //! it got, counts per stream what was lost, duplicated, reordered, and —
 //! the worst case — silently missing: neither delivered nor announced.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
+use tokio::time::Instant;
 use wsproto::proto::v1;
+
+use crate::{Event, Subscriber};
 
 /// What one client saw of each stream.
 #[derive(Debug, Default, Clone)]
@@ -184,4 +194,105 @@ mod tests {
         assert_eq!(report.lost(), 4);
         assert_eq!(checker.last_seq("t:a", "e"), 8);
     }
+}
+
+/// What one device saw in a [`follow`] run.
+#[derive(Debug)]
+pub struct DeviceRun {
+    /// Its checker, to [`Checker::report`] on.
+    pub checker: Checker,
+    /// For each reconnect: how long after losing its connection it had
+    /// every message accepted before it reconnected.
+    pub catch_ups: Vec<Duration>,
+    /// Connections lost (dropped on purpose or not).
+    pub reconnects: u64,
+}
+
+/// What [`follow`] shares with the run around it.
+#[derive(Clone, Default)]
+pub struct Shared {
+    /// Devices subscribed for the first time.
+    pub ready: Arc<AtomicU64>,
+    /// (epoch, seq) of every message the publisher got accepted, in order.
+    pub accepted: Arc<Mutex<Vec<(String, u64)>>>,
+    /// Set when the run is over.
+    pub done: Arc<AtomicBool>,
+}
+
+/// Runs one device: feeds everything `subscriber` hands out for `stream`
+/// (`t:TOPIC`) to a checker until `shared.done`, dropping its connection at
+/// a random moment of every `drop_every` (as a phone changing networks
+/// does) when given.
+pub async fn follow(
+    mut subscriber: Subscriber,
+    stream: String,
+    shared: Shared,
+    drop_every: Option<Duration>,
+) -> DeviceRun {
+    let mut run = DeviceRun {
+        checker: Checker::new(),
+        catch_ups: Vec::new(),
+        reconnects: 0,
+    };
+    let mut backoff = crate::backoff::Backoff::new(Duration::ZERO, Duration::ZERO);
+    let mut next_drop = drop_every.map(|every| Instant::now() + jitter(&mut backoff, every));
+    let mut lost_at: Option<Instant> = None;
+    let mut catching_up: Option<(Instant, String, u64)> = None;
+    let mut first = true;
+    loop {
+        let wake = next_drop.map_or(Duration::from_millis(200), |at| {
+            at.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200))
+        });
+        let event = match tokio::time::timeout(wake, subscriber.next()).await {
+            Ok(Ok(event)) => Some(event),
+            Ok(Err(_)) => break,
+            Err(_) => None,
+        };
+        if shared.done.load(Ordering::Relaxed) {
+            break;
+        }
+        if let (Some(at), Some(every)) = (next_drop, drop_every) {
+            if Instant::now() >= at {
+                subscriber.disconnect();
+                lost_at.get_or_insert_with(Instant::now);
+                run.reconnects += 1;
+                next_drop = Some(Instant::now() + jitter(&mut backoff, every));
+            }
+        }
+        match event {
+            Some(Event::Subscribed { .. }) if first => {
+                first = false;
+                shared.ready.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Event::Subscribed { .. }) => {
+                let target = shared.accepted.lock().unwrap().last().cloned();
+                if let (Some(lost), Some((epoch, seq))) = (lost_at.take(), target) {
+                    catching_up = Some((lost, epoch, seq));
+                }
+            }
+            Some(Event::Delivery(delivery)) => run.checker.delivery(&delivery),
+            Some(Event::Gap(gap)) => run.checker.gap(&gap),
+            Some(Event::Disconnected { .. }) => {
+                if lost_at.is_none() {
+                    lost_at = Some(Instant::now());
+                    run.reconnects += 1;
+                }
+            }
+            Some(Event::Frame(_)) | None => {}
+        }
+        if let Some((lost, epoch, seq)) = &catching_up {
+            if run.checker.last_seq(&stream, epoch) >= *seq {
+                run.catch_ups.push(lost.elapsed());
+                catching_up = None;
+            }
+        }
+    }
+    subscriber.close().await;
+    run
+}
+
+/// A moment uniform in `[0, every]`.
+fn jitter(random: &mut crate::backoff::Backoff, every: Duration) -> Duration {
+    every.mul_f64(random.unit())
 }

@@ -19,6 +19,13 @@ async fn start_server() -> (String, Hub) {
         rate_limit: 0.0,
         api_key: Some(API_KEY.into()),
         client_publish: vec!["bench.#".parse().unwrap()],
+        history: vec![(
+            "bench.recovery".parse().unwrap(),
+            wsproto::broker::HistoryPolicy {
+                max_len: 10_000,
+                max_age: None,
+            },
+        )],
         ..Config::default()
     };
     let server = Server::from_listener(listener, config, handlers::builtin()).unwrap();
@@ -269,6 +276,49 @@ async fn a_server_that_is_not_there_is_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no connection opened"), "{stderr}");
+}
+
+#[tokio::test]
+async fn recovery_checks_every_device_across_its_reconnects() {
+    let (url, hub) = start_server().await;
+    let (output, report) = bench(
+        &url,
+        &[
+            "recovery",
+            "--devices",
+            "20",
+            "--rate",
+            "100",
+            "--duration",
+            "2s",
+            "--drop-every",
+            "500ms",
+            "--api-key",
+            API_KEY,
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["mode"], "recovery");
+    let published = report["published"].as_u64().unwrap();
+    assert!(published > 100, "{report}");
+    assert_eq!(
+        report["delivered"].as_u64(),
+        Some(20 * published),
+        "{report}"
+    );
+    for zero in [
+        "duplicated",
+        "reordered",
+        "announced",
+        "silently_missing",
+        "errors",
+    ] {
+        assert_eq!(report[zero], 0, "{zero}: {report}");
+    }
+    assert!(report["reconnects"].as_u64().unwrap() >= 20, "{report}");
+    assert!(number(&report, "recovery_max_ms") > 0.0, "{report}");
+    wait_for_no_sessions(&hub).await;
 }
 
 async fn wait_for_no_sessions(hub: &Hub) {

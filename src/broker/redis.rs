@@ -136,6 +136,10 @@ struct Shared {
     /// to drop a message received twice and, after the subscription
     /// connection was lost, to find what was missed meanwhile.
     received_positions: Mutex<HashMap<String, Position>>,
+    /// Held by a publication delivered here directly (not subscribed) and
+    /// by a catch-up, so a catch-up never takes a message being delivered
+    /// here for one this node missed.
+    local_delivery: tokio::sync::Mutex<()>,
     subscribed: AtomicBool,
     commands_ok: AtomicBool,
     local_only: AtomicU64,
@@ -381,6 +385,7 @@ impl RedisBroker {
                 handler: OnceLock::new(),
                 interest: Mutex::new(HashMap::new()),
                 received_positions: Mutex::new(HashMap::new()),
+                local_delivery: tokio::sync::Mutex::new(()),
                 subscribed: AtomicBool::new(false),
                 commands_ok: AtomicBool::new(true),
                 local_only: AtomicU64::new(0),
@@ -585,6 +590,10 @@ impl Shared {
         // yet): Redis cannot bring this publication back to this node, so
         // it is delivered here directly, numbered by Redis all the same.
         let deliver_here = !self.subscribed.load(Ordering::Acquire);
+        let _delivering_here = match deliver_here {
+            true => Some(self.local_delivery.lock().await),
+            false => None,
+        };
         let payload = Envelope::of(&publication).encode_to_vec();
         let mut invocation = self.publish.prepare_invoke();
         let sequenced = match publication.target.stream_key() {
@@ -879,15 +888,15 @@ impl Shared {
         }
     }
 
-    /// After the subscription connection was lost and is back: for each
-    /// stream this node was receiving, delivers from history what was
-    /// published meanwhile, or announces what cannot be delivered. Runs
-    /// before the new connection is read, so what it delivers comes before
-    /// later messages (which the positions then keep from coming twice).
-    async fn catch_up(&self) {
-        let Some(handler) = self.handler() else {
-            return;
-        };
+    /// After the subscription connection was lost and is back (and
+    /// subscribed again): reads where each stream this node was receiving
+    /// stands, then publishes a marker to this node's own inbox. Redis
+    /// delivers in order, so every message published before those reads
+    /// that will ever reach this node arrives before the marker: what has
+    /// not by then was missed, exactly. The subscription loop holds back
+    /// what it receives until the marker and hands it to
+    /// [`Shared::finish_catch_up`].
+    async fn start_catch_up(&self) -> Option<CatchUp> {
         let tracked: Vec<(String, Position)> = self
             .received_positions
             .lock()
@@ -895,7 +904,7 @@ impl Shared {
             .iter()
             .map(|(k, p)| (k.clone(), p.clone()))
             .collect();
-        let mut missed = 0u64;
+        let mut streams = Vec::with_capacity(tracked.len());
         for batch in tracked.chunks(REFRESH_BATCH) {
             let mut pipe = redis::pipe();
             for (key, _) in batch {
@@ -907,15 +916,49 @@ impl Shared {
             let mut commands = self.commands.clone();
             let wait = self.settings.command_timeout * 2;
             let query = pipe.query_async::<Vec<(Option<String>, Option<u64>)>>(&mut commands);
-            let Some(now) = self.bounded("catch-up", wait, query).await else {
-                return;
-            };
+            let now = self.bounded("catch-up", wait, query).await?;
             for ((key, last), (epoch, top)) in batch.iter().zip(now) {
-                let Some(stream) = target_of_stream_key(key) else {
-                    continue;
-                };
-                let (epoch, top) = (epoch.unwrap_or_default(), top.unwrap_or(0));
-                if *epoch != *last.epoch {
+                let now = Position::new(epoch.unwrap_or_default(), top.unwrap_or(0));
+                streams.push((key.clone(), last.clone(), now));
+            }
+        }
+        let marker = format!("catch-up:{}", new_epoch());
+        let mut commands = self.commands.clone();
+        let wait = self.settings.command_timeout;
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.inbox(&self.settings.node_id)).arg(&marker);
+        let published = publish.query_async::<u64>(&mut commands);
+        self.bounded("catch-up", wait, published).await?;
+        Some(CatchUp {
+            marker: marker.into_bytes(),
+            streams,
+            held: Vec::new(),
+        })
+    }
+
+    /// Ends a catch-up once its marker came back (or did not in time):
+    /// per stream, delivers in order what was held back, what history has
+    /// of what was missed, and a GAP for the rest.
+    async fn finish_catch_up(&self, catch_up: CatchUp) {
+        let Some(handler) = self.handler() else {
+            return;
+        };
+        let mut held: HashMap<String, Vec<(Position, Publication)>> = HashMap::new();
+        let mut others = Vec::new();
+        for (position, publication) in catch_up.held {
+            match publication.target.stream_key().filter(|_| position.seq > 0) {
+                Some(key) => held.entry(key).or_default().push((position, publication)),
+                None => others.push((position, publication)),
+            }
+        }
+        for (key, last, now) in catch_up.streams {
+            let Some(stream) = target_of_stream_key(&key) else {
+                continue;
+            };
+            let arrived = held.remove(&key).unwrap_or_default();
+            let after = match *now.epoch == *last.epoch {
+                true => last.clone(),
+                false => {
                     handler.handle_gap(&StreamGap {
                         stream: stream.clone(),
                         epoch: last.epoch.clone(),
@@ -923,74 +966,127 @@ impl Shared {
                         to_seq: 0,
                         reason: "epoch",
                     });
-                    if top > 0 {
-                        // What the new epoch has published so far.
-                        let start = Position::new(epoch, 0);
-                        self.fill(&handler, &stream, &start, top).await;
-                    }
-                    continue;
+                    Position::new(now.epoch.clone(), 0)
                 }
-                if top <= last.seq {
-                    continue;
-                }
-                missed += top - last.seq;
-                self.fill(&handler, &stream, last, top).await;
-            }
+            };
+            self.fill(&handler, &stream, &after, now.seq, arrived).await;
         }
-        if missed > 0 {
-            warn!(
-                missed,
-                "caught up with what was published while unsubscribed"
-            );
-        }
-    }
-
-    /// Delivers `stream`'s messages after `after` up to `top` (same epoch),
-    /// which this node missed, from history; announces with a GAP what
-    /// history does not have. Marks all of them received, so copies still
-    /// on their way are dropped and the stream stays in order.
-    async fn fill(
-        &self,
-        handler: &Arc<dyn BrokerEventHandler>,
-        stream: &Target,
-        after: &Position,
-        top: u64,
-    ) {
-        let kept = match self.settings.history.of(stream) {
-            Some(_) => self.history(stream, Some(after), MAX_REPLAY).await.ok(),
-            None => None,
-        };
-        let publications = kept
-            .filter(|h| *h.epoch == *after.epoch)
-            .map(|h| h.publications)
-            .unwrap_or_default();
-        let first = publications.first().map_or(top + 1, |(seq, _)| *seq);
-        if first > after.seq + 1 {
-            handler.handle_gap(&StreamGap {
-                stream: stream.clone(),
-                epoch: after.epoch.clone(),
-                from_seq: after.seq + 1,
-                to_seq: first - 1,
-                reason: "lost",
-            });
-            // Some of those may still come in (published after this node
-            // subscribed again): they are part of the announced gap now.
-            let announced = Position::new(after.epoch.clone(), first - 1);
-            self.note_received(stream, &announced);
-        }
-        for (seq, publication) in publications {
-            let position = Position::new(after.epoch.clone(), seq);
+        // Streams this node was not tracking, and the rest: as they came.
+        for (position, publication) in held.into_values().flatten().chain(others) {
             if self.note_received(&publication.target, &position) {
                 handler.handle_publication(&publication, &position);
             }
         }
     }
 
-    /// Hands one received message to the node.
-    async fn receive(&self, payload: &[u8]) {
+    /// Delivers `stream`'s messages after `after` (same epoch) up to `top`
+    /// or the last of `arrived`, in order: those in `arrived` (received
+    /// meanwhile), then what history has of the rest; a GAP announces each
+    /// range neither has. Marks all of them received, so later copies are
+    /// dropped and the stream stays in order.
+    async fn fill(
+        &self,
+        handler: &Arc<dyn BrokerEventHandler>,
+        stream: &Target,
+        after: &Position,
+        top: u64,
+        arrived: Vec<(Position, Publication)>,
+    ) {
+        let mut have = std::collections::BTreeMap::new();
+        let mut elsewhere = Vec::new();
+        for (position, publication) in arrived {
+            match position.epoch == after.epoch && position.seq > after.seq {
+                true => {
+                    have.insert(position.seq, publication);
+                }
+                false => elsewhere.push((position, publication)),
+            }
+        }
+        let last = have.keys().next_back().copied().unwrap_or(0).max(top);
+        let complete = (after.seq + 1..=last).all(|seq| have.contains_key(&seq));
+        if !complete && self.settings.history.of(stream).is_some() {
+            if let Ok(kept) = self.history(stream, Some(after), MAX_REPLAY).await {
+                if *kept.epoch == *after.epoch {
+                    for (seq, publication) in kept.publications {
+                        have.entry(seq).or_insert(publication);
+                    }
+                }
+            }
+        }
+        let mut hole: Option<u64> = None;
+        for seq in after.seq + 1..=last {
+            match have.remove(&seq) {
+                Some(publication) => {
+                    if let Some(from) = hole.take() {
+                        self.announce_lost(handler, stream, &after.epoch, from, seq - 1);
+                    }
+                    let position = Position::new(after.epoch.clone(), seq);
+                    if self.note_received(stream, &position) {
+                        handler.handle_publication(&publication, &position);
+                    }
+                }
+                None => {
+                    hole.get_or_insert(seq);
+                }
+            }
+        }
+        if let Some(from) = hole {
+            self.announce_lost(handler, stream, &after.epoch, from, last);
+        }
+        // Kept by history past `last`, then other epochs: in order.
+        let later = have
+            .into_iter()
+            .map(|(seq, p)| (Position::new(after.epoch.clone(), seq), p));
+        for (position, publication) in later.chain(elsewhere) {
+            if self.note_received(stream, &position) {
+                handler.handle_publication(&publication, &position);
+            }
+        }
+    }
+
+    /// A GAP "lost" for `from_seq..=to_seq`, marked received.
+    fn announce_lost(
+        &self,
+        handler: &Arc<dyn BrokerEventHandler>,
+        stream: &Target,
+        epoch: &Arc<str>,
+        from_seq: u64,
+        to_seq: u64,
+    ) {
+        handler.handle_gap(&StreamGap {
+            stream: stream.clone(),
+            epoch: epoch.clone(),
+            from_seq,
+            to_seq,
+            reason: "lost",
+        });
+        self.note_received(stream, &Position::new(epoch.clone(), to_seq));
+    }
+
+    /// Hands one received message to the node, or, during a catch-up,
+    /// holds it back (see [`Shared::start_catch_up`]); ends the catch-up
+    /// when its marker comes.
+    async fn receive(&self, payload: &[u8], catching_up: &mut Option<CatchUp>) {
+        if let Some(catch_up) = catching_up {
+            if payload == catch_up.marker.as_slice() {
+                if let Some(catch_up) = catching_up.take() {
+                    self.finish_catch_up(catch_up).await;
+                }
+                return;
+            }
+            if let Some(Received::Publication(position, publication)) = decode(payload) {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                catch_up.held.push((position, publication));
+                return;
+            }
+        }
         let Some(received) = decode(payload) else {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            return debug!(len = payload.len(), "undecodable message on the inbox");
+            // Another node's catch-up marker that outlived it, or garbage.
+            if !payload.starts_with(b"catch-up:") {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                debug!(len = payload.len(), "undecodable message on the inbox");
+            }
+            return;
         };
         let Some(handler) = self.handler() else {
             return;
@@ -1002,7 +1098,8 @@ impl Shared {
                     // The stream restarted (Redis lost it) and its first
                     // messages did not come here: fill them in first.
                     let start = Position::new(position.epoch.clone(), 0);
-                    self.fill(&handler, &publication.target, &start, missed)
+                    let stream = &publication.target;
+                    self.fill(&handler, stream, &start, missed, Vec::new())
                         .await;
                 }
                 if !self.note_received(&publication.target, &position) {
@@ -1216,9 +1313,14 @@ async fn subscription_loop(shared: Arc<Shared>, interest_ops: mpsc::Sender<Inter
         let _ = interest_ops.try_send(InterestOp::Refresh);
         shared.subscribed.store(true, Ordering::Relaxed);
         info!(node = %shared.settings.node_id, "subscribed to Redis");
+        let mut catching_up = None;
         if shared.reconnects.load(Ordering::Relaxed) > 0 {
-            shared.catch_up().await;
+            let _no_local_delivery = shared.local_delivery.lock().await;
+            catching_up = shared.start_catch_up().await;
         }
+        // A marker that does not come back in time ends the catch-up
+        // anyway (what is missing is then announced).
+        let marker_deadline = tokio::time::Instant::now() + shared.settings.command_timeout * 4;
 
         let (dead_tx, mut dead) = oneshot::channel::<()>();
         let prober = tokio::spawn(probe(sink, shared.settings.probe_interval, dead_tx));
@@ -1226,8 +1328,15 @@ async fn subscription_loop(shared: Arc<Shared>, interest_ops: mpsc::Sender<Inter
             tokio::select! {
                 biased;
                 _ = &mut dead => break,
+                _ = tokio::time::sleep_until(marker_deadline), if catching_up.is_some() => {
+                    if let Some(catch_up) = catching_up.take() {
+                        shared.finish_catch_up(catch_up).await;
+                    }
+                }
                 message = stream.next() => match message {
-                    Some(message) => shared.receive(message.get_payload_bytes()).await,
+                    Some(message) => {
+                        shared.receive(message.get_payload_bytes(), &mut catching_up).await
+                    }
                     None => break,
                 },
             }
@@ -1594,6 +1703,17 @@ fn publication_of(envelope: Envelope) -> Option<Publication> {
         published_at_ms: envelope.published_at_ms,
         idempotency_key: None,
     })
+}
+
+/// A catch-up under way (see [`Shared::start_catch_up`]).
+struct CatchUp {
+    /// The message that ends it when it comes back on the inbox.
+    marker: Vec<u8>,
+    /// Per stream: its key, the last position received here, and where it
+    /// stood in Redis before the marker was published.
+    streams: Vec<(String, Position, Position)>,
+    /// Publications received meanwhile, in order.
+    held: Vec<(Position, Publication)>,
 }
 
 /// The target a stream key names (`t:TOPIC` or `r:ROOM`).

@@ -13,6 +13,9 @@
 //! shows its cost even when the load generator, not the server, set the pace.
 //! - `connections`: N idle sessions held; with `--server-pid`, the server's
 //!   memory per connection.
+//! - `recovery`: devices that keep dropping their connections while a
+//!   backend publishes; what recovery loses, doubles or announces (checked
+//!   per device), and how long it takes.
 //!
 //! Connections are opened at a ramp so thousands of them do not overflow
 //! the server's accept backlog. Latencies go into HdrHistograms (recorded
@@ -27,6 +30,7 @@ mod connections;
 mod connector;
 mod echo;
 mod fanout;
+mod recovery;
 mod stats;
 
 use std::{sync::Arc, time::Duration};
@@ -68,6 +72,9 @@ enum Mode {
     Fanout(fanout::FanoutArgs),
     /// Hold idle sessions and report how many held (and the server's RSS).
     Connections(connections::ConnectionsArgs),
+    /// Devices that keep dropping their connections while a backend
+    /// publishes: what recovery loses, doubles or announces, and how fast.
+    Recovery(recovery::RecoveryArgs),
 }
 
 /// Runs one benchmark against `url`; `false` when it saw errors.
@@ -80,6 +87,7 @@ pub async fn run(url: &str, token: Option<&str>, args: BenchArgs) -> anyhow::Res
         Mode::Echo(mode) => echo::run(&connector, args.ramp, mode).await?,
         Mode::Fanout(mode) => fanout::run(&connector, args.ramp, mode).await?,
         Mode::Connections(mode) => connections::run(&connector, args.ramp, mode, fd_limit).await?,
+        Mode::Recovery(mode) => recovery::run(&connector, mode).await?,
     };
     let ok =
         report["errors"].as_u64().unwrap_or(0) == 0 && report["lost"].as_u64().unwrap_or(0) == 0;

@@ -180,6 +180,13 @@ pub(super) fn print_summary(report: &serde_json::Value) {
                 }
             }
         }
+        Some("recovery") => println!(
+            "recovery: {} devices, {} messages at {}/s, {} reconnects\n  {} delivered, {} announced as gaps, {} silently missing, {} duplicated, {} reordered\n  caught up after a drop: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            report["devices"], report["published"], report["rate"], report["reconnects"],
+            report["delivered"], report["announced"], report["silently_missing"],
+            report["duplicated"], report["reordered"],
+            number("recovery_p50_ms"), number("recovery_p99_ms"), number("recovery_max_ms")
+        ),
         _ => {
             println!(
                 "connections: {} of {} held (open-file limit {})",
