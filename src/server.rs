@@ -345,7 +345,10 @@ impl Server {
     /// deployment. Call before [`run`](Server::run).
     pub fn with_broker(mut self, broker: Arc<dyn Broker>) -> Server {
         let config = &self.state.config;
-        let id = self.state.node.id().to_owned();
+        // A broker that names the node (Redis: its inbox) decides its id.
+        let id = broker
+            .node_id()
+            .unwrap_or_else(|| self.state.node.id().into());
         self.state.node = Node::with_id(id, hub_config(config), broker);
         self
     }

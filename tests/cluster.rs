@@ -673,3 +673,22 @@ async fn a_device_acknowledges_on_one_node_and_resumes_on_another() {
     };
     assert!(streams.is_empty(), "{streams:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
+async fn a_library_server_takes_its_node_id_from_its_redis_broker() {
+    let redis = Redis::start();
+    let settings = wsproto::broker::RedisSettings::new(redis.url(), "lib-node");
+    let broker = std::sync::Arc::new(wsproto::broker::RedisBroker::new(settings).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server =
+        wsproto::Server::from_listener(listener, common::config(), wsproto::handlers::builtin())
+            .unwrap()
+            .with_broker(broker);
+    // Session ids carry the node id, and other nodes route SEND by it to
+    // the inbox the broker listens on: the two must agree.
+    assert_eq!(server.node().id(), "lib-node");
+}

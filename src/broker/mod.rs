@@ -356,6 +356,13 @@ pub trait Broker: Send + Sync + 'static {
         let _ = interest;
     }
 
+    /// The id this broker knows its node by, when it was given one (a
+    /// networked broker names the node's inbox after it); the node must use
+    /// the same, since session ids carry it.
+    fn node_id(&self) -> Option<Arc<str>> {
+        None
+    }
+
     /// How the broker is doing.
     fn status(&self) -> BrokerStatus {
         BrokerStatus::default()

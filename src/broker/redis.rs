@@ -484,6 +484,10 @@ impl Broker for RedisBroker {
         true
     }
 
+    fn node_id(&self) -> Option<Arc<str>> {
+        Some(self.shared.settings.node_id.clone())
+    }
+
     fn change_presence(
         &self,
         room: &str,
