@@ -307,7 +307,9 @@ impl Server {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             handshakes: Arc::new(Semaphore::new(config.max_handshakes as usize)),
             handshakes_per_address: AddressLimit::new(config.max_handshakes_per_ip as usize),
-            refusals: Arc::new(Semaphore::new(config.max_handshakes as usize)),
+            refusals: Arc::new(Semaphore::new(
+                REFUSALS_PER_HANDSHAKE * config.max_handshakes as usize,
+            )),
             proxies: Arc::new(TrustedProxies::new(config.trusted_proxies.clone())),
             per_address: AddressLimit::new(config.max_connections_per_ip),
             origins,
@@ -617,6 +619,10 @@ impl Refusal {
     }
 }
 
+/// Refusals in flight per allowed handshake (see [`refuse_connection`]):
+/// each is a small task and a socket for at most a few seconds.
+const REFUSALS_PER_HANDSHAKE: usize = 4;
+
 /// How long a refused connection may take to receive its answer (and, with
 /// TLS, to complete the TLS handshake first).
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -625,8 +631,10 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// closes it gracefully, in a task of its own: a client gets a status it
 /// can act on (and a `Retry-After`) instead of a bare FIN or reset.
 ///
-/// At most `--max-handshakes` refusals are in flight; past that a
-/// connection is dropped unanswered, so a flood cannot turn refusals into
+/// At most [`REFUSALS_PER_HANDSHAKE`] × `--max-handshakes` refusals are in
+/// flight (a reconnect storm from one address is mostly refusals, each
+/// lingering until the client has read it); past that a connection is
+/// dropped unanswered, so a flood cannot turn refusals into
 /// unbounded work.
 fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Refusal) {
     let Ok(permit) = state.refusals.clone().try_acquire_owned() else {
