@@ -4,52 +4,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  decodeFrame,
   decodeMessage,
-  encodeFrame,
   encodeMessage,
   ERROR_CODE,
   OP,
   WsprotoClient,
 } from '../wsproto.js';
+import { FakeWebSocket } from './fake-websocket.mjs';
 
-/** Stands in for the browser's WebSocket; the test plays the server. */
-class FakeWebSocket {
-  static instances = [];
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.binaryType = 'blob';
-    this.sent = [];
-    this.closedWith = null;
-    FakeWebSocket.instances.push(this);
-  }
-  send(bytes) {
-    if (this.readyState !== 1) throw new Error('send on a socket that is not open');
-    this.sent.push({ ...decodeFrame(bytes.slice()), at: Date.now() });
-  }
-  close(code = 1005, reason = '') {
-    this.closedWith = { code, reason };
-    if (this.readyState === 3) return;
-    this.readyState = 2;
-    setTimeout(() => this.serverClose(code, reason), 0);
-  }
-  // --- the server's side ---
-  open() {
-    this.readyState = 1;
-    this.onopen?.({});
-  }
-  push(opcode, payload = new Uint8Array(), requestId = null) {
-    const bytes = encodeFrame(opcode, payload, requestId);
-    // Browsers hand binary messages over as ArrayBuffers with binaryType 'arraybuffer'.
-    this.onmessage?.({ data: bytes.buffer });
-  }
-  serverClose(code = 1006, reason = '') {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    this.onclose?.({ code, reason, wasClean: code !== 1006 });
-  }
-}
 
 const latest = () => FakeWebSocket.instances.at(-1);
 const tick = (ms = 0) => new Promise((resolve) => setTimeout(resolve, ms));

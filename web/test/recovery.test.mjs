@@ -5,15 +5,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  decodeFrame,
   decodeMessage,
   DELIVERY_KIND,
-  encodeFrame,
   encodeMessage,
   OP,
   topicCovers,
   WsprotoClient,
 } from '../wsproto.js';
+import { FakeWebSocket as BaseWebSocket } from './fake-websocket.mjs';
 
 const fromHex = (hex) => Uint8Array.from(hex.match(/../g) ?? [], (b) => parseInt(b, 16));
 const toHex = (bytes) => Buffer.from(bytes).toString('hex');
@@ -156,36 +155,9 @@ test('topicCovers follows PROTOCOL.md §8 (and src/topic.rs)', () => {
 // The client
 // ---------------------------------------------------------------------------
 
-/** Stands in for the browser's WebSocket (as in client.test.mjs). */
-class FakeWebSocket {
+/** The shared stand-in (fake-websocket.mjs) with this file's server-side helpers. */
+class FakeWebSocket extends BaseWebSocket {
   static instances = [];
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    FakeWebSocket.instances.push(this);
-  }
-  send(bytes) {
-    if (this.readyState !== 1) throw new Error('send on a socket that is not open');
-    this.sent.push(decodeFrame(bytes.slice()));
-  }
-  close(code = 1005, reason = '') {
-    if (this.readyState === 3) return;
-    this.readyState = 2;
-    setTimeout(() => this.serverClose(code, reason), 0);
-  }
-  open() {
-    this.readyState = 1;
-    this.onopen?.({});
-  }
-  push(opcode, payload = new Uint8Array(), requestId = null) {
-    this.onmessage?.({ data: encodeFrame(opcode, payload, requestId).buffer });
-  }
-  serverClose(code = 1006, reason = '') {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    this.onclose?.({ code, reason, wasClean: code !== 1006 });
-  }
   // --- helpers for the server's side ---
   /** The sent frames of `opcode`, decoded as `type`, with their request ids. */
   sentOf(opcode, type) {
