@@ -331,11 +331,7 @@ impl SessionQueue {
             }
         }
         let len = entry.frame.len();
-        let full = |state: &State| {
-            state.frames.len() >= self.inner.capacity
-                || (state.bytes + len > self.inner.max_bytes && !state.frames.is_empty())
-        };
-        while full(&state) {
+        while !self.fits(&state, len) {
             // Droppable frames make room first. Replies, errors and
             // disconnect-policy frames are never dropped silently, so when
             // they and critical frames fill the queue the session goes.
@@ -443,6 +439,13 @@ impl SessionQueue {
         self.state().streams.remove(stream);
     }
 
+    /// Whether a frame of `len` bytes fits: under the frame count and the
+    /// byte budget (a larger frame fits only an empty queue).
+    fn fits(&self, state: &State, len: usize) -> bool {
+        state.frames.len() < self.inner.capacity
+            && (state.bytes + len <= self.inner.max_bytes || state.frames.is_empty())
+    }
+
     /// Queues `entry` once there is room for it; false once closed.
     async fn push_paced(&self, entry: Entry) -> bool {
         loop {
@@ -454,10 +457,7 @@ impl SessionQueue {
                 if state.close.is_some() {
                     return false;
                 }
-                let room = state.frames.len() < self.inner.capacity
-                    && (state.bytes + entry.frame.len() <= self.inner.max_bytes
-                        || state.frames.is_empty());
-                if room {
+                if self.fits(&state, entry.frame.len()) {
                     state.bytes += entry.frame.len();
                     state.frames.push_back(entry);
                     drop(state);

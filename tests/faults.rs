@@ -17,7 +17,7 @@ use common::{
 };
 use wsproto_client::{
     backoff::Backoff,
-    checker::{follow, Report, Shared},
+    checker::{accepted_ranges, follow, Report, Shared},
     Subscriber,
 };
 
@@ -87,14 +87,11 @@ async fn publish(
 }
 
 /// Every epoch's accepted range, as the checker takes them.
+/// Every epoch starts at seq 1 here (each run's streams are new, and a
+/// restarted Redis starts them again).
 fn published(accepted: &[(String, u64)]) -> Vec<(String, u64, u64)> {
-    let mut ranges: Vec<(String, u64, u64)> = Vec::new();
-    for (epoch, seq) in accepted {
-        match ranges.iter_mut().find(|(e, _, _)| e == epoch) {
-            Some(range) => range.2 = range.2.max(*seq),
-            None => ranges.push((epoch.clone(), 1, *seq)),
-        }
-    }
+    let ranges = accepted_ranges(accepted);
+    assert!(ranges.iter().all(|(_, first, _)| *first == 1), "{ranges:?}");
     ranges
 }
 

@@ -196,6 +196,22 @@ mod tests {
     }
 }
 
+/// The ranges a publisher's accepted positions cover, per epoch:
+/// (epoch, first seq, last seq), as [`Checker::report`] takes them.
+pub fn accepted_ranges(accepted: &[(String, u64)]) -> Vec<(String, u64, u64)> {
+    let mut ranges: Vec<(String, u64, u64)> = Vec::new();
+    for (epoch, seq) in accepted {
+        match ranges.iter_mut().find(|(e, _, _)| e == epoch) {
+            Some(range) => {
+                range.1 = range.1.min(*seq);
+                range.2 = range.2.max(*seq);
+            }
+            None => ranges.push((epoch.clone(), *seq, *seq)),
+        }
+    }
+    ranges
+}
+
 /// What one device saw in a [`follow`] run.
 #[derive(Debug)]
 pub struct DeviceRun {

@@ -287,10 +287,7 @@ impl Subscriber {
     /// Sends the device's pending acknowledgements now (also done on
     /// [`Subscriber::close`]).
     pub async fn acknowledge(&mut self) {
-        if let Some(handed) = self.handed.take() {
-            let key = format!("{}:{}", handed.topic, handed.room);
-            self.unacknowledged.insert(key, handed);
-        }
+        self.mark_processed();
         if self.unacknowledged.is_empty() || self.device.is_none() {
             return;
         }
@@ -305,6 +302,14 @@ impl Subscriber {
         // and the device gets a few messages again (dropped as duplicates).
         let _ = client.send(&frame).await;
         self.last_acknowledged = Some(tokio::time::Instant::now());
+    }
+
+    /// The delivery handed out last is processed: acknowledge it next time.
+    fn mark_processed(&mut self) {
+        if let Some(handed) = self.handed.take() {
+            let key = format!("{}:{}", handed.topic, handed.room);
+            self.unacknowledged.insert(key, handed);
+        }
     }
 
     /// Starts from saved positions (e.g. persisted by the application).
@@ -344,10 +349,7 @@ impl Subscriber {
     /// server refuses (an ERROR frame, such as PERMISSION_DENIED).
     pub async fn next(&mut self) -> Result<Event, ClientError> {
         if self.device.is_some() {
-            if let Some(handed) = self.handed.take() {
-                let key = format!("{}:{}", handed.topic, handed.room);
-                self.unacknowledged.insert(key, handed);
-            }
+            self.mark_processed();
             let due = self
                 .last_acknowledged
                 .is_none_or(|at| at.elapsed() >= ACKNOWLEDGE_EVERY);

@@ -5,12 +5,12 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, RwLock, Weak,
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime},
 };
 
 use super::{
-    BoxFuture, Broker, BrokerError, BrokerEventHandler, History, HistoryPolicies, Position,
-    Publication, Published, Target, IDEMPOTENCY_TTL,
+    BoxFuture, Broker, BrokerError, BrokerEventHandler, History, HistoryPolicies, HistoryPolicy,
+    Position, Publication, Published, Target, IDEMPOTENCY_TTL,
 };
 
 /// Most devices whose acknowledged positions are kept; past it an
@@ -128,7 +128,7 @@ impl MemoryBroker {
                     while stream.kept.len() > policy.max_len {
                         stream.kept.pop_front();
                     }
-                    expire(&mut stream.kept, policy.max_age);
+                    expire(&mut stream.kept, &policy);
                 }
                 // Delivery only queues frames (it never waits on a socket),
                 // so holding the shard lock across it is brief.
@@ -157,16 +157,9 @@ impl MemoryBroker {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Drops kept messages older than `max_age`.
-fn expire(kept: &mut VecDeque<(u64, Publication)>, max_age: Option<Duration>) {
-    let Some(max_age) = max_age else { return };
-    let oldest = now_ms().saturating_sub(max_age.as_millis() as u64);
+/// Drops kept messages older than `policy` serves.
+fn expire(kept: &mut VecDeque<(u64, Publication)>, policy: &HistoryPolicy) {
+    let oldest = policy.oldest_kept_ms();
     while kept
         .front()
         .is_some_and(|(_, p)| p.published_at_ms < oldest)
@@ -252,7 +245,7 @@ impl Broker for MemoryBroker {
         // client's position taken from it stays valid once it gets messages.
         let stream_state = streams.entry(key).or_insert_with(|| self.new_stream());
         if let Some(policy) = self.history.of(stream) {
-            expire(&mut stream_state.kept, policy.max_age);
+            expire(&mut stream_state.kept, &policy);
         }
         let after = since
             .filter(|p| p.epoch == stream_state.epoch)

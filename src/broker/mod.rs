@@ -101,15 +101,12 @@ pub struct Publication {
 impl Publication {
     /// A publication stamped with the current time.
     pub fn new(target: Target, sender: Option<Sender>, data: Bytes) -> Publication {
-        let published_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         Publication {
             target,
             sender,
             data,
             opcode: 0,
-            published_at_ms,
+            published_at_ms: now_ms(),
             idempotency_key: None,
         }
     }
@@ -160,6 +157,22 @@ pub struct HistoryPolicy {
     /// Messages older than this are no longer served (none: kept until
     /// pushed out by newer ones).
     pub max_age: Option<std::time::Duration>,
+}
+
+impl HistoryPolicy {
+    /// The publication time (ms since the Unix epoch) of the oldest message
+    /// still served now: 0 without a maximum age.
+    pub fn oldest_kept_ms(&self) -> u64 {
+        self.max_age
+            .map_or(0, |age| now_ms().saturating_sub(age.as_millis() as u64))
+    }
+}
+
+/// Milliseconds since the Unix epoch, now (0 on a clock before it).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// History policies by topic (or room name) pattern; the first pattern

@@ -778,8 +778,8 @@ impl Shared {
         let Some((epoch, top, entries)) = self.bounded("history", wait, read).await else {
             return Err(BrokerError::Unavailable("history read failed".into()));
         };
-        let max_age = self.settings.history.of(stream).and_then(|h| h.max_age);
-        let oldest = max_age.map_or(0, |age| now_ms().saturating_sub(age.as_millis() as u64));
+        let policy = self.settings.history.of(stream);
+        let oldest = policy.map_or(0, |h| h.oldest_kept_ms());
         let mut publications = Vec::with_capacity(entries.len());
         for (id, fields) in entries {
             let seq = id.rsplit('-').next().and_then(|n| n.parse().ok());
@@ -977,9 +977,12 @@ impl Shared {
         }
         // Streams this node was not tracking, and the rest: as they came.
         for (position, publication) in held.into_values().flatten().chain(others) {
-            if self.note_received(&publication.target, &position) {
-                handler.handle_publication(&publication, &position);
-            }
+            self.deliver_once(
+                handler.as_ref(),
+                &publication.target,
+                &publication,
+                &position,
+            );
         }
     }
 
@@ -1025,9 +1028,7 @@ impl Shared {
                         self.announce_lost(handler, stream, &after.epoch, from, seq - 1);
                     }
                     let position = Position::new(after.epoch.clone(), seq);
-                    if self.note_received(stream, &position) {
-                        handler.handle_publication(&publication, &position);
-                    }
+                    self.deliver_once(handler.as_ref(), stream, &publication, &position);
                 }
                 None => {
                     hole.get_or_insert(seq);
@@ -1042,9 +1043,21 @@ impl Shared {
             .into_iter()
             .map(|(seq, p)| (Position::new(after.epoch.clone(), seq), p));
         for (position, publication) in later.chain(elsewhere) {
-            if self.note_received(stream, &position) {
-                handler.handle_publication(&publication, &position);
-            }
+            self.deliver_once(handler.as_ref(), stream, &publication, &position);
+        }
+    }
+
+    /// Hands `publication` to the node unless this node had `position`
+    /// of `stream` already.
+    fn deliver_once(
+        &self,
+        handler: &dyn BrokerEventHandler,
+        stream: &Target,
+        publication: &Publication,
+        position: &Position,
+    ) {
+        if self.note_received(stream, position) {
+            handler.handle_publication(publication, position);
         }
     }
 
@@ -1457,9 +1470,7 @@ async fn liveness_loop(shared: Arc<Shared>) {
         if shared.handler().is_none() {
             return;
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = super::now_ms();
         let nodes = shared.key("nodes");
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -1738,12 +1749,6 @@ fn new_epoch() -> String {
     use std::hash::{BuildHasher, RandomState};
     let n = RandomState::new().hash_one(std::time::SystemTime::now());
     format!("{:012x}", n & 0xffff_ffff_ffff)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How long a stream's history outlives its last publication.

@@ -17,7 +17,7 @@ use clap::Args;
 use serde_json::json;
 use wsproto_client::{
     backoff::Backoff,
-    checker::{follow, Report, Shared},
+    checker::{accepted_ranges, follow, Report, Shared},
     http::KeepAlive,
     Subscriber,
 };
@@ -114,13 +114,7 @@ pub(super) async fn run(
         .done
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    let mut published: Vec<(String, u64, u64)> = Vec::new();
-    for (epoch, seq) in shared.accepted.lock().unwrap().iter() {
-        match published.iter_mut().find(|(e, _, _)| e == epoch) {
-            Some(range) => range.2 = range.2.max(*seq),
-            None => published.push((epoch.clone(), *seq, *seq)),
-        }
-    }
+    let published = accepted_ranges(&shared.accepted.lock().unwrap());
     let mut report = Report::default();
     let mut catch_ups = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut reconnects = 0;
