@@ -124,6 +124,10 @@ pub struct PublishRequest {
     pub data_base64: Option<String>,
     #[serde(default)]
     pub opcode: u32,
+    /// With `user`: a critical push, numbered in the user's stream, kept in
+    /// its history, acknowledged and recovered per device.
+    #[serde(default)]
+    pub critical: bool,
 }
 
 /// The JSON answer of `POST /api/publish`.
@@ -162,6 +166,8 @@ pub struct JsonPosition {
 pub struct HistoryRequest {
     pub topic: Option<String>,
     pub room: Option<String>,
+    /// A user's stream of critical pushes.
+    pub user: Option<String>,
     pub since: Option<JsonPosition>,
     pub limit: Option<usize>,
 }
@@ -236,11 +242,19 @@ impl PublishRequest {
     /// ambiguous or invalid.
     pub fn publication(self) -> Result<Publication, ApiError> {
         let bad = |reason: String| ApiError::BadRequest(reason);
+        if self.critical && self.user.is_none() {
+            return Err(bad(
+                "\"critical\" applies to user pushes; topics are critical by --topic-policy".into(),
+            ));
+        }
         let target = match (self.topic, self.user, self.session, self.broadcast) {
             (Some(topic), None, None, false) => {
                 Target::Topic(Topic::parse(&topic).map_err(|e| bad(e.to_string()))?)
             }
-            (None, Some(user), None, false) if !user.is_empty() => Target::User(user.into()),
+            (None, Some(user), None, false) if !user.is_empty() => match self.critical {
+                true => Target::UserStream(user.into()),
+                false => Target::User(user.into()),
+            },
             (None, None, Some(session), false) if !session.is_empty() => {
                 Target::Session(session.into())
             }
@@ -347,12 +361,13 @@ pub async fn history(
     let request: HistoryRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let bad = |reason: String| ApiError::BadRequest(reason);
-    let stream = match (request.topic, request.room) {
-        (Some(topic), None) => {
+    let stream = match (request.topic, request.room, request.user) {
+        (None, None, Some(user)) if !user.is_empty() => Target::UserStream(user.into()),
+        (Some(topic), None, None) => {
             let topic = Topic::parse(&topic).map_err(|e| bad(e.to_string()))?;
             Target::Topic(topic)
         }
-        (None, Some(room)) => {
+        (None, Some(room), None) => {
             let name = Topic::parse(&room).map_err(|e| bad(e.to_string()))?;
             if !name.is_name() {
                 return Err(bad("wildcards are not allowed in room names".into()));
@@ -362,7 +377,7 @@ pub async fn history(
                 exclude: None,
             }
         }
-        _ => return Err(bad("give exactly one of topic and room".into())),
+        _ => return Err(bad("give exactly one of topic, room and user".into())),
     };
     let limit = request.limit.unwrap_or(MAX_HISTORY_READ);
     if limit == 0 || limit > MAX_HISTORY_READ {

@@ -44,6 +44,15 @@ impl CloseReason {
     pub const MESSAGE_TOO_BIG: CloseReason = CloseReason::new(1009, "message too big");
     /// 4000: no pong or other traffic from the client within the ping timeout.
     pub const HEARTBEAT_TIMEOUT: CloseReason = CloseReason::new(4000, "heartbeat timeout");
+    /// 4003: the device let more critical deliveries go unacknowledged than
+    /// `--ack-window` allows (see [`crate::inflight`]); it recovers from
+    /// its acknowledged position when it reconnects.
+    pub const ACK_WINDOW: CloseReason =
+        CloseReason::new(4003, "too many unacknowledged deliveries");
+    /// 1013: the server could not read where the device stands (the broker
+    /// is unreachable), so it cannot promise what it missed; reconnect
+    /// with back-off.
+    pub const TRY_AGAIN_LATER: CloseReason = CloseReason::new(1013, "try again later");
     /// 4001: the token the session was opened with has expired; reconnect
     /// with a fresh one.
     pub const TOKEN_EXPIRED: CloseReason = CloseReason::new(4001, "token expired");

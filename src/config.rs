@@ -165,6 +165,26 @@ pub struct Config {
     #[arg(long = "history", env = "WSPROTO_HISTORY", value_delimiter = ';', value_parser = parse_history, help_heading = "Hub")]
     pub history: Vec<(Topic, HistoryPolicy)>,
 
+    /// History of each user's stream of critical pushes (`POST /api/publish`
+    /// with `"critical": true`), as `COUNT[,MAX_AGE]`, or `none`: what a
+    /// device that reconnects recovers from its acknowledged position.
+    #[arg(long = "user-history", env = "WSPROTO_USER_HISTORY", default_value = "1000,1d", value_parser = parse_user_history, help_heading = "Hub")]
+    // Spelled out so that clap takes `none` through the parser rather
+    // than treating the flag as optional.
+    pub user_history: std::option::Option<HistoryPolicy>,
+
+    /// Critical deliveries a device (`?device=`) may leave unacknowledged;
+    /// past it the session is closed with 4003 and recovers from its
+    /// acknowledged position when it reconnects.
+    #[arg(long, env = "WSPROTO_ACK_WINDOW", default_value_t = 1024, value_parser = parse_ack_window, help_heading = "Hub")]
+    pub ack_window: usize,
+
+    /// A critical delivery a device has not acknowledged this long after it
+    /// was queued is sent again (marked redelivered), then after 2, 4, 8
+    /// and at most 16 times as long.
+    #[arg(long, env = "WSPROTO_ACK_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration, help_heading = "Hub")]
+    pub ack_timeout: Duration,
+
     /// Topic patterns clients may PUBLISH to over WebSocket; repeatable
     /// (`,`-separated). Default: none — backends publish through the HTTP API.
     #[arg(
@@ -382,6 +402,12 @@ impl Default for Config {
             api_key: None,
             topic_policies: Vec::new(),
             history: Vec::new(),
+            user_history: Some(HistoryPolicy {
+                max_len: 1000,
+                max_age: Some(Duration::from_secs(24 * 3600)),
+            }),
+            ack_window: 1024,
+            ack_timeout: Duration::from_secs(10),
             client_publish: Vec::new(),
             max_subscriptions: 1000,
             max_rooms: 100,
@@ -429,6 +455,25 @@ fn parse_history(s: &str) -> Result<(Topic, HistoryPolicy), String> {
         .split_once('=')
         .ok_or_else(|| format!("expected PATTERN=COUNT[,MAX_AGE], got {s:?}"))?;
     let pattern = Topic::parse(pattern.trim()).map_err(|e| e.to_string())?;
+    Ok((pattern, parse_history_policy(policy)?))
+}
+
+fn parse_ack_window(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=1_000_000) => Ok(n),
+        _ => Err(format!("expected 1 to 1000000 deliveries, got {s:?}")),
+    }
+}
+
+fn parse_user_history(s: &str) -> Result<Option<HistoryPolicy>, String> {
+    match s.trim() {
+        "none" => Ok(None),
+        policy => parse_history_policy(policy).map(Some),
+    }
+}
+
+/// `COUNT[,MAX_AGE]`.
+fn parse_history_policy(policy: &str) -> Result<HistoryPolicy, String> {
     let (count, age) = match policy.split_once(',') {
         Some((count, age)) => (count, Some(age)),
         None => (policy, None),
@@ -449,7 +494,7 @@ fn parse_history(s: &str) -> Result<(Topic, HistoryPolicy), String> {
     if max_age.is_some_and(|age| age.is_zero()) {
         return Err("history MAX_AGE must be more than 0s".into());
     }
-    Ok((pattern, HistoryPolicy { max_len, max_age }))
+    Ok(HistoryPolicy { max_len, max_age })
 }
 
 fn parse_path(path: &str) -> Result<String, String> {
@@ -676,6 +721,40 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["s", "--topic-policy", "a..b=conflate"]).is_err());
         assert!(Cli::try_parse_from(["s", "--topic-policy", "a=sometimes"]).is_err());
+    }
+
+    #[test]
+    fn acknowledged_delivery_settings_parse_with_their_defaults() {
+        let defaults = Cli::try_parse_from(["s"]).unwrap().config;
+        assert_eq!(defaults.user_history, Config::default().user_history);
+        assert_eq!(
+            (defaults.ack_window, defaults.ack_timeout),
+            (1024, std::time::Duration::from_secs(10))
+        );
+        let cli = Cli::try_parse_from([
+            "s",
+            "--user-history",
+            "none",
+            "--ack-window",
+            "8",
+            "--ack-timeout",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.user_history, None);
+        assert_eq!(cli.config.ack_window, 8);
+        let kept = Cli::try_parse_from(["s", "--user-history", "50,1h"]).unwrap();
+        assert_eq!(kept.config.user_history.map(|h| h.max_len), Some(50));
+        for bad in [
+            ["--user-history", "0"],
+            ["--ack-window", "0"],
+            ["--ack-timeout", "0s"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["s", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

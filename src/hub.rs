@@ -491,6 +491,7 @@ impl Inner {
         let stream = publication.target.stream_key().filter(|_| position.seq > 0);
         let (policy, conflate_key) = match &publication.target {
             Target::Topic(topic) => (self.policy(topic), Some(Arc::<str>::from(topic.as_str()))),
+            Target::UserStream(_) => (DeliveryPolicy::CRITICAL, None),
             _ => (DeliveryPolicy::default(), None),
         };
 
@@ -518,6 +519,9 @@ impl Inner {
                 Ok(Pushed::Queued | Pushed::Conflated) => handed += 1,
                 Ok(Pushed::Dropped | Pushed::Duplicate) => {}
                 Err(PushError::Full) => debug!(session = %id, "slow consumer: closing"),
+                Err(PushError::Unacknowledged) => {
+                    debug!(session = %id, "acknowledgement window full: closing")
+                }
                 Err(PushError::Closed) => {}
             }
         }
@@ -546,7 +550,7 @@ impl Inner {
             Target::Topic(topic) => Some(ListKey::Topic(topic.as_str().into())),
             Target::Room { room, .. } => Some(ListKey::Room(room.clone())),
             Target::Broadcast => Some(ListKey::Broadcast),
-            Target::User(_) | Target::Session(_) => None,
+            Target::User(_) | Target::UserStream(_) | Target::Session(_) => None,
         };
         if let Some(key) = &key {
             if let Some(list) = self.ready_lists().lists.get(key) {
@@ -590,7 +594,7 @@ fn list_recipients(state: &State, target: &Target) -> Vec<Recipient> {
                     .collect()
             })
             .unwrap_or_default(),
-        Target::User(user) => state
+        Target::User(user) | Target::UserStream(user) => state
             .users
             .get(user)
             .map(|ids| ids.iter().filter_map(session).collect())
@@ -623,7 +627,9 @@ impl BrokerEventHandler for Inner {
                 let excluded = exclude.as_ref().is_some_and(|id| members.contains_key(id));
                 members.len() - usize::from(excluded)
             }),
-            Target::User(user) => state.users.get(user).map_or(0, HashSet::len),
+            Target::User(user) | Target::UserStream(user) => {
+                state.users.get(user).map_or(0, HashSet::len)
+            }
             Target::Session(id) => usize::from(state.sessions.contains_key(&**id)),
             Target::Broadcast => state.sessions.len(),
         }
@@ -655,14 +661,16 @@ impl BrokerEventHandler for Inner {
     }
 
     fn handle_gap(&self, gap: &StreamGap) {
-        let (topic, room) = match &gap.stream {
-            Target::Topic(topic) => (topic.to_string(), String::new()),
-            Target::Room { room, .. } => (String::new(), room.to_string()),
+        let (topic, room, user) = match &gap.stream {
+            Target::Topic(topic) => (topic.to_string(), String::new(), false),
+            Target::Room { room, .. } => (String::new(), room.to_string(), false),
+            Target::UserStream(_) => (String::new(), String::new(), true),
             _ => return,
         };
         let notice = v1::Gap {
             topic,
             room,
+            user,
             epoch: gap.epoch.to_string(),
             from_seq: gap.from_seq,
             to_seq: gap.to_seq,
@@ -700,7 +708,9 @@ pub(crate) fn delivery_frame(
     let (kind, topic, room) = match &publication.target {
         Target::Topic(topic) => (v1::delivery::Kind::Topic, topic.as_str(), ""),
         Target::Room { room, .. } => (v1::delivery::Kind::Room, "", &**room),
-        Target::User(_) | Target::Session(_) => (v1::delivery::Kind::Direct, "", ""),
+        Target::User(_) | Target::UserStream(_) | Target::Session(_) => {
+            (v1::delivery::Kind::Direct, "", "")
+        }
         Target::Broadcast => (v1::delivery::Kind::Broadcast, "", ""),
     };
     let delivery = v1::Delivery {
@@ -717,6 +727,7 @@ pub(crate) fn delivery_frame(
         published_at_ms: publication.published_at_ms,
         epoch: position.epoch.to_string(),
         replayed,
+        redelivered: false,
     };
     Frame::new(opcode::DELIVERY, delivery.encode_to_vec()).encode()
 }

@@ -56,6 +56,7 @@ pub mod handler;
 pub mod handlers;
 pub mod hub;
 pub mod identity;
+pub mod inflight;
 mod limit;
 mod metrics;
 pub mod node;

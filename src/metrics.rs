@@ -43,6 +43,10 @@ pub struct Counters {
     pub closed_heartbeat: Counter,
     /// Frames dropped or conflated away by slow-consumer policies.
     pub dropped_frames: Counter,
+    /// Critical deliveries sent again for want of an acknowledgement.
+    pub redelivered: Counter,
+    /// Sessions closed with 4003: too many deliveries unacknowledged.
+    pub closed_ack_window: Counter,
 }
 
 /// A point-in-time copy of the node's counters: what `/healthz` reports
@@ -80,6 +84,10 @@ pub struct CounterSnapshot {
     pub closed_heartbeat: u64,
     /// Frames dropped or conflated away by slow-consumer policies.
     pub dropped_frames: u64,
+    /// Critical deliveries sent again for want of an acknowledgement.
+    pub redelivered: u64,
+    /// Sessions closed with 4003: too many deliveries unacknowledged.
+    pub closed_ack_window: u64,
 }
 
 /// What the node holds right now, read when metrics are asked for.
@@ -103,7 +111,7 @@ pub fn bump(counter: &Counter) {
 impl Counters {
     /// Every counter with its Prometheus name (`_total` is appended when
     /// encoded) and help text.
-    fn named(&self) -> [(&'static str, &'static str, &Counter); 14] {
+    fn named(&self) -> [(&'static str, &'static str, &Counter); 16] {
         [
             (
                 "wsproto_refused_origin",
@@ -175,6 +183,16 @@ impl Counters {
                 "Frames dropped or conflated away by slow-consumer policies",
                 &self.dropped_frames,
             ),
+            (
+                "wsproto_redelivered",
+                "Critical deliveries sent again for want of an acknowledgement",
+                &self.redelivered,
+            ),
+            (
+                "wsproto_closed_ack_window",
+                "Sessions closed with 4003: more deliveries unacknowledged than --ack-window",
+                &self.closed_ack_window,
+            ),
         ]
     }
 
@@ -195,6 +213,8 @@ impl Counters {
             closed_message_too_big: self.closed_message_too_big.get(),
             closed_heartbeat: self.closed_heartbeat.get(),
             dropped_frames: self.dropped_frames.get(),
+            redelivered: self.redelivered.get(),
+            closed_ack_window: self.closed_ack_window.get(),
         }
     }
 
@@ -262,7 +282,7 @@ mod tests {
         assert!(text.contains("wsproto_sessions 3"), "{text}");
         assert!(text.contains("wsproto_handshakes 1"), "{text}");
         assert!(text.contains("wsproto_broker_degraded 0"), "{text}");
-        assert_eq!(text.matches("_total ").count(), 14);
+        assert_eq!(text.matches("_total ").count(), 16);
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -28,6 +28,13 @@ use crate::{
     topic::Topic,
 };
 
+/// A device's recovery of its user's stream, between
+/// [`Node::begin_user_stream`] and [`Node::recover_user_stream`].
+pub(crate) struct UserStream {
+    stream: Target,
+    since: Position,
+}
+
 /// The key a session's queue follows a stream's positions by.
 fn stream_key(stream: &Target) -> String {
     stream.stream_key().unwrap_or_default()
@@ -362,9 +369,66 @@ impl Node {
         since: Option<&Position>,
     ) -> v1::StreamState {
         let history = self.broker().history(stream, since, MAX_REPLAY).await;
-        let plan = recovery::plan(stream, since, history);
+        let mut plan = recovery::plan(stream, since, history);
+        plan.replay.critical = self.is_critical(stream);
         queue.replay(&stream_key(stream), plan.replay).await;
         plan.state
+    }
+
+    /// Whether deliveries of `stream` wait for a device's acknowledgement:
+    /// critical topics and users' streams of critical pushes.
+    fn is_critical(&self, stream: &Target) -> bool {
+        match stream {
+            Target::Topic(topic) => self.hub().policy(topic).critical,
+            Target::UserStream(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The first half of a device's recovery of its user's stream of
+    /// critical pushes, before its session is registered: where the device
+    /// acknowledged the stream up to. A device seen for the first time
+    /// starts where the stream stands now, and that is saved as its
+    /// acknowledged position, so that what is published while it is away
+    /// is recovered from then on. Live pushes are held from here until
+    /// [`Node::recover_user_stream`].
+    ///
+    /// # Errors
+    /// When the broker cannot say where the device stands (or record where
+    /// a new one starts): the session cannot promise what it missed and
+    /// should be closed for the device to come back later.
+    pub(crate) async fn begin_user_stream(
+        &self,
+        device: &str,
+        user: &str,
+        queue: &SessionQueue,
+    ) -> Result<UserStream, BrokerError> {
+        let stream = Target::UserStream(user.into());
+        let key = stream_key(&stream);
+        let since = match self.broker().acknowledged(device).await?.remove(&key) {
+            Some(position) => position,
+            None => {
+                let history = self.broker().history(&stream, None, 1).await?;
+                let start = Position::new(history.epoch, history.top);
+                let acks = [(key.clone(), start.clone())];
+                self.broker().save_acknowledged(device, &acks).await?;
+                start
+            }
+        };
+        queue.begin_recovery(&key);
+        Ok(UserStream { stream, since })
+    }
+
+    /// The second half, once the session is registered and its writer
+    /// runs: replays what the device has not acknowledged (a GAP for what
+    /// history no longer has), then the live pushes held meanwhile.
+    pub(crate) async fn recover_user_stream(
+        &self,
+        queue: &SessionQueue,
+        user_stream: UserStream,
+    ) -> v1::StreamState {
+        self.recover(queue, &user_stream.stream, Some(&user_stream.since))
+            .await
     }
 
     /// Where a stream stands now (for a client's first subscription).

@@ -25,7 +25,11 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{broker::Position, close::CloseReason};
+use crate::{
+    broker::Position,
+    close::CloseReason,
+    inflight::{AckSettings, Inflight},
+};
 
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +40,10 @@ pub enum PushError {
     /// The session is already closing.
     #[error("session is closing")]
     Closed,
+    /// The device let too many critical deliveries go unacknowledged; the
+    /// session is now closing (4003).
+    #[error("acknowledgement window full; session closed")]
+    Unacknowledged,
 }
 
 /// What a full queue does to make room, per topic.
@@ -66,6 +74,15 @@ pub struct DeliveryPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid policy {0:?}: expected disconnect, drop-oldest or conflate, optionally followed by ,critical")]
 pub struct PolicyError(String);
+
+impl DeliveryPolicy {
+    /// Never dropped; a full queue closes the session (users' critical
+    /// pushes, `--topic-policy PATTERN=critical`).
+    pub const CRITICAL: DeliveryPolicy = DeliveryPolicy {
+        overflow: Overflow::Disconnect,
+        critical: true,
+    };
+}
 
 impl FromStr for DeliveryPolicy {
     type Err = PolicyError;
@@ -157,6 +174,9 @@ struct State {
     /// Streams this session recovered or is recovering, by stream key; only
     /// those are checked for positions (see [`SessionQueue::replay`]).
     streams: HashMap<Box<str>, Follow>,
+    /// Critical deliveries not acknowledged yet, for a session that must
+    /// acknowledge them (a device's); boxed, so other sessions pay a word.
+    inflight: Option<Box<Inflight>>,
 }
 
 /// What a recovering session is sent before its live deliveries resume.
@@ -170,6 +190,9 @@ pub struct Replay {
     /// Numbered DELIVERY frames from history, oldest first, all of the
     /// stream's current epoch.
     pub missed: Vec<(Position, Bytes)>,
+    /// The stream is critical: a session that acknowledges must
+    /// acknowledge these too.
+    pub critical: bool,
 }
 
 /// Where a recovered stream stands for this session.
@@ -306,7 +329,91 @@ impl SessionQueue {
                 }
             }
         }
+        if policy.critical && !self.track(&mut state, stream, position, &frame) {
+            drop(state);
+            self.close(CloseReason::ACK_WINDOW);
+            return Err(PushError::Unacknowledged);
+        }
         self.push_locked(state, entry(frame, policy, topic))
+    }
+
+    /// From now on, critical deliveries wait for the client's
+    /// acknowledgement and are sent again when it does not come (see
+    /// [`crate::inflight`]).
+    pub fn expect_acknowledgements(&self, settings: AckSettings) {
+        self.state().inflight = Some(Box::new(Inflight::new(settings)));
+    }
+
+    /// Records a critical delivery as in flight, when this session
+    /// acknowledges; false when its window is full.
+    fn track(&self, state: &mut State, stream: &str, position: &Position, frame: &Bytes) -> bool {
+        match state.inflight.as_mut() {
+            Some(inflight) if position.seq > 0 => inflight
+                .track(stream, position, frame, tokio::time::Instant::now())
+                .is_ok(),
+            _ => true,
+        }
+    }
+
+    /// The client processed `stream` up to `position`; returns how many
+    /// deliveries in flight that settled.
+    pub fn acknowledge(&self, stream: &str, position: &Position) -> usize {
+        self.state()
+            .inflight
+            .as_mut()
+            .map_or(0, |inflight| inflight.acknowledge(stream, position))
+    }
+
+    /// Critical deliveries waiting for an acknowledgement.
+    pub fn unacknowledged(&self) -> usize {
+        self.state().inflight.as_ref().map_or(0, |i| i.len())
+    }
+
+    /// When the next redelivery is due; `None` when nothing waits for an
+    /// acknowledgement.
+    pub fn next_redelivery(&self) -> Option<tokio::time::Instant> {
+        self.state().inflight.as_ref()?.next_due()
+    }
+
+    /// Queues again, marked redelivered, what is due at `now` and still
+    /// unacknowledged; returns how many. While older frames are still
+    /// waiting to be written the due ones are put off instead: the client
+    /// has not had a chance to acknowledge.
+    pub fn redeliver(&self, now: tokio::time::Instant) -> usize {
+        let mut state = self.state();
+        if state.close.is_some() {
+            return 0;
+        }
+        let due = {
+            let State {
+                frames, inflight, ..
+            } = &mut *state;
+            let Some(inflight) = inflight.as_mut() else {
+                return 0;
+            };
+            if !frames.is_empty() {
+                inflight.postpone_due(now);
+                return 0;
+            }
+            inflight.take_due(now)
+        };
+        let count = due.len();
+        for frame in due {
+            if !self.fits(&state, frame.len()) {
+                state.frames = VecDeque::new();
+                state.bytes = 0;
+                drop(state);
+                self.close(CloseReason::SLOW_CONSUMER);
+                return count;
+            }
+            state.bytes += frame.len();
+            state
+                .frames
+                .push_back(entry(frame, DeliveryPolicy::CRITICAL, None));
+        }
+        drop(state);
+        self.inner.wake.notify_one();
+        count
     }
 
     fn push_locked(
@@ -391,9 +498,13 @@ impl SessionQueue {
             }
         }
         let mut last = replay.seen;
+        let policy = match replay.critical {
+            true => DeliveryPolicy::CRITICAL,
+            false => DeliveryPolicy::default(),
+        };
         for (position, frame) in replay.missed {
             if !self
-                .push_paced(entry(frame, DeliveryPolicy::default(), None))
+                .push_tracked(stream, &position, entry(frame, policy, None))
                 .await
             {
                 return false;
@@ -426,7 +537,7 @@ impl SessionQueue {
                 if duplicate {
                     continue;
                 }
-                if !self.push_paced(entry).await {
+                if !self.push_tracked(stream, &position, entry).await {
                     return false;
                 }
                 last = Some(position);
@@ -434,9 +545,31 @@ impl SessionQueue {
         }
     }
 
-    /// Stops checking positions of `stream` (the subscription ended).
+    /// [`SessionQueue::push_paced`] for a numbered delivery, which is in
+    /// flight until acknowledged when critical and the window has room for
+    /// replays (half of it). A replay never waits for acknowledgements
+    /// (the client may be waiting for the reply that follows it) and never
+    /// overflows the window: what does not fit is not redelivered within
+    /// this session, and still covered by the device's acknowledged
+    /// position at its next recovery.
+    async fn push_tracked(&self, stream: &str, position: &Position, entry: Entry) -> bool {
+        if entry.policy.critical {
+            let mut state = self.state();
+            if state.inflight.as_ref().is_some_and(|i| i.has_replay_room()) {
+                self.track(&mut state, stream, position, &entry.frame);
+            }
+        }
+        self.push_paced(entry).await
+    }
+
+    /// Stops checking positions of `stream` (the subscription ended), and
+    /// stops waiting for its acknowledgements.
     pub fn forget_stream(&self, stream: &str) {
-        self.state().streams.remove(stream);
+        let mut state = self.state();
+        state.streams.remove(stream);
+        if let Some(inflight) = state.inflight.as_mut() {
+            inflight.forget(stream);
+        }
     }
 
     /// Whether a frame of `len` bytes fits: under the frame count and the

@@ -46,6 +46,7 @@ pub(crate) fn plan(
             from_seq,
             to_seq,
             reason: reason.to_owned(),
+            user: matches!(stream, Target::UserStream(_)),
         };
         Some(Frame::new(opcode::GAP, gap.encode_to_vec()).encode())
     };
@@ -120,6 +121,7 @@ pub(crate) fn plan(
                     seen: Some(seen.clone()),
                     notice,
                     missed,
+                    critical: false,
                 },
                 state: state(&current, recovered, replayed),
             }
@@ -133,6 +135,7 @@ pub(crate) fn plan(
                     seen: None,
                     notice: gap(&seen.epoch, seen.seq + 1, 0, "epoch"),
                     missed,
+                    critical: false,
                 },
                 state: state(&current, false, replayed),
             }

@@ -39,6 +39,7 @@ use crate::{
     connection, handlers,
     hub::HubConfig,
     identity::Identity,
+    inflight::AckSettings,
     limit::{AddressLimit, AddressPermit},
     metrics::{self, CounterSnapshot},
     node::Node,
@@ -679,7 +680,10 @@ fn node(config: &Config, hub_config: HubConfig) -> Result<Node, ServerError> {
         Some(id) => id.as_str().into(),
         None => Node::generated_id().into(),
     };
-    let history = HistoryPolicies(config.history.clone());
+    let history = HistoryPolicies {
+        patterns: config.history.clone(),
+        user: config.user_history,
+    };
     let broker: Arc<dyn Broker> = match &config.broker {
         BrokerChoice::Memory => Arc::new(MemoryBroker::with_history(history.clone())),
         BrokerChoice::Redis(url) => {
@@ -983,6 +987,12 @@ async fn protocol_endpoint(
     );
     upgrade_then(&state, request, move |ws| {
         let queue = SessionQueue::with_limits(config.send_queue, config.send_queue_bytes);
+        if params.device.is_some() {
+            queue.expect_acknowledgements(AckSettings {
+                window: config.ack_window,
+                timeout: config.ack_timeout,
+            });
+        }
         let session = Session::new(
             node,
             identity,

@@ -679,6 +679,70 @@ async fn a_device_acknowledges_on_one_node_and_resumes_on_another() {
     missing_redis,
     ignore = "needs redis-server: apt-get install -y redis-server"
 )]
+async fn critical_user_pushes_cross_nodes_and_a_device_recovers_them_on_another_node() {
+    use wsproto_client::{Event, Subscriber};
+    let redis = Redis::start();
+    let (a, b) = (
+        Node::start(&redis, "ua", &[]),
+        Node::start(&redis, "ub", &[]),
+    );
+    let push = |node: &Node, data: &str| {
+        let json = format!(r#"{{"user": "ann", "critical": true, "data": "{data}"}}"#);
+        let url = format!("http://{}/api/publish", node.addr);
+        async move {
+            let (status, body) =
+                wsproto_client::http::post_json(&url, Some(common::API_KEY), &json)
+                    .await
+                    .unwrap();
+            assert_eq!(status.as_u16(), 200);
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let mut phone =
+        Subscriber::new(format!("{}?user=ann", a.url()), vec![], vec![]).with_device("phone");
+    let Event::Subscribed { .. } = phone.next().await.unwrap() else {
+        panic!("expected the connection report");
+    };
+    // Pushed on the other node: numbered in Redis, routed to node a.
+    let answer = push(&b, "p1").await;
+    let Event::Delivery(p1) = subscriber_event(&mut phone).await else {
+        panic!("expected p1");
+    };
+    assert_eq!(
+        (p1.seq, p1.epoch.as_str()),
+        (1, answer["epoch"].as_str().unwrap())
+    );
+    phone.close().await;
+    for data in ["p2", "p3"] {
+        push(&a, data).await;
+    }
+    // Back on node b with no positions of its own: what it did not
+    // acknowledge, in order, once.
+    let mut phone =
+        Subscriber::new(format!("{}?user=ann", b.url()), vec![], vec![]).with_device("phone");
+    for (seq, data) in [(2, "p2"), (3, "p3")] {
+        let Event::Delivery(d) = subscriber_event(&mut phone).await else {
+            panic!("expected {data}");
+        };
+        assert_eq!(
+            (d.seq, d.data.as_ref(), d.replayed),
+            (seq, data.as_bytes(), true)
+        );
+    }
+    push(&a, "p4").await;
+    let Event::Delivery(p4) = subscriber_event(&mut phone).await else {
+        panic!("expected p4");
+    };
+    assert_eq!((p4.seq, p4.replayed), (4, false));
+    assert_eq!(phone.duplicates(), 0);
+    phone.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
 async fn a_library_server_takes_its_node_id_from_its_redis_broker() {
     let redis = Redis::start();
     let settings = wsproto::broker::RedisSettings::new(redis.url(), "lib-node");

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{config, TestServer, API_KEY};
+use common::{config, delivery, next_message, TestServer, API_KEY};
 use wsproto::{
     broker::{HistoryPolicy, Publication, Target},
     opcode,
@@ -34,27 +34,6 @@ async fn publish(server: &TestServer, topic: &str, data: String) -> u64 {
     let target = Target::Topic(Topic::parse(topic).unwrap());
     let publication = Publication::new(target, None, Bytes::from(data));
     server.node.publish(publication).await.unwrap().seq
-}
-
-/// The next event that is not a (re)subscription report.
-async fn next_message(subscriber: &mut Subscriber) -> Event {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
-            .await
-            .expect("an event within 10 s")
-            .unwrap();
-        match event {
-            Event::Subscribed { .. } | Event::Frame(_) => continue,
-            event => return event,
-        }
-    }
-}
-
-async fn delivery(subscriber: &mut Subscriber) -> v1::Delivery {
-    match next_message(subscriber).await {
-        Event::Delivery(delivery) => delivery,
-        other => panic!("expected a delivery, got {other:?}"),
-    }
 }
 
 /// Connects and returns the first report of the streams.
@@ -462,6 +441,7 @@ async fn a_device_that_lost_its_positions_resumes_from_what_it_acknowledged() {
                 epoch: "e".into(),
                 seq: 1,
             }),
+            user: false,
         }],
     };
     let reply = anonymous

@@ -233,7 +233,7 @@ const SCHEMAS = {
   },
   Subscribed: { 1: ['streams', 'StreamState', true] },
   Acknowledge: { 1: ['streams', 'StreamAck', true] },
-  StreamAck: { 1: ['topic', 'string'], 2: ['room', 'string'], 3: ['position', 'Position'] },
+  StreamAck: { 1: ['topic', 'string'], 2: ['room', 'string'], 3: ['position', 'Position'], 4: ['user', 'bool'] },
   Gap: {
     1: ['topic', 'string'],
     2: ['room', 'string'],
@@ -241,6 +241,7 @@ const SCHEMAS = {
     4: ['fromSeq', 'uint64'],
     5: ['toSeq', 'uint64'],
     6: ['reason', 'string'],
+    7: ['user', 'bool'],
   },
   Unsubscribe: { 1: ['topics', 'string', true] },
   Publish: { 1: ['topic', 'string'], 2: ['data', 'bytes'], 3: ['opcode', 'uint32'] },
@@ -264,6 +265,7 @@ const SCHEMAS = {
     8: ['publishedAtMs', 'uint64'],
     9: ['epoch', 'string'],
     10: ['replayed', 'bool'],
+    11: ['redelivered', 'bool'],
   },
   Join: { 1: ['room', 'string'], 2: ['presenceEvents', 'bool'], 3: ['since', 'Position'] },
   Leave: { 1: ['room', 'string'] },
@@ -660,20 +662,26 @@ function topicsOverlap(a, b) {
 }
 
 // Keys of the position map: 't:' + topic for a topic's stream (as
-// published: a name, or a pattern published to), 'r:' + room for a room's.
+// published: a name, or a pattern published to), 'r:' + room for a room's,
+// 'u' for the session user's stream of critical pushes (as the Rust
+// client's `Positions` keys them).
 const TOPIC_STREAM = 't:';
 const ROOM_STREAM = 'r:';
+const USER_STREAM = 'u';
 
 /** The stream key of a Delivery, or null when it has no position. */
 function deliveryStream({ kind, topic, room, seq, epoch }) {
   if (seq === 0 || !epoch) return null; // unnumbered, or a server without epochs
   if (kind === DELIVERY_KIND.TOPIC && topic) return TOPIC_STREAM + topic;
   if (kind === DELIVERY_KIND.ROOM && room) return ROOM_STREAM + room;
+  // A numbered direct message is a critical push in the user's own stream.
+  if (kind === DELIVERY_KIND.DIRECT) return USER_STREAM;
   return null;
 }
 
-/** The stream key of a StreamState or a Gap, or null. */
-function stateStream({ topic, room }) {
+/** The stream key of a StreamState or a Gap (`user`: the user's stream), or null. */
+function stateStream({ topic, room, user }) {
+  if (user) return USER_STREAM; // its topic and room are empty
   if (topic) return TOPIC_STREAM + topic;
   if (room) return ROOM_STREAM + room;
   return null;
@@ -724,13 +732,15 @@ function isPosition(p) {
  *   joined        Presence — reply to a JOIN, including the automatic
  *                 re-joins after a reconnect (so member lists can be rebuilt)
  *   delivery      Delivery, plus `text` (the data as a string when it is UTF-8);
- *                 `replayed` is true for a missed message recovered from history.
- *                 Duplicates are not dispatched (see below)
+ *                 `replayed` is true for a missed message recovered from history,
+ *                 `redelivered` for one sent again for want of an
+ *                 acknowledgement (devices). Duplicates are not dispatched (see below)
  *   presence      PresenceEvent
- *   gap           Gap {topic, room, epoch, fromSeq, toSeq, reason} — messages
- *                 of a followed stream are missing and will not come (reason
- *                 'history', 'epoch', 'unavailable' or 'lost'): reload that
- *                 stream's state
+ *   gap           Gap {topic, room, user, epoch, fromSeq, toSeq, reason} —
+ *                 messages of a followed stream (`user` true: the user's
+ *                 stream of critical pushes) are missing and will not come
+ *                 (reason 'history', 'epoch', 'unavailable' or 'lost'):
+ *                 reload that stream's state
  *   recovered     {streams, unrecovered, topics | room} — the answer to a
  *                 SUBSCRIBE or JOIN that asked to recover from kept positions
  *                 (after a reconnect, or with the `positions` option):
@@ -742,7 +752,10 @@ function isPosition(p) {
  *                 request; also frames that do not decode ({code: 'DECODE'})
  *                 and failures of the automatic re-subscribe/re-join
  *   frame         every decoded incoming frame {opcode, requestId, payload}
- *   close         {code, reason, wasClean} — a socket closed
+ *   close         {code, reason, wasClean} — a socket closed; whatever the
+ *                 code (4000 heartbeat timeout, 4001 token expired, 4003 too
+ *                 many unacknowledged deliveries, ...) the client reconnects
+ *                 unless close() was called or `reconnect` is false
  *   reconnecting  {delayMs, attempt} — the next connect is scheduled
  *
  * Subscriptions and rooms are remembered: after a reconnect the client sends
@@ -754,10 +767,13 @@ function isPosition(p) {
  *
  * Positions and recovery. A topic or room delivery with seq > 0 has a
  * position (epoch, seq) in its stream: its `topic` as published, or its
- * `room`. The client keeps the last position per stream, so that:
+ * `room`; so has a direct delivery with seq > 0, a critical push in the
+ * session user's own stream (key 'u'). The client keeps the last position
+ * per stream, so that:
  *   - a delivery whose position was seen (same epoch, seq not above the
- *     last) is a duplicate and dropped; another epoch is never one (the
- *     stream restarted; positions of different epochs do not compare);
+ *     last) is a duplicate and dropped, `replayed` or `redelivered` alike;
+ *     another epoch is never one (the stream restarted; positions of
+ *     different epochs do not compare);
  *   - every SUBSCRIBE (the app's and the one sent on reconnect) carries
  *     `positions: true` and `since`: the kept position of every stream the
  *     subscribed topics cover; every JOIN carries the room's kept `since`.
@@ -769,22 +785,35 @@ function isPosition(p) {
  *     for a stream that was quiet until the disconnect.
  * `positions()` returns the kept positions (save them, e.g. in
  * sessionStorage) and the `positions` option starts from saved ones, so a
- * reloaded page recovers too. unsubscribe() and leave() forget the positions
- * of the streams no longer followed. A server without recovery answers
- * with ACK and no epochs: the client then keeps no positions.
+ * reloaded page recovers too (and drops what it already had). unsubscribe()
+ * and leave() forget the positions of the streams no longer followed. The
+ * user's stream is named in no SUBSCRIBE or JOIN: the server recovers it
+ * from the device's acknowledged position when a device connects. A server
+ * without recovery answers with ACK and no epochs: the client then keeps
+ * no positions.
  *
  * Devices and acknowledgements (PROTOCOL.md §9.4). With the `device`
  * option the client connects with `?device=ID` and reports what the app has
  * processed (ACKNOWLEDGE, opcode 21, no reply): the server keeps those
  * positions per user and device, and recovers a SUBSCRIBE or JOIN from them
  * for every stream the request names no `since` for, so a device that lost
- * its own positions (an app restart) resumes where it was. A numbered topic
- * or room delivery counts as processed once its `delivery` listeners have
- * returned or, with `manualAck: true`, when the app calls
- * `acknowledge(delivery)`. The highest processed position per stream waits
- * in the client and goes out in one frame at most every `ackIntervalMs`,
- * on `flushAcknowledgements()` and on `close()`; while disconnected it waits
- * for the next connection. Without a device nothing is acknowledged.
+ * its own positions (an app restart) resumes where it was; the user's
+ * stream it recovers on connect. A numbered topic, room or direct delivery
+ * counts as processed once its `delivery` listeners have returned or, with
+ * `manualAck: true`, when the app calls `acknowledge(delivery)`. The
+ * highest processed position per stream (a StreamAck with `topic`, `room`,
+ * or `user: true` for the user's stream) waits in the client and goes out
+ * in one frame at most every `ackIntervalMs`, on `flushAcknowledgements()`
+ * and on `close()`; while disconnected it waits for the next connection.
+ * Without a device nothing is acknowledged.
+ *
+ * On critical streams (critical topics, the user's stream) the server
+ * expects those acknowledgements: a delivery not acknowledged in time comes
+ * again, `redelivered`, at the same position; the client drops it as a
+ * duplicate but, once it was processed, acknowledges it again (the first
+ * acknowledgement may have gone out on a socket that then dropped). A
+ * device that leaves more unacknowledged than the server's window is closed
+ * with 4003 and, reconnecting as usual, recovers from what it acknowledged.
  */
 export class WsprotoClient extends EventTarget {
   /**
@@ -846,21 +875,25 @@ export class WsprotoClient extends EventTarget {
     this._topics = new Set(); // what the app subscribed to
     this._rooms = new Map(); // room -> {presenceEvents}
     this._openWaiters = []; // {resolve, reject} for calls made while disconnected
-    // Stream key ('t:' + topic, 'r:' + room) -> {epoch, seq, seen}: `seq`
-    // is the position recovery asks from, `seen` the highest seq dispatched
-    // in `epoch` (a delivery at or below it is a duplicate). They differ
-    // only when a SUBSCRIBE/JOIN reply moved `seq` ahead of what was seen.
+    // Stream key ('t:' + topic, 'r:' + room, 'u') -> {epoch, seq, seen,
+    // acked}: `seq` is the position recovery asks from, `seen` the highest
+    // seq dispatched in `epoch` (a delivery at or below it is a duplicate),
+    // `acked` the highest the app acknowledged (0: none yet). `seq` and
+    // `seen` differ only when a SUBSCRIBE/JOIN reply moved `seq` ahead of
+    // what was seen.
     this._positions = new Map();
     const saved = this.options.positions;
     const entries = saved instanceof Map ? saved : Object.entries(saved ?? {});
     for (const [key, p] of entries) {
       const valid = typeof key === 'string'
-        && (key.startsWith(TOPIC_STREAM) ? isTopic(key.slice(TOPIC_STREAM.length))
-          : key.startsWith(ROOM_STREAM) && isTopic(key.slice(ROOM_STREAM.length), true));
-      if (valid && isPosition(p)) this._positions.set(key, { epoch: p.epoch, seq: p.seq, seen: p.seq });
+        && (key === USER_STREAM
+          || (key.startsWith(TOPIC_STREAM) ? isTopic(key.slice(TOPIC_STREAM.length))
+            : key.startsWith(ROOM_STREAM) && isTopic(key.slice(ROOM_STREAM.length), true)));
+      if (valid && isPosition(p)) this._positions.set(key, { epoch: p.epoch, seq: p.seq, seen: p.seq, acked: 0 });
     }
-    // Acknowledgements: stream key -> StreamAck {topic, room, position} not
-    // sent yet; the timer that sends them; the delivery being dispatched.
+    // Acknowledgements: stream key -> StreamAck {topic, room, user,
+    // position} not sent yet; the timer that sends them; the delivery being
+    // dispatched.
     this._acks = new Map();
     this._ackTimer = null;
     this._dispatching = null;
@@ -892,7 +925,9 @@ export class WsprotoClient extends EventTarget {
    * The last position the client saw in each stream, to save (e.g. in
    * sessionStorage) and pass back as the `positions` option, so a reloaded
    * page recovers what it missed: a fresh plain object
-   * `{'t:<topic>': {epoch, seq}, 'r:<room>': {epoch, seq}}`.
+   * `{'t:<topic>': {epoch, seq}, 'r:<room>': {epoch, seq}, u: {epoch, seq}}`
+   * (`u`: the user's stream, so a reloaded page drops its critical pushes
+   * already seen when the server replays them).
    */
   positions() {
     const out = {};
@@ -1048,8 +1083,8 @@ export class WsprotoClient extends EventTarget {
    * Marks a delivery (as the `delivery` event gave it) as processed: its
    * position is acknowledged with the next batch. Needed with `manualAck`;
    * harmless otherwise. Returns false when nothing is to acknowledge: no
-   * device, a closed client, or a delivery without a position (direct,
-   * broadcast, seq 0 or no epoch).
+   * device, a closed client, or a delivery without a position (broadcast,
+   * seq 0 or no epoch).
    * @param {{kind: number, topic: string, room: string, epoch: string, seq: number}} delivery
    */
   acknowledge(delivery) {
@@ -1060,14 +1095,17 @@ export class WsprotoClient extends EventTarget {
     const key = deliveryStream(delivery);
     if (key === null) return false;
     const { epoch, seq } = delivery;
+    const kept = this._positions.get(key);
+    if (kept && kept.epoch === epoch && seq > kept.acked) kept.acked = seq;
     const pending = this._acks.get(key);
     // Cumulative: a lower seq of the same epoch adds nothing. Another
     // epoch replaces the pending one (the stream restarted).
     if (pending && pending.position.epoch === epoch && seq <= pending.position.seq) return true;
-    const topicStream = key.startsWith(TOPIC_STREAM);
+    // Exactly one of topic, room and user names the stream.
     this._acks.set(key, {
-      topic: topicStream ? delivery.topic : '',
-      room: topicStream ? '' : delivery.room,
+      topic: key.startsWith(TOPIC_STREAM) ? delivery.topic : '',
+      room: key.startsWith(ROOM_STREAM) ? delivery.room : '',
+      user: key === USER_STREAM,
       position: { epoch, seq },
     });
     if (this._ackTimer === null) {
@@ -1213,9 +1251,22 @@ export class WsprotoClient extends EventTarget {
       kept.seq = Math.max(kept.seq, seq);
     } else {
       // New, or another epoch: positions of different epochs never compare.
-      this._positions.set(key, { epoch, seq, seen: seq });
+      this._positions.set(key, { epoch, seq, seen: seq, acked: 0 });
     }
     return true;
+  }
+
+  /**
+   * A redelivered duplicate: the server has no acknowledgement of it (the
+   * first went out on a socket that dropped, or is still pending here) and
+   * would keep sending it, so acknowledge it again once it was processed
+   * (dispatched, or with `manualAck` acknowledged by the app).
+   */
+  _reacknowledge(delivery) {
+    const kept = this._positions.get(deliveryStream(delivery));
+    if (!kept || kept.epoch !== delivery.epoch) return;
+    const processed = this.options.manualAck ? kept.acked : kept.seen;
+    if (delivery.seq <= processed) this.acknowledge(delivery);
   }
 
   /**
@@ -1231,7 +1282,7 @@ export class WsprotoClient extends EventTarget {
     const p = state.position;
     if (key === null || !isPosition(p)) return;
     const kept = this._positions.get(key);
-    if (!kept || kept.epoch !== p.epoch) this._positions.set(key, { epoch: p.epoch, seq: p.seq, seen: 0 });
+    if (!kept || kept.epoch !== p.epoch) this._positions.set(key, { epoch: p.epoch, seq: p.seq, seen: 0, acked: 0 });
     else if (p.seq > kept.seq) kept.seq = p.seq;
   }
 
@@ -1376,7 +1427,11 @@ export class WsprotoClient extends EventTarget {
         break;
       case OP.DELIVERY: {
         const delivery = decodeMessage('Delivery', frame.payload);
-        if (!this._observe(delivery)) break; // a duplicate
+        if (!this._observe(delivery)) {
+          // A duplicate (replayed or redelivered copy of a position seen).
+          if (delivery.redelivered) this._reacknowledge(delivery);
+          break;
+        }
         delivery.text = utf8OrUndefined(delivery.data);
         this._dispatching = delivery;
         try {
@@ -1408,6 +1463,8 @@ export class WsprotoClient extends EventTarget {
     if (ws !== this._ws) return;
     this._ws = null;
     this._stopTimers();
+    // Every close code is retried (4003 too: the server recovers a device
+    // from what it acknowledged); only close() and `reconnect: false` stop.
     const willRetry = !this._closedByUser && this.options.reconnect;
     // Sent requests can no longer be answered. Queued ones wait for the next
     // socket, unless there will be none.

@@ -65,10 +65,12 @@ impl Report {
     }
 }
 
-fn stream_of(topic: &str, room: &str) -> String {
-    match room.is_empty() {
-        true => format!("t:{topic}"),
-        false => format!("r:{room}"),
+/// `t:TOPIC`, `r:ROOM`, or `u` for the user's stream of critical pushes.
+fn stream_of(topic: &str, room: &str, user: bool) -> String {
+    match (user, room.is_empty()) {
+        (true, _) => "u".to_owned(),
+        (false, true) => format!("t:{topic}"),
+        (false, false) => format!("r:{room}"),
     }
 }
 
@@ -85,7 +87,11 @@ impl Checker {
         }
         let seen = self
             .streams
-            .entry(stream_of(&delivery.topic, &delivery.room))
+            .entry(stream_of(
+                &delivery.topic,
+                &delivery.room,
+                delivery.kind == i32::from(v1::delivery::Kind::Direct),
+            ))
             .or_default();
         if let Some((epoch, last)) = &seen.last {
             if *epoch == delivery.epoch && delivery.seq <= *last {
@@ -105,14 +111,14 @@ impl Checker {
     pub fn gap(&mut self, gap: &v1::Gap) {
         let seen = self
             .streams
-            .entry(stream_of(&gap.topic, &gap.room))
+            .entry(stream_of(&gap.topic, &gap.room, gap.user))
             .or_default();
         seen.announced
             .push((gap.epoch.clone(), gap.from_seq, gap.to_seq));
     }
 
-    /// The highest seq delivered in `stream` (`t:TOPIC` or `r:ROOM`) in
-    /// `epoch`.
+    /// The highest seq delivered in `stream` (`t:TOPIC`, `r:ROOM` or `u`)
+    /// in `epoch`.
     pub fn last_seq(&self, stream: &str, epoch: &str) -> u64 {
         self.streams
             .get(stream)
@@ -236,7 +242,7 @@ pub struct Shared {
 }
 
 /// Runs one device: feeds everything `subscriber` hands out for `stream`
-/// (`t:TOPIC`) to a checker until `shared.done`, dropping its connection at
+/// (`t:TOPIC`, or `u` for its user's critical pushes) to a checker until `shared.done`, dropping its connection at
 /// a random moment of every `drop_every` (as a phone changing networks
 /// does) when given.
 pub async fn follow(

@@ -23,7 +23,8 @@ use crate::{backoff::Backoff, Client, ClientError};
 /// The last position seen per stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Positions {
-    /// By stream: `t:TOPIC` or `r:ROOM`.
+    /// By stream: `t:TOPIC`, `r:ROOM`, or `u` (the user's stream of
+    /// critical pushes).
     streams: HashMap<String, Kept>,
 }
 
@@ -59,6 +60,8 @@ impl Positions {
         match v1::delivery::Kind::try_from(delivery.kind).ok()? {
             v1::delivery::Kind::Topic => Some(format!("t:{}", delivery.topic)),
             v1::delivery::Kind::Room => Some(format!("r:{}", delivery.room)),
+            // Numbered direct messages are the user's critical pushes.
+            v1::delivery::Kind::Direct => Some("u".to_owned()),
             _ => None,
         }
     }
@@ -307,9 +310,23 @@ impl Subscriber {
     /// The delivery handed out last is processed: acknowledge it next time.
     fn mark_processed(&mut self) {
         if let Some(handed) = self.handed.take() {
-            let key = format!("{}:{}", handed.topic, handed.room);
-            self.unacknowledged.insert(key, handed);
+            self.unacknowledged.insert(ack_key(&handed), handed);
         }
+    }
+
+    /// A redelivered copy of a processed delivery means its acknowledgement
+    /// was lost (sent on a connection that then dropped): acknowledged
+    /// again, or the server would keep sending it.
+    fn reacknowledge(&mut self, delivery: &v1::Delivery) {
+        if self.device.is_none() {
+            return;
+        }
+        let ack = ack_of(delivery);
+        if self.handed.as_ref() == Some(&ack) {
+            return; // Handed out, not processed yet.
+        }
+        // A pending acknowledgement of the stream is a later position.
+        self.unacknowledged.entry(ack_key(&ack)).or_insert(ack);
     }
 
     /// Starts from saved positions (e.g. persisted by the application).
@@ -360,14 +377,7 @@ impl Subscriber {
         let event = self.next_event().await?;
         if let Event::Delivery(delivery) = &event {
             if self.device.is_some() && delivery.seq > 0 && !delivery.epoch.is_empty() {
-                self.handed = Some(v1::StreamAck {
-                    topic: delivery.topic.clone(),
-                    room: delivery.room.clone(),
-                    position: Some(v1::Position {
-                        epoch: delivery.epoch.clone(),
-                        seq: delivery.seq,
-                    }),
-                });
+                self.handed = Some(ack_of(delivery));
             }
         }
         Ok(event)
@@ -391,8 +401,25 @@ impl Subscriber {
                     }
                 }
             };
-            let frame = match client.recv().await {
+            // What was processed is acknowledged within
+            // ACKNOWLEDGE_EVERY even when nothing more arrives (else the
+            // server would redeliver it).
+            let ack_wait = match self.device.is_some() && !self.unacknowledged.is_empty() {
+                true => Some(self.last_acknowledged.map_or(Duration::ZERO, |at| {
+                    ACKNOWLEDGE_EVERY.saturating_sub(at.elapsed())
+                })),
+                false => None,
+            };
+            let received = match ack_wait {
+                Some(wait) => client.recv_timeout(wait).await,
+                None => client.recv().await,
+            };
+            let frame = match received {
                 Ok(frame) => frame,
+                Err(ClientError::Timeout(_)) if ack_wait.is_some() => {
+                    self.acknowledge().await;
+                    continue;
+                }
                 Err(err) => return Ok(self.lost(err)),
             };
             match self.event(frame) {
@@ -471,6 +498,9 @@ impl Subscriber {
                 match self.positions.observe(&delivery) {
                     Observed::Duplicate => {
                         self.duplicates += 1;
+                        if delivery.redelivered {
+                            self.reacknowledge(&delivery);
+                        }
                         None
                     }
                     Observed::New | Observed::Unnumbered => Some(Event::Delivery(delivery)),
@@ -483,6 +513,24 @@ impl Subscriber {
             _ => Some(Event::Frame(frame)),
         }
     }
+}
+
+/// The acknowledgement of `delivery`'s stream up to it.
+fn ack_of(delivery: &v1::Delivery) -> v1::StreamAck {
+    v1::StreamAck {
+        topic: delivery.topic.clone(),
+        room: delivery.room.clone(),
+        position: Some(v1::Position {
+            epoch: delivery.epoch.clone(),
+            seq: delivery.seq,
+        }),
+        user: delivery.kind == i32::from(v1::delivery::Kind::Direct),
+    }
+}
+
+/// The stream an acknowledgement is for, as pending ones are kept.
+fn ack_key(ack: &v1::StreamAck) -> String {
+    format!("{}:{}:{}", ack.topic, ack.room, ack.user)
 }
 
 /// `s` percent-encoded for a URL query.

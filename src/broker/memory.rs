@@ -209,7 +209,7 @@ impl Broker for MemoryBroker {
         &'a self,
         device: &'a str,
         acks: &'a [(String, Position)],
-    ) -> BoxFuture<'a, ()> {
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
         let mut devices = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
         if devices.len() >= MAX_DEVICES && !devices.contains_key(device) {
             if let Some(any) = devices.keys().next().cloned() {
@@ -222,13 +222,16 @@ impl Broker for MemoryBroker {
                 streams.insert(stream.clone(), position.clone());
             }
         }
-        Box::pin(std::future::ready(()))
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    fn acknowledged<'a>(&'a self, device: &'a str) -> BoxFuture<'a, HashMap<String, Position>> {
+    fn acknowledged<'a>(
+        &'a self,
+        device: &'a str,
+    ) -> BoxFuture<'a, Result<HashMap<String, Position>, BrokerError>> {
         let devices = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
         let streams = devices.get(device).cloned().unwrap_or_default();
-        Box::pin(std::future::ready(streams))
+        Box::pin(std::future::ready(Ok(streams)))
     }
 
     fn history<'a>(

@@ -52,6 +52,10 @@ pub enum Target {
     },
     /// Every session of a user.
     User(Arc<str>),
+    /// Every session of a user, numbered in the user's own stream and kept
+    /// in its history: a critical push, which devices acknowledge and
+    /// recover after a reconnect (see [`HistoryPolicies::user`]).
+    UserStream(Arc<str>),
     /// One session.
     Session(Arc<str>),
     /// Every session on every node.
@@ -59,12 +63,14 @@ pub enum Target {
 }
 
 impl Target {
-    /// The stream this target's publications are numbered in: `t:TOPIC` or
-    /// `r:ROOM`; `None` for targets that are not numbered (sequence 0).
+    /// The stream this target's publications are numbered in: `t:TOPIC`,
+    /// `r:ROOM` or `u:USER`; `None` for targets that are not numbered
+    /// (sequence 0).
     pub fn stream_key(&self) -> Option<String> {
         match self {
             Target::Topic(topic) => Some(format!("t:{topic}")),
             Target::Room { room, .. } => Some(format!("r:{room}")),
+            Target::UserStream(user) => Some(format!("u:{user}")),
             Target::User(_) | Target::Session(_) | Target::Broadcast => None,
         }
     }
@@ -175,20 +181,35 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// History policies by topic (or room name) pattern; the first pattern
-/// covering a stream wins, and a stream no pattern covers keeps none.
+/// What history streams keep: topics and rooms by name pattern (the first
+/// pattern covering a stream wins, and a stream no pattern covers keeps
+/// none), and users' streams of critical pushes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HistoryPolicies(pub Vec<(Topic, HistoryPolicy)>);
+pub struct HistoryPolicies {
+    /// Policies by topic (or room name) pattern.
+    pub patterns: Vec<(Topic, HistoryPolicy)>,
+    /// The policy of every user's stream ([`Target::UserStream`]).
+    pub user: Option<HistoryPolicy>,
+}
 
 impl HistoryPolicies {
+    /// Topic and room policies, and none for users' streams.
+    pub fn patterns(patterns: Vec<(Topic, HistoryPolicy)>) -> HistoryPolicies {
+        HistoryPolicies {
+            patterns,
+            user: None,
+        }
+    }
+
     /// The policy of `target`'s stream, if it keeps history.
     pub fn of(&self, target: &Target) -> Option<HistoryPolicy> {
         let name = match target {
             Target::Topic(topic) => topic.clone(),
             Target::Room { room, .. } => Topic::parse(room).ok()?,
+            Target::UserStream(_) => return self.user,
             _ => return None,
         };
-        self.0
+        self.patterns
             .iter()
             .find(|(pattern, _)| pattern.covers(&name))
             .map(|(_, policy)| *policy)
@@ -404,18 +425,27 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Records that `device` (a `USER/DEVICE` key) has processed each
-    /// stream (`t:TOPIC` / `r:ROOM`) up to its position; a position never
-    /// moves back within an epoch. Bounded; a failure is counted, not
-    /// returned (the device's own positions still work).
+    /// stream (`t:TOPIC` / `r:ROOM` / `u:USER`) up to its position; a
+    /// position never moves back within an epoch. Bounded.
+    ///
+    /// # Errors
+    /// When the backend cannot be reached (the failure is also counted).
     fn save_acknowledged<'a>(
         &'a self,
         device: &'a str,
         acks: &'a [(String, Position)],
-    ) -> BoxFuture<'a, ()>;
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
 
-    /// The positions `device` acknowledged, by stream; empty when unknown
-    /// or unreachable.
-    fn acknowledged<'a>(&'a self, device: &'a str) -> BoxFuture<'a, HashMap<String, Position>>;
+    /// The positions `device` acknowledged, by stream; empty when unknown.
+    ///
+    /// # Errors
+    /// When the backend cannot be reached: "unknown" and "could not be
+    /// read" must not be confused (a device taken for new would skip what
+    /// it missed).
+    fn acknowledged<'a>(
+        &'a self,
+        device: &'a str,
+    ) -> BoxFuture<'a, Result<HashMap<String, Position>, BrokerError>>;
 
     /// A room's members on every node; `None` when the broker does not keep
     /// presence or cannot reach its backend (the node then answers with

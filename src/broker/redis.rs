@@ -434,11 +434,14 @@ impl Broker for RedisBroker {
         &'a self,
         device: &'a str,
         acks: &'a [(String, Position)],
-    ) -> BoxFuture<'a, ()> {
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(self.shared.save_acknowledged(device, acks))
     }
 
-    fn acknowledged<'a>(&'a self, device: &'a str) -> BoxFuture<'a, HashMap<String, Position>> {
+    fn acknowledged<'a>(
+        &'a self,
+        device: &'a str,
+    ) -> BoxFuture<'a, Result<HashMap<String, Position>, BrokerError>> {
         Box::pin(self.shared.acknowledged(device))
     }
 
@@ -619,7 +622,7 @@ impl Shared {
             Target::Room { room, .. } => {
                 invocation.key(self.key(&format!("i:r:{room}")));
             }
-            Target::User(user) => {
+            Target::User(user) | Target::UserStream(user) => {
                 invocation.key(self.key(&format!("i:u:{user}")));
             }
             Target::Session(id) => {
@@ -717,7 +720,11 @@ impl Shared {
 
     /// One script call: each stream's position is written unless it would
     /// move back within its epoch.
-    async fn save_acknowledged(&self, device: &str, acks: &[(String, Position)]) {
+    async fn save_acknowledged(
+        &self,
+        device: &str,
+        acks: &[(String, Position)],
+    ) -> Result<(), BrokerError> {
         let mut invocation = self.acknowledge.prepare_invoke();
         invocation
             .key(self.key(&format!("ack:{device}")))
@@ -731,10 +738,12 @@ impl Shared {
         let mut commands = self.commands.clone();
         let wait = self.settings.command_timeout;
         let saved = invocation.invoke_async::<()>(&mut commands);
-        self.bounded("acknowledge", wait, saved).await;
+        self.bounded("acknowledge", wait, saved)
+            .await
+            .ok_or_else(|| BrokerError::Unavailable("Redis is unreachable".into()))
     }
 
-    async fn acknowledged(&self, device: &str) -> HashMap<String, Position> {
+    async fn acknowledged(&self, device: &str) -> Result<HashMap<String, Position>, BrokerError> {
         let mut commands = self.commands.clone();
         let wait = self.settings.command_timeout;
         let key = self.key(&format!("ack:{device}"));
@@ -742,15 +751,15 @@ impl Shared {
         command.arg(key);
         let read = command.query_async::<HashMap<String, String>>(&mut commands);
         let Some(stored) = self.bounded("acknowledged", wait, read).await else {
-            return HashMap::new();
+            return Err(BrokerError::Unavailable("Redis is unreachable".into()));
         };
-        stored
+        Ok(stored
             .into_iter()
             .filter_map(|(stream, value)| {
                 let (seq, epoch) = value.split_once(':')?;
                 Some((stream, Position::new(epoch, seq.parse().ok()?)))
             })
-            .collect()
+            .collect())
     }
 
     async fn history(
@@ -1609,6 +1618,8 @@ enum Kind {
     /// A join (opcode 1) or leave (0) of the sender in room `name`; the
     /// number in front is the room's count.
     Presence = 5,
+    /// A critical push to user `name`, numbered in the user's stream.
+    UserStream = 6,
 }
 
 impl Envelope {
@@ -1621,6 +1632,7 @@ impl Envelope {
                 exclude.as_deref().map(str::to_owned),
             ),
             Target::User(user) => (Kind::User, user.to_string(), None),
+            Target::UserStream(user) => (Kind::UserStream, user.to_string(), None),
             Target::Session(id) => (Kind::Session, id.to_string(), None),
             Target::Broadcast => (Kind::Broadcast, String::new(), None),
         };
@@ -1703,6 +1715,7 @@ fn publication_of(envelope: Envelope) -> Option<Publication> {
             exclude: envelope.exclude.map(Into::into),
         },
         Kind::User => Target::User(envelope.name.into()),
+        Kind::UserStream => Target::UserStream(envelope.name.into()),
         Kind::Session => Target::Session(envelope.name.into()),
         Kind::Broadcast => Target::Broadcast,
     };
@@ -1731,7 +1744,7 @@ struct CatchUp {
     held: Vec<(Position, Publication)>,
 }
 
-/// The target a stream key names (`t:TOPIC` or `r:ROOM`).
+/// The target a stream key names (`t:TOPIC`, `r:ROOM` or `u:USER`).
 fn target_of_stream_key(key: &str) -> Option<Target> {
     match key.split_once(':')? {
         ("t", topic) => Some(Target::Topic(Topic::parse(topic).ok()?)),
@@ -1739,6 +1752,7 @@ fn target_of_stream_key(key: &str) -> Option<Target> {
             room: room.into(),
             exclude: None,
         }),
+        ("u", user) => Some(Target::UserStream(user.into())),
         _ => None,
     }
 }

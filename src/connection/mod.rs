@@ -67,6 +67,23 @@ pub(crate) async fn run<S>(
     // WELCOME is queued before the session is reachable through the hub, so
     // it is always the first frame.
     send_welcome(&session, &config);
+    // A device's session recovers its user's critical pushes; if where
+    // the device stands cannot be read, it comes back later rather than
+    // silently skipping what it missed.
+    let user_stream = match (session.device_key(), session.user_id()) {
+        (Some(device), Some(user)) => {
+            let node = session.node();
+            match node.begin_user_stream(&device, user, session.queue()).await {
+                Ok(user_stream) => Some(user_stream),
+                Err(err) => {
+                    debug!(session = %session.id(), %err, "device position unreadable");
+                    session.queue().close(CloseReason::TRY_AGAIN_LATER);
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let registration = Registration::new(&session).await;
     // Checked against permissions and the limit at upgrade.
     let _ = session
@@ -89,6 +106,16 @@ pub(crate) async fn run<S>(
     let mut writer_ended = None;
 
     let queue = session.queue().clone();
+    if let Some(user_stream) = user_stream {
+        // Paced by the writer, so it runs now; the client's frames wait
+        // (and its silence does not count) until it is done.
+        session.set_handling(true);
+        tokio::select! {
+            _ = terminate.cancelled() => {}
+            _ = session.node().recover_user_stream(&queue, user_stream) => {}
+        }
+        session.set_handling(false);
+    }
     let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
     let mut handled_in_a_row = 0u32;
     let mut close_deadline: Option<tokio::time::Instant> = None;
@@ -248,6 +275,7 @@ fn count_ending(session: &Session) {
         Some(CloseReason::RATE_LIMITED) => Some(&counters.closed_rate_limit),
         Some(CloseReason::MESSAGE_TOO_BIG) => Some(&counters.closed_message_too_big),
         Some(CloseReason::HEARTBEAT_TIMEOUT) => Some(&counters.closed_heartbeat),
+        Some(CloseReason::ACK_WINDOW) => Some(&counters.closed_ack_window),
         _ => None,
     };
     if let Some(counter) = counter {

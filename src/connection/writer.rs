@@ -54,6 +54,15 @@ where
 enum WriterWork {
     Batch(Batch),
     Heartbeat,
+    Redeliver,
+}
+
+/// Completes at `due`, or never when there is nothing due.
+async fn until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The only task that writes to the socket: drains the queue in batches
@@ -77,15 +86,22 @@ where
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // Only a device's session waits for acknowledgements.
+    let acknowledges = session.device_key().is_some();
     let terminated = terminate.cancelled();
     tokio::pin!(terminated);
     loop {
+        let redelivery = match acknowledges {
+            true => queue.next_redelivery(),
+            false => None,
+        };
         let work = tokio::select! {
             biased;
             _ = &mut terminated => break,
             // Before the queue, so a queue that never empties cannot starve
             // the heartbeat.
             _ = heartbeat.tick() => WriterWork::Heartbeat,
+            _ = until(redelivery) => WriterWork::Redeliver,
             batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
         };
         let mut closing = false;
@@ -107,6 +123,11 @@ where
                 continue;
             }
             WriterWork::Heartbeat => messages.push(Message::Ping(Bytes::new())),
+            WriterWork::Redeliver => {
+                let again = queue.redeliver(tokio::time::Instant::now());
+                session.node().counters().redelivered.inc_by(again as u64);
+                continue;
+            }
         }
         let frames = messages.iter().filter(|m| m.is_binary()).count() as u64;
         let written = tokio::select! {

@@ -178,12 +178,19 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
 /// device).
 async fn acknowledged(session: &Session) -> std::collections::HashMap<String, Position> {
     match session.device_key() {
-        Some(device) => session.node().broker().acknowledged(&device).await,
+        // Unreadable: the request's own positions still work.
+        Some(device) => session
+            .node()
+            .broker()
+            .acknowledged(&device)
+            .await
+            .unwrap_or_default(),
         None => Default::default(),
     }
 }
 
-/// Opcode 21: keeps the positions the device has processed.
+/// Opcode 21: keeps the positions the device has processed, and settles
+/// the critical deliveries they cover (no longer redelivered).
 pub async fn acknowledge(session: Session, frame: Frame) -> HandlerResult {
     let request: v1::Acknowledge = frame.message()?;
     let Some(device) = session.device_key() else {
@@ -193,15 +200,23 @@ pub async fn acknowledge(session: Session, frame: Frame) -> HandlerResult {
     };
     let mut acks = Vec::with_capacity(request.streams.len());
     for ack in request.streams {
-        let stream = match (ack.topic.is_empty(), ack.room.is_empty()) {
-            (false, true) => Target::Topic(Topic::parse(&ack.topic)?),
-            (true, false) => Target::Room {
+        let stream = match (ack.topic.is_empty(), ack.room.is_empty(), ack.user) {
+            (false, true, false) => Target::Topic(Topic::parse(&ack.topic)?),
+            (true, false, false) => Target::Room {
                 room: room(&ack.room)?.as_str().into(),
                 exclude: None,
             },
+            (true, true, true) => match session.user_id() {
+                Some(user) => Target::UserStream(user.into()),
+                None => {
+                    return Err(HandlerError::bad_payload(
+                        "an anonymous session has no user stream",
+                    ))
+                }
+            },
             _ => {
                 return Err(HandlerError::bad_payload(
-                    "give exactly one of topic and room",
+                    "give exactly one of topic, room and user",
                 ))
             }
         };
@@ -209,9 +224,13 @@ pub async fn acknowledge(session: Session, frame: Frame) -> HandlerResult {
             return Err(HandlerError::bad_payload("every stream needs a position"));
         };
         let key = stream.stream_key().unwrap_or_default();
-        acks.push((key, Position::new(&*position.epoch, position.seq)));
+        let position = Position::new(&*position.epoch, position.seq);
+        session.queue().acknowledge(&key, &position);
+        acks.push((key, position));
     }
-    session
+    // Not saved (broker unreachable, counted there): the device's next
+    // recovery starts earlier, and the client drops what it had.
+    let _ = session
         .node()
         .broker()
         .save_acknowledged(&device, &acks)

@@ -263,3 +263,27 @@ pub async fn remote_addr_seen(
         }
     }
 }
+
+/// The next event of `subscriber` that is a delivery or a gap (reports of
+/// (re)subscriptions and other frames are skipped); panics after 10 s.
+pub async fn next_message(subscriber: &mut wsproto_client::Subscriber) -> wsproto_client::Event {
+    use wsproto_client::Event;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+            .await
+            .expect("an event within 10 s")
+            .unwrap();
+        match event {
+            Event::Subscribed { .. } | Event::Frame(_) => continue,
+            event => return event,
+        }
+    }
+}
+
+/// The next event of `subscriber`, which must be a delivery.
+pub async fn delivery(subscriber: &mut wsproto_client::Subscriber) -> wsproto::proto::v1::Delivery {
+    match next_message(subscriber).await {
+        wsproto_client::Event::Delivery(delivery) => delivery,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}

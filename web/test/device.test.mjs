@@ -25,19 +25,39 @@ test('OP.ACKNOWLEDGE is 21', () => {
 });
 
 test('protobuf Acknowledge and StreamAck round-trip', () => {
-  const topic = { topic: 'a', room: '', position: { epoch: 'e1', seq: 3 } };
-  const room = { topic: '', room: 'r', position: { epoch: 'e1', seq: 300 } };
+  const topic = { topic: 'a', room: '', position: { epoch: 'e1', seq: 3 }, user: false };
+  const room = { topic: '', room: 'r', position: { epoch: 'e1', seq: 300 }, user: false };
+  const user = { topic: '', room: '', position: { epoch: 'u1', seq: 2 }, user: true };
   // Key bytes: field << 3 | wire type; 300 = ac 02 as a varint.
   const topicHex = '0a0161' + '1a060a0265311003';
   const roomHex = '120172' + '1a070a02653110ac02';
+  const userHex = '1a060a0275311002' + '2001';
   assert.equal(toHex(encodeMessage('StreamAck', topic)), topicHex);
-  const hex = '0a0b' + topicHex + '0a0c' + roomHex;
-  assert.equal(toHex(encodeMessage('Acknowledge', { streams: [topic, room] })), hex);
+  assert.equal(toHex(encodeMessage('StreamAck', user)), userHex);
+  const hex = '0a0b' + topicHex + '0a0c' + roomHex + '0a0a' + userHex;
+  assert.equal(toHex(encodeMessage('Acknowledge', { streams: [topic, room, user] })), hex);
   const decoded = decodeMessage('Acknowledge', fromHex(hex));
-  assert.deepEqual(decoded, { streams: [topic, room] });
+  assert.deepEqual(decoded, { streams: [topic, room, user] });
   assert.equal(toHex(encodeMessage('Acknowledge', decoded)), hex);
   assert.deepEqual(decodeMessage('Acknowledge', new Uint8Array()), { streams: [] });
-  assert.deepEqual(decodeMessage('StreamAck', new Uint8Array()), { topic: '', room: '', position: null });
+  assert.deepEqual(decodeMessage('StreamAck', new Uint8Array()), { topic: '', room: '', position: null, user: false });
+});
+
+test('protobuf Delivery redelivered (11) and Gap user (7)', () => {
+  // A critical push in the user's stream, sent again: kind 2, seq 4, epoch u1.
+  const delivery = { kind: 2, seq: 4, epoch: 'u1', redelivered: true };
+  const deliveryHex = '0802' + '2804' + '4a027531' + '5801';
+  assert.equal(toHex(encodeMessage('Delivery', delivery)), deliveryHex);
+  const decoded = decodeMessage('Delivery', fromHex(deliveryHex));
+  for (const [key, value] of Object.entries(delivery)) assert.deepEqual(decoded[key], value, key);
+  assert.equal(decoded.replayed, false);
+  assert.equal(decodeMessage('Delivery', new Uint8Array()).redelivered, false);
+
+  const gap = { topic: '', room: '', user: true, epoch: 'u1', fromSeq: 3, toSeq: 0, reason: 'history' };
+  const gapHex = '1a027531' + '2003' + '3207686973746f7279' + '3801';
+  assert.equal(toHex(encodeMessage('Gap', gap)), gapHex);
+  assert.deepEqual(decodeMessage('Gap', fromHex(gapHex)), gap);
+  assert.equal(decodeMessage('Gap', new Uint8Array()).user, false);
 });
 
 // ---------------------------------------------------------------------------
@@ -75,8 +95,9 @@ function client(options = {}, url = 'ws://test/ws?user=alice') {
   });
 }
 
-const topicAck = (topic, epoch, seq) => ({ topic, room: '', position: { epoch, seq } });
-const roomAck = (room, epoch, seq) => ({ topic: '', room, position: { epoch, seq } });
+const topicAck = (topic, epoch, seq) => ({ topic, room: '', position: { epoch, seq }, user: false });
+const roomAck = (room, epoch, seq) => ({ topic: '', room, position: { epoch, seq }, user: false });
+const userAck = (epoch, seq) => ({ topic: '', room: '', position: { epoch, seq }, user: true });
 const byStream = (streams) => [...streams].sort((a, b) => (a.topic + a.room < b.topic + b.room ? -1 : 1));
 
 test('the device goes into the URL as device=, after any query', () => {
@@ -282,5 +303,90 @@ test('frames stay within the server\'s maximum message size', () => {
   const streams = ws.acks().flat();
   assert.equal(streams.length, 20);
   assert.deepEqual(streams.map((s) => s.position.seq).sort((a, b) => a - b), Array.from({ length: 20 }, (_, i) => i + 1));
+  c.close();
+});
+
+// ---------------------------------------------------------------------------
+// The user's stream of critical pushes, redeliveries and 4003
+// ---------------------------------------------------------------------------
+
+const push = (seq, extra = {}) => ({ kind: DELIVERY_KIND.DIRECT, seq, epoch: 'u1', data: `push#${seq}`, ...extra });
+
+test('a critical push in the user\'s stream is acknowledged with user: true, no topic or room', () => {
+  const c = client({ device: 'phone' });
+  const ws = latest();
+  ws.open();
+  ws.deliver(push(1));
+  ws.deliver(push(2));
+  ws.deliver({ topic: 'a', seq: 1, epoch: 'e1' });
+  ws.deliver({ kind: DELIVERY_KIND.DIRECT, seq: 0, data: 'plain direct' }); // no position: not acknowledged
+  assert.equal(c.flushAcknowledgements(), true);
+  const frames = ws.sent.filter((f) => f.opcode === OP.ACKNOWLEDGE);
+  assert.equal(frames.length, 1);
+  const { streams } = decodeMessage('Acknowledge', frames[0].payload);
+  assert.deepEqual(byStream(streams), [userAck('u1', 2), topicAck('a', 'e1', 1)]);
+  // On the wire: position (field 3) and user (field 4) only.
+  const user = streams.find((s) => s.user);
+  assert.equal(toHex(encodeMessage('StreamAck', user)), '1a060a0275311002' + '2001');
+  c.close();
+});
+
+test('a redelivered copy of a processed push is dropped but acknowledged again', async () => {
+  const c = client({ device: 'phone' });
+  let ws = latest();
+  ws.open();
+  const got = [];
+  c.addEventListener('delivery', (e) => got.push(e.detail.text));
+  ws.deliver(push(1));
+  ws.deliver(push(2));
+  c.flushAcknowledgements(); // sent on a socket that then drops: lost
+  ws.serverClose(1006);
+  await tick(10);
+  ws = latest();
+  ws.open();
+  ws.deliver(push(2, { replayed: true })); // recovered from the acknowledged (1)
+  assert.equal(c.flushAcknowledgements(), false, 'a replayed duplicate is not acknowledged again');
+  ws.deliver(push(2, { redelivered: true })); // the server still waits for it
+  ws.deliver(push(1, { redelivered: true }));
+  assert.deepEqual(got, ['push#1', 'push#2'], 'dispatched once');
+  assert.equal(c.flushAcknowledgements(), true);
+  assert.deepEqual(ws.acks(), [[userAck('u1', 2)]]);
+  c.close();
+});
+
+test('manualAck: a redelivered copy is acknowledged again only once the app acknowledged it', () => {
+  const c = client({ device: 'phone', manualAck: true });
+  const ws = latest();
+  ws.open();
+  const got = [];
+  c.addEventListener('delivery', (e) => got.push(e.detail));
+  ws.deliver(push(1));
+  ws.deliver(push(1, { redelivered: true })); // the app is still at it
+  assert.equal(c.flushAcknowledgements(), false, 'not processed yet');
+  assert.equal(c.acknowledge(got[0]), true);
+  assert.equal(c.flushAcknowledgements(), true);
+  ws.deliver(push(1, { redelivered: true })); // crossed the acknowledgement
+  assert.equal(c.flushAcknowledgements(), true);
+  assert.equal(got.length, 1);
+  assert.deepEqual(ws.acks(), [[userAck('u1', 1)], [userAck('u1', 1)]]);
+  c.close();
+});
+
+test('close code 4003 (too many unacknowledged deliveries) reconnects with the device', async () => {
+  const c = client({ device: 'phone' });
+  const ws = latest();
+  ws.open();
+  const events = [];
+  c.addEventListener('close', (e) => events.push(['close', e.detail.code]));
+  c.addEventListener('reconnecting', (e) => events.push(['reconnecting', e.detail.attempt]));
+  ws.deliver(push(1));
+  ws.serverClose(4003, 'too many unacknowledged deliveries');
+  assert.deepEqual(events, [['close', 4003], ['reconnecting', 1]]);
+  await tick(10);
+  assert.equal(FakeWebSocket.instances.length, 2);
+  const next = latest();
+  assert.equal(next.url, 'ws://test/ws?user=alice&device=phone');
+  next.open();
+  assert.deepEqual(next.acks(), [[userAck('u1', 1)]], 'what was processed goes out on the new connection');
   c.close();
 });

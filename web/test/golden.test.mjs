@@ -12,6 +12,8 @@ import {
   encodeMessage,
   FrameError,
   ERROR_CODE,
+  DELIVERY_KIND,
+  PRESENCE_ACTION,
 } from '../wsproto.js';
 
 const golden = JSON.parse(
@@ -22,14 +24,29 @@ const fromHex = (hex) => Uint8Array.from(hex.match(/../g) ?? [], (b) => parseInt
 const toHex = (bytes) => Buffer.from(bytes).toString('hex');
 const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 const camelKeys = (obj) => Object.fromEntries(Object.entries(obj).map(([k, v]) => [camel(k), v]));
-// The vectors use protobuf's JSON mapping, where 64-bit integers are
-// strings; wsproto.js decodes them to numbers. Converts such strings (and
-// nested keys) where the decoded value is a number.
+// Enum values by their proto JSON names (wsproto.js decodes enums to numbers).
+const ENUM_NAMES = {
+  ...Object.fromEntries(Object.entries(DELIVERY_KIND).map(([k, v]) => [`KIND_${k}`, v])),
+  ...Object.fromEntries(Object.entries(PRESENCE_ACTION).map(([k, v]) => [`ACTION_${k}`, v])),
+};
+// The vectors use protobuf's JSON mapping: 64-bit integers are strings,
+// enums are names and bytes are base64; wsproto.js decodes them to
+// numbers, numbers and Uint8Arrays. Converts the expected values (nested
+// ones and keys too) to the decoded forms.
 const asDecoded = (expected, decoded) => {
   if (typeof expected === 'string' && typeof decoded === 'number' && /^\d+$/.test(expected)) {
     return Number(expected);
   }
-  if (expected && typeof expected === 'object' && !Array.isArray(expected)) {
+  if (typeof expected === 'string' && typeof decoded === 'number' && expected in ENUM_NAMES) {
+    return ENUM_NAMES[expected];
+  }
+  if (typeof expected === 'string' && decoded instanceof Uint8Array) {
+    return new Uint8Array(Buffer.from(expected, 'base64'));
+  }
+  if (Array.isArray(expected)) {
+    return expected.map((v, i) => asDecoded(v, decoded?.[i]));
+  }
+  if (expected && typeof expected === 'object') {
     return Object.fromEntries(
       Object.entries(expected).map(([k, v]) => {
         const key = decoded && typeof decoded === 'object' && camel(k) in decoded ? camel(k) : k;

@@ -336,7 +336,7 @@ test('after a reconnect: since for covered streams, replay, duplicates dropped, 
   );
   const gap = events.find((e) => e.type === 'gap');
   assert.deepEqual({ ...gap, type: undefined }, {
-    type: undefined, topic: 'news', room: '', epoch: 'e1', fromSeq: 5, toSeq: 5, reason: 'history',
+    type: undefined, topic: 'news', room: '', epoch: 'e1', fromSeq: 5, toSeq: 5, reason: 'history', user: false,
   });
   const recovered = events.find((e) => e.type === 'recovered');
   assert.deepEqual(recovered.topics, ['alarm.#', 'news']);
@@ -469,5 +469,92 @@ test('unsubscribe and leave forget the positions of streams no longer followed',
   assert.deepEqual(Object.keys(c.positions()).sort(), ['r:lobby', 't:a.b', 't:c']);
   unanswered(c.leave('lobby'));
   assert.deepEqual(Object.keys(c.positions()).sort(), ['t:a.b', 't:c']);
+  c.close();
+});
+
+// ---------------------------------------------------------------------------
+// The user's stream (critical pushes: direct deliveries with seq > 0)
+// ---------------------------------------------------------------------------
+
+const push = (seq, extra = {}) => ({ kind: DELIVERY_KIND.DIRECT, seq, epoch: 'u1', data: `push#${seq}`, ...extra });
+
+test('a numbered direct delivery is in the user\'s stream: dispatched once, redelivered and replayed copies dropped', () => {
+  const c = client();
+  const ws = latest();
+  ws.open();
+  const got = record(c, 'delivery');
+  ws.deliver(push(1));
+  ws.deliver(push(1, { redelivered: true })); // the same position again: a duplicate
+  ws.deliver(push(1, { replayed: true })); // a duplicate
+  ws.deliver(push(2, { redelivered: true })); // a position not seen: the flag alone drops nothing
+  ws.deliver(push(2, { redelivered: true }));
+  ws.deliver({ topic: 'u', seq: 1, epoch: 'u1' }); // a topic named `u` is another stream
+  ws.deliver(push(1, { epoch: 'u2' })); // the user's stream restarted
+  assert.deepEqual(got.map((d) => [d.kind, d.text, d.redelivered]), [
+    [DELIVERY_KIND.DIRECT, 'push#1', false],
+    [DELIVERY_KIND.DIRECT, 'push#2', true],
+    [DELIVERY_KIND.TOPIC, 'u#1', false],
+    [DELIVERY_KIND.DIRECT, 'push#1', false],
+  ]);
+  assert.deepEqual(c.positions(), { u: { epoch: 'u2', seq: 1 }, 't:u': { epoch: 'u1', seq: 1 } });
+  c.close();
+});
+
+test('an unnumbered direct delivery (seq 0) is always dispatched and has no position', () => {
+  const c = client();
+  const ws = latest();
+  ws.open();
+  const got = record(c, 'delivery');
+  ws.deliver(push(3));
+  for (let i = 0; i < 2; i++) {
+    ws.deliver({ kind: DELIVERY_KIND.DIRECT, seq: 0, data: 'hello' });
+    ws.deliver({ kind: DELIVERY_KIND.DIRECT, seq: 0, epoch: 'u1', data: 'hello', redelivered: true });
+  }
+  assert.deepEqual(got.map((d) => d.text), ['push#3', 'hello', 'hello', 'hello', 'hello']);
+  assert.deepEqual(c.positions(), { u: { epoch: 'u1', seq: 3 } }, 'untouched by unnumbered ones');
+  c.close();
+});
+
+test('the user stream\'s position is saved and restored, and never sent as since', async () => {
+  const c = client({
+    positions: {
+      u: { epoch: 'u1', seq: 3 },
+      'u:x': { epoch: 'u1', seq: 1 }, // ignored
+      user: { epoch: 'u1', seq: 1 }, // ignored
+    },
+  });
+  assert.deepEqual(c.positions(), { u: { epoch: 'u1', seq: 3 } });
+  const ws = latest();
+  const got = record(c, 'delivery');
+  const subscribed = c.subscribe('#'); // covers every topic, and no more
+  ws.open();
+  await tick();
+  const [sub] = ws.sentOf(OP.SUBSCRIBE, 'Subscribe');
+  assert.deepEqual(sub.since, {}, 'the server recovers the user stream itself');
+  // What the server replays from the device's acknowledged position.
+  ws.deliver(push(2, { replayed: true }));
+  ws.deliver(push(3, { replayed: true }));
+  ws.deliver(push(4, { replayed: true }));
+  ws.subscribed(sub.id, []);
+  await subscribed;
+  assert.deepEqual(got.map((d) => d.text), ['push#4']);
+  assert.deepEqual(c.positions(), { u: { epoch: 'u1', seq: 4 } });
+  c.close();
+});
+
+test('a gap in the user stream reaches the app with user true', () => {
+  const c = client();
+  const ws = latest();
+  ws.open();
+  const events = record(c, 'gap', 'delivery');
+  ws.deliver(push(1));
+  ws.push(OP.GAP, encodeMessage('Gap', { user: true, epoch: 'u1', fromSeq: 2, toSeq: 4, reason: 'history' }));
+  ws.deliver(push(5, { replayed: true }));
+  assert.deepEqual(events.map((e) => e.type), ['delivery', 'gap', 'delivery']);
+  const { type, ...gap } = events[1];
+  assert.deepEqual(gap, { topic: '', room: '', user: true, epoch: 'u1', fromSeq: 2, toSeq: 4, reason: 'history' });
+  // Not a topic named '' (or any topic): the user's position moves on with
+  // the next push, and no other stream appears.
+  assert.deepEqual(c.positions(), { u: { epoch: 'u1', seq: 5 } });
   c.close();
 });
