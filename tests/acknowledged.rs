@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::{config, delivery, next_message, TestServer, API_KEY};
 use prost::Message as _;
 use wsproto::{
-    broker::{HistoryPolicy, Publication, Target},
+    broker::{BrokerError, HistoryPolicy, Publication, Target},
     opcode,
     proto::v1,
     topic::Topic,
@@ -333,4 +333,86 @@ async fn critical_applies_to_user_pushes_only() {
         .await
         .unwrap();
     common::assert_error(&reply, wsproto::ErrorCode::BadPayload, opcode::ACKNOWLEDGE);
+}
+
+/// A memory broker whose device positions cannot be read, as a cluster
+/// node's are while Redis is away.
+struct Unreadable(wsproto::broker::MemoryBroker);
+
+impl wsproto::broker::Broker for Unreadable {
+    fn register_event_handler(
+        &self,
+        handler: std::sync::Weak<dyn wsproto::broker::BrokerEventHandler>,
+    ) {
+        self.0.register_event_handler(handler)
+    }
+
+    fn publish(
+        &self,
+        publication: Publication,
+    ) -> wsproto::broker::BoxFuture<'_, Result<wsproto::broker::Published, BrokerError>> {
+        self.0.publish(publication)
+    }
+
+    fn history<'a>(
+        &'a self,
+        stream: &'a Target,
+        since: Option<&'a wsproto::broker::Position>,
+        limit: usize,
+    ) -> wsproto::broker::BoxFuture<'a, Result<wsproto::broker::History, BrokerError>> {
+        self.0.history(stream, since, limit)
+    }
+
+    fn save_acknowledged<'a>(
+        &'a self,
+        device: &'a str,
+        acks: &'a [(String, wsproto::broker::Position)],
+    ) -> wsproto::broker::BoxFuture<'a, Result<(), BrokerError>> {
+        self.0.save_acknowledged(device, acks)
+    }
+
+    fn acknowledged<'a>(
+        &'a self,
+        _device: &'a str,
+    ) -> wsproto::broker::BoxFuture<
+        'a,
+        Result<std::collections::HashMap<String, wsproto::broker::Position>, BrokerError>,
+    > {
+        Box::pin(async { Err(BrokerError::Unavailable("backend away".into())) })
+    }
+}
+
+#[tokio::test]
+async fn a_device_whose_position_cannot_be_read_is_told_to_come_back_not_skipped() {
+    let broker = std::sync::Arc::new(Unreadable(wsproto::broker::MemoryBroker::new()));
+    let router = wsproto::handlers::builtin();
+    let server = TestServer::with_broker(config(), router, Some(broker)).await;
+
+    // A device of a user: its user stream cannot be recovered, so 1013.
+    let mut phone = Client::connect(&format!("{}?user=ann&device=phone", server.url()))
+        .await
+        .unwrap();
+    let closed = loop {
+        match phone.recv_timeout(Duration::from_secs(10)).await {
+            Ok(_) => continue,
+            Err(err) => break err,
+        }
+    };
+    match closed {
+        ClientError::Closed { code: 1013, .. } => {}
+        other => panic!("expected close 1013, got {other:?}"),
+    }
+
+    // An anonymous device's SUBSCRIBE is refused, not served as if it had
+    // acknowledged nothing.
+    let mut tablet = server.client_with("device=tablet").await;
+    let subscribe = v1::Subscribe {
+        topics: vec!["alarm.#".into()],
+        ..Default::default()
+    };
+    let reply = tablet
+        .call(opcode::SUBSCRIBE, subscribe.encode_to_vec())
+        .await
+        .unwrap();
+    common::assert_error(&reply, wsproto::ErrorCode::Unavailable, opcode::SUBSCRIBE);
 }

@@ -546,10 +546,10 @@ fn form_urlencoded_byte(s: &str) -> String {
 /// Whether reconnecting could not help.
 fn fatal(err: &ClientError) -> bool {
     match err {
-        ClientError::Url { .. }
-        | ClientError::InvalidToken
-        | ClientError::WebPage { .. }
-        | ClientError::ErrorFrame { .. } => true,
+        // The server could not serve the request now (its broker is
+        // unreachable): worth retrying.
+        ClientError::ErrorFrame { code, .. } => *code != wsproto::ErrorCode::Unavailable as u32,
+        ClientError::Url { .. } | ClientError::InvalidToken | ClientError::WebPage { .. } => true,
         // Busy (429) and unavailable (5xx) pass; the rest will not.
         ClientError::Refused { status, .. } => *status != 429 && *status < 500,
         _ => false,

@@ -110,9 +110,12 @@ pub(crate) async fn run<S>(
         // Paced by the writer, so it runs now; the client's frames wait
         // (and its silence does not count) until it is done.
         session.set_handling(true);
+        // Boxed: it runs once, and inline it would grow the task for the
+        // session's whole life.
+        let recovery = Box::pin(session.node().recover_user_stream(&queue, user_stream));
         tokio::select! {
             _ = terminate.cancelled() => {}
-            _ = session.node().recover_user_stream(&queue, user_stream) => {}
+            _ = recovery => {}
         }
         session.set_handling(false);
     }
@@ -350,5 +353,52 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+    use crate::{identity::Identity, node::Node, queue::SessionQueue};
+
+    /// The futures of one connection's two tasks live as long as it does,
+    /// idle or not: their size is memory every connection pays. Printed
+    /// with `--nocapture`; the budgets catch a change that inlines a large
+    /// future (box it instead).
+    #[tokio::test]
+    async fn a_connections_tasks_stay_small() {
+        let socket = |io| WebSocketStream::from_raw_socket(io, Role::Server, None);
+        let (reader_io, _a) = tokio::io::duplex(64);
+        let (writer_io, _b) = tokio::io::duplex(64);
+        let session = Session::new(
+            Node::new(),
+            Identity::insecure(None, Vec::new()),
+            None,
+            None,
+            SessionQueue::new(8),
+            None,
+        );
+        let config = Arc::new(Config::default());
+        let token = CancellationToken::new();
+        let reader = run(
+            socket(reader_io).await,
+            session.clone(),
+            Vec::new(),
+            Arc::new(Router::new()),
+            config.clone(),
+            token.clone(),
+            token.clone(),
+        );
+        let (sink, _stream) = socket(writer_io).await.split();
+        let writer = writer::write_loop(sink, session, config, token);
+        let (reader, writer) = (
+            std::mem::size_of_val(&reader),
+            std::mem::size_of_val(&writer),
+        );
+        println!("connection task futures: reader {reader} B, writer {writer} B");
+        assert!(reader <= 2304, "reader future {reader} B");
+        assert!(writer <= 832, "writer future {writer} B");
     }
 }

@@ -1,6 +1,6 @@
 //! The writer: the only task that writes to a connection's socket.
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{stream::SplitSink, SinkExt};
@@ -57,11 +57,25 @@ enum WriterWork {
     Redeliver,
 }
 
-/// Completes at `due`, or never when there is nothing due.
-async fn until(due: Option<tokio::time::Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(due).await,
-        None => std::future::pending().await,
+/// The redelivery timer of a session that acknowledges: boxed and made on
+/// first use, so that no other session carries a timer in its task.
+#[derive(Default)]
+struct RedeliveryTimer(Option<Pin<Box<tokio::time::Sleep>>>);
+
+impl RedeliveryTimer {
+    /// Completes at `due`, or never when nothing is due.
+    async fn until(&mut self, due: Option<tokio::time::Instant>) {
+        let Some(due) = due else {
+            return std::future::pending().await;
+        };
+        let sleep = match &mut self.0 {
+            Some(sleep) => {
+                sleep.as_mut().reset(due);
+                sleep
+            }
+            None => self.0.insert(Box::pin(tokio::time::sleep_until(due))),
+        };
+        sleep.as_mut().await
     }
 }
 
@@ -88,6 +102,7 @@ where
 
     // Only a device's session waits for acknowledgements.
     let acknowledges = session.device_key().is_some();
+    let mut redelivery_timer = RedeliveryTimer::default();
     let terminated = terminate.cancelled();
     tokio::pin!(terminated);
     loop {
@@ -101,7 +116,7 @@ where
             // Before the queue, so a queue that never empties cannot starve
             // the heartbeat.
             _ = heartbeat.tick() => WriterWork::Heartbeat,
-            _ = until(redelivery) => WriterWork::Redeliver,
+            _ = redelivery_timer.until(redelivery) => WriterWork::Redeliver,
             batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
         };
         let mut closing = false;

@@ -89,7 +89,7 @@ pub async fn subscribe(session: Session, frame: Frame) -> HandlerResult {
     let mut since = Vec::with_capacity(request.since.len());
     // What this device acknowledged, for the streams the client names no
     // position for (an app that lost its own, or never kept any).
-    for (stream, position) in acknowledged(&session).await {
+    for (stream, position) in acknowledged(&session).await? {
         let Some(name) = stream.strip_prefix("t:") else {
             continue;
         };
@@ -163,7 +163,7 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
     let since = match request.since {
         Some(p) => Some(Position::new(&*p.epoch, p.seq)),
         None => acknowledged(&session)
-            .await
+            .await?
             .remove(&format!("r:{}", room.as_str())),
     };
     let presence = session
@@ -176,16 +176,22 @@ pub async fn join(session: Session, frame: Frame) -> HandlerResult {
 
 /// What the session's device acknowledged, by stream (empty without a
 /// device).
-async fn acknowledged(session: &Session) -> std::collections::HashMap<String, Position> {
+///
+/// # Errors
+/// UNAVAILABLE when the broker cannot say: the client retries, rather than
+/// subscribing as if the device had no position and skipping what it
+/// missed.
+async fn acknowledged(
+    session: &Session,
+) -> Result<std::collections::HashMap<String, Position>, HandlerError> {
     match session.device_key() {
-        // Unreadable: the request's own positions still work.
         Some(device) => session
             .node()
             .broker()
             .acknowledged(&device)
             .await
-            .unwrap_or_default(),
-        None => Default::default(),
+            .map_err(|err| HandlerError::protocol(ErrorCode::Unavailable, err.to_string())),
+        None => Ok(Default::default()),
     }
 }
 
