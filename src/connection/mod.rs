@@ -149,6 +149,18 @@ pub(crate) async fn run<S>(
         // client cannot show it is alive meanwhile, as while a handler runs.
         let held_back = close_deadline.is_none() && queue.is_backlogged();
         session.set_handling(held_back);
+        // One timer for whichever comes first (each timer a session's task
+        // holds is memory every connection pays).
+        let deadline = match close_deadline {
+            Some(at) => Some((at, Deadline::Close)),
+            None => [
+                drain_turn.map(|at| (at, Deadline::DrainTurn)),
+                token_expiry.map(|at| (at, Deadline::TokenExpiry)),
+            ]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(at, _)| *at),
+        };
         let message = tokio::select! {
             biased;
             _ = &mut terminated => break,
@@ -156,16 +168,19 @@ pub(crate) async fn run<S>(
                 drain_turn = Some(tokio::time::Instant::now() + drain_delay(&session, &config));
                 continue;
             }
-            _ = sleep_until(drain_turn), if close_deadline.is_none() && drain_turn.is_some() => {
-                queue.close(CloseReason::GOING_AWAY);
-                continue;
-            }
             _ = &mut closing, if close_deadline.is_none() => continue,
-            _ = sleep_until(token_expiry), if close_deadline.is_none() && token_expiry.is_some() => {
-                queue.close(CloseReason::TOKEN_EXPIRED);
-                continue;
-            }
-            _ = sleep_until(close_deadline), if close_deadline.is_some() => break,
+            _ = sleep_until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
+                Some(Deadline::Close) => break,
+                Some(Deadline::DrainTurn) => {
+                    queue.close(CloseReason::GOING_AWAY);
+                    continue;
+                }
+                Some(Deadline::TokenExpiry) => {
+                    queue.close(CloseReason::TOKEN_EXPIRED);
+                    continue;
+                }
+                None => continue,
+            },
             _ = queue.backlog_drained(), if held_back => {
                 // The writer is getting the replies through: the client is reading.
                 session.touch();
@@ -347,6 +362,17 @@ fn send_welcome(session: &Session, config: &Config) {
             .unwrap_or(u32::MAX),
     };
     let _ = session.send(&Frame::new(opcode::WELCOME, welcome.encode_to_vec()));
+}
+
+/// What the reader's one timer is set for.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    /// The session is closing and the client had its time to answer.
+    Close,
+    /// Its turn to be closed in a shutdown.
+    DrainTurn,
+    /// Its token expires.
+    TokenExpiry,
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -39,14 +39,22 @@ where
     let _ = tokio::time::timeout(within, flush).await;
 }
 
-/// Writes `messages` into the socket's buffer, then flushes once: a burst
-/// of queued frames costs one write, not one per frame.
-async fn write_all<S>(sink: &mut Sink<S>, messages: &mut Vec<Message>) -> Result<(), WsError>
+/// Writes the queued `frames`, then `control` (a ping or the close), into
+/// the socket's buffer and flushes once: a burst of queued frames costs one
+/// write, not one per frame.
+async fn write_all<S>(
+    sink: &mut Sink<S>,
+    frames: &mut Vec<Bytes>,
+    control: Option<Message>,
+) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for message in messages.drain(..) {
-        sink.feed(message).await?;
+    for frame in frames.drain(..) {
+        sink.feed(Message::Binary(frame)).await?;
+    }
+    if let Some(control) = control {
+        sink.feed(control).await?;
     }
     sink.flush().await
 }
@@ -95,7 +103,6 @@ where
     let queue = session.queue().clone();
     // Grown on demand: an idle session should not carry room for 64 frames.
     let mut batch = Vec::new();
-    let mut messages = Vec::new();
     let period = config.ping_interval;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -120,14 +127,13 @@ where
             batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
         };
         let mut closing = false;
-        match work {
-            WriterWork::Batch(Batch::Frames) => {
-                messages.extend(batch.drain(..).map(Message::Binary))
-            }
+        // The frames themselves wait in `batch`.
+        let control = match work {
+            WriterWork::Batch(Batch::Frames) => None,
             WriterWork::Batch(Batch::Close(reason)) => {
                 debug!(session = %session.id(), code = reason.code, reason = reason.reason, "closing");
-                messages.push(Message::Close(Some(reason.frame())));
                 closing = true;
+                Some(Message::Close(Some(reason.frame())))
             }
             // While a handler runs the reader is not reading, so the client
             // cannot show it is alive; silence only counts between frames.
@@ -137,18 +143,19 @@ where
                 queue.close(CloseReason::HEARTBEAT_TIMEOUT);
                 continue;
             }
-            WriterWork::Heartbeat => messages.push(Message::Ping(Bytes::new())),
+            WriterWork::Heartbeat => Some(Message::Ping(Bytes::new())),
             WriterWork::Redeliver => {
                 let again = queue.redeliver(tokio::time::Instant::now());
                 session.node().counters().redelivered.inc_by(again as u64);
                 continue;
             }
-        }
-        let frames = messages.iter().filter(|m| m.is_binary()).count() as u64;
+        };
+        let frames = batch.len() as u64;
+        let write = write_all(&mut sink, &mut batch, control);
         let written = tokio::select! {
             biased;
             _ = &mut terminated => break,
-            written = tokio::time::timeout(config.write_timeout, write_all(&mut sink, &mut messages)) => written,
+            written = tokio::time::timeout(config.write_timeout, write) => written,
         };
         match written {
             Ok(Ok(())) if closing => {
