@@ -57,6 +57,25 @@ impl CloseReason {
     /// with a fresh one.
     pub const TOKEN_EXPIRED: CloseReason = CloseReason::new(4001, "token expired");
 
+    /// 1001 for a session closed by a draining server, with a hint of when
+    /// to reconnect: `server shutting down; reconnect after N ms`, N one of
+    /// 0, 125, …, 875 (picked at random per session by the caller), so
+    /// that its clients do not all come back in the same instant. Clients
+    /// that read it wait that long plus their own jitter.
+    pub fn going_away_after(slot: usize) -> CloseReason {
+        const HINTS: [CloseReason; 8] = [
+            CloseReason::new(1001, "server shutting down; reconnect after 0 ms"),
+            CloseReason::new(1001, "server shutting down; reconnect after 125 ms"),
+            CloseReason::new(1001, "server shutting down; reconnect after 250 ms"),
+            CloseReason::new(1001, "server shutting down; reconnect after 375 ms"),
+            CloseReason::new(1001, "server shutting down; reconnect after 500 ms"),
+            CloseReason::new(1001, "server shutting down; reconnect after 625 ms"),
+            CloseReason::new(1001, "server shutting down; reconnect after 750 ms"),
+            CloseReason::new(1001, "server shutting down; reconnect after 875 ms"),
+        ];
+        HINTS[slot % HINTS.len()]
+    }
+
     /// A close code and its reason.
     pub const fn new(code: u16, reason: &'static str) -> CloseReason {
         CloseReason { code, reason }

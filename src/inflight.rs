@@ -96,7 +96,9 @@ impl Inflight {
     }
 
     /// Records that `frame`, at `position` of `stream`, was queued for the
-    /// device at `now`. A position already in flight is not recorded twice.
+    /// device at `now`. A position at or before the stream's latest in
+    /// flight (same epoch) is not recorded again: positions are queued in
+    /// order, so it is in flight already or was acknowledged.
     ///
     /// # Errors
     /// [`WindowFull`] when the window is full; nothing is recorded.
@@ -109,9 +111,8 @@ impl Inflight {
     ) -> Result<(), WindowFull> {
         let pending = self.streams.entry(stream.into()).or_default();
         let known = pending
-            .iter()
-            .rev()
-            .any(|p| p.position.epoch == position.epoch && p.position.seq == position.seq);
+            .back()
+            .is_some_and(|p| p.position.epoch == position.epoch && position.seq <= p.position.seq);
         if known {
             return Ok(());
         }

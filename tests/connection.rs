@@ -325,9 +325,9 @@ async fn a_shutdown_closes_sessions_a_few_at_a_time_and_serves_them_until_their_
                 }
                 loop {
                     match client.recv_timeout(Duration::from_secs(5)).await {
-                        Err(ClientError::Closed { code, .. }) => {
+                        Err(ClientError::Closed { code, reason }) => {
                             assert_eq!(code, 1001);
-                            return started.elapsed();
+                            return (started.elapsed(), reason);
                         }
                         Ok(_) => continue,
                         other => panic!("expected close 1001, got {other:?}"),
@@ -337,9 +337,20 @@ async fn a_shutdown_closes_sessions_a_few_at_a_time_and_serves_them_until_their_
         })
         .collect();
     let mut closed_after = Vec::new();
+    let mut hints = std::collections::BTreeSet::new();
     for watcher in watchers {
-        closed_after.push(watcher.await.unwrap());
+        let (after, reason) = watcher.await.unwrap();
+        closed_after.push(after);
+        // Each is told when to come back, not all the same moment.
+        let hint = reason
+            .strip_prefix("server shutting down; reconnect after ")
+            .and_then(|ms| ms.strip_suffix(" ms"))
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no reconnect hint in {reason:?}"));
+        assert!(hint < 1000, "{reason}");
+        hints.insert(hint);
     }
+    assert!(hints.len() >= 3, "40 sessions got hints {hints:?}");
     shutdown.await.unwrap().unwrap();
     closed_after.sort();
     let (first, last) = (closed_after[0], closed_after[closed_after.len() - 1]);

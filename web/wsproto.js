@@ -1463,6 +1463,10 @@ export class WsprotoClient extends EventTarget {
     if (ws !== this._ws) return;
     this._ws = null;
     this._stopTimers();
+    // A draining server (1001) says when to come back; the back-off's
+    // jitter still spreads its clients within that.
+    const hint = code === 1001 ? /reconnect after (\d+) ms/.exec(reason ?? '') : null;
+    this._reconnectHintMs = hint ? Number(hint[1]) : 0;
     // Every close code is retried (4003 too: the server recovers a device
     // from what it acknowledged); only close() and `reconnect: false` stop.
     const willRetry = !this._closedByUser && this.options.reconnect;
@@ -1507,7 +1511,7 @@ export class WsprotoClient extends EventTarget {
     this._attempt += 1;
     const { minDelayMs, maxDelayMs } = this.options;
     const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** (this._attempt - 1));
-    const delayMs = Math.round(Math.random() * ceiling);
+    const delayMs = Math.round(Math.random() * ceiling) + (this._reconnectHintMs ?? 0);
     this._reconnectTimer = setTimeout(() => this._connect(), delayMs);
     return { delayMs, attempt: this._attempt };
   }

@@ -440,7 +440,9 @@ impl Subscriber {
 
     fn lost(&mut self, err: ClientError) -> Event {
         self.client = None;
-        let retry_in = self.backoff.next_delay();
+        // A draining server says when to come back; the back-off's jitter
+        // still spreads its clients within that.
+        let retry_in = self.backoff.next_delay() + reconnect_hint(&err).unwrap_or_default();
         self.retry_at = Some(tokio::time::Instant::now() + retry_in);
         Event::Disconnected {
             error: err.to_string(),
@@ -515,6 +517,19 @@ impl Subscriber {
     }
 }
 
+/// The delay a server that closed with 1001 asked for (`... reconnect
+/// after N ms`), if it did.
+fn reconnect_hint(err: &ClientError) -> Option<Duration> {
+    let ClientError::Closed { code: 1001, reason } = err else {
+        return None;
+    };
+    let ms = reason
+        .split("reconnect after ")
+        .nth(1)?
+        .strip_suffix(" ms")?;
+    ms.parse().ok().map(Duration::from_millis)
+}
+
 /// The acknowledgement of `delivery`'s stream up to it.
 fn ack_of(delivery: &v1::Delivery) -> v1::StreamAck {
     v1::StreamAck {
@@ -568,6 +583,18 @@ mod tests {
             seq,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_draining_servers_reconnect_hint_is_read_from_its_close() {
+        let closed = |code, reason: &str| ClientError::Closed {
+            code,
+            reason: reason.into(),
+        };
+        let hint = closed(1001, "server shutting down; reconnect after 375 ms");
+        assert_eq!(reconnect_hint(&hint), Some(Duration::from_millis(375)));
+        assert_eq!(reconnect_hint(&closed(1001, "server shutting down")), None);
+        assert_eq!(reconnect_hint(&closed(4000, "reconnect after 5 ms")), None);
     }
 
     #[test]

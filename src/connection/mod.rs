@@ -47,8 +47,7 @@ const YIELD_EVERY: u32 = 8;
 /// node being restarted reconnect elsewhere a few at a time rather than
 /// all at once (the session is served normally until then).
 fn drain_delay(session: &Session, config: &Config) -> std::time::Duration {
-    use std::hash::BuildHasher;
-    let spread = std::hash::RandomState::new().hash_one(session.id()) % 1_000_000;
+    let spread = random_slot(session) % 1_000_000;
     config.shutdown_timeout / 2 * spread as u32 / 1_000_000
 }
 
@@ -172,7 +171,7 @@ pub(crate) async fn run<S>(
             _ = sleep_until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
                 Some(Deadline::Close) => break,
                 Some(Deadline::DrainTurn) => {
-                    queue.close(CloseReason::GOING_AWAY);
+                    queue.close(CloseReason::going_away_after(random_slot(&session)));
                     continue;
                 }
                 Some(Deadline::TokenExpiry) => {
@@ -362,6 +361,12 @@ fn send_welcome(session: &Session, config: &Config) {
             .unwrap_or(u32::MAX),
     };
     let _ = session.send(&Frame::new(opcode::WELCOME, welcome.encode_to_vec()));
+}
+
+/// A number that differs from session to session and run to run.
+fn random_slot(session: &Session) -> usize {
+    use std::hash::BuildHasher;
+    std::hash::RandomState::new().hash_one(session.id()) as usize
 }
 
 /// What the reader's one timer is set for.

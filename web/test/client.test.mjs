@@ -150,6 +150,20 @@ test('after a drop the client reconnects and replays topics and rooms', async ()
   c.close();
 });
 
+test("a draining server's reconnect hint is waited for, plus the back-off's jitter", async () => {
+  const c = client({ minDelayMs: 4, maxDelayMs: 16 });
+  latest().open();
+  const reconnecting = nextEvent(c, 'reconnecting');
+  latest().serverClose(1001, 'server shutting down; reconnect after 40 ms');
+  const { delayMs } = await reconnecting;
+  assert.ok(delayMs >= 40 && delayMs <= 44, `delay ${delayMs}`);
+  await tick(20);
+  assert.equal(FakeWebSocket.instances.length, 1, 'not before the hint');
+  await tick(40);
+  assert.equal(FakeWebSocket.instances.length, 2);
+  c.close();
+});
+
 test('back-off grows up to maxDelayMs while connects fail', async () => {
   const c = client({ minDelayMs: 4, maxDelayMs: 16 });
   const delays = [];
