@@ -139,6 +139,12 @@ struct ListenArgs {
     /// Exit after this many deliveries.
     #[arg(long)]
     count: Option<u64>,
+
+    /// Listen as this device (`?device=ID`): what is printed counts as
+    /// processed and is acknowledged, so the next run (or reconnect)
+    /// resumes from there, the user's critical pushes included.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -433,6 +439,9 @@ async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
     let mut subscriber =
         Subscriber::new(target.url_for(url), args.topics.clone(), args.rooms.clone())
             .with_auth(target.tls.clone(), target.token.clone());
+    if let Some(device) = &args.device {
+        subscriber = subscriber.with_device(device);
+    }
     let mut received = 0u64;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
@@ -454,9 +463,10 @@ async fn listen(target: &Target, args: ListenArgs) -> anyhow::Result<bool> {
             }
             Event::Gap(gap) => eprintln!(
                 "GAP: {} missed seq {}..{} of epoch {} ({}); reload what it describes",
-                match gap.room.is_empty() {
-                    true => format!("topic={}", gap.topic),
-                    false => format!("room={}", gap.room),
+                match (gap.user, gap.room.is_empty()) {
+                    (true, _) => "the user's critical pushes".to_owned(),
+                    (false, true) => format!("topic={}", gap.topic),
+                    (false, false) => format!("room={}", gap.room),
                 },
                 gap.from_seq,
                 match gap.to_seq {

@@ -322,6 +322,73 @@ async fn ctrl_c_closes_with_1000_and_exits_zero() {
     .expect("session closed");
 }
 
+/// A critical push to `user` through the publish API.
+async fn push_critical(url: &str, user: &str, data: &str) {
+    let api = url
+        .replace("ws://", "http://")
+        .replace("/ws", "/api/publish");
+    let body = format!(r#"{{"user": "{user}", "critical": true, "data": "{data}"}}"#);
+    let (status, answer) = wsproto_client::http::post_json(&api, Some(API_KEY), &body)
+        .await
+        .unwrap();
+    assert_eq!(status.as_u16(), 200, "{}", String::from_utf8_lossy(&answer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_as_a_device_resumes_the_users_critical_pushes_where_it_stopped() {
+    let server = start_server().await;
+    let listen = |count: &'static str| {
+        tokio::process::Command::new(CLIENT)
+            .args([
+                "--url",
+                &server.url,
+                "listen",
+                "--user",
+                "ann",
+                "--device",
+                "phone",
+                "--count",
+                count,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = listen("1");
+    // Its first line on stderr comes once the device's session is up.
+    let mut report = tokio::io::BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncBufReadExt::read_line(&mut report, &mut line),
+    )
+    .await
+    .expect("listener connected")
+    .unwrap();
+    push_critical(&server.url, "ann", "smoke in hall 3").await;
+    let output = tokio::time::timeout(Duration::from_secs(10), first.wait_with_output())
+        .await
+        .expect("listener exits after --count")
+        .unwrap();
+    assert!(output.status.success(), "{line}");
+    assert_eq!(stdout(&output), "direct seq=1 from=- \"smoke in hall 3\"\n");
+
+    // Published while no listener runs: the next run of the same device
+    // prints them first, and not the one it already printed.
+    push_critical(&server.url, "ann", "hall 3 clear").await;
+    push_critical(&server.url, "ann", "all clear").await;
+    let output = tokio::time::timeout(Duration::from_secs(10), listen("2").wait_with_output())
+        .await
+        .expect("listener exits after --count")
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "direct seq=2 from=- \"hall 3 clear\"\ndirect seq=3 from=- \"all clear\"\n"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_prints_what_publish_sends() {
     let server = start_server().await;
