@@ -364,11 +364,6 @@ impl SessionQueue {
             .map_or(0, |inflight| inflight.acknowledge(stream, position))
     }
 
-    /// Critical deliveries waiting for an acknowledgement.
-    pub fn unacknowledged(&self) -> usize {
-        self.state().inflight.as_ref().map_or(0, |i| i.len())
-    }
-
     /// When the next redelivery is due; `None` when nothing waits for an
     /// acknowledgement.
     pub fn next_redelivery(&self) -> Option<tokio::time::Instant> {
@@ -380,11 +375,11 @@ impl SessionQueue {
     /// waiting to be written the due ones are put off instead: the client
     /// has not had a chance to acknowledge.
     pub fn redeliver(&self, now: tokio::time::Instant) -> usize {
-        let mut state = self.state();
-        if state.close.is_some() {
-            return 0;
-        }
         let due = {
+            let mut state = self.state();
+            if state.close.is_some() {
+                return 0;
+            }
             let State {
                 frames, inflight, ..
             } = &mut *state;
@@ -399,20 +394,14 @@ impl SessionQueue {
         };
         let count = due.len();
         for frame in due {
-            if !self.fits(&state, frame.len()) {
-                state.frames = VecDeque::new();
-                state.bytes = 0;
-                drop(state);
-                self.close(CloseReason::SLOW_CONSUMER);
-                return count;
+            // Like any critical frame: a full queue closes the session.
+            if self
+                .push_with(frame, DeliveryPolicy::CRITICAL, None)
+                .is_err()
+            {
+                break;
             }
-            state.bytes += frame.len();
-            state
-                .frames
-                .push_back(entry(frame, DeliveryPolicy::CRITICAL, None));
         }
-        drop(state);
-        self.inner.wake.notify_one();
         count
     }
 

@@ -236,12 +236,9 @@ fn node_at(redis: &Redis, id: &str) -> Node {
     Node::start_at(&redis.url(), id, &listen, &NODE_FLAGS)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    missing_redis,
-    ignore = "needs redis-server: apt-get install -y redis-server"
-)]
-async fn a_node_killed_mid_stream_loses_no_alarm_for_any_device() {
+/// kill -9 of one of two nodes 1.5 s into publishing `count` messages at
+/// `rate` a second to `devices` devices: every device gets every message.
+async fn kill_one_of_two_nodes(devices: usize, (count, rate, load): (u64, u64, Load)) {
     let redis = Redis::start();
     let (mut a, b) = (node_at(&redis, "ka"), node_at(&redis, "kb"));
     let a_pid = a.pid();
@@ -249,34 +246,27 @@ async fn a_node_killed_mid_stream_loses_no_alarm_for_any_device() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         common::cluster::signal(a_pid, "-9");
     };
-    let (run, ()) = run(&[&a, &b], 200, (400, 100, Load::Topic), fault).await;
+    let (run, ()) = run(&[&a, &b], devices, (count, rate, load), fault).await;
     a.kill();
     println!(
-        "kill -9 of 1 of 2 nodes, 200 devices, 400 alarms at 100/s: {:?}; slowest catch-up {:?}",
+        "kill -9 of 1 of 2 nodes, {devices} devices, {count} {load:?} messages at {rate}/s: {:?}; slowest catch-up {:?}",
         run.report, run.slowest_catch_up
     );
-    run.assert_nothing_lost(200 * 400);
+    // Every device follows the topic; each follows only its own user's pushes.
+    let expected = match load {
+        Load::Topic => devices as u64 * count,
+        Load::UserPushes => count,
+    };
+    run.assert_nothing_lost(expected);
 }
 
-/// kill -9 of one of two nodes while critical pushes go to `devices`
-/// devices (one user each) at `rate` a second in all, for `seconds`.
-async fn kill_one_node_under_critical_pushes(devices: usize, rate: u64, seconds: u64) {
-    let redis = Redis::start();
-    let (mut a, b) = (node_at(&redis, "pa"), node_at(&redis, "pb"));
-    let a_pid = a.pid();
-    let fault = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        common::cluster::signal(a_pid, "-9");
-    };
-    let count = rate * seconds;
-    let load = (count, rate, Load::UserPushes);
-    let (run, ()) = run(&[&a, &b], devices, load, fault).await;
-    a.kill();
-    println!(
-        "kill -9 of 1 of 2 nodes, {devices} devices, {count} critical pushes at {rate}/s: {:?}; slowest catch-up {:?}",
-        run.report, run.slowest_catch_up
-    );
-    run.assert_nothing_lost(count);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
+async fn a_node_killed_mid_stream_loses_no_alarm_for_any_device() {
+    kill_one_of_two_nodes(200, (400, 100, Load::Topic)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,7 +275,7 @@ async fn kill_one_node_under_critical_pushes(devices: usize, rate: u64, seconds:
     ignore = "needs redis-server: apt-get install -y redis-server"
 )]
 async fn a_node_killed_mid_stream_loses_no_critical_push_for_any_device() {
-    kill_one_node_under_critical_pushes(200, 100, 4).await;
+    kill_one_of_two_nodes(200, (400, 100, Load::UserPushes)).await;
 }
 
 /// The scale: 1,000 devices, 500 critical pushes a second. Run it
@@ -293,7 +283,7 @@ async fn a_node_killed_mid_stream_loses_no_critical_push_for_any_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "1,000 devices at 500 pushes/s: cargo test --release --test faults -- --ignored"]
 async fn at_scale_a_node_killed_mid_stream_loses_no_critical_push() {
-    kill_one_node_under_critical_pushes(1000, 500, 10).await;
+    kill_one_of_two_nodes(1000, (5000, 500, Load::UserPushes)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
