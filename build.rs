@@ -1,8 +1,8 @@
 //! Tells the integration tests which external programs this machine lacks,
 //! so a test that needs one is reported as `ignored` (with the command that
 //! installs it) in `cargo test`'s summary instead of passing without having
-//! run. Under CI (`CI` set) nothing is ignored: a missing program fails its
-//! tests with the same message.
+//! run. Under CI (`CI` set) no test is ignored for a missing program: it
+//! fails its tests with the same message.
 
 use std::{
     env,

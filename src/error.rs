@@ -30,7 +30,8 @@ pub enum ErrorCode {
     /// SAY to a room the session has not joined.
     NotInRoom = 16,
     /// The session sends frames faster than `--rate-limit`; the frame was
-    /// not processed. Keeping on closes the session with 1008.
+    /// not processed. More than `--rate-burst` refusals with no quiet second
+    /// between them close the session with 4002.
     RateLimited = 17,
     /// REFRESH_TOKEN was refused: the token does not verify, is for another
     /// user, or the server does not authenticate.

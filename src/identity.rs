@@ -1,8 +1,8 @@
 //! Who a session acts for and what it may do, decided once at upgrade.
 //!
 //! Handlers only ever read a session's [`Identity`]; where it comes from
-//! (the connect URL in insecure mode today, verified credentials later)
-//! does not concern them.
+//! (a verified JWT, or the connect URL in insecure mode) does not concern
+//! them.
 
 use std::{sync::Arc, time::SystemTime};
 

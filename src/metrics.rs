@@ -26,6 +26,9 @@ pub struct Counters {
     /// Connections closed at once: their address already had
     /// --max-handshakes-per-ip connections not yet upgraded.
     pub refused_handshakes_per_address: Counter,
+    /// Refusals answered without waiting (best effort), because refusals
+    /// in flight were at their bound.
+    pub refusals_answered_at_once: Counter,
     /// HTTP connections closed for not upgrading in time (slowloris, idle).
     pub closed_handshake_timeout: Counter,
     /// Frames refused with RATE_LIMITED.
@@ -67,6 +70,9 @@ pub struct CounterSnapshot {
     /// Connections closed at once: their address already had
     /// --max-handshakes-per-ip connections not yet upgraded.
     pub refused_handshakes_per_address: u64,
+    /// Refusals answered without waiting (best effort), because refusals
+    /// in flight were at their bound.
+    pub refusals_answered_at_once: u64,
     /// HTTP connections closed for not upgrading in time (slowloris, idle).
     pub closed_handshake_timeout: u64,
     /// Frames refused with RATE_LIMITED.
@@ -111,7 +117,7 @@ pub fn bump(counter: &Counter) {
 impl Counters {
     /// Every counter with its Prometheus name (`_total` is appended when
     /// encoded) and help text.
-    fn named(&self) -> [(&'static str, &'static str, &Counter); 16] {
+    fn named(&self) -> [(&'static str, &'static str, &Counter); 17] {
         [
             (
                 "wsproto_refused_origin",
@@ -144,6 +150,11 @@ impl Counters {
                 &self.refused_handshakes_per_address,
             ),
             (
+                "wsproto_refusals_answered_at_once",
+                "Refusals written at once, best effort, because refusals in flight were at their bound",
+                &self.refusals_answered_at_once,
+            ),
+            (
                 "wsproto_closed_handshake_timeout",
                 "HTTP connections closed for not upgrading within --handshake-timeout",
                 &self.closed_handshake_timeout,
@@ -160,7 +171,7 @@ impl Counters {
             ),
             (
                 "wsproto_closed_rate_limit",
-                "Sessions closed with 1008 for flooding",
+                "Sessions closed with 4002 for flooding",
                 &self.closed_rate_limit,
             ),
             (
@@ -205,6 +216,7 @@ impl Counters {
             refused_capacity: self.refused_capacity.get(),
             handshakes_full: self.handshakes_full.get(),
             refused_handshakes_per_address: self.refused_handshakes_per_address.get(),
+            refusals_answered_at_once: self.refusals_answered_at_once.get(),
             closed_handshake_timeout: self.closed_handshake_timeout.get(),
             rate_limited_frames: self.rate_limited_frames.get(),
             limit_exceeded: self.limit_exceeded.get(),

@@ -565,8 +565,9 @@ fn admit_address(
 }
 
 /// The client address a trusted load balancer's PROXY protocol header
-/// names, or `None` (the connection is dropped, logged) when it sends none
-/// in time or a malformed one.
+/// names, or `None` when it sends none in time (dropped, counted as a
+/// handshake timeout) or a malformed one (answered 400: the load balancer
+/// is misconfigured, and whoever reads the answer should learn why).
 async fn read_proxy_header(
     state: &AppState,
     mut tcp: TcpStream,
@@ -576,7 +577,8 @@ async fn read_proxy_header(
     match tokio::time::timeout(state.config.handshake_timeout, header).await {
         Ok(Ok(client)) => Some((tcp, client)),
         Ok(Err(err)) => {
-            debug!(%peer, %err, "PROXY protocol header refused");
+            debug!(%peer, %err, "PROXY protocol header refused; 400");
+            refuse_connection(state, tcp, peer, Refusal::BadProxyHeader);
             None
         }
         Err(_) => {
@@ -594,6 +596,8 @@ enum Refusal {
     TooManyHandshakes,
     /// The server is shutting down.
     ShuttingDown,
+    /// A trusted load balancer sent no PROXY protocol header, or a malformed one.
+    BadProxyHeader,
 }
 
 impl Refusal {
@@ -610,9 +614,18 @@ impl Refusal {
                 upgrade::RETRY_AFTER_UNAVAILABLE,
                 "server is shutting down; retry later or elsewhere",
             ),
+            Refusal::BadProxyHeader => (
+                StatusCode::BAD_REQUEST,
+                0,
+                "expected a PROXY protocol header (v1 or v2) from this load balancer",
+            ),
+        };
+        let retry_after = match retry_after {
+            0 => String::new(),
+            secs => format!("Retry-After: {secs}\r\n"),
         };
         format!(
-            "HTTP/1.1 {status}\r\nRetry-After: {retry_after}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+            "HTTP/1.1 {status}\r\n{retry_after}Content-Type: text/plain; charset=utf-8\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",
             reason.len() + 1
         )
@@ -634,12 +647,16 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 ///
 /// At most [`REFUSALS_PER_HANDSHAKE`] × `--max-handshakes` refusals are in
 /// flight (a reconnect storm from one address is mostly refusals, each
-/// lingering until the client has read it); past that a connection is
-/// dropped unanswered, so a flood cannot turn refusals into
-/// unbounded work.
+/// lingering until the client has read it); past that a connection gets
+/// its answer written at once, without a task or a wait ([`answer_now`]),
+/// so a flood cannot turn refusals into unbounded work.
 fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Refusal) {
     let Ok(permit) = state.refusals.clone().try_acquire_owned() else {
-        debug!(%peer, ?why, "too many refusals in flight; dropped unanswered");
+        metrics::bump(&state.node.counters().refusals_answered_at_once);
+        debug!(%peer, ?why, "too many refusals in flight; answered at once");
+        if state.tls.is_none() {
+            answer_now(&tcp, &why.response());
+        }
         return;
     };
     let tls = state.tls.clone();
@@ -660,6 +677,19 @@ fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Re
         };
         let _ = tokio::time::timeout(REFUSAL_TIMEOUT + close::LINGER, answer).await;
     });
+}
+
+/// Best effort, for when refusals are already at their bound: writes
+/// `response` if the socket takes it at once (a fresh socket's send buffer
+/// is empty, so it nearly always does) and reads away the request if it has
+/// already arrived, so that closing sends a FIN rather than a reset that would destroy the answer. A request still on its
+/// way is lost with the socket; that client sees a reset.
+fn answer_now(tcp: &TcpStream, response: &[u8]) {
+    if tcp.try_write(response).ok() != Some(response.len()) {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    while matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {}
 }
 
 /// Writes `response` and closes without a reset: the request the client

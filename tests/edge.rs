@@ -267,7 +267,7 @@ async fn the_listen_backlog_is_configurable_and_defaults_to_4096() {
         let ss = std::process::Command::new("ss")
             .args(["-Hltn", &format!("sport = :{port}")])
             .output()
-            .expect("ss (iproute2) is installed");
+            .expect("this test reads the backlog with ss: apt-get install -y iproute2");
         let out = String::from_utf8_lossy(&ss.stdout);
         let send_q: u32 = out
             .split_whitespace()
@@ -419,6 +419,54 @@ async fn a_trusted_load_balancer_names_the_client_with_the_proxy_protocol() {
     tcp.write_all(v1).await.unwrap();
     let response = read_response(&mut tcp).await;
     assert!(response.starts_with("http/1.1 400"), "{response}");
+}
+
+#[tokio::test]
+async fn a_trusted_load_balancer_without_a_proxy_header_is_told_so_with_400() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(Config {
+        trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+        proxy_protocol: true,
+        ..config()
+    })
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(&mut tcp).await;
+    assert!(response.starts_with("http/1.1 400"), "{response}");
+    assert!(response.contains("proxy protocol header"), "{response}");
+}
+
+#[tokio::test]
+async fn past_the_bound_on_refusals_in_flight_each_is_still_answered() {
+    // --max-handshakes 2 allows 8 refusals in flight; the clients below read
+    // nothing until all are refused, so the first 8 linger and the rest go
+    // past the bound.
+    let server = TestServer::start(Config {
+        max_handshakes: 2,
+        max_handshakes_per_ip: 1,
+        ..config()
+    })
+    .await;
+    let _holds_the_address = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut refused = Vec::new();
+    for _ in 0..20 {
+        refused.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    for (i, tcp) in refused.iter_mut().enumerate() {
+        let response = read_response(tcp).await;
+        assert!(
+            response.starts_with("http/1.1 429"),
+            "refusal {i}: {response}"
+        );
+        assert!(response.contains("\r\nretry-after: 1\r\n"), "{response}");
+    }
+    let counters = server.node.counter_snapshot();
+    assert_eq!(counters.refused_handshakes_per_address, 20);
+    assert!(counters.refusals_answered_at_once >= 12, "{counters:?}");
 }
 
 #[tokio::test]

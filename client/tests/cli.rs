@@ -672,24 +672,45 @@ async fn friends_belong_to_the_user_across_connections() {
 
 #[test]
 fn help_groups_the_options() {
-    let output = Command::new(CLIENT)
-        .args(["send", "--help"])
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let help = String::from_utf8_lossy(&output.stdout);
-    for (heading, flag) in [
-        ("Payload", "--hex"),
-        ("Repeat", "--every"),
-        ("Output", "--verbose"),
-        ("Connection", "--url"),
-        ("Auth", "--token"),
-    ] {
-        let start = help.find(&format!("\n{heading}:\n")).expect(heading);
-        let section = help[start + 1..].split("\n\n").next().unwrap_or_default();
-        assert!(
-            section.contains(flag),
-            "{flag} not under {heading}:\n{help}"
-        );
+    /// A command line, and the flags expected under each heading.
+    type Groups = (
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    );
+    let groups: [Groups; 2] = [
+        (
+            &["send", "--help"],
+            &[
+                ("Payload", "--hex"),
+                ("Repeat", "--every"),
+                ("Output", "--verbose"),
+                ("Connection", "--url"),
+                ("Auth", "--token"),
+            ],
+        ),
+        (
+            &["bench", "fanout", "--help"],
+            &[
+                ("Workload", "--subs"),
+                ("Servers", "--sub-url"),
+                ("Measurement", "--server-pid"),
+                ("Load generator", "--ramp"),
+                ("Output", "--json"),
+                ("Connection", "--url"),
+            ],
+        ),
+    ];
+    for (args, expected) in groups {
+        let output = Command::new(CLIENT).args(args).output().unwrap();
+        assert!(output.status.success());
+        let help = String::from_utf8_lossy(&output.stdout);
+        for (heading, flag) in expected {
+            let start = help.find(&format!("\n{heading}:\n")).expect(heading);
+            let section = help[start + 1..].split("\n\n").next().unwrap_or_default();
+            assert!(
+                section.contains(flag),
+                "{flag} not under {heading}:\n{help}"
+            );
+        }
     }
 }

@@ -29,17 +29,17 @@ const SPARE_FDS: u64 = 100;
 pub(super) struct ConnectionsArgs {
     /// Idle connections to open (capped by the open-file limit, which is
     /// raised to its hard maximum first).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, help_heading = "Workload")]
     conns: usize,
     /// How long to hold them once all are open.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, help_heading = "Workload")]
     hold: Duration,
     /// Process id of the server, to report its resident memory per connection.
-    #[arg(long)]
+    #[arg(long, help_heading = "Measurement")]
     server_pid: Option<u32>,
     /// Source addresses 127.0.0.1..=127.0.0.N to spread connections over
     /// (default: one per 25,000 connections, for a loopback server).
-    #[arg(long)]
+    #[arg(long, help_heading = "Load generator")]
     sources: Option<u8>,
 }
 

@@ -34,46 +34,56 @@ use super::{
 #[derive(Args)]
 pub(super) struct FanoutArgs {
     /// Subscribers.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, help_heading = "Workload")]
     subs: usize,
     /// Message bytes (at least 32: a sequence number and a timestamp).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(32..))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(32..), help_heading = "Workload")]
     size: u64,
     /// Messages a second, or `max`: publish as fast as subscribers take
     /// them, with at most --window messages not yet delivered to all.
-    #[arg(long, default_value = "max", value_parser = parse_rate)]
+    #[arg(long, default_value = "max", value_parser = parse_rate, help_heading = "Workload")]
     rate: Rate,
     /// How long to publish.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, help_heading = "Workload")]
     duration: Duration,
     /// Messages in flight with `--rate max`.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Workload")]
     window: u64,
     /// Servers the subscribers connect to, spread round robin (repeat the
     /// option or separate URLs with commas). Default: --url (its `/sub`
     /// path with --raw).
-    #[arg(long = "sub-url", value_name = "URL", value_delimiter = ',')]
+    #[arg(
+        long = "sub-url",
+        value_name = "URL",
+        value_delimiter = ',',
+        help_heading = "Servers"
+    )]
     sub_urls: Vec<String>,
     /// Where the publisher publishes: `ws://…` for PUBLISH frames (the
     /// baseline's `/pub` with --raw), `http://…/api/publish` for the HTTP
     /// publish API. Default: --url (its `/pub` path with --raw, its
     /// `/api/publish` with --via http).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help_heading = "Servers")]
     pub_url: Option<String>,
     /// Topic to publish to (the server must allow clients to publish there,
     /// e.g. `--client-publish 'bench.#'`, unless --via http).
-    #[arg(long, default_value = "bench.fanout")]
+    #[arg(long, default_value = "bench.fanout", help_heading = "Workload")]
     topic: String,
     /// How the publisher publishes: PUBLISH frames or the HTTP publish API
     /// (an `http://` --pub-url implies `http`).
-    #[arg(long, value_enum, default_value_t = Via::Ws)]
+    #[arg(long, value_enum, default_value_t = Via::Ws, help_heading = "Servers")]
     via: Via,
     /// Key of the HTTP publish API (with --via http).
-    #[arg(long, env = "WSPROTO_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "WSPROTO_API_KEY",
+        hide_env_values = true,
+        help_heading = "Servers"
+    )]
     api_key: Option<String>,
     /// Process id of the server, to report the CPU time it used per
     /// operation (and the share of a core it had).
-    #[arg(long)]
+    #[arg(long, help_heading = "Measurement")]
     server_pid: Option<u32>,
 }
 

@@ -52,15 +52,15 @@ pub struct BenchArgs {
     /// The server is a plain reference (benches/baseline: `baseline-server`
     /// or `fastwebsockets-server`): no WELCOME, plain echo, and fan-out
     /// through `/sub` and `/pub` paths instead of topics.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Servers")]
     raw: bool,
 
     /// Print one JSON line instead of a summary.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output")]
     json: bool,
 
     /// New connections a second while connecting.
-    #[arg(long, global = true, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, global = true, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Load generator")]
     ramp: u32,
 }
 
