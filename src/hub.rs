@@ -619,6 +619,12 @@ impl BrokerEventHandler for Inner {
     }
 
     fn recipients(&self, target: &Target) -> usize {
+        if let Target::Topic(_) = target {
+            // Matching a topic means walking its index and collecting a set
+            // (10,000 entries for a wide audience); the list kept for its
+            // deliveries already knows, or will be needed anyway.
+            return Inner::recipients(self, target).len();
+        }
         // Counted, not listed: no queue handle is cloned for a count.
         let state = self.read();
         match target {

@@ -294,7 +294,7 @@ mod tests {
         assert!(text.contains("wsproto_sessions 3"), "{text}");
         assert!(text.contains("wsproto_handshakes 1"), "{text}");
         assert!(text.contains("wsproto_broker_degraded 0"), "{text}");
-        assert_eq!(text.matches("_total ").count(), 16);
+        assert_eq!(text.matches("_total ").count(), 17);
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -11,12 +11,19 @@
 //! let router = Router::new().route(200, shout);
 //! ```
 
-use std::{collections::HashMap, panic::AssertUnwindSafe};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{future::CatchUnwind, stream::FuturesOrdered, FutureExt, StreamExt};
 use tracing::{debug, warn};
 
+use crate::handler::BoxFuture;
 pub use crate::handler::{Handler, HandlerResult, Reply};
 use crate::{
     error::{ErrorCode, HandlerError},
@@ -28,6 +35,9 @@ use crate::{
 /// Maps application opcodes to handlers, and answers the protocol's own.
 pub struct Router {
     handlers: HashMap<u32, Box<dyn Handler>>,
+    /// Opcodes whose handlers may run side by side with the next frames'
+    /// (see [`Router::handle_run`]).
+    pipelined: HashSet<u32>,
 }
 
 impl Default for Router {
@@ -45,6 +55,7 @@ impl Router {
     pub fn new() -> Router {
         Router {
             handlers: HashMap::new(),
+            pipelined: HashSet::new(),
         }
     }
 
@@ -60,6 +71,24 @@ impl Router {
         let previous = self.handlers.insert(opcode, Box::new(handler));
         assert!(previous.is_none(), "opcode {opcode} is already routed");
         self
+    }
+
+    /// Registers the handler of one of the protocol's publishing opcodes,
+    /// whose frames may be handled as a run (see [`Router::handle_run`]):
+    /// its handler must do everything that orders it among other
+    /// publications (hand the publication to the broker) in its first poll.
+    pub(crate) fn route_protocol_pipelined(self, opcode: u32, handler: impl Handler) -> Router {
+        let mut router = self.route_protocol(opcode, handler);
+        router.pipelined.insert(opcode);
+        router
+    }
+
+    /// Whether a binary message may join a run of frames handled side by
+    /// side: its opcode's handler is pipelined. Undecodable messages may
+    /// not (they are answered on their own).
+    pub(crate) fn is_pipelined(&self, message: &Bytes) -> bool {
+        !self.pipelined.is_empty()
+            && Frame::decode(message.clone()).is_ok_and(|f| self.pipelined.contains(&f.opcode))
     }
 
     /// Whether `opcode` has a handler.
@@ -104,6 +133,36 @@ impl Router {
     /// Never fails: whatever the bytes, the client gets a documented answer,
     /// and a panicking handler becomes an INTERNAL error frame.
     pub async fn handle_message(&self, session: &Session, message: Bytes) {
+        if let Some(call) = self.start(session, message) {
+            let (op, request_id) = (call.op, call.request_id);
+            let result = call.await;
+            answer(session, op, request_id, result);
+        }
+    }
+
+    /// Handles a run of binary messages whose handlers are all pipelined
+    /// (see [`Router::is_pipelined`]) side by side: each handler is polled
+    /// first in the order of its frame, so their publications are ordered
+    /// as the frames were, and the answers are queued in that order too.
+    /// A client publishing many messages in a row thus waits for one broker
+    /// round trip per run, not per message.
+    pub(crate) async fn handle_run(&self, session: &Session, messages: Vec<Bytes>) {
+        let mut calls: FuturesOrdered<_> = messages
+            .into_iter()
+            .filter_map(|message| self.start(session, message))
+            .map(|call| {
+                let (op, request_id) = (call.op, call.request_id);
+                call.map(move |result| (op, request_id, result))
+            })
+            .collect();
+        while let Some((op, request_id, result)) = calls.next().await {
+            answer(session, op, request_id, result);
+        }
+    }
+
+    /// Decodes `message` and starts its handler; `None` when the frame was
+    /// answered at once (it does not decode).
+    fn start(&self, session: &Session, message: Bytes) -> Option<Call> {
         let len = message.len();
         let frame = match Frame::decode(message) {
             Ok(frame) => frame,
@@ -115,7 +174,7 @@ impl Router {
                     err.opcode(),
                     err.request_id(),
                 );
-                return;
+                return None;
             }
         };
         debug!(
@@ -128,40 +187,75 @@ impl Router {
             "frame in"
         );
         let (op, request_id) = (frame.opcode, frame.request_id);
-        let result = match self.handlers.get(&op) {
-            Some(handler) => {
-                let call = AssertUnwindSafe(handler.call(session.clone(), frame));
-                call.catch_unwind().await.unwrap_or_else(|_| {
-                    warn!(session = %session.id(), opcode = op, "handler panicked");
-                    Err(HandlerError::internal(format!(
-                        "handler for opcode {op} failed"
-                    )))
-                })
-            }
-            None => Err(HandlerError::protocol(
+        let running = match self.handlers.get(&op) {
+            Some(handler) => Running::Handler(
+                AssertUnwindSafe(handler.call(session.clone(), frame)).catch_unwind(),
+            ),
+            None => Running::Done(Some(Err(HandlerError::protocol(
                 ErrorCode::UnknownOpcode,
                 unknown_opcode_message(op),
-            )),
+            )))),
         };
-        let reply = match result {
-            Ok(Reply::None) if request_id.is_none() => return,
-            Ok(Reply::None) => Frame::new(opcode::ACK, Bytes::new()),
-            Ok(Reply::Payload(payload)) => Frame::new(op, payload),
-            Ok(Reply::Frame { opcode, .. }) if opcode > MAX_OPCODE => {
-                warn!(session = %session.id(), opcode = op, reply = opcode, "handler replied with an invalid opcode");
-                let message = format!("handler for opcode {op} failed");
-                session.send_error(ErrorCode::Internal.as_u32(), message, op, request_id);
-                return;
-            }
-            Ok(Reply::Frame { opcode, payload }) => Frame::new(opcode, payload),
-            Err(err) => {
-                session.send_error(err.code(), err.message().to_owned(), op, request_id);
-                return;
-            }
-        };
-        // A full queue closes the session; nothing else to do here.
-        let _ = session.send(&reply.with_request_id(request_id));
+        Some(Call {
+            op,
+            request_id,
+            running,
+        })
     }
+}
+
+/// A frame's handler, running.
+struct Call {
+    op: u32,
+    request_id: Option<u32>,
+    running: Running,
+}
+
+enum Running {
+    Handler(CatchUnwind<AssertUnwindSafe<BoxFuture>>),
+    /// Answered without a handler; taken when polled.
+    Done(Option<HandlerResult>),
+}
+
+impl Future for Call {
+    /// The handler's result, or `None` when it panicked.
+    type Output = Option<HandlerResult>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<HandlerResult>> {
+        match &mut self.running {
+            Running::Handler(call) => call.poll_unpin(cx).map(Result::ok),
+            Running::Done(result) => Poll::Ready(Some(result.take().unwrap_or(Ok(Reply::None)))),
+        }
+    }
+}
+
+/// Queues the answer to frame `op` (with `request_id`): the reply, an ACK
+/// or an error frame.
+fn answer(session: &Session, op: u32, request_id: Option<u32>, result: Option<HandlerResult>) {
+    let result = result.unwrap_or_else(|| {
+        warn!(session = %session.id(), opcode = op, "handler panicked");
+        Err(HandlerError::internal(format!(
+            "handler for opcode {op} failed"
+        )))
+    });
+    let reply = match result {
+        Ok(Reply::None) if request_id.is_none() => return,
+        Ok(Reply::None) => Frame::new(opcode::ACK, Bytes::new()),
+        Ok(Reply::Payload(payload)) => Frame::new(op, payload),
+        Ok(Reply::Frame { opcode, .. }) if opcode > MAX_OPCODE => {
+            warn!(session = %session.id(), opcode = op, reply = opcode, "handler replied with an invalid opcode");
+            let message = format!("handler for opcode {op} failed");
+            session.send_error(ErrorCode::Internal.as_u32(), message, op, request_id);
+            return;
+        }
+        Ok(Reply::Frame { opcode, payload }) => Frame::new(opcode, payload),
+        Err(err) => {
+            session.send_error(err.code(), err.message().to_owned(), op, request_id);
+            return;
+        }
+    };
+    // A full queue closes the session; nothing else to do here.
+    let _ = session.send(&reply.with_request_id(request_id));
 }
 
 fn unknown_opcode_message(op: u32) -> String {

@@ -183,6 +183,33 @@ async fn sequence_numbers_stay_gap_free_and_in_order_on_every_node() {
     }
 }
 
+/// A burst of PUBLISH frames on one node, handled as runs (one Redis
+/// round trip each, not one per frame), keeps its order: numbered,
+/// answered and delivered on the other nodes in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    missing_redis,
+    ignore = "needs redis-server: apt-get install -y redis-server"
+)]
+async fn a_burst_of_publications_keeps_its_order_across_nodes() {
+    const COUNT: u32 = 300;
+    let (_redis, [a, b, c]) = cluster();
+    let mut subscribers = [
+        b.client("subscribe=feed.%23").await,
+        c.client("subscribe=feed.%23").await,
+    ];
+    let first = common::publish_in_one_burst(&format!("{}?user=p", a.url()), "feed.x", COUNT).await;
+    for subscriber in &mut subscribers {
+        for n in 0..COUNT {
+            let delivery = subscriber.delivery(WAIT).await.unwrap();
+            assert_eq!(
+                (delivery.seq, &delivery.data[..]),
+                (first + u64::from(n), n.to_string().as_bytes())
+            );
+        }
+    }
+}
+
 /// A node takes only what may concern it: publications under a prefix it
 /// has no subscriber for never reach it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{config, TestServer, API_KEY};
-use wsproto::{opcode, proto::v1, ErrorCode, Frame};
+use wsproto::{opcode, proto::v1, Config, ErrorCode, Frame};
 use wsproto_client::{Client, ClientError};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -99,6 +99,30 @@ async fn alarms_reach_every_alarm_subscriber_in_sequence() {
         }
     }
     assert_quiet(&mut bystander).await;
+}
+
+/// A client that sends many PUBLISH frames at once has them handled as
+/// runs, side by side: still numbered in the order sent, answered in that
+/// order (a PING or an invalid frame in between included), and delivered
+/// in that order.
+#[tokio::test]
+async fn publications_sent_in_one_burst_keep_their_order() {
+    const COUNT: u32 = 200;
+    let server = TestServer::start(Config {
+        client_publish: vec!["feed.#".parse().unwrap()],
+        ..config()
+    })
+    .await;
+    let mut subscriber = server.client_with("subscribe=feed.x").await;
+    let first = common::publish_in_one_burst(&server.url(), "feed.x", COUNT).await;
+    assert_eq!(first, 1);
+    for n in 0..COUNT {
+        let delivery = subscriber.delivery(WAIT).await.unwrap();
+        assert_eq!(
+            (delivery.seq, &delivery.data[..]),
+            (u64::from(n) + 1, n.to_string().as_bytes())
+        );
+    }
 }
 
 /// Case 4: one user, every session (device) they have open.

@@ -17,10 +17,14 @@ mod writer;
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
+use tokio_tungstenite::{
+    tungstenite::{self, Message},
+    WebSocketStream,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use wsproto_proto::v1;
@@ -120,6 +124,9 @@ pub(crate) async fn run<S>(
     }
     let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
     let mut handled_in_a_row = 0u32;
+    // What was read while gathering a run of publications but belongs
+    // after it (see `gather_run`).
+    let mut read_past_run = None;
     let mut close_deadline: Option<tokio::time::Instant> = None;
     let mut linger = false;
     let expiry_of = |session: &Session| {
@@ -160,32 +167,38 @@ pub(crate) async fn run<S>(
             .flatten()
             .min_by_key(|(at, _)| *at),
         };
-        let message = tokio::select! {
-            biased;
-            _ = &mut terminated => break,
-            _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
-                drain_turn = Some(tokio::time::Instant::now() + drain_delay(&session, &config));
-                continue;
-            }
-            _ = &mut closing, if close_deadline.is_none() => continue,
-            _ = sleep_until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
-                Some(Deadline::Close) => break,
-                Some(Deadline::DrainTurn) => {
-                    queue.close(CloseReason::going_away_after(random_slot(&session)));
+        let message = match read_past_run.take() {
+            Some(message) if !held_back => message,
+            stashed => {
+                read_past_run = stashed;
+                tokio::select! {
+                biased;
+                _ = &mut terminated => break,
+                _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
+                    drain_turn = Some(tokio::time::Instant::now() + drain_delay(&session, &config));
                     continue;
                 }
-                Some(Deadline::TokenExpiry) => {
-                    queue.close(CloseReason::TOKEN_EXPIRED);
+                _ = &mut closing, if close_deadline.is_none() => continue,
+                _ = sleep_until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
+                    Some(Deadline::Close) => break,
+                    Some(Deadline::DrainTurn) => {
+                        queue.close(CloseReason::going_away_after(random_slot(&session)));
+                        continue;
+                    }
+                    Some(Deadline::TokenExpiry) => {
+                        queue.close(CloseReason::TOKEN_EXPIRED);
+                        continue;
+                    }
+                    None => continue,
+                },
+                _ = queue.backlog_drained(), if held_back => {
+                    // The writer is getting the replies through: the client is reading.
+                    session.touch();
                     continue;
                 }
-                None => continue,
-            },
-            _ = queue.backlog_drained(), if held_back => {
-                // The writer is getting the replies through: the client is reading.
-                session.touch();
-                continue;
+                message = stream.next(), if !held_back => message,
+                    }
             }
-            message = stream.next(), if !held_back => message,
         };
         match message {
             None => break,
@@ -225,10 +238,50 @@ pub(crate) async fn run<S>(
                 }
                 // A handler that never finishes must not outlive the session.
                 session.set_handling(true);
-                tokio::select! {
-                    biased;
-                    _ = &mut terminated => break,
-                    _ = handle_message(&session, &router, message) => {}
+                let run = match message {
+                    Message::Binary(data) if router.is_pipelined(&data) => {
+                        let gathered = gather_run(&mut stream, &router, data);
+                        read_past_run = gathered.read_past;
+                        let mut run = Vec::with_capacity(gathered.run.len());
+                        for data in gathered.run {
+                            // The first frame has passed the limit already.
+                            let verdict = match run.is_empty() {
+                                true => Verdict::Allow,
+                                false => limiter.check(),
+                            };
+                            match verdict {
+                                Verdict::Allow => run.push(data),
+                                verdict => {
+                                    metrics::bump(&session.node().counters().rate_limited_frames);
+                                    let message = Message::Binary(data);
+                                    if verdict == (Verdict::Refuse { reply: true }) {
+                                        refuse_over_limit(&session, &message, config.rate_limit);
+                                    } else if verdict == Verdict::Close {
+                                        queue.close(CloseReason::RATE_LIMITED);
+                                    }
+                                }
+                            }
+                        }
+                        Some(run)
+                    }
+                    message => {
+                        tokio::select! {
+                            biased;
+                            _ = &mut terminated => break,
+                            _ = handle_message(&session, &router, message) => {}
+                        }
+                        None
+                    }
+                };
+                if let Some(run) = run {
+                    for _ in &run {
+                        session.count_received();
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = &mut terminated => break,
+                        _ = router.handle_run(&session, run) => {}
+                    }
                 }
                 session.set_handling(false);
                 session.touch();
@@ -300,6 +353,43 @@ fn count_ending(session: &Session) {
     }
     let dropped = session.queue().dropped();
     counters.dropped_frames.inc_by(dropped);
+}
+
+/// Most publications handled as one run (see [`Router::handle_run`]).
+const MAX_RUN: usize = 32;
+
+/// A run of publications, and what was read after them.
+struct Run {
+    run: Vec<Bytes>,
+    /// The next read's result, when it was not one more publication.
+    read_past: Option<Option<Result<Message, tungstenite::Error>>>,
+}
+
+/// `first`, with the publications right behind it that have already
+/// arrived (up to [`MAX_RUN`]): handled side by side, they cost one broker
+/// round trip, not one each, while their order and their answers' order
+/// stay as sent. Never waits for more to arrive.
+fn gather_run<S>(stream: &mut S, router: &Router, first: Bytes) -> Run
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    let mut run = vec![first];
+    while run.len() < MAX_RUN {
+        match stream.next().now_or_never() {
+            None => break,
+            Some(Some(Ok(Message::Binary(data)))) if router.is_pipelined(&data) => run.push(data),
+            Some(other) => {
+                return Run {
+                    run,
+                    read_past: Some(other),
+                }
+            }
+        }
+    }
+    Run {
+        run,
+        read_past: None,
+    }
 }
 
 /// Answers a frame over the rate limit with RATE_LIMITED, echoing what

@@ -287,3 +287,81 @@ pub async fn delivery(subscriber: &mut wsproto_client::Subscriber) -> wsproto::p
         other => panic!("expected a delivery, got {other:?}"),
     }
 }
+
+/// Sends, in one write, `count` PUBLISH frames to `topic` (payloads "0",
+/// "1", …, request ids 1..=count), a PING after the first half and an
+/// invalid PUBLISH after the first quarter, so the server reads them as
+/// runs; then checks the answers: each in the order its frame was sent,
+/// PUBLISHED seqs consecutive, the PING's PONG and the invalid frame's
+/// error where they were sent. Returns the first seq.
+pub async fn publish_in_one_burst(url: &str, topic: &str, count: u32) -> u64 {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::Message;
+    use wsproto::{opcode, proto::v1, Frame};
+
+    const PING_ID: u32 = u32::MAX;
+    const BAD_ID: u32 = u32::MAX - 1;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let publish = |id: u32, topic: &str, n: u32| {
+        let request = v1::Publish {
+            topic: topic.to_owned(),
+            data: n.to_string().into(),
+            ..Default::default()
+        };
+        Frame::new(opcode::PUBLISH, request.encode_to_vec())
+            .with_request_id(Some(id))
+            .encode()
+    };
+    let mut expected = Vec::new();
+    for n in 0..count {
+        if n == count / 4 {
+            ws.feed(Message::Binary(publish(BAD_ID, "feed..bad", 0)))
+                .await
+                .unwrap();
+            expected.push(BAD_ID);
+        }
+        if n == count / 2 {
+            let ping = Frame::new(opcode::PING, "barrier").with_request_id(Some(PING_ID));
+            ws.feed(Message::Binary(ping.encode())).await.unwrap();
+            expected.push(PING_ID);
+        }
+        ws.feed(Message::Binary(publish(n + 1, topic, n)))
+            .await
+            .unwrap();
+        expected.push(n + 1);
+    }
+    ws.flush().await.unwrap();
+
+    let mut answered = Vec::new();
+    let mut seqs = Vec::new();
+    while answered.len() < expected.len() {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("every frame answered in time");
+        let Some(Ok(Message::Binary(data))) = message else {
+            continue;
+        };
+        let frame = Frame::decode(data).unwrap();
+        let Some(id) = frame.request_id else {
+            continue; // WELCOME
+        };
+        match id {
+            PING_ID => assert_eq!(frame.opcode, opcode::PONG),
+            BAD_ID => assert_eq!(frame.opcode, opcode::ERROR),
+            _ => {
+                assert_eq!(frame.opcode, opcode::PUBLISH, "{frame:?}");
+                seqs.push(v1::Published::decode(frame.payload).unwrap().seq);
+            }
+        }
+        answered.push(id);
+    }
+    assert_eq!(answered, expected, "answers in the order of the frames");
+    let first = seqs[0];
+    assert_eq!(
+        seqs,
+        (first..first + u64::from(count)).collect::<Vec<_>>(),
+        "publications numbered in the order sent"
+    );
+    first
+}
