@@ -197,8 +197,15 @@ async fn run<T>(
     let publisher = tokio::spawn(publish(addrs, count, rate, load, accepted.clone()));
     let outcome = fault.await;
     let slowest_refusal = publisher.await.unwrap();
-    // Settle: until every device has the last accepted alarm, or 15 s.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Settle: until every device has the last accepted message, or 15 s
+    // (a loaded machine may take a while), and a moment more for anything
+    // that would arrive twice.
+    shared.published_all.store(true, Ordering::Relaxed);
+    let settled = Instant::now() + Duration::from_secs(15);
+    while shared.caught_up.load(Ordering::Relaxed) < devices as u64 && Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     shared.done.store(true, Ordering::Relaxed);
     let published: Vec<_> = accepted
         .iter()

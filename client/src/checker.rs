@@ -239,6 +239,11 @@ pub struct Shared {
     pub accepted: Arc<Mutex<Vec<(String, u64)>>>,
     /// Set when the run is over.
     pub done: Arc<AtomicBool>,
+    /// Set once the publisher is done: `accepted` is final.
+    pub published_all: Arc<AtomicBool>,
+    /// Devices that have had the last accepted message since
+    /// `published_all` was set.
+    pub caught_up: Arc<AtomicU64>,
 }
 
 /// Runs one device: feeds everything `subscriber` hands out for `stream`
@@ -261,6 +266,7 @@ pub async fn follow(
     let mut lost_at: Option<Instant> = None;
     let mut catching_up: Option<(Instant, String, u64)> = None;
     let mut first = true;
+    let mut counted_caught_up = false;
     loop {
         let wake = next_drop.map_or(Duration::from_millis(200), |at| {
             at.saturating_duration_since(Instant::now())
@@ -307,6 +313,13 @@ pub async fn follow(
             if run.checker.last_seq(&stream, epoch) >= *seq {
                 run.catch_ups.push(lost.elapsed());
                 catching_up = None;
+            }
+        }
+        if !counted_caught_up && shared.published_all.load(Ordering::Relaxed) {
+            let last = shared.accepted.lock().unwrap().last().cloned();
+            if last.is_none_or(|(epoch, seq)| run.checker.last_seq(&stream, &epoch) >= seq) {
+                counted_caught_up = true;
+                shared.caught_up.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

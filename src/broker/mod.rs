@@ -10,6 +10,7 @@
 //! broker with a network behind it.
 
 mod memory;
+mod ordered;
 mod redis;
 
 use std::{

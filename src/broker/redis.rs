@@ -41,6 +41,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message as _;
 use redis::aio::ConnectionManager;
+
+use super::ordered::{OrderedCalls, ScriptCall};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -123,6 +125,8 @@ struct Shared {
     client: redis::Client,
     commands: ConnectionManager,
     publish: redis::Script,
+    /// Publications, sent in the order they were made.
+    ordered: OrderedCalls,
     history: redis::Script,
     acknowledge: redis::Script,
     presence_write: redis::Script,
@@ -375,6 +379,7 @@ impl RedisBroker {
             shared: Arc::new(Shared {
                 settings,
                 client,
+                ordered: OrderedCalls::new(commands.clone(), redis::Script::new(PUBLISH_SCRIPT)),
                 commands,
                 publish: redis::Script::new(PUBLISH_SCRIPT),
                 history: redis::Script::new(HISTORY_SCRIPT),
@@ -418,6 +423,7 @@ impl Broker for RedisBroker {
         else {
             return;
         };
+        self.shared.ordered.start();
         tokio::spawn(subscription_loop(
             self.shared.clone(),
             self.interest_ops.clone(),
@@ -602,7 +608,7 @@ impl Shared {
             false => None,
         };
         let payload = Envelope::of(&publication).encode_to_vec();
-        let mut invocation = self.publish.prepare_invoke();
+        let mut invocation = ScriptCall::new(&self.publish);
         let sequenced = match publication.target.stream_key() {
             Some(stream) => {
                 invocation.key(self.key(&format!("s:{stream}")));
@@ -653,9 +659,10 @@ impl Shared {
                     .map_or(String::new(), |key| self.key(&format!("idem:{key}"))),
             )
             .arg(IDEMPOTENCY_TTL.as_secs());
-        let mut commands = self.commands.clone();
         let wait = self.settings.command_timeout;
-        let published = invocation.invoke_async::<(u64, u64, String, u8)>(&mut commands);
+        // In line now, before the first await: publications are numbered
+        // in the order they were made (see `ordered`).
+        let published = self.ordered.call::<(u64, u64, String, u8)>(invocation);
         let published = self.bounded("publish", wait, published).await;
         let handler = self.handler();
         match published {
