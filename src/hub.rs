@@ -45,6 +45,10 @@ pub enum HubError {
     /// The session has closed (or was never registered with this hub).
     #[error("session is not connected")]
     NotConnected,
+    /// The broker could not route the stream to this node in time, so what
+    /// a recovery replays could be followed by a hole; nothing was changed.
+    #[error("the cluster could not route this stream to this node in time; retry shortly")]
+    NotRouted,
 }
 
 /// Settings of a hub.

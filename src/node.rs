@@ -141,15 +141,20 @@ impl Node {
 
     /// Makes a session reachable on this node and, for a user's session,
     /// tells the broker (so pushes to the user reach it from any node).
+    ///
+    /// # Errors
+    /// When the broker could not make sure of that in time (see
+    /// [`Broker::add_interest`]); the session is registered all the same.
     pub async fn register(
         &self,
         session_id: Arc<str>,
         user_id: Option<Arc<str>>,
         queue: SessionQueue,
-    ) {
+    ) -> Result<(), BrokerError> {
         self.hub().register(session_id, user_id.clone(), queue);
-        if let Some(user) = user_id {
-            self.broker().add_interest(&[Interest::User(user)]).await;
+        match user_id {
+            Some(user) => self.broker().add_interest(&[Interest::User(user)]).await,
+            None => Ok(()),
         }
     }
 
@@ -185,10 +190,21 @@ impl Node {
         session_id: &str,
         topics: &[Topic],
     ) -> Result<usize, HubError> {
+        let (new, _routed) = self.subscribe_routed(session_id, topics).await?;
+        Ok(new.len())
+    }
+
+    /// [`Node::subscribe_all`], with the subscriptions that are new and
+    /// whether the broker routes them here (see [`Broker::add_interest`]).
+    async fn subscribe_routed(
+        &self,
+        session_id: &str,
+        topics: &[Topic],
+    ) -> Result<(Vec<Topic>, Result<(), BrokerError>), HubError> {
         let new = self.hub().subscribe_new(session_id, topics)?;
         let interest: Vec<Interest> = new.iter().cloned().map(Interest::Topic).collect();
-        self.broker().add_interest(&interest).await;
-        Ok(new.len())
+        let routed = self.broker().add_interest(&interest).await;
+        Ok((new, routed))
     }
 
     /// Ends a subscription; returns false if there was none.
@@ -215,13 +231,28 @@ impl Node {
         room: &Topic,
         presence_events: bool,
     ) -> Result<v1::Presence, HubError> {
+        let (presence, _routed) = self.join_routed(session_id, room, presence_events).await?;
+        Ok(presence)
+    }
+
+    /// [`Node::join`], and whether the broker routes the room here (see
+    /// [`Broker::add_interest`]).
+    async fn join_routed(
+        &self,
+        session_id: &str,
+        room: &Topic,
+        presence_events: bool,
+    ) -> Result<(v1::Presence, Result<(), BrokerError>), HubError> {
         let (presence, joined) = self.hub().join_new(session_id, room, presence_events)?;
-        if joined {
-            let interest = Interest::Room(room.as_str().into());
-            self.broker().add_interest(&[interest]).await;
-        }
+        let routed = match joined {
+            true => {
+                let interest = Interest::Room(room.as_str().into());
+                self.broker().add_interest(&[interest]).await
+            }
+            false => Ok(()),
+        };
         if !self.broker().keeps_presence() {
-            return Ok(presence);
+            return Ok((presence, routed));
         }
         if joined {
             let user = self.hub().user_of(session_id);
@@ -229,7 +260,7 @@ impl Node {
                 .change_presence(room.as_str(), true, session_id, user.as_deref())
                 .await;
         }
-        Ok(self.room_presence(room.as_str()).await)
+        Ok((self.room_presence(room.as_str()).await, routed))
     }
 
     /// Who is in a room, on every node when the broker keeps presence
@@ -305,11 +336,26 @@ impl Node {
         for (stream, _) in &streams {
             queue.begin_recovery(&stream_key(stream));
         }
-        if let Err(err) = self.subscribe_all(session_id, topics).await {
+        let forget = || {
             for (stream, _) in &streams {
                 queue.forget_stream(&stream_key(stream));
             }
-            return Err(err);
+        };
+        match self.subscribe_routed(session_id, topics).await {
+            Err(err) => {
+                forget();
+                return Err(err);
+            }
+            // A replay followed by live messages that may not come: refused
+            // instead, with nothing changed, so the client retries.
+            Ok((new, Err(_))) if !streams.is_empty() => {
+                for topic in &new {
+                    self.unsubscribe(session_id, topic);
+                }
+                forget();
+                return Err(HubError::NotRouted);
+            }
+            Ok(_) => {}
         }
         let mut states = Vec::with_capacity(streams.len() + report.len());
         for (stream, position) in &streams {
@@ -346,8 +392,16 @@ impl Node {
         if since.is_some() {
             queue.begin_recovery(&stream_key(&stream));
         }
-        let mut presence = match self.join(session_id, room, presence_events).await {
-            Ok(presence) => presence,
+        let mut presence = match self.join_routed(session_id, room, presence_events).await {
+            Ok((presence, Ok(()))) => presence,
+            Ok((presence, Err(_))) if since.is_none() => presence,
+            // As for subscriptions: refused with nothing changed rather
+            // than a replay that live messages may not follow.
+            Ok((_, Err(_))) => {
+                self.leave(session_id, room.as_str()).await;
+                queue.forget_stream(&stream_key(&stream));
+                return Err(HubError::NotRouted);
+            }
             Err(err) => {
                 queue.forget_stream(&stream_key(&stream));
                 return Err(err);

@@ -24,7 +24,7 @@ use wsproto_proto::v1;
 
 use crate::{
     auth::Authenticator,
-    broker::Sender,
+    broker::{BrokerError, Sender},
     error::ErrorCode,
     frame::Frame,
     hub::Hub,
@@ -308,12 +308,13 @@ pub struct Registration(Session);
 
 impl Registration {
     /// Registers `session` with its node; completes once what is sent to
-    /// its user from any node reaches it.
-    pub(crate) async fn new(session: &Session) -> Registration {
+    /// its user from any node reaches it, or (the `Err`) once the broker
+    /// has failed to make sure of that in time.
+    pub(crate) async fn new(session: &Session) -> (Registration, Result<(), BrokerError>) {
         let (id, user_id) = (session.inner.id.clone(), session.inner.user_id.clone());
         let node = session.node();
-        node.register(id, user_id, session.queue().clone()).await;
-        Registration(session.clone())
+        let routed = node.register(id, user_id, session.queue().clone()).await;
+        (Registration(session.clone()), routed)
     }
 
     /// Registers `session` with its node's hub only (what [`Session::detached`]

@@ -378,11 +378,16 @@ pub trait Broker: Send + Sync + 'static {
 
     /// This node now has local recipients for `interest` (called for each
     /// new subscription, membership or session of a user). Completes once
-    /// publications for it will reach this node; never fails (a broker
-    /// that cannot register it now does so when it heals).
-    fn add_interest(&self, interest: &[Interest]) -> BoxFuture<'_, ()> {
+    /// publications for it will reach this node.
+    ///
+    /// # Errors
+    /// When that could not be made sure of in time. The broker keeps trying
+    /// and registers it when it heals, but publications made meanwhile do
+    /// not reach this node: a caller about to replay history must not rely
+    /// on live delivery to follow on seamlessly.
+    fn add_interest(&self, interest: &[Interest]) -> BoxFuture<'_, Result<(), BrokerError>> {
         let _ = interest;
-        Box::pin(std::future::ready(()))
+        Box::pin(std::future::ready(Ok(())))
     }
 
     /// The counterpart of [`Broker::add_interest`], once per ended

@@ -92,7 +92,11 @@ impl OrderedCalls {
     /// # Panics
     /// Outside a Tokio runtime.
     pub(super) fn start(&self) {
-        let unstarted = self.unstarted.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let unstarted = self
+            .unstarted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(task) = unstarted {
             tokio::spawn(send_loop(task.connection, task.script, task.calls));
         }

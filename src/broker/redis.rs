@@ -145,6 +145,9 @@ struct Shared {
     /// here for one this node missed.
     local_delivery: tokio::sync::Mutex<()>,
     subscribed: AtomicBool,
+    /// Some interest this node needs is not written in Redis yet (a write
+    /// failed and waits for its retry).
+    interest_unwritten: AtomicBool,
     commands_ok: AtomicBool,
     local_only: AtomicU64,
     failures: AtomicU64,
@@ -154,7 +157,8 @@ struct Shared {
 }
 
 enum InterestOp {
-    Add(Vec<String>, oneshot::Sender<()>),
+    /// Keys to add; answered whether they were written.
+    Add(Vec<String>, oneshot::Sender<bool>),
     Remove(Vec<String>),
     /// Re-register everything (after a reconnection).
     Refresh,
@@ -392,6 +396,7 @@ impl RedisBroker {
                 received_positions: Mutex::new(HashMap::new()),
                 local_delivery: tokio::sync::Mutex::new(()),
                 subscribed: AtomicBool::new(false),
+                interest_unwritten: AtomicBool::new(false),
                 commands_ok: AtomicBool::new(true),
                 local_only: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
@@ -460,23 +465,37 @@ impl Broker for RedisBroker {
         Box::pin(self.shared.history(stream, since, limit))
     }
 
-    fn add_interest(&self, interest: &[Interest]) -> BoxFuture<'_, ()> {
+    fn add_interest(&self, interest: &[Interest]) -> BoxFuture<'_, Result<(), BrokerError>> {
         let new = self.shared.count_interest(interest, true);
         Box::pin(async move {
+            let unrouted = || {
+                Err(BrokerError::Unavailable(
+                    "Redis did not take this node's interest in time".into(),
+                ))
+            };
             if new.is_empty() {
-                return;
+                // Needed here already: routed, unless its write failed and
+                // waits for a retry.
+                return match self.shared.interest_unwritten.load(Ordering::Acquire) {
+                    true => unrouted(),
+                    false => Ok(()),
+                };
             }
             let (done, registered) = oneshot::channel();
             if self
                 .interest_ops
                 .send(InterestOp::Add(new, done))
                 .await
-                .is_ok()
+                .is_err()
             {
-                // Bounded: a Redis that does not answer degrades the node;
-                // the interest is registered when it heals.
-                let wait = self.shared.settings.command_timeout * 2;
-                let _ = tokio::time::timeout(wait, registered).await;
+                return unrouted();
+            }
+            // Bounded: a Redis that does not answer degrades the node; the
+            // interest is registered when it heals.
+            let wait = self.shared.settings.command_timeout * 2;
+            match tokio::time::timeout(wait, registered).await {
+                Ok(Ok(true)) => Ok(()),
+                _ => unrouted(),
             }
         })
     }
@@ -1407,8 +1426,14 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
     // be gone (a Redis restart) and nothing else would bring them back
     // before the next refresh.
     let mut retry: Option<tokio::time::Instant> = None;
+    // An operation read while gathering additions, to apply next.
+    let mut next = None;
     loop {
         let op = tokio::select! {
+            op = async { next.take() }, if next.is_some() => match op {
+                Some(op) => op,
+                None => continue,
+            },
             op = ops.recv() => match op {
                 Some(op) => op,
                 None => return,
@@ -1422,11 +1447,30 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
             return;
         }
         match op {
-            InterestOp::Add(keys, done) => {
+            InterestOp::Add(mut keys, done) => {
+                // Additions queued behind this one (a reconnect storm brings
+                // hundreds) go in the same pipelines, not a round trip each;
+                // anything else stays in its place, after them.
+                let mut waiting = vec![done];
+                while let Ok(op) = ops.try_recv() {
+                    match op {
+                        InterestOp::Add(more, done) => {
+                            keys.extend(more);
+                            waiting.push(done);
+                        }
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
                 let written = shared.write_interest(&keys, true).await;
-                let _ = done.send(());
                 if !written {
+                    shared.interest_unwritten.store(true, Ordering::Release);
                     retry = Some(tokio::time::Instant::now() + RETRY);
+                }
+                for done in waiting {
+                    let _ = done.send(written);
                 }
             }
             InterestOp::Remove(keys) => {
@@ -1446,6 +1490,8 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
                 };
                 if !shared.write_interest(&keys, true).await || !shared.rewrite_members().await {
                     retry = Some(tokio::time::Instant::now() + RETRY);
+                } else {
+                    shared.interest_unwritten.store(false, Ordering::Release);
                 }
             }
             InterestOp::Presence {

@@ -87,7 +87,18 @@ pub(crate) async fn run<S>(
         }
         _ => None,
     };
-    let registration = Registration::new(&session).await;
+    let (registration, routed) = Registration::new(&session).await;
+    // The user's pushes may not reach this node yet: a recovery now could
+    // be followed by a silent hole, so the device comes back a little later
+    // (nothing is lost: it recovers from where it stands then).
+    let user_stream = match routed {
+        Err(err) if user_stream.is_some() => {
+            debug!(session = %session.id(), %err, "user's pushes not routed here in time");
+            session.queue().close(CloseReason::TRY_AGAIN_LATER);
+            None
+        }
+        _ => user_stream,
+    };
     // Checked against permissions and the limit at upgrade.
     let _ = session
         .node()

@@ -19,6 +19,7 @@ fn hub_error(err: HubError) -> HandlerError {
             HandlerError::protocol(ErrorCode::LimitExceeded, err.to_string())
         }
         HubError::NotConnected => HandlerError::internal(err.to_string()),
+        HubError::NotRouted => HandlerError::protocol(ErrorCode::Unavailable, err.to_string()),
     }
 }
 
