@@ -648,6 +648,15 @@ impl SessionQueue {
         self.backlogged(&self.state())
     }
 
+    /// Frames that can still be queued before the queue is
+    /// [backlogged](SessionQueue::is_backlogged) (at least 1).
+    pub fn room_before_backlog(&self) -> usize {
+        let state = self.state();
+        (self.inner.capacity / 2)
+            .saturating_sub(state.frames.len())
+            .max(1)
+    }
+
     fn backlogged(&self, state: &State) -> bool {
         state.frames.len() > self.inner.capacity / 2 || state.bytes > self.inner.max_bytes / 2
     }

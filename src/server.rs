@@ -652,10 +652,11 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// so a flood cannot turn refusals into unbounded work.
 fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Refusal) {
     let Ok(permit) = state.refusals.clone().try_acquire_owned() else {
-        metrics::bump(&state.node.counters().refusals_answered_at_once);
-        debug!(%peer, ?why, "too many refusals in flight; answered at once");
-        if state.tls.is_none() {
-            answer_now(&tcp, &why.response());
+        if state.tls.is_none() && answer_now(&tcp, &why.response()) {
+            metrics::bump(&state.node.counters().refusals_answered_at_once);
+            debug!(%peer, ?why, "too many refusals in flight; answered at once");
+        } else {
+            debug!(%peer, ?why, "too many refusals in flight; dropped unanswered");
         }
         return;
     };
@@ -684,12 +685,19 @@ fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Re
 /// is empty, so it nearly always does) and reads away the request if it has
 /// already arrived, so that closing sends a FIN rather than a reset that would destroy the answer. A request still on its
 /// way is lost with the socket; that client sees a reset.
-fn answer_now(tcp: &TcpStream, response: &[u8]) {
-    if tcp.try_write(response).ok() != Some(response.len()) {
-        return;
+///
+/// Straight to the socket: tokio's `try_write` would first wait for the
+/// reactor to have seen the fresh socket writable. Returns whether the
+/// whole answer was written.
+fn answer_now(tcp: &TcpStream, response: &[u8]) -> bool {
+    use std::io::Read;
+    let socket = socket2::SockRef::from(tcp);
+    if socket.send(response).ok() != Some(response.len()) {
+        return false;
     }
     let mut sink = [0u8; 4096];
-    while matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {}
+    while matches!((&*socket).read(&mut sink), Ok(n) if n > 0) {}
+    true
 }
 
 /// Writes `response` and closes without a reset: the request the client

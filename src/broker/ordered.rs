@@ -14,6 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most calls sent in one pipeline.
 const MAX_PIPELINE: usize = 256;
+/// Most calls waiting in line; past it a call is refused at once (a Redis
+/// that stopped answering must not make publications pile up in memory).
+const MAX_WAITING: usize = 65_536;
 
 /// A call of one script with its keys and arguments, built like
 /// `redis::ScriptInvocation` but sent as a plain `EVALSHA` command.
@@ -60,7 +63,7 @@ struct Queued {
 
 /// The sending end: cheap to use from any task.
 pub(super) struct OrderedCalls {
-    queue: mpsc::UnboundedSender<Queued>,
+    queue: mpsc::Sender<Queued>,
     /// What the sending task needs, until [`OrderedCalls::start`].
     unstarted: std::sync::Mutex<Option<SendLoop>>,
 }
@@ -68,14 +71,14 @@ pub(super) struct OrderedCalls {
 struct SendLoop {
     connection: ConnectionManager,
     script: redis::Script,
-    calls: mpsc::UnboundedReceiver<Queued>,
+    calls: mpsc::Receiver<Queued>,
 }
 
 impl OrderedCalls {
     /// Calls of `script` over `connection`; they wait in line until
     /// [`OrderedCalls::start`].
     pub(super) fn new(connection: ConnectionManager, script: redis::Script) -> OrderedCalls {
-        let (queue, calls) = mpsc::unbounded_channel();
+        let (queue, calls) = mpsc::channel(MAX_WAITING);
         OrderedCalls {
             queue,
             unstarted: std::sync::Mutex::new(Some(SendLoop {
@@ -109,10 +112,17 @@ impl OrderedCalls {
         call: ScriptCall,
     ) -> impl std::future::Future<Output = Result<T, RedisError>> + Send + 'static {
         let (answer, answered) = oneshot::channel();
-        let queued = self.queue.send(Queued { call, answer });
+        let queued = self.queue.try_send(Queued { call, answer });
         async move {
-            if queued.is_err() {
-                return Err(gone());
+            match queued {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "too many publications waiting for Redis",
+                    )))
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(gone()),
             }
             let value = answered.await.map_err(|_| gone())??;
             T::from_redis_value(value).map_err(RedisError::from)
@@ -131,12 +141,16 @@ fn gone() -> RedisError {
 async fn send_loop(
     mut connection: ConnectionManager,
     script: redis::Script,
-    mut calls: mpsc::UnboundedReceiver<Queued>,
+    mut calls: mpsc::Receiver<Queued>,
 ) {
     let mut batch = Vec::with_capacity(MAX_PIPELINE);
     while calls.recv_many(&mut batch, MAX_PIPELINE).await > 0 {
-        // Answered by now; whoever gave up waiting is not asked again.
+        // Whoever gave up waiting is not asked again (they were told the
+        // publication failed).
         batch.retain(|queued: &Queued| !queued.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let answers = match send(&mut connection, &batch).await {
             Ok(values) => values.into_iter().map(Ok).collect(),
             Err(err) => vec![Err(err); batch.len()],
@@ -154,15 +168,31 @@ async fn send_loop(
 
 /// `answers` with the calls Redis refused for not knowing the script
 /// (after a restart it has none) sent again once it is loaded. Only those
-/// are sent again, in their order: the others ran (or failed) already.
+/// are sent again: the others ran (or failed) already. A refused call
+/// followed by one that ran (another node loaded the script meanwhile)
+/// cannot be sent again without being numbered after it, so it fails
+/// instead (the publisher is told, and may retry).
 async fn retry_noscript(
     connection: &mut ConnectionManager,
     script: &redis::Script,
     batch: &[Queued],
     mut answers: Vec<Result<Value, RedisError>>,
 ) -> Vec<Result<Value, RedisError>> {
+    let refused =
+        |answer: &Result<Value, RedisError>| matches!(answer, Ok(value) if is_noscript(value));
+    let Some(first) = answers.iter().position(refused) else {
+        return answers;
+    };
+    let last_ran = answers.iter().rposition(|a| !refused(a));
+    for answer in &mut answers[first..last_ran.map_or(first, |i| i.max(first))] {
+        if refused(answer) {
+            *answer = Err(RedisError::from(std::io::Error::other(
+                "Redis lost its scripts in the middle of a pipeline",
+            )));
+        }
+    }
     let refused: Vec<usize> = (0..answers.len())
-        .filter(|&i| matches!(&answers[i], Ok(value) if is_noscript(value)))
+        .filter(|&i| refused(&answers[i]))
         .collect();
     if refused.is_empty() {
         return answers;

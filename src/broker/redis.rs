@@ -473,14 +473,9 @@ impl Broker for RedisBroker {
                     "Redis did not take this node's interest in time".into(),
                 ))
             };
-            if new.is_empty() {
-                // Needed here already: routed, unless its write failed and
-                // waits for a retry.
-                return match self.shared.interest_unwritten.load(Ordering::Acquire) {
-                    true => unrouted(),
-                    false => Ok(()),
-                };
-            }
+            // Even with nothing new to write (the keys are needed here
+            // already), the answer comes through the queue: an addition of
+            // the same keys may still be on its way to Redis.
             let (done, registered) = oneshot::channel();
             if self
                 .interest_ops
@@ -1429,18 +1424,17 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
     // An operation read while gathering additions, to apply next.
     let mut next = None;
     loop {
-        let op = tokio::select! {
-            op = async { next.take() }, if next.is_some() => match op {
-                Some(op) => op,
-                None => continue,
+        let op = match next.take() {
+            Some(op) => op,
+            None => tokio::select! {
+                op = ops.recv() => match op {
+                    Some(op) => op,
+                    None => return,
+                },
+                _ = refresh.tick() => InterestOp::Refresh,
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)),
+                    if retry.is_some() => InterestOp::Refresh,
             },
-            op = ops.recv() => match op {
-                Some(op) => op,
-                None => return,
-            },
-            _ = refresh.tick() => InterestOp::Refresh,
-            _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)),
-                if retry.is_some() => InterestOp::Refresh,
         };
         retry = None;
         if shared.handler().is_none() {
@@ -1469,8 +1463,11 @@ async fn interest_loop(shared: Arc<Shared>, mut ops: mpsc::Receiver<InterestOp>)
                     shared.interest_unwritten.store(true, Ordering::Release);
                     retry = Some(tokio::time::Instant::now() + RETRY);
                 }
+                // Also no to a caller whose keys were written by an
+                // earlier failed addition and wait for the retry.
+                let routed = written && !shared.interest_unwritten.load(Ordering::Acquire);
                 for done in waiting {
-                    let _ = done.send(written);
+                    let _ = done.send(routed);
                 }
             }
             InterestOp::Remove(keys) => {

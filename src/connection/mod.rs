@@ -178,8 +178,8 @@ pub(crate) async fn run<S>(
             .flatten()
             .min_by_key(|(at, _)| *at),
         };
-        let message = match read_past_run.take() {
-            Some(message) if !held_back => message,
+        let (message, verdict) = match read_past_run.take() {
+            Some(read) if !held_back => read,
             stashed => {
                 read_past_run = stashed;
                 tokio::select! {
@@ -207,7 +207,7 @@ pub(crate) async fn run<S>(
                     session.touch();
                     continue;
                 }
-                message = stream.next(), if !held_back => message,
+                message = stream.next(), if !held_back => (message, None),
                     }
             }
         };
@@ -234,10 +234,12 @@ pub(crate) async fn run<S>(
                     // Closing: wait for the client's close, act on nothing else.
                     continue;
                 }
-                let verdict = match message.is_binary() || message.is_text() {
-                    true => limiter.check(),
-                    false => Verdict::Allow,
-                };
+                // Checked already when it was read while gathering a run.
+                let verdict =
+                    verdict.unwrap_or_else(|| match message.is_binary() || message.is_text() {
+                        true => limiter.check(),
+                        false => Verdict::Allow,
+                    });
                 if verdict != Verdict::Allow {
                     metrics::bump(&session.node().counters().rate_limited_frames);
                     if verdict == (Verdict::Refuse { reply: true }) {
@@ -251,29 +253,12 @@ pub(crate) async fn run<S>(
                 session.set_handling(true);
                 let run = match message {
                     Message::Binary(data) if router.is_pipelined(&data) => {
-                        let gathered = gather_run(&mut stream, &router, data);
+                        // No more answers than fit before the queue is
+                        // backlogged, so a run cannot overflow it.
+                        let most = MAX_RUN.min(queue.room_before_backlog());
+                        let gathered = gather_run(&mut stream, &router, &mut limiter, data, most);
                         read_past_run = gathered.read_past;
-                        let mut run = Vec::with_capacity(gathered.run.len());
-                        for data in gathered.run {
-                            // The first frame has passed the limit already.
-                            let verdict = match run.is_empty() {
-                                true => Verdict::Allow,
-                                false => limiter.check(),
-                            };
-                            match verdict {
-                                Verdict::Allow => run.push(data),
-                                verdict => {
-                                    metrics::bump(&session.node().counters().rate_limited_frames);
-                                    let message = Message::Binary(data);
-                                    if verdict == (Verdict::Refuse { reply: true }) {
-                                        refuse_over_limit(&session, &message, config.rate_limit);
-                                    } else if verdict == Verdict::Close {
-                                        queue.close(CloseReason::RATE_LIMITED);
-                                    }
-                                }
-                            }
-                        }
-                        Some(run)
+                        Some(gathered.run)
                     }
                     message => {
                         tokio::select! {
@@ -369,33 +354,51 @@ fn count_ending(session: &Session) {
 /// Most publications handled as one run (see [`Router::handle_run`]).
 const MAX_RUN: usize = 32;
 
+/// What a read brought, and the rate limit's verdict on it when it was
+/// checked already.
+type Read = (Option<Result<Message, tungstenite::Error>>, Option<Verdict>);
+
 /// A run of publications, and what was read after them.
 struct Run {
     run: Vec<Bytes>,
-    /// The next read's result, when it was not one more publication.
-    read_past: Option<Option<Result<Message, tungstenite::Error>>>,
+    /// The next read, when it was not one more publication for the run (or
+    /// one the rate limit did not allow: it is answered after the run).
+    read_past: Option<Read>,
 }
 
 /// `first`, with the publications right behind it that have already
-/// arrived (up to [`MAX_RUN`]): handled side by side, they cost one broker
-/// round trip, not one each, while their order and their answers' order
-/// stay as sent. Never waits for more to arrive.
-fn gather_run<S>(stream: &mut S, router: &Router, first: Bytes) -> Run
+/// arrived and that the rate limit allows (up to `most`): handled side by
+/// side, they cost one broker round trip, not one each, while their order
+/// and their answers' order stay as sent. Never waits for more to arrive.
+fn gather_run<S>(
+    stream: &mut S,
+    router: &Router,
+    limiter: &mut RateLimit,
+    first: Bytes,
+    most: usize,
+) -> Run
 where
     S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
 {
     let mut run = vec![first];
-    while run.len() < MAX_RUN {
-        match stream.next().now_or_never() {
+    while run.len() < most {
+        let read = match stream.next().now_or_never() {
             None => break,
-            Some(Some(Ok(Message::Binary(data)))) if router.is_pipelined(&data) => run.push(data),
-            Some(other) => {
-                return Run {
-                    run,
-                    read_past: Some(other),
+            Some(Some(Ok(Message::Binary(data)))) if router.is_pipelined(&data) => {
+                match limiter.check() {
+                    Verdict::Allow => {
+                        run.push(data);
+                        continue;
+                    }
+                    verdict => (Some(Ok(Message::Binary(data))), Some(verdict)),
                 }
             }
-        }
+            Some(other) => (other, None),
+        };
+        return Run {
+            run,
+            read_past: Some(read),
+        };
     }
     Run {
         run,
