@@ -606,24 +606,22 @@ impl Refusal {
         let (status, retry_after, reason) = match self {
             Refusal::TooManyHandshakes => (
                 StatusCode::TOO_MANY_REQUESTS,
-                upgrade::RETRY_AFTER_BUSY,
+                Some(upgrade::RETRY_AFTER_BUSY),
                 "too many connections being opened from this address; retry later",
             ),
             Refusal::ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                upgrade::RETRY_AFTER_UNAVAILABLE,
+                Some(upgrade::RETRY_AFTER_UNAVAILABLE),
                 "server is shutting down; retry later or elsewhere",
             ),
             Refusal::BadProxyHeader => (
                 StatusCode::BAD_REQUEST,
-                0,
+                None,
                 "expected a PROXY protocol header (v1 or v2) from this load balancer",
             ),
         };
-        let retry_after = match retry_after {
-            0 => String::new(),
-            secs => format!("Retry-After: {secs}\r\n"),
-        };
+        let retry_after =
+            retry_after.map_or(String::new(), |secs| format!("Retry-After: {secs}\r\n"));
         format!(
             "HTTP/1.1 {status}\r\n{retry_after}Content-Type: text/plain; charset=utf-8\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",
@@ -682,13 +680,14 @@ fn refuse_connection(state: &AppState, tcp: TcpStream, peer: SocketAddr, why: Re
 
 /// Best effort, for when refusals are already at their bound: writes
 /// `response` if the socket takes it at once (a fresh socket's send buffer
-/// is empty, so it nearly always does) and reads away the request if it has
-/// already arrived, so that closing sends a FIN rather than a reset that would destroy the answer. A request still on its
-/// way is lost with the socket; that client sees a reset.
+/// is empty, so it nearly always does) and reads away the request if it
+/// has already arrived, so that closing sends a FIN rather than a reset
+/// that would destroy the answer. A request still on its way is lost with
+/// the socket; that client sees a reset. Returns whether the whole answer
+/// was written.
 ///
 /// Straight to the socket: tokio's `try_write` would first wait for the
-/// reactor to have seen the fresh socket writable. Returns whether the
-/// whole answer was written.
+/// reactor to have seen the fresh socket writable.
 fn answer_now(tcp: &TcpStream, response: &[u8]) -> bool {
     use std::io::Read;
     let socket = socket2::SockRef::from(tcp);

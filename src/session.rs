@@ -277,8 +277,10 @@ impl Session {
         self.inner.handling.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn count_received(&self) {
-        self.inner.frames_received.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count_received(&self, frames: u64) {
+        self.inner
+            .frames_received
+            .fetch_add(frames, Ordering::Relaxed);
     }
 
     pub(crate) fn count_sent(&self, frames: u64) {

@@ -274,9 +274,7 @@ async fn one_address_cannot_hold_every_handshake_slot() {
 #[tokio::test]
 async fn publications_over_the_limit_in_a_burst_are_answered_in_order() {
     use futures_util::{SinkExt, StreamExt};
-    use prost::Message as _;
     use tokio_tungstenite::tungstenite::Message;
-    use wsproto::proto::v1;
 
     let server = TestServer::start(Config {
         rate_limit: 0.2,
@@ -289,13 +287,8 @@ async fn publications_over_the_limit_in_a_burst_are_answered_in_order() {
         .await
         .unwrap();
     for id in 1..=20u32 {
-        let request = v1::Publish {
-            topic: "feed.x".into(),
-            data: id.to_string().into(),
-            ..Default::default()
-        };
-        let frame = Frame::new(opcode::PUBLISH, request.encode_to_vec()).with_request_id(Some(id));
-        ws.feed(Message::Binary(frame.encode())).await.unwrap();
+        let frame = common::publish_frame(id, "feed.x", id.to_string());
+        ws.feed(Message::Binary(frame)).await.unwrap();
     }
     ws.flush().await.unwrap();
     let mut answered = Vec::new();

@@ -41,12 +41,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use prost::Message as _;
 use redis::aio::ConnectionManager;
-
-use super::ordered::{OrderedCalls, ScriptCall};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{
+    ordered::{OrderedCalls, ScriptCall},
     BoxFuture, Broker, BrokerError, BrokerEventHandler, BrokerStatus, History, HistoryPolicies,
     HistoryPolicy, Interest, Membership, Position, PresenceChange, Publication, Published,
     RoomMembers, Sender, StreamGap, Target, IDEMPOTENCY_TTL, MAX_REPLAY,
@@ -379,13 +378,14 @@ impl RedisBroker {
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         let (interest_ops, interest_rx) = mpsc::channel(INTEREST_QUEUE);
+        let publish = redis::Script::new(PUBLISH_SCRIPT);
         Ok(RedisBroker {
             shared: Arc::new(Shared {
                 settings,
                 client,
-                ordered: OrderedCalls::new(commands.clone(), redis::Script::new(PUBLISH_SCRIPT)),
+                ordered: OrderedCalls::new(commands.clone(), publish.clone()),
                 commands,
-                publish: redis::Script::new(PUBLISH_SCRIPT),
+                publish,
                 history: redis::Script::new(HISTORY_SCRIPT),
                 acknowledge: redis::Script::new(ACKNOWLEDGE_SCRIPT),
                 presence_write: redis::Script::new(&PRESENCE_WRITE_SCRIPT),

@@ -183,32 +183,32 @@ pub(crate) async fn run<S>(
             stashed => {
                 read_past_run = stashed;
                 tokio::select! {
-                biased;
-                _ = &mut terminated => break,
-                _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
-                    drain_turn = Some(tokio::time::Instant::now() + drain_delay(&session, &config));
-                    continue;
-                }
-                _ = &mut closing, if close_deadline.is_none() => continue,
-                _ = sleep_until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
-                    Some(Deadline::Close) => break,
-                    Some(Deadline::DrainTurn) => {
-                        queue.close(CloseReason::going_away_after(random_slot(&session)));
+                    biased;
+                    _ = &mut terminated => break,
+                    _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
+                        drain_turn = Some(tokio::time::Instant::now() + drain_delay(&session, &config));
                         continue;
                     }
-                    Some(Deadline::TokenExpiry) => {
-                        queue.close(CloseReason::TOKEN_EXPIRED);
+                    _ = &mut closing, if close_deadline.is_none() => continue,
+                    _ = sleep_until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
+                        Some(Deadline::Close) => break,
+                        Some(Deadline::DrainTurn) => {
+                            queue.close(CloseReason::going_away_after(random_slot(&session)));
+                            continue;
+                        }
+                        Some(Deadline::TokenExpiry) => {
+                            queue.close(CloseReason::TOKEN_EXPIRED);
+                            continue;
+                        }
+                        None => continue,
+                    },
+                    _ = queue.backlog_drained(), if held_back => {
+                        // The writer is getting the replies through: the client is reading.
+                        session.touch();
                         continue;
                     }
-                    None => continue,
-                },
-                _ = queue.backlog_drained(), if held_back => {
-                    // The writer is getting the replies through: the client is reading.
-                    session.touch();
-                    continue;
+                    message = stream.next(), if !held_back => (message, None),
                 }
-                message = stream.next(), if !held_back => (message, None),
-                    }
             }
         };
         match message {
@@ -251,33 +251,25 @@ pub(crate) async fn run<S>(
                 }
                 // A handler that never finishes must not outlive the session.
                 session.set_handling(true);
-                let run = match message {
+                match message {
                     Message::Binary(data) if router.is_pipelined(&data) => {
                         // No more answers than fit before the queue is
                         // backlogged, so a run cannot overflow it.
                         let most = MAX_RUN.min(queue.room_before_backlog());
                         let gathered = gather_run(&mut stream, &router, &mut limiter, data, most);
                         read_past_run = gathered.read_past;
-                        Some(gathered.run)
-                    }
-                    message => {
+                        session.count_received(gathered.run.len() as u64);
                         tokio::select! {
                             biased;
                             _ = &mut terminated => break,
-                            _ = handle_message(&session, &router, message) => {}
+                            _ = router.handle_run(&session, gathered.run) => {}
                         }
-                        None
                     }
-                };
-                if let Some(run) = run {
-                    for _ in &run {
-                        session.count_received();
-                    }
-                    tokio::select! {
+                    message => tokio::select! {
                         biased;
                         _ = &mut terminated => break,
-                        _ = router.handle_run(&session, run) => {}
-                    }
+                        _ = handle_message(&session, &router, message) => {}
+                    },
                 }
                 session.set_handling(false);
                 session.touch();
@@ -421,11 +413,11 @@ fn refuse_over_limit(session: &Session, message: &Message, rate: f64) {
 async fn handle_message(session: &Session, router: &Router, message: Message) {
     match message {
         Message::Binary(data) => {
-            session.count_received();
+            session.count_received(1);
             router.handle_message(session, data).await;
         }
         Message::Text(text) => {
-            session.count_received();
+            session.count_received(1);
             debug!(
                 session = %session.id(),
                 kind = "text",

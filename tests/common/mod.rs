@@ -288,6 +288,21 @@ pub async fn delivery(subscriber: &mut wsproto_client::Subscriber) -> wsproto::p
     }
 }
 
+/// An encoded PUBLISH frame with request id `id`.
+pub fn publish_frame(id: u32, topic: &str, data: impl Into<bytes::Bytes>) -> bytes::Bytes {
+    use prost::Message as _;
+    use wsproto::{opcode, proto::v1, Frame};
+
+    let request = v1::Publish {
+        topic: topic.to_owned(),
+        data: data.into(),
+        ..Default::default()
+    };
+    Frame::new(opcode::PUBLISH, request.encode_to_vec())
+        .with_request_id(Some(id))
+        .encode()
+}
+
 /// Sends, in one write, `count` PUBLISH frames to `topic` (payloads "0",
 /// "1", …, request ids 1..=count), a PING after the first half and an
 /// invalid PUBLISH after the first quarter, so the server reads them as
@@ -303,16 +318,7 @@ pub async fn publish_in_one_burst(url: &str, topic: &str, count: u32) -> u64 {
     const PING_ID: u32 = u32::MAX;
     const BAD_ID: u32 = u32::MAX - 1;
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let publish = |id: u32, topic: &str, n: u32| {
-        let request = v1::Publish {
-            topic: topic.to_owned(),
-            data: n.to_string().into(),
-            ..Default::default()
-        };
-        Frame::new(opcode::PUBLISH, request.encode_to_vec())
-            .with_request_id(Some(id))
-            .encode()
-    };
+    let publish = |id: u32, topic: &str, n: u32| publish_frame(id, topic, n.to_string());
     let mut expected = Vec::new();
     for n in 0..count {
         if n == count / 4 {

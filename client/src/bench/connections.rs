@@ -26,13 +26,14 @@ use super::{
 const SPARE_FDS: u64 = 100;
 
 #[derive(Args)]
+#[command(next_help_heading = "Workload")]
 pub(super) struct ConnectionsArgs {
     /// Idle connections to open (capped by the open-file limit, which is
     /// raised to its hard maximum first).
-    #[arg(long, default_value_t = 1000, help_heading = "Workload")]
+    #[arg(long, default_value_t = 1000)]
     conns: usize,
     /// How long to hold them once all are open.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, help_heading = "Workload")]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     hold: Duration,
     /// Process id of the server, to report its resident memory per connection.
     #[arg(long, help_heading = "Measurement")]

@@ -21,21 +21,22 @@ use super::{
 };
 
 #[derive(Args)]
+#[command(next_help_heading = "Workload")]
 pub(super) struct EchoArgs {
     /// Connections.
-    #[arg(long, default_value_t = 1, help_heading = "Workload")]
+    #[arg(long, default_value_t = 1)]
     conns: usize,
     /// Frames in flight per connection.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Workload")]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     depth: u32,
     /// Payload bytes per frame (after the 4-byte opcode).
-    #[arg(long, default_value_t = 32, help_heading = "Workload")]
+    #[arg(long, default_value_t = 32)]
     size: usize,
     /// How long to measure.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, help_heading = "Workload")]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Opcode of the frames (100 is ECHO).
-    #[arg(long, default_value_t = opcode::ECHO, help_heading = "Workload")]
+    #[arg(long, default_value_t = opcode::ECHO)]
     opcode: u32,
     /// Process id of the server, to report the CPU time it used per
     /// operation (and the share of a core it had).

@@ -32,22 +32,23 @@ use super::{
 };
 
 #[derive(Args)]
+#[command(next_help_heading = "Workload")]
 pub(super) struct FanoutArgs {
     /// Subscribers.
-    #[arg(long, default_value_t = 100, help_heading = "Workload")]
+    #[arg(long, default_value_t = 100)]
     subs: usize,
     /// Message bytes (at least 32: a sequence number and a timestamp).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(32..), help_heading = "Workload")]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(32..))]
     size: u64,
     /// Messages a second, or `max`: publish as fast as subscribers take
     /// them, with at most --window messages not yet delivered to all.
-    #[arg(long, default_value = "max", value_parser = parse_rate, help_heading = "Workload")]
+    #[arg(long, default_value = "max", value_parser = parse_rate)]
     rate: Rate,
     /// How long to publish.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, help_heading = "Workload")]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Messages in flight with `--rate max`.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Workload")]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     window: u64,
     /// Servers the subscribers connect to, spread round robin (repeat the
     /// option or separate URLs with commas). Default: --url (its `/sub`
@@ -67,7 +68,7 @@ pub(super) struct FanoutArgs {
     pub_url: Option<String>,
     /// Topic to publish to (the server must allow clients to publish there,
     /// e.g. `--client-publish 'bench.#'`, unless --via http).
-    #[arg(long, default_value = "bench.fanout", help_heading = "Workload")]
+    #[arg(long, default_value = "bench.fanout")]
     topic: String,
     /// How the publisher publishes: PUBLISH frames or the HTTP publish API
     /// (an `http://` --pub-url implies `http`).

@@ -25,22 +25,23 @@ use wsproto_client::{
 use super::connector::Connector;
 
 #[derive(Args)]
+#[command(next_help_heading = "Workload")]
 pub(super) struct RecoveryArgs {
     /// Devices subscribed to the topic.
-    #[arg(long, default_value_t = 100, help_heading = "Workload")]
+    #[arg(long, default_value_t = 100)]
     devices: usize,
     /// Messages a second the backend publishes.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000), help_heading = "Workload")]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     rate: u64,
     /// How long to publish.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, help_heading = "Workload")]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Each device drops its connection at a random moment of every such
     /// interval.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, help_heading = "Workload")]
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     drop_every: Duration,
     /// Topic to publish to (it needs a --history policy on the server).
-    #[arg(long, default_value = "bench.recovery", help_heading = "Workload")]
+    #[arg(long, default_value = "bench.recovery")]
     topic: String,
     /// Key of the HTTP publish API.
     #[arg(
