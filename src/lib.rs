@@ -70,6 +70,7 @@ pub(crate) mod recovery;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod signal;
 mod tls;
 pub mod topic;
 mod upgrade;

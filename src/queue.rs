@@ -19,16 +19,17 @@ use std::{
     fmt,
     str::FromStr,
     sync::Arc,
+    task::{Context, Poll, Waker},
 };
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::Position,
     close::CloseReason,
     inflight::{AckSettings, Inflight},
+    signal::{Fired, Signal},
 };
 
 /// Why a push was refused.
@@ -150,15 +151,14 @@ pub struct SessionQueue {
 
 struct Inner {
     state: std::sync::Mutex<State>,
-    wake: Notify,
     /// Notified when the writer takes frames, for a reader held back by a
     /// backlog.
     drained: Notify,
     /// Notified (all waiters) when the writer takes frames, for a replay
     /// waiting for room.
     taken: Notify,
-    /// Cancelled once a close reason is set, for whoever waits on that.
-    closing: CancellationToken,
+    /// Fired once a close reason is set, for whoever waits on that.
+    closing: Signal,
     capacity: usize,
     max_bytes: usize,
 }
@@ -177,6 +177,29 @@ struct State {
     /// Critical deliveries not acknowledged yet, for a session that must
     /// acknowledge them (a device's); boxed, so other sessions pay a word.
     inflight: Option<Box<Inflight>>,
+    /// The writer, while it waits for frames. (A waker, not a `Notify`:
+    /// there is only ever one writer, and this costs no lock of its own.)
+    writer: Option<Waker>,
+    /// Paced pushes waiting for the writer to take frames; `taken` is
+    /// notified only when there are some.
+    pacing: usize,
+}
+
+/// Counts a paced push as waiting for room until it stops waiting, however
+/// it stops.
+struct Pacing<'a>(&'a SessionQueue);
+
+impl Drop for Pacing<'_> {
+    fn drop(&mut self) {
+        self.0.state().pacing -= 1;
+    }
+}
+
+/// Wakes the writer taken out of the state, once its lock is released.
+fn wake(writer: Option<Waker>) {
+    if let Some(writer) = writer {
+        writer.wake();
+    }
 }
 
 /// What a recovering session is sent before its live deliveries resume.
@@ -243,10 +266,9 @@ impl SessionQueue {
         SessionQueue {
             inner: Arc::new(Inner {
                 state: std::sync::Mutex::new(State::default()),
-                wake: Notify::new(),
                 drained: Notify::new(),
                 taken: Notify::new(),
-                closing: CancellationToken::new(),
+                closing: Signal::new(),
                 capacity: capacity.max(1),
                 max_bytes,
             }),
@@ -446,18 +468,20 @@ impl SessionQueue {
                     state.frames = VecDeque::new();
                     state.bytes = 0;
                     state.close = Some(CloseReason::SLOW_CONSUMER);
+                    let writer = state.writer.take();
                     drop(state);
-                    self.inner.wake.notify_one();
+                    wake(writer);
                     self.inner.drained.notify_one();
-                    self.inner.closing.cancel();
+                    self.inner.closing.fire();
                     return Err(PushError::Full);
                 }
             }
         }
         state.bytes += len;
         state.frames.push_back(entry);
+        let writer = state.writer.take();
         drop(state);
-        self.inner.wake.notify_one();
+        wake(writer);
         Ok(Pushed::Queued)
     }
 
@@ -582,14 +606,17 @@ impl SessionQueue {
                 if self.fits(&state, entry.frame.len()) {
                     state.bytes += entry.frame.len();
                     state.frames.push_back(entry);
+                    let writer = state.writer.take();
                     drop(state);
-                    self.inner.wake.notify_one();
+                    wake(writer);
                     return true;
                 }
+                state.pacing += 1;
             }
+            let _pacing = Pacing(self);
             tokio::select! {
                 _ = &mut taken => {}
-                _ = self.inner.closing.cancelled() => return false,
+                _ = self.inner.closing.fired() => return false,
             }
         }
     }
@@ -607,10 +634,11 @@ impl SessionQueue {
             return false;
         }
         state.close = Some(reason);
+        let writer = state.writer.take();
         drop(state);
-        self.inner.wake.notify_one();
+        wake(writer);
         self.inner.drained.notify_one();
-        self.inner.closing.cancel();
+        self.inner.closing.fire();
         true
     }
 
@@ -620,8 +648,8 @@ impl SessionQueue {
     }
 
     /// Completes once the session is closing, whoever closed it.
-    pub async fn closing(&self) {
-        self.inner.closing.cancelled().await
+    pub fn closing(&self) -> Fired<'_> {
+        self.inner.closing.fired()
     }
 
     /// Frames waiting to be written.
@@ -683,29 +711,36 @@ impl SessionQueue {
     /// none are left and the queue is closing, returns the close reason.
     /// Only the session's writer calls this.
     pub async fn next_batch(&self, out: &mut Vec<Bytes>, max: usize) -> Batch {
-        loop {
-            {
-                let mut guard = self.state();
-                if !guard.frames.is_empty() {
-                    let n = guard.frames.len().min(max.max(1));
-                    let state = &mut *guard;
-                    for entry in state.frames.drain(..n) {
-                        state.bytes -= entry.frame.len();
-                        out.push(entry.frame);
-                    }
-                    drop(guard);
-                    self.inner.drained.notify_one();
-                    self.inner.taken.notify_waiters();
-                    return Batch::Frames;
-                }
-                if let Some(reason) = guard.close {
-                    return Batch::Close(reason);
-                }
+        std::future::poll_fn(|cx| self.poll_batch(cx, out, max)).await
+    }
+
+    fn poll_batch(&self, cx: &mut Context<'_>, out: &mut Vec<Bytes>, max: usize) -> Poll<Batch> {
+        let mut guard = self.state();
+        if !guard.frames.is_empty() {
+            let n = guard.frames.len().min(max.max(1));
+            let state = &mut *guard;
+            for entry in state.frames.drain(..n) {
+                state.bytes -= entry.frame.len();
+                out.push(entry.frame);
             }
-            // notify_one stores a permit when nobody waits, so a push between
-            // the check above and this await is not missed.
-            self.inner.wake.notified().await;
+            let pacing = state.pacing > 0;
+            drop(guard);
+            self.inner.drained.notify_one();
+            if pacing {
+                self.inner.taken.notify_waiters();
+            }
+            return Poll::Ready(Batch::Frames);
         }
+        if let Some(reason) = guard.close {
+            return Poll::Ready(Batch::Close(reason));
+        }
+        // Registered under the lock every push takes, so no push between
+        // the check above and the wait is missed.
+        match &guard.writer {
+            Some(writer) if writer.will_wake(cx.waker()) => {}
+            _ => guard.writer = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 

@@ -26,7 +26,7 @@ use tokio_tungstenite::{
     tungstenite::protocol::{Role, WebSocketConfig},
     WebSocketStream,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::{debug, info, warn};
 
@@ -48,6 +48,7 @@ use crate::{
     queue::SessionQueue,
     read_ahead::ReadAhead,
     session::Session,
+    signal::Signal,
     tls,
     topic::Topic,
     upgrade::{self, UpgradeError},
@@ -142,9 +143,9 @@ struct AppState {
     auth: Option<Arc<Authenticator>>,
     /// Terminates TLS when a certificate is configured.
     tls: Option<TlsAcceptor>,
-    shutdown: CancellationToken,
-    /// Cancelled when the shutdown deadline passes: sessions still open end at once.
-    abort: CancellationToken,
+    shutdown: Signal,
+    /// Fired when the shutdown deadline passes: sessions still open end at once.
+    abort: Signal,
     tasks: TaskTracker,
     ws_config: WebSocketConfig,
 }
@@ -319,8 +320,8 @@ impl Server {
             config: Arc::new(config),
             router: Arc::new(handlers::with_protocol(router)),
             node,
-            shutdown: CancellationToken::new(),
-            abort: CancellationToken::new(),
+            shutdown: Signal::new(),
+            abort: Signal::new(),
             tasks: TaskTracker::new(),
             ws_config,
         };
@@ -487,7 +488,7 @@ impl Server {
 
         let open = state.node.hub().len();
         info!(sessions = open, "shutting down: closing sessions with 1001");
-        state.shutdown.cancel();
+        state.shutdown.fire();
         state.tasks.close();
         let drain = async {
             // Sessions give clients shutdown_timeout to answer; allow a little
@@ -501,7 +502,7 @@ impl Server {
                     sessions = state.node.hub().len(),
                     "shutdown deadline passed; closing remaining connections"
                 );
-                state.abort.cancel();
+                state.abort.fire();
                 let _ = tokio::time::timeout(Duration::from_secs(1), state.tasks.wait()).await;
             }
         };
@@ -799,7 +800,7 @@ async fn serve_http<IO>(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = state.shutdown.cancelled() => {
+        _ = state.shutdown.fired() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -836,7 +837,7 @@ where
         metrics::bump(&state.node.counters().refused_origin);
         return UpgradeError::OriginNotAllowed.into_response();
     }
-    if state.shutdown.is_cancelled() {
+    if state.shutdown.is_fired() {
         metrics::bump(&state.node.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     }
@@ -867,7 +868,7 @@ where
         .await;
         tokio::select! {
             _ = serve(ws) => {}
-            _ = abort.cancelled() => {}
+            _ = abort.fired() => {}
         }
         drop((permit, address_permit));
     });
@@ -1014,12 +1015,11 @@ async fn protocol_endpoint(
         let reason = format!("at most {} subscriptions\n", state.config.max_subscriptions);
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
-    let (node, router, config, shutdown, abort, authenticator) = (
+    let (node, router, config, shutdown, authenticator) = (
         state.node.clone(),
         state.router.clone(),
         state.config.clone(),
         state.shutdown.clone(),
-        state.abort.clone(),
         state.auth.clone(),
     );
     upgrade_then(&state, request, move |ws| {
@@ -1038,15 +1038,7 @@ async fn protocol_endpoint(
             queue,
             params.device,
         );
-        connection::run(
-            ws,
-            session,
-            params.subscriptions,
-            router,
-            config,
-            shutdown,
-            abort,
-        )
+        connection::run(ws, session, params.subscriptions, router, config, shutdown)
     })
 }
 
@@ -1074,10 +1066,10 @@ async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Respo
 
 /// `/echo`: sends every text or binary message back unchanged. One task
 /// reads and writes in turn, so there is still exactly one writer.
-async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: CancellationToken) {
+async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: Signal) {
     loop {
         let message = tokio::select! {
-            _ = shutdown.cancelled() => {
+            _ = shutdown.fired() => {
                 let _ = tokio::time::timeout(config.write_timeout, ws.close(Some(CloseReason::GOING_AWAY.frame()))).await;
                 // Wait for the client's answering close.
                 let _ = tokio::time::timeout(config.shutdown_timeout, async { while ws.next().await.is_some() {} }).await;

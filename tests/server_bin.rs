@@ -99,10 +99,14 @@ async fn flags_and_env_configure_the_server() {
             "/proto",
             "--max-message-size",
             "100",
+            "--worker-threads",
+            "1",
         ],
         &[
             ("WSPROTO_PING_INTERVAL", "7s"),
             ("WSPROTO_SHUTDOWN_TIMEOUT", "1s"),
+            // tokio's own scheduling, for once.
+            ("WSPROTO_GLOBAL_QUEUE_INTERVAL", "0"),
         ],
     );
     let url = format!("ws://127.0.0.1:{port}/proto");
@@ -150,6 +154,7 @@ fn bad_flags_exit_non_zero_with_a_reason() {
         (vec!["--ws-path", "ws"], "must start with '/'"),
         (vec!["--ping-interval", "soon"], "--ping-interval"),
         (vec!["--ping-interval", "0s"], "must be more than zero"),
+        (vec!["--worker-threads", "0"], "--worker-threads"),
     ] {
         let output = Command::new(SERVER).args(&args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
@@ -295,6 +300,7 @@ fn help_groups_the_options() {
         ("TLS", &["--tls-cert", "--tls-key"]),
         ("Hub", &["--topic-policy", "--client-publish"]),
         ("Logging", &["--log"]),
+        ("Runtime", &["--worker-threads", "--global-queue-interval"]),
     ] {
         let section = help_section(&help, heading);
         for flag in flags {

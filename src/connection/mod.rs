@@ -15,7 +15,7 @@
 
 mod writer;
 
-use std::{sync::Arc, time::Duration};
+use std::{sync::Arc, task::Poll, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -25,7 +25,6 @@ use tokio_tungstenite::{
     tungstenite::{self, Message},
     WebSocketStream,
 };
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use wsproto_proto::v1;
 
@@ -37,6 +36,7 @@ use crate::{
     rate::{RateLimit, Verdict},
     router::Router,
     session::{Registration, Session},
+    signal::Signal,
     topic::Topic,
     Config,
 };
@@ -44,6 +44,10 @@ pub(crate) use writer::flush_rest;
 
 /// Frames the reader handles before it lets the writer run.
 const YIELD_EVERY: u32 = 8;
+
+/// Frames the reader takes in a row without checking for termination,
+/// shutdown, closing and its timer.
+const QUICK_READS: u32 = 8;
 
 /// Runs one opcode-protocol connection until it ends, then unregisters it.
 /// How long after a shutdown begins this session is closed: spread evenly
@@ -55,15 +59,15 @@ fn drain_delay(session: &Session, config: &Config) -> std::time::Duration {
     config.shutdown_timeout / 2 * spread as u32 / 1_000_000
 }
 
-/// `shutdown` asks for a Close 1001 handshake; `abort` ends it at once.
+/// `shutdown` asks for a Close 1001 handshake. (At the shutdown deadline
+/// the server drops this future, which ends the writer too.)
 pub(crate) async fn run<S>(
     ws: WebSocketStream<S>,
     session: Session,
     subscriptions: Vec<Topic>,
     router: Arc<Router>,
     config: Arc<Config>,
-    shutdown: CancellationToken,
-    abort: CancellationToken,
+    shutdown: Signal,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -107,9 +111,10 @@ pub(crate) async fn run<S>(
     debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
 
     let (sink, mut stream) = ws.split();
-    // Cancelled when either half is done, or when the server gives up
-    // waiting at shutdown: the other half then stops too.
-    let terminate = abort.child_token();
+    // Fired when either half is done, or when the server gives up waiting
+    // at shutdown and drops this future: the other half then stops too.
+    let terminate = Signal::new();
+    let _terminate_when_dropped = FireOnDrop(terminate.clone());
     let mut writer = tokio::spawn(writer::write_loop(
         sink,
         session.clone(),
@@ -128,13 +133,15 @@ pub(crate) async fn run<S>(
         // session's whole life.
         let recovery = Box::pin(session.node().recover_user_stream(&queue, user_stream));
         tokio::select! {
-            _ = terminate.cancelled() => {}
+            _ = terminate.fired() => {}
             _ = recovery => {}
         }
         session.set_handling(false);
     }
     let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
     let mut handled_in_a_row = 0u32;
+    // Frames taken in a row without the full select (see `QUICK_READS`).
+    let mut quick_reads = 0u32;
     // What was read while gathering a run of publications but belongs
     // after it (see `gather_run`).
     let mut read_past_run = None;
@@ -149,8 +156,8 @@ pub(crate) async fn run<S>(
     let mut token_expiry = expiry_of(&session);
     // Made once, not per frame: each registers with its token or queue.
     // The guards below never poll one again after it has completed.
-    let terminated = terminate.cancelled();
-    let shutting_down = shutdown.cancelled();
+    let terminated = terminate.fired();
+    let shutting_down = shutdown.fired();
     // When this session's turn to be closed by a shutdown comes (see
     // `drain_turn`).
     let mut drain_turn: Option<tokio::time::Instant> = None;
@@ -178,9 +185,21 @@ pub(crate) async fn run<S>(
             .flatten()
             .min_by_key(|(at, _)| *at),
         };
-        let (message, verdict) = match read_past_run.take() {
-            Some(read) if !held_back => read,
-            stashed => {
+        // A frame already here is taken without polling the other branches
+        // (each costs a lock); they stay registered, and every few frames
+        // the full select below checks them.
+        let ready = match !held_back && read_past_run.is_none() && quick_reads < QUICK_READS {
+            true => std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await,
+            false => Poll::Pending,
+        };
+        quick_reads = match ready.is_ready() {
+            true => quick_reads + 1,
+            false => 0,
+        };
+        let (message, verdict) = match (ready, read_past_run.take()) {
+            (Poll::Ready(message), _) => (message, None),
+            (Poll::Pending, Some(read)) if !held_back => read,
+            (Poll::Pending, stashed) => {
                 read_past_run = stashed;
                 tokio::select! {
                     biased;
@@ -286,7 +305,7 @@ pub(crate) async fn run<S>(
         }
     }
 
-    terminate.cancel();
+    terminate.fire();
     let sink = match writer_ended {
         Some(sink) => sink,
         None => writer.await.ok(),
@@ -323,6 +342,15 @@ pub(crate) async fn run<S>(
         dropped = queue.dropped(),
         "session closed"
     );
+}
+
+/// Fires its signal when dropped, however the owner ends.
+struct FireOnDrop(Signal);
+
+impl Drop for FireOnDrop {
+    fn drop(&mut self) {
+        self.0.fire();
+    }
 }
 
 /// Adds a finished session's close reason and drops to the node's counters.
@@ -508,18 +536,17 @@ mod tests {
             None,
         );
         let config = Arc::new(Config::default());
-        let token = CancellationToken::new();
+        let signal = Signal::new();
         let reader = run(
             socket(reader_io).await,
             session.clone(),
             Vec::new(),
             Arc::new(Router::new()),
             config.clone(),
-            token.clone(),
-            token.clone(),
+            signal.clone(),
         );
         let (sink, _stream) = socket(writer_io).await.split();
-        let writer = writer::write_loop(sink, session, config, token);
+        let writer = writer::write_loop(sink, session, config, signal);
         let (reader, writer) = (
             std::mem::size_of_val(&reader),
             std::mem::size_of_val(&writer),

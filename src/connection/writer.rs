@@ -12,10 +12,9 @@ use tokio_tungstenite::{
     },
     WebSocketStream,
 };
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::{close::CloseReason, queue::Batch, session::Session, Config};
+use crate::{close::CloseReason, queue::Batch, session::Session, signal::Signal, Config};
 
 /// Most frames the writer moves from the queue into one socket write.
 const WRITE_BATCH: usize = 64;
@@ -95,7 +94,7 @@ pub(super) async fn write_loop<S>(
     mut sink: Sink<S>,
     session: Session,
     config: Arc<Config>,
-    terminate: CancellationToken,
+    terminate: Signal,
 ) -> Sink<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -110,7 +109,7 @@ where
     // Only a device's session waits for acknowledgements.
     let acknowledges = session.device_key().is_some();
     let mut redelivery_timer = RedeliveryTimer::default();
-    let terminated = terminate.cancelled();
+    let terminated = terminate.fired();
     tokio::pin!(terminated);
     loop {
         let redelivery = match acknowledges {
@@ -185,6 +184,6 @@ where
             }
         }
     }
-    terminate.cancel();
+    terminate.fire();
     sink
 }
