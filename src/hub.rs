@@ -119,6 +119,10 @@ const MIN_READY_LIST: usize = 16;
 /// Most lists kept; past it the set starts again empty.
 const MAX_READY_LISTS: usize = 1024;
 
+/// How many recipients ahead of the one being pushed to a delivery starts
+/// loading queues (see `SessionQueue::prefetch`).
+const PREFETCH_AHEAD: usize = 8;
+
 #[derive(Default)]
 struct State {
     sessions: HashMap<Arc<str>, Entry>,
@@ -505,7 +509,12 @@ impl Inner {
             _ => None,
         };
         let mut handed = 0;
-        for (id, queue) in recipients.iter() {
+        for (index, (id, queue)) in recipients.iter().enumerate() {
+            // Each queue is a cache miss or more when thousands are pushed
+            // to in turn: start loading the ones a few pushes ahead.
+            if let Some((_, ahead)) = recipients.get(index + PREFETCH_AHEAD) {
+                ahead.prefetch();
+            }
             if exclude == Some(&**id) {
                 continue;
             }

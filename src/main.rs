@@ -48,7 +48,7 @@ struct Runtime {
 
     /// How often, in task polls, a thread takes work from the queue all
     /// threads share; lower is fairer to connections under overload
-    /// [0: tokio's self-tuned interval, up to 127].
+    /// [0: tokio's own, self-tuned interval].
     //
     // Connections woken in one batch past a thread's own queue (256) wait
     // in the shared one while those served first are served again: with

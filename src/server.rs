@@ -1067,9 +1067,12 @@ async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Respo
 /// `/echo`: sends every text or binary message back unchanged. One task
 /// reads and writes in turn, so there is still exactly one writer.
 async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: Signal) {
+    // Made once: it registers with the server-wide signal when first polled.
+    let shutting_down = shutdown.fired();
+    tokio::pin!(shutting_down);
     loop {
         let message = tokio::select! {
-            _ = shutdown.fired() => {
+            _ = &mut shutting_down => {
                 let _ = tokio::time::timeout(config.write_timeout, ws.close(Some(CloseReason::GOING_AWAY.frame()))).await;
                 // Wait for the client's answering close.
                 let _ = tokio::time::timeout(config.shutdown_timeout, async { while ws.next().await.is_some() {} }).await;
