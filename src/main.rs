@@ -82,16 +82,19 @@ fn parse_log_filter(filter: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    let runtime = match cli.runtime.build() {
+    let Cli {
+        config,
+        log,
+        runtime,
+    } = Cli::parse();
+    let runtime = match runtime.build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
             return ExitCode::FAILURE;
         }
     };
-    let log = std::mem::take(&mut cli.log);
-    runtime.block_on(serve(cli.config, log))
+    runtime.block_on(serve(config, log))
 }
 
 async fn serve(config: Config, log: String) -> ExitCode {

@@ -200,8 +200,10 @@ impl Drop for Pacing<'_> {
     }
 }
 
-/// Wakes the writer taken out of the state, once its lock is released.
-fn wake(writer: Option<Waker>) {
+/// Releases the state's lock, then wakes the writer if it waits for frames.
+fn unlock_and_wake_writer(mut state: std::sync::MutexGuard<'_, State>) {
+    let writer = state.writer.take();
+    drop(state);
     if let Some(writer) = writer {
         writer.wake();
     }
@@ -493,21 +495,14 @@ impl SessionQueue {
                 None => {
                     state.frames = VecDeque::new();
                     state.bytes = 0;
-                    state.close = Some(CloseReason::SLOW_CONSUMER);
-                    let writer = state.writer.take();
-                    drop(state);
-                    wake(writer);
-                    self.inner.drained.notify_one();
-                    self.inner.closing.fire();
+                    self.close_locked(state, CloseReason::SLOW_CONSUMER);
                     return Err(PushError::Full);
                 }
             }
         }
         state.bytes += len;
         state.frames.push_back(entry);
-        let writer = state.writer.take();
-        drop(state);
-        wake(writer);
+        unlock_and_wake_writer(state);
         Ok(Pushed::Queued)
     }
 
@@ -632,9 +627,7 @@ impl SessionQueue {
                 if self.fits(&state, entry.frame.len()) {
                     state.bytes += entry.frame.len();
                     state.frames.push_back(entry);
-                    let writer = state.writer.take();
-                    drop(state);
-                    wake(writer);
+                    unlock_and_wake_writer(state);
                     return true;
                 }
                 state.pacing += 1;
@@ -655,17 +648,22 @@ impl SessionQueue {
     /// Asks the writer to close the session after the frames already queued.
     /// The first reason given wins; returns whether this call set it.
     pub fn close(&self, reason: CloseReason) -> bool {
-        let mut state = self.state();
+        let state = self.state();
         if state.close.is_some() {
             return false;
         }
+        self.close_locked(state, reason);
+        true
+    }
+
+    /// Sets the close reason of a queue that has none yet, releases the
+    /// lock, and tells whoever waits: the writer, a held-back reader, and
+    /// the closing signal's waiters.
+    fn close_locked(&self, mut state: std::sync::MutexGuard<'_, State>, reason: CloseReason) {
         state.close = Some(reason);
-        let writer = state.writer.take();
-        drop(state);
-        wake(writer);
+        unlock_and_wake_writer(state);
         self.inner.drained.notify_one();
         self.inner.closing.fire();
-        true
     }
 
     /// The reason the session is closing, once it is.
