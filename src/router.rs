@@ -187,11 +187,11 @@ impl Router {
             "frame in"
         );
         let (op, request_id) = (frame.opcode, frame.request_id);
-        let running = match self.handlers.get(&op) {
-            Some(handler) => Running::Handler(
-                AssertUnwindSafe(handler.call(session.clone(), frame)).catch_unwind(),
-            ),
-            None => Running::Done(Some(Err(HandlerError::protocol(
+        let running: BoxFuture = match self.handlers.get(&op) {
+            Some(handler) => handler.call(session.clone(), frame),
+            // Rare, so boxed like a handler: a call stays small, and so does
+            // the session's future that waits for it.
+            None => Box::pin(std::future::ready(Err(HandlerError::protocol(
                 ErrorCode::UnknownOpcode,
                 unknown_opcode_message(op),
             )))),
@@ -199,7 +199,7 @@ impl Router {
         Some(Call {
             op,
             request_id,
-            running,
+            running: AssertUnwindSafe(running).catch_unwind(),
         })
     }
 }
@@ -208,13 +208,7 @@ impl Router {
 struct Call {
     op: u32,
     request_id: Option<u32>,
-    running: Running,
-}
-
-enum Running {
-    Handler(CatchUnwind<AssertUnwindSafe<BoxFuture>>),
-    /// Answered without a handler; taken when polled.
-    Done(Option<HandlerResult>),
+    running: CatchUnwind<AssertUnwindSafe<BoxFuture>>,
 }
 
 impl Future for Call {
@@ -222,10 +216,7 @@ impl Future for Call {
     type Output = Option<HandlerResult>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<HandlerResult>> {
-        match &mut self.running {
-            Running::Handler(call) => call.poll_unpin(cx).map(Result::ok),
-            Running::Done(result) => Poll::Ready(Some(result.take().unwrap_or(Ok(Reply::None)))),
-        }
+        self.running.poll_unpin(cx).map(Result::ok)
     }
 }
 

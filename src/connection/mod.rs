@@ -15,12 +15,13 @@
 
 mod writer;
 
-use std::{sync::Arc, task::Poll, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{stream::SplitStream, FutureExt, StreamExt};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::{
     tungstenite::{self, Message},
     WebSocketStream,
@@ -32,7 +33,9 @@ use crate::{
     close::CloseReason,
     error::ErrorCode,
     frame::{Frame, Preview},
-    metrics, opcode,
+    metrics,
+    node::UserStream,
+    opcode,
     rate::{RateLimit, Verdict},
     router::Router,
     session::{Registration, Session},
@@ -41,6 +44,7 @@ use crate::{
     Config,
 };
 pub(crate) use writer::flush_rest;
+use writer::Sink;
 
 /// Frames the reader handles before it lets the writer run.
 const YIELD_EVERY: u32 = 8;
@@ -61,19 +65,119 @@ fn drain_delay(session: &Session, config: &Config) -> std::time::Duration {
 
 /// `shutdown` asks for a Close 1001 handshake. (At the shutdown deadline
 /// the server drops this future, which ends the writer too.)
-pub(crate) async fn run<S>(
+///
+/// Not an `async fn`: an async function's arguments stay in its future for
+/// as long as it lives, and this one lives as long as the connection. The
+/// stream is split here and the one-time setup is boxed, so that an idle
+/// session's future holds only what its read loop needs.
+pub(crate) fn run<S>(
     ws: WebSocketStream<S>,
     session: Session,
     subscriptions: Vec<Topic>,
     router: Arc<Router>,
     config: Arc<Config>,
     shutdown: Signal,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // WELCOME is queued before the session is reachable through the hub, so
     // it is always the first frame.
     send_welcome(&session, &config);
+    let (sink, mut stream) = ws.split();
+    // Fired when either half is done, or when the server gives up waiting
+    // at shutdown and drops this future: the other half then stops too.
+    let terminate = Signal::new();
+    let terminate_when_dropped = FireOnDrop(terminate.clone());
+    let mut writer = tokio::spawn(writer::write_loop(
+        sink,
+        session.clone(),
+        config.clone(),
+        terminate.clone(),
+    ));
+    let opening = Box::pin(open(session.clone(), subscriptions));
+    async move {
+        let _terminate_when_dropped = terminate_when_dropped;
+        let registration = {
+            let Opened {
+                registration,
+                user_stream,
+            } = opening.await;
+            if let Some(user_stream) = user_stream {
+                // Paced by the writer, so it runs now; the client's frames
+                // wait (and its silence does not count) until it is done.
+                // Boxed: it runs once.
+                session.set_handling(true);
+                let queue = session.queue();
+                let recovery = Box::pin(session.node().recover_user_stream(queue, user_stream));
+                tokio::select! {
+                    _ = terminate.fired() => {}
+                    _ = recovery => {}
+                }
+                session.set_handling(false);
+            }
+            registration
+        };
+        let ended = read_loop(
+            &mut stream,
+            &session,
+            &router,
+            &config,
+            &shutdown,
+            &terminate,
+            &mut writer,
+        )
+        .await;
+
+        terminate.fire();
+        let sink = match ended.writer {
+            Some(sink) => sink,
+            None => writer.await.ok(),
+        };
+        count_ending(&session);
+        drop(registration);
+        let queue = session.queue();
+        // When the client closed first, the codec answers its close and
+        // reports the connection closed without flushing: what it could not
+        // write yet, and what a TLS stream holds, go out now (the session is
+        // already gone from the hub). A session the server closed has had
+        // its chance to flush, so a slow consumer gets only a moment more.
+        let last_flush = match queue.close_reason() {
+            None => config.write_timeout,
+            Some(_) => config.write_timeout.min(Duration::from_secs(1)),
+        };
+        if let Some(sink) = sink {
+            // Boxed: the whole socket is in this future.
+            Box::pin(async move {
+                if let Ok(mut ws) = stream.reunite(sink) {
+                    flush_rest(&mut ws, last_flush).await;
+                    if ended.linger {
+                        crate::close::linger(ws.get_mut(), crate::close::LINGER).await;
+                    }
+                }
+            })
+            .await;
+        }
+        debug!(
+            session = %session.id(),
+            reason = ?queue.close_reason(),
+            received = session.frames_received(),
+            sent = session.frames_sent(),
+            dropped = queue.dropped(),
+            "session closed"
+        );
+    }
+}
+
+/// What a session holds once it is open.
+struct Opened {
+    registration: Registration,
+    /// The user's critical pushes this device recovers before anything else.
+    user_stream: Option<UserStream>,
+}
+
+/// Queues WELCOME, makes the session reachable and subscribes it.
+async fn open(session: Session, subscriptions: Vec<Topic>) -> Opened {
     // A device's session recovers its user's critical pushes; if where
     // the device stands cannot be read, it comes back later rather than
     // silently skipping what it missed.
@@ -109,35 +213,36 @@ pub(crate) async fn run<S>(
         .subscribe_all(session.id(), &subscriptions)
         .await;
     debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
-
-    let (sink, mut stream) = ws.split();
-    // Fired when either half is done, or when the server gives up waiting
-    // at shutdown and drops this future: the other half then stops too.
-    let terminate = Signal::new();
-    let _terminate_when_dropped = FireOnDrop(terminate.clone());
-    let mut writer = tokio::spawn(writer::write_loop(
-        sink,
-        session.clone(),
-        config.clone(),
-        terminate.clone(),
-    ));
-    // The writer hands the sink back when it ends, for the last flush.
-    let mut writer_ended = None;
-
-    let queue = session.queue().clone();
-    if let Some(user_stream) = user_stream {
-        // Paced by the writer, so it runs now; the client's frames wait
-        // (and its silence does not count) until it is done.
-        session.set_handling(true);
-        // Boxed: it runs once, and inline it would grow the task for the
-        // session's whole life.
-        let recovery = Box::pin(session.node().recover_user_stream(&queue, user_stream));
-        tokio::select! {
-            _ = terminate.fired() => {}
-            _ = recovery => {}
-        }
-        session.set_handling(false);
+    Opened {
+        registration,
+        user_stream,
     }
+}
+
+/// How the read loop ended.
+struct Ended<S> {
+    /// What the writer returned, when the loop already waited for it.
+    writer: Option<Option<Sink<S>>>,
+    /// Whether to drain what the client still sends before closing, so
+    /// that no reset destroys the close frame.
+    linger: bool,
+}
+
+/// Reads and dispatches the client's frames in order until the session
+/// ends.
+async fn read_loop<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    session: &Session,
+    router: &Router,
+    config: &Config,
+    shutdown: &Signal,
+    terminate: &Signal,
+    writer: &mut JoinHandle<Sink<S>>,
+) -> Ended<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let queue = session.queue();
     let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
     let mut handled_in_a_row = 0u32;
     // Frames taken in a row without the full select (see `QUICK_READS`).
@@ -146,14 +251,17 @@ pub(crate) async fn run<S>(
     // after it (see `gather_run`).
     let mut read_past_run = None;
     let mut close_deadline: Option<tokio::time::Instant> = None;
-    let mut linger = false;
     let expiry_of = |session: &Session| {
         session
             .identity()
             .expires_at
             .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at))
     };
-    let mut token_expiry = expiry_of(&session);
+    let mut token_expiry = expiry_of(session);
+    // One timer for whichever deadline comes first, made when one is
+    // first set (each timer a session holds is memory every connection
+    // pays).
+    let mut timer = Timer::default();
     // Made once, not per frame: each registers with its token or queue.
     // The guards below never poll one again after it has completed.
     let terminated = terminate.fired();
@@ -173,8 +281,6 @@ pub(crate) async fn run<S>(
         // client cannot show it is alive meanwhile, as while a handler runs.
         let held_back = close_deadline.is_none() && queue.is_backlogged();
         session.set_handling(held_back);
-        // One timer for whichever comes first (each timer a session's task
-        // holds is memory every connection pays).
         let deadline = match close_deadline {
             Some(at) => Some((at, Deadline::Close)),
             None => [
@@ -188,31 +294,38 @@ pub(crate) async fn run<S>(
         // A frame already here is taken without polling the other branches
         // (each costs a lock); they stay registered, and every few frames
         // the full select below checks them.
-        let ready = match !held_back && read_past_run.is_none() && quick_reads < QUICK_READS {
-            true => std::future::poll_fn(|cx| Poll::Ready(stream.poll_next_unpin(cx))).await,
-            false => Poll::Pending,
-        };
-        quick_reads = match ready.is_ready() {
+        let quick = !held_back && read_past_run.is_none() && quick_reads < QUICK_READS;
+        let ready = quick
+            && std::future::poll_fn(|cx| match stream.poll_next_unpin(cx) {
+                Poll::Ready(message) => {
+                    read_past_run = Some((message, None));
+                    Poll::Ready(true)
+                }
+                Poll::Pending => Poll::Ready(false),
+            })
+            .await;
+        quick_reads = match ready {
             true => quick_reads + 1,
             false => 0,
         };
-        let (message, verdict) = match (ready, read_past_run.take()) {
-            (Poll::Ready(message), _) => (message, None),
-            (Poll::Pending, Some(read)) if !held_back => read,
-            (Poll::Pending, stashed) => {
-                read_past_run = stashed;
+        // What is already here (read now, or past a run) is taken first;
+        // otherwise wait. Only a bool is matched on, so the wait keeps no
+        // copy of an empty read in this future.
+        let (message, verdict) = match !held_back && read_past_run.is_some() {
+            true => read_past_run.take().expect("checked to be there"),
+            false => {
                 tokio::select! {
                     biased;
                     _ = &mut terminated => break,
                     _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
-                        drain_turn = Some(tokio::time::Instant::now() + drain_delay(&session, &config));
+                        drain_turn = Some(tokio::time::Instant::now() + drain_delay(session, config));
                         continue;
                     }
                     _ = &mut closing, if close_deadline.is_none() => continue,
-                    _ = sleep_until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
+                    _ = timer.until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
                         Some(Deadline::Close) => break,
                         Some(Deadline::DrainTurn) => {
-                            queue.close(CloseReason::going_away_after(random_slot(&session)));
+                            queue.close(CloseReason::going_away_after(random_slot(session)));
                             continue;
                         }
                         Some(Deadline::TokenExpiry) => {
@@ -241,11 +354,14 @@ pub(crate) async fn run<S>(
                 // The rest of a broken or oversized message may still be on
                 // the wire, so nothing more can be read; let the writer send
                 // the close, and drain at the end so no reset destroys it.
-                if let Ok(ended) = tokio::time::timeout(config.write_timeout, &mut writer).await {
-                    writer_ended = Some(ended.ok());
-                }
-                linger = true;
-                break;
+                let writer = match tokio::time::timeout(config.write_timeout, writer).await {
+                    Ok(ended) => Some(ended.ok()),
+                    Err(_) => None,
+                };
+                return Ended {
+                    writer,
+                    linger: true,
+                };
             }
             Some(Ok(message)) => {
                 session.touch();
@@ -262,7 +378,7 @@ pub(crate) async fn run<S>(
                 if verdict != Verdict::Allow {
                     metrics::bump(&session.node().counters().rate_limited_frames);
                     if verdict == (Verdict::Refuse { reply: true }) {
-                        refuse_over_limit(&session, &message, config.rate_limit);
+                        refuse_over_limit(session, &message, config.rate_limit);
                     } else if verdict == Verdict::Close {
                         queue.close(CloseReason::RATE_LIMITED);
                     }
@@ -275,25 +391,25 @@ pub(crate) async fn run<S>(
                         // No more answers than fit before the queue is
                         // backlogged, so a run cannot overflow it.
                         let most = MAX_RUN.min(queue.room_before_backlog());
-                        let gathered = gather_run(&mut stream, &router, &mut limiter, data, most);
+                        let gathered = gather_run(stream, router, &mut limiter, data, most);
                         read_past_run = gathered.read_past;
                         session.count_received(gathered.run.len() as u64);
                         tokio::select! {
                             biased;
                             _ = &mut terminated => break,
-                            _ = router.handle_run(&session, gathered.run) => {}
+                            _ = router.handle_run(session, gathered.run) => {}
                         }
                     }
                     message => tokio::select! {
                         biased;
                         _ = &mut terminated => break,
-                        _ = handle_message(&session, &router, message) => {}
+                        _ = handle_message(session, router, message) => {}
                     },
                 }
                 session.set_handling(false);
                 session.touch();
                 if session.take_identity_changed() {
-                    token_expiry = expiry_of(&session);
+                    token_expiry = expiry_of(session);
                 }
                 // A client that pipelines gets its first replies while the
                 // rest of its frames are handled, not all of them at the end.
@@ -304,44 +420,10 @@ pub(crate) async fn run<S>(
             }
         }
     }
-
-    terminate.fire();
-    let sink = match writer_ended {
-        Some(sink) => sink,
-        None => writer.await.ok(),
-    };
-    count_ending(&session);
-    drop(registration);
-    // When the client closed first, the codec answers its close and reports
-    // the connection closed without flushing: what it could not write yet,
-    // and what a TLS stream holds, go out now (the session is already gone
-    // from the hub). A session the server closed has had its chance to
-    // flush, so a slow consumer gets only a moment more.
-    let last_flush = match queue.close_reason() {
-        None => config.write_timeout,
-        Some(_) => config.write_timeout.min(Duration::from_secs(1)),
-    };
-    if let Some(sink) = sink {
-        // Boxed: the whole socket is in this future, and inline it would
-        // make every session's task that much bigger for its whole life.
-        Box::pin(async move {
-            if let Ok(mut ws) = stream.reunite(sink) {
-                flush_rest(&mut ws, last_flush).await;
-                if linger {
-                    crate::close::linger(ws.get_mut(), crate::close::LINGER).await;
-                }
-            }
-        })
-        .await;
+    Ended {
+        writer: None,
+        linger: false,
     }
-    debug!(
-        session = %session.id(),
-        reason = ?queue.close_reason(),
-        received = session.frames_received(),
-        sent = session.frames_sent(),
-        dropped = queue.dropped(),
-        "session closed"
-    );
 }
 
 /// Fires its signal when dropped, however the owner ends.
@@ -504,10 +586,28 @@ enum Deadline {
     TokenExpiry,
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+/// A timer made on first use and reset after: most sessions never set one,
+/// and those that do keep one registration instead of a new timer per
+/// wait.
+#[derive(Default)]
+struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
+
+impl Timer {
+    /// Completes at `due`, or never when nothing is due.
+    async fn until(&mut self, due: Option<tokio::time::Instant>) {
+        let Some(due) = due else {
+            return std::future::pending().await;
+        };
+        let sleep = match &mut self.0 {
+            Some(sleep) => {
+                if sleep.deadline() != due {
+                    sleep.as_mut().reset(due);
+                }
+                sleep
+            }
+            None => self.0.insert(Box::pin(tokio::time::sleep_until(due))),
+        };
+        sleep.as_mut().await
     }
 }
 
@@ -552,7 +652,7 @@ mod tests {
             std::mem::size_of_val(&writer),
         );
         println!("connection task futures: reader {reader} B, writer {writer} B");
-        assert!(reader <= 2304, "reader future {reader} B");
+        assert!(reader <= 1280, "reader future {reader} B");
         assert!(writer <= 832, "writer future {writer} B");
     }
 }

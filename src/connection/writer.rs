@@ -1,6 +1,6 @@
 //! The writer: the only task that writes to a connection's socket.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{stream::SplitSink, SinkExt};
@@ -64,28 +64,6 @@ enum WriterWork {
     Redeliver,
 }
 
-/// The redelivery timer of a session that acknowledges: boxed and made on
-/// first use, so that no other session carries a timer in its task.
-#[derive(Default)]
-struct RedeliveryTimer(Option<Pin<Box<tokio::time::Sleep>>>);
-
-impl RedeliveryTimer {
-    /// Completes at `due`, or never when nothing is due.
-    async fn until(&mut self, due: Option<tokio::time::Instant>) {
-        let Some(due) = due else {
-            return std::future::pending().await;
-        };
-        let sleep = match &mut self.0 {
-            Some(sleep) => {
-                sleep.as_mut().reset(due);
-                sleep
-            }
-            None => self.0.insert(Box::pin(tokio::time::sleep_until(due))),
-        };
-        sleep.as_mut().await
-    }
-}
-
 /// The only task that writes to the socket: drains the queue in batches
 /// (one flush per batch), pings on an interval and closes silent clients.
 ///
@@ -108,7 +86,8 @@ where
 
     // Only a device's session waits for acknowledgements.
     let acknowledges = session.device_key().is_some();
-    let mut redelivery_timer = RedeliveryTimer::default();
+    // Only a session that acknowledges ever sets it.
+    let mut redelivery_timer = super::Timer::default();
     let terminated = terminate.fired();
     tokio::pin!(terminated);
     loop {
