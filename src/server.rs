@@ -855,10 +855,17 @@ where
         return UpgradeError::Unavailable.into_response();
     };
     let (ws_config, abort) = (state.ws_config, state.abort.clone());
-    state.tasks.spawn(async move {
+    // Made outside the task's future and boxed: what a task's future
+    // captures stays in it for the session's whole life, and this runs
+    // once. The session's own future is boxed too: moved into the select
+    // below it would be stored twice.
+    let opening = Box::pin(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
-            Err(err) => return debug!(%err, "upgrade failed"),
+            Err(err) => {
+                debug!(%err, "upgrade failed");
+                return Err(());
+            }
         };
         let ws = WebSocketStream::from_raw_socket(
             ReadAhead::new(TokioIo::new(upgraded)),
@@ -866,9 +873,14 @@ where
             Some(ws_config),
         )
         .await;
-        tokio::select! {
-            _ = serve(ws) => {}
-            _ = abort.fired() => {}
+        Ok(Box::pin(serve(ws)))
+    });
+    state.tasks.spawn(async move {
+        if let Ok(session) = opening.await {
+            tokio::select! {
+                _ = session => {}
+                _ = abort.fired() => {}
+            }
         }
         drop((permit, address_permit));
     });

@@ -1,6 +1,6 @@
 //! The writer: the only task that writes to a connection's socket.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{stream::SplitSink, SinkExt};
@@ -68,16 +68,46 @@ enum WriterWork {
 /// (one flush per batch), pings on an interval and closes silent clients.
 ///
 /// Returns the sink, so the session can flush what is left at the end.
-pub(super) async fn write_loop<S>(
+// Not an `async fn`, whose arguments would stay in the task twice for the
+// session's whole life: the loop borrows them from the block's captures.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn write_loop<S>(
     mut sink: Sink<S>,
     session: Session,
     config: Arc<Config>,
     terminate: Signal,
-) -> Sink<S>
+) -> impl Future<Output = Sink<S>> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async move {
+        if write_until_done(&mut sink, &session, &config, &terminate).await == Ended::Broken {
+            terminate.fire();
+        }
+        sink
+    }
+}
+
+/// How the writer ended.
+#[derive(PartialEq)]
+enum Ended {
+    /// The close was written, or the client closed first: the reader waits
+    /// for, or answers, the client's close.
+    Closing,
+    /// Writing failed or timed out, or the session was terminated.
+    Broken,
+}
+
+async fn write_until_done<S>(
+    sink: &mut Sink<S>,
+    session: &Session,
+    config: &Config,
+    terminate: &Signal,
+) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let queue = session.queue().clone();
+    let queue = session.queue();
     // Grown on demand: an idle session should not carry room for 64 frames.
     let mut batch = Vec::new();
     let period = config.ping_interval;
@@ -88,6 +118,8 @@ where
     let acknowledges = session.device_key().is_some();
     // Only a session that acknowledges ever sets it.
     let mut redelivery_timer = super::Timer::default();
+    // Only set once a write has to wait for the socket.
+    let mut write_timer = super::Timer::default();
     let terminated = terminate.fired();
     tokio::pin!(terminated);
     loop {
@@ -97,7 +129,7 @@ where
         };
         let work = tokio::select! {
             biased;
-            _ = &mut terminated => break,
+            _ = &mut terminated => return Ended::Broken,
             // Before the queue, so a queue that never empties cannot starve
             // the heartbeat.
             _ = heartbeat.tick() => WriterWork::Heartbeat,
@@ -129,40 +161,40 @@ where
             }
         };
         let frames = batch.len() as u64;
-        let write = write_all(&mut sink, &mut batch, control);
+        // The write first: its timer is only read and set when the socket
+        // makes it wait.
         let written = tokio::select! {
             biased;
-            _ = &mut terminated => break,
-            written = tokio::time::timeout(config.write_timeout, write) => written,
+            _ = &mut terminated => return Ended::Broken,
+            written = write_all(sink, &mut batch, control) => Some(written),
+            _ = write_timer.after(config.write_timeout) => None,
         };
         match written {
-            Ok(Ok(())) if closing => {
+            Some(Ok(())) if closing => {
                 // The reader waits for the client's answering close.
-                return sink;
+                return Ended::Closing;
             }
-            Ok(Ok(())) => {
+            Some(Ok(())) => {
                 session.count_sent(frames);
             }
-            Ok(Err(
+            Some(Err(
                 WsError::AlreadyClosed
                 | WsError::ConnectionClosed
                 | WsError::Protocol(ProtocolError::SendAfterClosing),
             )) if !closing => {
                 // The client closed first: the reader answers its close and
                 // ends the session; cutting it off here would lose that answer.
-                return sink;
+                return Ended::Closing;
             }
-            Ok(Err(err)) => {
+            Some(Err(err)) => {
                 debug!(session = %session.id(), %err, "write failed");
-                break;
+                return Ended::Broken;
             }
-            Err(_) => {
+            None => {
                 debug!(session = %session.id(), "write timed out; slow consumer");
                 queue.close(CloseReason::SLOW_CONSUMER);
-                break;
+                return Ended::Broken;
             }
         }
     }
-    terminate.fire();
-    sink
 }
