@@ -81,7 +81,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     async move {
-        if write_until_done(&mut sink, &session, &config, &terminate).await == Ended::Broken {
+        if write_until_done(&mut sink, &session, &config, &terminate).await == WriterEnd::Broken {
             terminate.fire();
         }
         sink
@@ -90,7 +90,7 @@ where
 
 /// How the writer ended.
 #[derive(PartialEq)]
-enum Ended {
+enum WriterEnd {
     /// The close was written, or the client closed first: the reader waits
     /// for, or answers, the client's close.
     Closing,
@@ -103,7 +103,7 @@ async fn write_until_done<S>(
     session: &Session,
     config: &Config,
     terminate: &Signal,
-) -> Ended
+) -> WriterEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -129,7 +129,7 @@ where
         };
         let work = tokio::select! {
             biased;
-            _ = &mut terminated => return Ended::Broken,
+            _ = &mut terminated => return WriterEnd::Broken,
             // Before the queue, so a queue that never empties cannot starve
             // the heartbeat.
             _ = heartbeat.tick() => WriterWork::Heartbeat,
@@ -165,14 +165,14 @@ where
         // makes it wait.
         let written = tokio::select! {
             biased;
-            _ = &mut terminated => return Ended::Broken,
+            _ = &mut terminated => return WriterEnd::Broken,
             written = write_all(sink, &mut batch, control) => Some(written),
             _ = write_timer.after(config.write_timeout) => None,
         };
         match written {
             Some(Ok(())) if closing => {
                 // The reader waits for the client's answering close.
-                return Ended::Closing;
+                return WriterEnd::Closing;
             }
             Some(Ok(())) => {
                 session.count_sent(frames);
@@ -184,16 +184,16 @@ where
             )) if !closing => {
                 // The client closed first: the reader answers its close and
                 // ends the session; cutting it off here would lose that answer.
-                return Ended::Closing;
+                return WriterEnd::Closing;
             }
             Some(Err(err)) => {
                 debug!(session = %session.id(), %err, "write failed");
-                return Ended::Broken;
+                return WriterEnd::Broken;
             }
             None => {
                 debug!(session = %session.id(), "write timed out; slow consumer");
                 queue.close(CloseReason::SLOW_CONSUMER);
-                return Ended::Broken;
+                return WriterEnd::Broken;
             }
         }
     }
