@@ -738,7 +738,13 @@ impl SessionQueue {
         std::future::poll_fn(|cx| self.poll_batch(cx, out, max)).await
     }
 
-    fn poll_batch(&self, cx: &mut Context<'_>, out: &mut Vec<Bytes>, max: usize) -> Poll<Batch> {
+    /// [`next_batch`](SessionQueue::next_batch), polled.
+    pub(crate) fn poll_batch(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Poll<Batch> {
         let mut guard = self.state();
         if !guard.frames.is_empty() {
             let n = guard.frames.len().min(max.max(1));

@@ -162,7 +162,7 @@ impl Router {
 
     /// Decodes `message` and starts its handler; `None` when the frame was
     /// answered at once (it does not decode).
-    fn start(&self, session: &Session, message: Bytes) -> Option<Call> {
+    pub(crate) fn start(&self, session: &Session, message: Bytes) -> Option<Call> {
         let len = message.len();
         let frame = match Frame::decode(message) {
             Ok(frame) => frame,
@@ -205,10 +205,19 @@ impl Router {
 }
 
 /// A frame's handler, running.
-struct Call {
+pub(crate) struct Call {
     op: u32,
     request_id: Option<u32>,
     running: CatchUnwind<AssertUnwindSafe<BoxFuture>>,
+}
+
+impl Call {
+    /// Runs the handler; once it is done, queues its answer for `session`.
+    pub(crate) fn poll_answered(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
+        let result = std::task::ready!(self.running.poll_unpin(cx)).ok();
+        answer(session, self.op, self.request_id, result);
+        Poll::Ready(())
+    }
 }
 
 impl Future for Call {

@@ -63,8 +63,8 @@ const READ_BUFFER: usize = 1024;
 /// batch anyway).
 const WRITE_BUFFER: usize = 16 * 1024;
 
-/// An upgraded connection, as sessions see it.
-type Socket = WebSocketStream<ReadAhead<TokioIo<hyper::upgrade::Upgraded>>>;
+/// An upgraded connection's stream, read through [`ReadAhead`].
+type Upgraded = ReadAhead<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Why a server cannot start: a setting to fix, or an address that cannot
 /// be bound. Each says what to do in one line, so a binary can print it as
@@ -822,7 +822,7 @@ async fn serve_http<IO>(
 /// connection once the 101 response has gone out.
 fn upgrade_then<F, Fut>(state: &AppState, mut request: Request, serve: F) -> Response
 where
-    F: FnOnce(Socket) -> Fut + Send + 'static,
+    F: FnOnce(Upgraded) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
     let (response, on_upgrade) = match upgrade::accept(&mut request) {
@@ -854,7 +854,7 @@ where
         metrics::bump(&state.node.counters().refused_capacity);
         return UpgradeError::Unavailable.into_response();
     };
-    let (ws_config, abort) = (state.ws_config, state.abort.clone());
+    let abort = state.abort.clone();
     // Made outside the task's future and boxed: what a task's future
     // captures stays in it for the session's whole life, and this runs
     // once. The session's own future is boxed too: moved into the select
@@ -867,13 +867,7 @@ where
                 return Err(());
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            ReadAhead::new(TokioIo::new(upgraded)),
-            Role::Server,
-            Some(ws_config),
-        )
-        .await;
-        Ok(Box::pin(serve(ws)))
+        Ok(Box::pin(serve(ReadAhead::new(TokioIo::new(upgraded)))))
     });
     state.tasks.spawn(async move {
         if let Ok(session) = opening.await {
@@ -1034,7 +1028,8 @@ async fn protocol_endpoint(
         state.shutdown.clone(),
         state.auth.clone(),
     );
-    upgrade_then(&state, request, move |ws| {
+    let ws_config = state.ws_config;
+    upgrade_then(&state, request, move |stream| {
         let queue = SessionQueue::with_limits(config.send_queue, config.send_queue_bytes);
         if params.device.is_some() {
             queue.expect_acknowledgements(AckSettings {
@@ -1050,7 +1045,15 @@ async fn protocol_endpoint(
             queue,
             params.device,
         );
-        connection::run(ws, session, params.subscriptions, router, config, shutdown)
+        let socket = connection::Socket::new(stream, ws_config);
+        connection::run(
+            socket,
+            session,
+            params.subscriptions,
+            router,
+            config,
+            shutdown,
+        )
     })
 }
 
@@ -1073,12 +1076,16 @@ async fn echo_endpoint(State(state): State<AppState>, request: Request) -> Respo
         return refusal.into_response();
     }
     let (config, shutdown) = (state.config.clone(), state.shutdown.clone());
-    upgrade_then(&state, request, move |ws| echo(ws, config, shutdown))
+    let ws_config = state.ws_config;
+    upgrade_then(&state, request, move |stream| async move {
+        let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await;
+        echo(ws, config, shutdown).await
+    })
 }
 
 /// `/echo`: sends every text or binary message back unchanged. One task
 /// reads and writes in turn, so there is still exactly one writer.
-async fn echo(mut ws: Socket, config: Arc<Config>, shutdown: Signal) {
+async fn echo(mut ws: WebSocketStream<Upgraded>, config: Arc<Config>, shutdown: Signal) {
     // Made once: it registers with the server-wide signal when first polled.
     let shutting_down = shutdown.fired();
     tokio::pin!(shutting_down);

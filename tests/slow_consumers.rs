@@ -143,22 +143,21 @@ async fn conflate_keeps_only_the_newest_pending_message() {
     let mut stuck = server
         .client_with("user=stuck&subscribe=feed.conflate")
         .await;
-    let healthy = healthy_reader(
-        server.client_with("subscribe=feed.conflate").await,
-        MESSAGES,
-    );
+    let mut healthy = server.client_with("subscribe=feed.conflate").await;
     let mut publisher = server.client().await;
 
-    publish_many(&mut publisher, "feed.conflate", MESSAGES).await;
-    // A reader that keeps up gets (nearly) every value; conflation only
-    // merges values that were pending at the same moment.
-    let (seqs, _healthy) = healthy.await.unwrap();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-    assert!(
-        seqs.len() as u64 > MESSAGES * 9 / 10,
-        "healthy reader got {} of {MESSAGES}",
-        seqs.len()
-    );
+    // A reader that keeps up gets every value: conflation only merges
+    // values that are pending at the same moment. (How often that happens
+    // under a fast publisher depends on scheduling, not on the policy.)
+    let data = vec![7u8; SIZE];
+    for seq in 1..=MESSAGES {
+        publisher
+            .publish("feed.conflate", data.clone())
+            .await
+            .unwrap();
+        let delivery = healthy.delivery(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(delivery.seq, seq, "the healthy reader got every value");
+    }
 
     let queue = stuck_queue(&server);
     assert!(queue.len() <= 1, "one pending message per conflated topic");
@@ -167,6 +166,15 @@ async fn conflate_keeps_only_the_newest_pending_message() {
     // The newest value arrives.
     let deliveries = drain(&mut stuck, "feed.conflate", MESSAGES).await;
     assert_eq!(deliveries.len() as u64 + dropped, MESSAGES);
+
+    // Published as fast as it goes, values may merge, but they arrive in
+    // order and the newest is never lost.
+    let burst = 500;
+    let healthy = healthy_reader(healthy, MESSAGES + burst);
+    publish_many(&mut publisher, "feed.conflate", burst).await;
+    let (seqs, _healthy) = healthy.await.unwrap();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(seqs.last(), Some(&(MESSAGES + burst)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,31 +1,37 @@
 //! One WebSocket connection, from upgrade to close.
 //!
-//! Each connection runs as two tasks: [`run`] reads and dispatches frames in
-//! order; a writer task ([`writer`]) owns the sink and is the only thing
+//! Each connection is one task, [`run`]: it reads and dispatches the
+//! client's frames in order and, through its [`Writer`], is the only thing
 //! that ever writes to the socket. Everything else — replies, pushes from
 //! other sessions, heartbeat pings, close frames — goes through the
 //! session's bounded [`SessionQueue`](crate::queue::SessionQueue), so a
 //! client that stops reading fills its own queue and is closed; it never
-//! blocks a producer.
+//! blocks a producer. One task rather than a reader and a writer: a reply
+//! goes out without waking a second task, and an idle connection pays for
+//! one task, with no lock between two halves of its socket.
 //!
-//! The one exception is the client itself: while its queue is backlogged
-//! the reader reads nothing more from it, so a client that pipelines
-//! requests faster than it reads the replies is slowed down by TCP instead
-//! of overflowing its queue.
+//! While a handler waits (for the broker, say), the task keeps writing:
+//! the handler is polled beside the queue, and the client's next frame is
+//! read once it is done. And while the queue is backlogged, the task reads
+//! nothing more from the client, so a client that pipelines requests
+//! faster than it reads the replies is slowed down by TCP instead of
+//! overflowing its queue.
 
+mod socket;
 mod writer;
 
-use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use futures_util::{stream::SplitStream, FutureExt, StreamExt};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::task::JoinHandle;
-use tokio_tungstenite::{
-    tungstenite::{self, Message},
-    WebSocketStream,
-};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::debug;
 use wsproto_proto::v1;
 
@@ -36,36 +42,37 @@ use crate::{
     metrics,
     node::UserStream,
     opcode,
+    queue::SessionQueue,
     rate::{RateLimit, Verdict},
-    router::Router,
+    router::{Call, Router},
     session::{Registration, Session},
     signal::Signal,
     topic::Topic,
     Config,
 };
+pub(crate) use socket::Socket;
 pub(crate) use writer::flush_rest;
-use writer::Sink;
+use writer::{Outcome, Work, Writer};
 
-/// When the reader lets the writer run in the middle of a client's burst
-/// of frames, so that a pipelining client gets its first replies while the
+/// When the task lets the replies out in the middle of a client's burst of
+/// frames, so that a pipelining client gets its first replies while the
 /// rest of its frames are handled.
 ///
 /// How soon depends on how busy the server is, measured by how long the
-/// last yield took. Little else to run: after a few frames, so the client
-/// works on the first replies while the server handles the rest (one
-/// pipelining connection: about 1.3–1.5× the round trips of a fixed 8).
-/// Busy: after more, since the writer runs late anyway and each yield
-/// costs a pass through the scheduler (100 and 1,000 connections at depth
-/// 16: about 1.25–1.3×). The count starts again whenever the client has
-/// nothing more in flight: a client that sends one frame at a time never
-/// makes the reader yield.
+/// yield after the last such write took. Little else to run: after a few
+/// frames, so the client works on the first replies while the server
+/// handles the rest. Busy: after more, since each write and yield costs a
+/// system call and a pass through the scheduler. The count starts again
+/// whenever the client has nothing more in flight: a client that sends one
+/// frame at a time never makes the task yield.
 struct Pacer {
     in_a_row: u32,
     every: u32,
 }
 
 impl Pacer {
-    /// Frames in a row before a yield while the server has little else to run.
+    /// Frames in a row before the replies go out while the server has
+    /// little else to run.
     const SOON: u32 = 4;
     /// The same while it is busy.
     const LATE: u32 = 16;
@@ -84,13 +91,19 @@ impl Pacer {
         self.in_a_row = 0;
     }
 
-    /// One more frame handled: yields when it is time to.
-    async fn handled(&mut self) {
+    /// One more frame handled: true when it is time to let the replies out
+    /// and then [`pause`](Pacer::pause).
+    fn handled(&mut self) -> bool {
         self.in_a_row += 1;
         if self.in_a_row < self.every {
-            return;
+            return false;
         }
         self.in_a_row = 0;
+        true
+    }
+
+    /// Lets other tasks run, and learns from how long that took.
+    async fn pause(&mut self) {
         let before = std::time::Instant::now();
         tokio::task::yield_now().await;
         self.every = match before.elapsed() < Pacer::BUSY {
@@ -100,11 +113,11 @@ impl Pacer {
     }
 }
 
-/// Frames the reader takes in a row without checking for termination,
-/// shutdown, closing and its timer.
-const QUICK_READS: u32 = 8;
+/// Events the task takes in a row without its full select: frames read,
+/// flushes done and batches taken as soon as they are there. Then the
+/// select checks its signals, timers and the heartbeat.
+const QUICK_EVENTS: u32 = 16;
 
-/// Runs one opcode-protocol connection until it ends, then unregisters it.
 /// How long after a shutdown begins this session is closed: spread evenly
 /// over the first half of `--shutdown-timeout`, so that the clients of a
 /// node being restarted reconnect elsewhere a few at a time rather than
@@ -114,15 +127,16 @@ fn drain_delay(session: &Session, config: &Config) -> std::time::Duration {
     config.shutdown_timeout / 2 * spread as u32 / 1_000_000
 }
 
+/// Runs one opcode-protocol connection until it ends, then unregisters it.
 /// `shutdown` asks for a Close 1001 handshake. (At the shutdown deadline
-/// the server drops this future, which ends the writer too.)
+/// the server drops this future.)
 ///
 /// Not an `async fn`: an async function's arguments stay in its future for
 /// as long as it lives, and this one lives as long as the connection. The
-/// stream is split here and the one-time setup is boxed, so that an idle
-/// session's future holds only what its read loop needs.
+/// one-time setup is boxed, so that an idle session's future holds only
+/// what its loop needs.
 pub(crate) fn run<S>(
-    ws: WebSocketStream<S>,
+    socket: Socket<S>,
     session: Session,
     subscriptions: Vec<Topic>,
     router: Arc<Router>,
@@ -135,57 +149,23 @@ where
     // WELCOME is queued before the session is reachable through the hub, so
     // it is always the first frame.
     send_welcome(&session, &config);
-    let (sink, mut stream) = ws.split();
-    // Fired when either half is done, or when the server gives up waiting
-    // at shutdown and drops this future: the other half then stops too.
-    let terminate = Signal::new();
-    let terminate_when_dropped = FireOnDrop(terminate.clone());
-    let opening = Box::pin(open(
-        session.clone(),
-        subscriptions,
-        sink,
-        config.clone(),
-        terminate.clone(),
-    ));
+    let opening = Box::pin(open(session.clone(), subscriptions));
     async move {
-        let _terminate_when_dropped = terminate_when_dropped;
-        let (registration, mut writer) = {
-            let Opened {
-                registration,
-                user_stream,
-                writer,
-            } = opening.await;
-            if let Some(user_stream) = user_stream {
-                // Paced by the writer, so it runs now; the client's frames
-                // wait (and its silence does not count) until it is done.
-                // Boxed: it runs once.
-                session.set_handling(true);
-                let queue = session.queue();
-                let recovery = Box::pin(session.node().recover_user_stream(queue, user_stream));
-                tokio::select! {
-                    _ = terminate.fired() => {}
-                    _ = recovery => {}
-                }
-                session.set_handling(false);
-            }
-            (registration, writer)
-        };
-        let ended = read_loop(
-            &mut stream,
+        let mut socket = socket;
+        let Opened {
+            registration,
+            user_stream,
+        } = opening.await;
+        let ended = serve(
+            &mut socket,
             &session,
             &router,
             &config,
             &shutdown,
-            &terminate,
-            &mut writer,
+            user_stream,
         )
         .await;
 
-        terminate.fire();
-        let sink = match ended.writer {
-            Some(sink) => sink,
-            None => writer.await.ok(),
-        };
         count_ending(&session);
         drop(registration);
         let queue = session.queue();
@@ -198,18 +178,14 @@ where
             None => config.write_timeout,
             Some(_) => config.write_timeout.min(Duration::from_secs(1)),
         };
-        if let Some(sink) = sink {
-            // Boxed: the whole socket is in this future.
-            Box::pin(async move {
-                if let Ok(mut ws) = stream.reunite(sink) {
-                    flush_rest(&mut ws, last_flush).await;
-                    if ended.linger {
-                        crate::close::linger(ws.get_mut(), crate::close::LINGER).await;
-                    }
-                }
-            })
-            .await;
-        }
+        // Boxed: it runs once.
+        Box::pin(async {
+            writer::flush_socket(&mut socket, last_flush).await;
+            if ended.linger {
+                crate::close::linger(socket.stream_mut(), crate::close::LINGER).await;
+            }
+        })
+        .await;
         debug!(
             session = %session.id(),
             reason = ?queue.close_reason(),
@@ -222,25 +198,16 @@ where
 }
 
 /// What a session holds once it is open.
-struct Opened<S> {
+struct Opened {
     registration: Registration,
     /// The user's critical pushes this device recovers before anything else.
     user_stream: Option<UserStream>,
-    writer: JoinHandle<Sink<S>>,
 }
 
-/// Makes the session reachable and subscribes it, then starts its writer:
-/// a client that has WELCOME (queued first) can be reached.
-async fn open<S>(
-    session: Session,
-    subscriptions: Vec<Topic>,
-    sink: Sink<S>,
-    config: Arc<Config>,
-    terminate: Signal,
-) -> Opened<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// Makes the session reachable and subscribes it; its frames (WELCOME
+/// first) are written once this is done, so a client that has WELCOME can
+/// be reached.
+async fn open(session: Session, subscriptions: Vec<Topic>) -> Opened {
     // A device's session recovers its user's critical pushes; if where
     // the device stands cannot be read, it comes back later rather than
     // silently skipping what it missed.
@@ -276,46 +243,92 @@ where
         .subscribe_all(session.id(), &subscriptions)
         .await;
     debug!(session = %session.id(), remote = ?session.remote_addr(), "session opened");
-    let writer = tokio::spawn(writer::write_loop(sink, session, config, terminate));
     Opened {
         registration,
         user_stream,
-        writer,
     }
 }
 
-/// How the read loop ended.
-struct Ended<S> {
-    /// What the writer returned, when the loop already waited for it.
-    writer: Option<Option<Sink<S>>>,
+/// How the session's loop ended.
+struct Ended {
     /// Whether to drain what the client still sends before closing, so
     /// that no reset destroys the close frame.
     linger: bool,
 }
 
-/// Reads and dispatches the client's frames in order until the session
-/// ends.
-async fn read_loop<S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
+/// What woke the session's task.
+enum Event {
+    /// What a read brought (see [`Read`]).
+    Read(Read),
+    /// What the session was busy with is done.
+    Done,
+    /// The writer has something to do.
+    Work(Work),
+    /// The socket's flush of the writer's batch ended.
+    Flushed(Result<(), tungstenite::Error>),
+}
+
+/// What a session is busy with. Its next frame is read once this is done
+/// (frames are handled in order), while the writer goes on.
+enum Busy<'a> {
+    /// One frame's handler.
+    Frame(Call),
+    /// A run of publications, or a device's recovery of its user's pushes.
+    Other(Pin<Box<dyn Future<Output = ()> + Send + 'a>>),
+}
+
+impl Busy<'_> {
+    fn poll_done(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Busy::Frame(call) => call.poll_answered(session, cx),
+            Busy::Other(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Runs `f` once with the task's context.
+async fn with_context<T>(f: impl FnOnce(&mut Context<'_>) -> T) -> T {
+    let mut f = Some(f);
+    std::future::poll_fn(|cx| Poll::Ready(f.take().expect("polled once")(cx))).await
+}
+
+/// Serves the session until it ends: reads and dispatches the client's
+/// frames in order, and writes what its queue holds.
+async fn serve<S>(
+    socket: &mut Socket<S>,
     session: &Session,
     router: &Router,
     config: &Config,
     shutdown: &Signal,
-    terminate: &Signal,
-    writer: &mut JoinHandle<Sink<S>>,
-) -> Ended<S>
+    user_stream: Option<UserStream>,
+) -> Ended
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let queue = session.queue();
+    let mut writer = Writer::new(session, config);
+    // A device first recovers its user's critical pushes. Boxed: it runs
+    // once. The client's frames wait (and its silence does not count)
+    // until it is done.
+    let mut busy = user_stream.map(|user_stream| {
+        let recovery = session.node().recover_user_stream(queue, user_stream);
+        Busy::Other(Box::pin(async move {
+            recovery.await;
+        }))
+    });
     let mut limiter = RateLimit::new(config.rate_limit, config.rate_burst);
     let mut pacer = Pacer::new();
-    // Frames taken in a row without the full select (see `QUICK_READS`).
-    let mut quick_reads = 0u32;
+    // The replies are let out before anything more is read (see `Pacer`).
+    let mut let_out = false;
+    // Events taken in a row without the full select (see `QUICK_EVENTS`).
+    let mut quick = 0u32;
     // What was read while gathering a run of publications but belongs
     // after it (see `gather_run`).
-    let mut read_past_run = None;
+    let mut read_past_run: Option<Read> = None;
     let mut close_deadline: Option<tokio::time::Instant> = None;
+    // When the writer's flush has to be done by; set when the socket makes
+    // it wait.
+    let mut write_deadline: Option<tokio::time::Instant> = None;
     let expiry_of = |session: &Session| {
         session
             .identity()
@@ -327,91 +340,138 @@ where
     // first set (each timer a session holds is memory every connection
     // pays).
     let mut timer = Timer::default();
-    // Made once, not per frame: each registers with its token or queue.
-    // The guards below never poll one again after it has completed.
-    let terminated = terminate.fired();
+    // Made once, not per wait: each registers with its signal. The guards
+    // below never poll one again after it has completed.
     let shutting_down = shutdown.fired();
     // When this session's turn to be closed by a shutdown comes (see
-    // `drain_turn`).
+    // `drain_delay`).
     let mut drain_turn: Option<tokio::time::Instant> = None;
     let closing = queue.closing();
-    tokio::pin!(terminated, shutting_down, closing);
+    tokio::pin!(shutting_down, closing);
     loop {
         if close_deadline.is_none() && queue.close_reason().is_some() {
             close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
         }
-        // Replies are queued past the bound: read nothing more until the
-        // writer has taken them, so TCP holds the client back. Each request
-        // adds about one reply, so replies alone never fill the queue. The
+        if let_out && (queue.is_empty() || !writer.is_open()) {
+            let_out = false;
+            pacer.pause().await;
+        }
+        // Replies are queued past the bound: read nothing more until they
+        // are written, so TCP holds the client back. Each request adds
+        // about one reply, so replies alone never fill the queue. The
         // client cannot show it is alive meanwhile, as while a handler runs.
         let held_back = close_deadline.is_none() && queue.is_backlogged();
-        session.set_handling(held_back);
-        let deadline = match close_deadline {
-            Some(at) => Some((at, Deadline::Close)),
-            None => [
-                drain_turn.map(|at| (at, Deadline::DrainTurn)),
-                token_expiry.map(|at| (at, Deadline::TokenExpiry)),
-            ]
-            .into_iter()
-            .flatten()
-            .min_by_key(|(at, _)| *at),
-        };
-        // A frame already here is taken without polling the other branches
-        // (each costs a lock); they stay registered, and every few frames
-        // the full select below checks them.
-        let quick = !held_back && read_past_run.is_none() && quick_reads < QUICK_READS;
-        let ready = quick
-            && std::future::poll_fn(|cx| match stream.poll_next_unpin(cx) {
-                Poll::Ready(message) => {
-                    read_past_run = Some((message, None));
-                    Poll::Ready(true)
-                }
-                Poll::Pending => Poll::Ready(false),
-            })
-            .await;
-        if quick && !ready {
-            pacer.caught_up();
-        }
-        quick_reads = match ready {
-            true => quick_reads + 1,
-            false => 0,
-        };
-        // What is already here (read now, or past a run) is taken first;
-        // otherwise wait. Only a bool is matched on, so the wait keeps no
-        // copy of an empty read in this future.
-        let (message, verdict) = match !held_back && read_past_run.is_some() {
-            true => read_past_run.take().expect("checked to be there"),
-            false => {
-                tokio::select! {
-                    biased;
-                    _ = &mut terminated => break,
-                    _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
-                        drain_turn = Some(tokio::time::Instant::now() + drain_delay(session, config));
-                        continue;
-                    }
-                    _ = &mut closing, if close_deadline.is_none() => continue,
-                    _ = timer.until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
-                        Some(Deadline::Close) => break,
-                        Some(Deadline::DrainTurn) => {
-                            queue.close(CloseReason::going_away_after(random_slot(session)));
-                            continue;
-                        }
-                        Some(Deadline::TokenExpiry) => {
-                            queue.close(CloseReason::TOKEN_EXPIRED);
-                            continue;
-                        }
-                        None => continue,
-                    },
-                    _ = queue.backlog_drained(), if held_back => {
-                        // The writer is getting the replies through: the client is reading.
-                        session.touch();
-                        continue;
-                    }
-                    message = stream.next(), if !held_back => (message, None),
-                }
+        session.set_handling(held_back || busy.is_some());
+        let may_read = busy.is_none() && !held_back && !let_out;
+        let flushing = writer.is_flushing();
+        let deadline = [
+            close_deadline.map(|at| (at, Deadline::Close)),
+            write_deadline.map(|at| (at, Deadline::Write)),
+            drain_turn
+                .filter(|_| close_deadline.is_none())
+                .map(|at| (at, Deadline::DrainTurn)),
+            token_expiry
+                .filter(|_| close_deadline.is_none())
+                .map(|at| (at, Deadline::TokenExpiry)),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(at, _)| *at);
+
+        // What is here already (read past a run, or ready on the socket or
+        // in the queue) is taken without the full select, a few in a row.
+        let ready = match may_read && read_past_run.is_some() {
+            true => read_past_run.take().map(Event::Read),
+            false if quick < QUICK_EVENTS => {
+                with_context(|cx| poll_now(socket, &mut writer, &mut pacer, queue, may_read, cx))
+                    .await
             }
+            false => None,
         };
-        match message {
+        quick = match ready {
+            Some(_) => quick + 1,
+            None => 0,
+        };
+        let event = match ready {
+            Some(event) => event,
+            None => tokio::select! {
+                biased;
+                _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
+                    drain_turn = Some(tokio::time::Instant::now() + drain_delay(session, config));
+                    continue;
+                }
+                _ = &mut closing, if close_deadline.is_none() => continue,
+                _ = timer.until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
+                    Some(Deadline::Close) => break,
+                    Some(Deadline::Write) => {
+                        debug!(session = %session.id(), "write timed out; slow consumer");
+                        queue.close(CloseReason::SLOW_CONSUMER);
+                        break;
+                    }
+                    Some(Deadline::DrainTurn) => {
+                        queue.close(CloseReason::going_away_after(random_slot(session)));
+                        continue;
+                    }
+                    Some(Deadline::TokenExpiry) => {
+                        queue.close(CloseReason::TOKEN_EXPIRED);
+                        continue;
+                    }
+                    None => continue,
+                },
+                () = std::future::poll_fn(|cx| match &mut busy {
+                    Some(busy) => busy.poll_done(session, cx),
+                    None => Poll::Pending,
+                }), if busy.is_some() => Event::Done,
+                work = writer.next_work(queue), if writer.is_open() && !flushing => Event::Work(work),
+                event = std::future::poll_fn(|cx| poll_socket(socket, flushing, may_read, cx)),
+                    if flushing || may_read => event,
+            },
+        };
+        let read = match event {
+            Event::Work(work) => {
+                let begun =
+                    with_context(|cx| writer.begin(work, socket, cx, session, config)).await;
+                match begun {
+                    None => {}
+                    Some(Poll::Pending) => {
+                        // Only a write the socket makes wait reads the clock.
+                        write_deadline = Some(tokio::time::Instant::now() + config.write_timeout);
+                    }
+                    Some(Poll::Ready(flushed)) => {
+                        if writer.written(flushed, session) == Outcome::Failed {
+                            break;
+                        }
+                        if held_back {
+                            // The replies are getting through: the client is reading.
+                            session.touch();
+                        }
+                    }
+                }
+                continue;
+            }
+            Event::Flushed(flushed) => {
+                write_deadline = None;
+                if writer.written(flushed, session) == Outcome::Failed {
+                    break;
+                }
+                if held_back {
+                    session.touch();
+                }
+                continue;
+            }
+            Event::Done => {
+                busy = None;
+                session.touch();
+                if session.take_identity_changed() {
+                    token_expiry = expiry_of(session);
+                }
+                let_out |= pacer.handled();
+                continue;
+            }
+            Event::Read(read) => read,
+        };
+        let (message, verdict) = read;
+        let message = match message {
             None => break,
             Some(Err(err)) => {
                 debug!(session = %session.id(), %err, "read failed");
@@ -420,81 +480,120 @@ where
                 };
                 queue.close(reason);
                 // The rest of a broken or oversized message may still be on
-                // the wire, so nothing more can be read; let the writer send
-                // the close, and drain at the end so no reset destroys it.
-                let writer = match tokio::time::timeout(config.write_timeout, writer).await {
-                    Ok(ended) => Some(ended.ok()),
-                    Err(_) => None,
-                };
-                return Ended {
-                    writer,
-                    linger: true,
-                };
+                // the wire, so nothing more can be read: write the close,
+                // and drain at the end so no reset destroys it. Boxed: it
+                // runs once.
+                Box::pin(writer.finish(socket, session, config)).await;
+                return Ended { linger: true };
             }
-            Some(Ok(message)) => {
-                session.touch();
-                if close_deadline.is_some() {
-                    // Closing: wait for the client's close, act on nothing else.
-                    continue;
-                }
-                // Checked already when it was read while gathering a run.
-                let verdict =
-                    verdict.unwrap_or_else(|| match message.is_binary() || message.is_text() {
-                        true => limiter.check(),
-                        false => Verdict::Allow,
-                    });
-                if verdict != Verdict::Allow {
-                    metrics::bump(&session.node().counters().rate_limited_frames);
-                    if verdict == (Verdict::Refuse { reply: true }) {
-                        refuse_over_limit(session, &message, config.rate_limit);
-                    } else if verdict == Verdict::Close {
-                        queue.close(CloseReason::RATE_LIMITED);
-                    }
-                    continue;
-                }
-                // A handler that never finishes must not outlive the session.
-                session.set_handling(true);
-                match message {
-                    Message::Binary(data) if router.is_pipelined(&data) => {
-                        // No more answers than fit before the queue is
-                        // backlogged, so a run cannot overflow it.
-                        let most = MAX_RUN.min(queue.room_before_backlog());
-                        let gathered = gather_run(stream, router, &mut limiter, data, most);
-                        read_past_run = gathered.read_past;
-                        session.count_received(gathered.run.len() as u64);
-                        tokio::select! {
-                            biased;
-                            _ = &mut terminated => break,
-                            _ = router.handle_run(session, gathered.run) => {}
-                        }
-                    }
-                    message => tokio::select! {
-                        biased;
-                        _ = &mut terminated => break,
-                        _ = handle_message(session, router, message) => {}
-                    },
-                }
-                session.set_handling(false);
-                session.touch();
-                if session.take_identity_changed() {
-                    token_expiry = expiry_of(session);
-                }
-                pacer.handled().await;
-            }
+            Some(Ok(message)) => message,
+        };
+        session.touch();
+        if close_deadline.is_some() {
+            // Closing: wait for the client's close, act on nothing else.
+            continue;
         }
+        // Checked already when it was read while gathering a run.
+        let verdict = verdict.unwrap_or_else(|| match message.is_binary() || message.is_text() {
+            true => limiter.check(),
+            false => Verdict::Allow,
+        });
+        if verdict != Verdict::Allow {
+            metrics::bump(&session.node().counters().rate_limited_frames);
+            if verdict == (Verdict::Refuse { reply: true }) {
+                refuse_over_limit(session, &message, config.rate_limit);
+            } else if verdict == Verdict::Close {
+                queue.close(CloseReason::RATE_LIMITED);
+            }
+            continue;
+        }
+        match message {
+            Message::Binary(data) if router.is_pipelined(&data) => {
+                // No more answers than fit before the queue is backlogged,
+                // so a run cannot overflow it.
+                let most = MAX_RUN.min(queue.room_before_backlog());
+                let gathered =
+                    with_context(|cx| gather_run(socket, cx, router, &mut limiter, data, most))
+                        .await;
+                read_past_run = gathered.read_past;
+                session.count_received(gathered.run.len() as u64);
+                busy = Some(Busy::Other(Box::pin(
+                    router.handle_run(session, gathered.run),
+                )));
+                continue;
+            }
+            Message::Binary(data) => {
+                session.count_received(1);
+                if let Some(mut call) = router.start(session, data) {
+                    // Most handlers are done at once.
+                    if with_context(|cx| call.poll_answered(session, cx))
+                        .await
+                        .is_pending()
+                    {
+                        busy = Some(Busy::Frame(call));
+                        continue;
+                    }
+                }
+            }
+            message => handle_other(session, message),
+        }
+        if session.take_identity_changed() {
+            token_expiry = expiry_of(session);
+        }
+        let_out |= pacer.handled();
     }
-    Ended {
-        writer: None,
-        linger: false,
-    }
+    Ended { linger: false }
 }
 
-/// Fires its signal when dropped, however the owner ends.
-struct FireOnDrop(Signal);
+/// The socket's flush, while the writer is `flushing`, and its next read,
+/// when the session `may_read`.
+fn poll_socket<S>(
+    socket: &mut Socket<S>,
+    flushing: bool,
+    may_read: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Event>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if flushing {
+        if let Poll::Ready(flushed) = socket.poll_flush(cx) {
+            return Poll::Ready(Event::Flushed(flushed));
+        }
+    }
+    if may_read {
+        if let Poll::Ready(message) = socket.poll_read(cx) {
+            return Poll::Ready(Event::Read((message, None)));
+        }
+    }
+    Poll::Pending
+}
 
-impl Drop for FireOnDrop {
-    fn drop(&mut self) {
-        self.0.fire();
+/// What is ready now: the socket's flush or next read, or the queue's next
+/// batch (see `QUICK_EVENTS`).
+fn poll_now<S>(
+    socket: &mut Socket<S>,
+    writer: &mut Writer,
+    pacer: &mut Pacer,
+    queue: &SessionQueue,
+    may_read: bool,
+    cx: &mut Context<'_>,
+) -> Option<Event>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let flushing = writer.is_flushing();
+    match poll_socket(socket, flushing, may_read, cx) {
+        Poll::Ready(event) => return Some(event),
+        Poll::Pending if may_read => pacer.caught_up(),
+        Poll::Pending => {}
+    }
+    match !flushing && writer.is_open() {
+        true => match writer.poll_queue(queue, cx) {
+            Poll::Ready(work) => Some(Event::Work(work)),
+            Poll::Pending => None,
+        },
+        false => None,
     }
 }
 
@@ -536,20 +635,21 @@ struct Run {
 /// side, they cost one broker round trip, not one each, while their order
 /// and their answers' order stay as sent. Never waits for more to arrive.
 fn gather_run<S>(
-    stream: &mut S,
+    socket: &mut Socket<S>,
+    cx: &mut Context<'_>,
     router: &Router,
     limiter: &mut RateLimit,
     first: Bytes,
     most: usize,
 ) -> Run
 where
-    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut run = vec![first];
     while run.len() < most {
-        let read = match stream.next().now_or_never() {
-            None => break,
-            Some(Some(Ok(Message::Binary(data)))) if router.is_pipelined(&data) => {
+        let read = match socket.poll_read(cx) {
+            Poll::Pending => break,
+            Poll::Ready(Some(Ok(Message::Binary(data)))) if router.is_pipelined(&data) => {
                 match limiter.check() {
                     Verdict::Allow => {
                         run.push(data);
@@ -558,7 +658,7 @@ where
                     verdict => (Some(Ok(Message::Binary(data))), Some(verdict)),
                 }
             }
-            Some(other) => (other, None),
+            Poll::Ready(other) => (other, None),
         };
         return Run {
             run,
@@ -583,12 +683,9 @@ fn refuse_over_limit(session: &Session, message: &Message, rate: f64) {
     session.send_error(ErrorCode::RateLimited.as_u32(), reason, opcode, request_id);
 }
 
-async fn handle_message(session: &Session, router: &Router, message: Message) {
+/// Answers a message that is not a binary frame.
+fn handle_other(session: &Session, message: Message) {
     match message {
-        Message::Binary(data) => {
-            session.count_received(1);
-            router.handle_message(session, data).await;
-        }
         Message::Text(text) => {
             session.count_received(1);
             debug!(
@@ -606,8 +703,13 @@ async fn handle_message(session: &Session, router: &Router, message: Message) {
             );
         }
         // Pongs only count as liveness (done by the caller); tungstenite
-        // answers pings and close frames itself.
-        Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
+        // answers pings and close frames itself. Binary frames are the
+        // router's.
+        Message::Binary(_)
+        | Message::Ping(_)
+        | Message::Pong(_)
+        | Message::Close(_)
+        | Message::Frame(_) => {}
     }
 }
 
@@ -638,11 +740,14 @@ fn random_slot(session: &Session) -> usize {
     std::hash::RandomState::new().hash_one(session.id()) as usize
 }
 
-/// What the reader's one timer is set for.
+/// What the session's one timer is set for.
 #[derive(Debug, Clone, Copy)]
 enum Deadline {
     /// The session is closing and the client had its time to answer.
     Close,
+    /// The writer's flush had its `--write-timeout`: the client does not
+    /// read.
+    Write,
     /// Its turn to be closed in a shutdown.
     DrainTurn,
     /// Its token expires.
@@ -672,31 +777,22 @@ impl Timer {
         };
         sleep.as_mut().await
     }
-
-    /// Completes `period` after it is first polled (never, for a period
-    /// past the clock's range).
-    async fn after(&mut self, period: Duration) {
-        let due = tokio::time::Instant::now().checked_add(period);
-        self.until(due).await
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
     use super::*;
-    use crate::{identity::Identity, node::Node, queue::SessionQueue};
+    use crate::{identity::Identity, node::Node};
 
-    /// The futures of one connection's two tasks live as long as it does,
-    /// idle or not: their size is memory every connection pays. Printed
-    /// with `--nocapture`; the budgets catch a change that inlines a large
+    /// A connection's task lives as long as it does, idle or not: its
+    /// future's size is memory every connection pays. Printed with
+    /// `--nocapture`; the budget catches a change that inlines a large
     /// future (box it instead).
     #[tokio::test]
-    async fn a_connections_tasks_stay_small() {
-        let socket = |io| WebSocketStream::from_raw_socket(io, Role::Server, None);
-        let (reader_io, _a) = tokio::io::duplex(64);
-        let (writer_io, _b) = tokio::io::duplex(64);
+    async fn a_connections_task_stays_small() {
+        let (io, _peer) = tokio::io::duplex(64);
         let session = Session::new(
             Node::new(),
             Identity::insecure(None, Vec::new()),
@@ -705,24 +801,16 @@ mod tests {
             SessionQueue::new(8),
             None,
         );
-        let config = Arc::new(Config::default());
-        let signal = Signal::new();
-        let reader = run(
-            socket(reader_io).await,
-            session.clone(),
+        let task = run(
+            Socket::new(io, WebSocketConfig::default()),
+            session,
             Vec::new(),
             Arc::new(Router::new()),
-            config.clone(),
-            signal.clone(),
+            Arc::new(Config::default()),
+            Signal::new(),
         );
-        let (sink, _stream) = socket(writer_io).await.split();
-        let writer = writer::write_loop(sink, session, config, signal);
-        let (reader, writer) = (
-            std::mem::size_of_val(&reader),
-            std::mem::size_of_val(&writer),
-        );
-        println!("connection task futures: reader {reader} B, writer {writer} B");
-        assert!(reader <= 1280, "reader future {reader} B");
-        assert!(writer <= 768, "writer future {writer} B");
+        let size = std::mem::size_of_val(&task);
+        println!("connection task future: {size} B");
+        assert!(size <= 4096, "connection task future {size} B");
     }
 }

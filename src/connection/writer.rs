@@ -1,9 +1,13 @@
-//! The writer: the only task that writes to a connection's socket.
+//! The writer: the only thing that writes to a connection's socket, driven
+//! by the session's task.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use futures_util::{stream::SplitSink, SinkExt};
+use futures_util::SinkExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::{
     tungstenite::{
@@ -14,13 +18,16 @@ use tokio_tungstenite::{
 };
 use tracing::debug;
 
-use crate::{close::CloseReason, queue::Batch, session::Session, signal::Signal, Config};
+use super::socket::Socket;
+use crate::{
+    close::CloseReason,
+    queue::{Batch, SessionQueue},
+    session::Session,
+    Config,
+};
 
 /// Most frames the writer moves from the queue into one socket write.
 const WRITE_BATCH: usize = 64;
-
-/// The write half of a connection.
-pub(super) type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 
 /// Flushes what the codec and the stream still hold, for at most `within`.
 /// The codec answers a client's close and reports the connection closed
@@ -38,163 +45,228 @@ where
     let _ = tokio::time::timeout(within, flush).await;
 }
 
-/// Writes the queued `frames`, then `control` (a ping or the close), into
-/// the socket's buffer and flushes once: a burst of queued frames costs one
-/// write, not one per frame.
-async fn write_all<S>(
-    sink: &mut Sink<S>,
-    frames: &mut Vec<Bytes>,
-    control: Option<Message>,
-) -> Result<(), WsError>
+/// [`flush_rest`], for a session's socket.
+pub(super) async fn flush_socket<S>(socket: &mut Socket<S>, within: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for frame in frames.drain(..) {
-        sink.feed(Message::Binary(frame)).await?;
-    }
-    if let Some(control) = control {
-        sink.feed(control).await?;
-    }
-    sink.flush().await
+    let flush = async {
+        let _ = std::future::poll_fn(|cx| socket.poll_flush(cx)).await;
+        let _ = socket.stream_mut().flush().await;
+    };
+    let _ = tokio::time::timeout(within, flush).await;
 }
 
-enum WriterWork {
+/// Something for the writer to do.
+pub(super) enum Work {
     Batch(Batch),
     Heartbeat,
     Redeliver,
 }
 
-/// The only task that writes to the socket: drains the queue in batches
-/// (one flush per batch), pings on an interval and closes silent clients.
-///
-/// Returns the sink, so the session can flush what is left at the end.
-// Not an `async fn`, whose arguments would stay in the task twice for the
-// session's whole life: the loop borrows them from the block's captures.
-#[allow(clippy::manual_async_fn)]
-pub(super) fn write_loop<S>(
-    mut sink: Sink<S>,
-    session: Session,
-    config: Arc<Config>,
-    terminate: Signal,
-) -> impl Future<Output = Sink<S>> + Send
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    async move {
-        if write_until_done(&mut sink, &session, &config, &terminate).await == WriterEnd::Broken {
-            terminate.fire();
+/// How a write ended.
+#[derive(Debug, PartialEq)]
+pub(super) enum Outcome {
+    /// Frames (or a ping) went out.
+    Wrote,
+    /// The close went out: only the client's answering close is left to
+    /// read.
+    Closed,
+    /// The client closed first: the codec answers its close.
+    ClientClosed,
+    /// Writing failed: nothing more can be written.
+    Failed,
+}
+
+/// What was handed to the socket and is not flushed yet.
+struct Unflushed {
+    frames: u64,
+    closing: bool,
+}
+
+/// Drains the session's queue into the socket in batches (one flush per
+/// batch), pings on an interval, redelivers what a device has not
+/// acknowledged, and closes silent clients. The session's task waits for
+/// its [`next_work`](Writer::next_work), hands it to
+/// [`begin`](Writer::begin), and polls the socket's flush until it is done;
+/// one batch is written at a time.
+pub(super) struct Writer {
+    /// Grown on demand: an idle session should not carry room for 64 frames.
+    batch: Vec<Bytes>,
+    heartbeat: tokio::time::Interval,
+    /// Only a device's session waits for acknowledgements.
+    acknowledges: bool,
+    /// Only a session that acknowledges ever sets it.
+    redelivery: super::Timer,
+    unflushed: Option<Unflushed>,
+    open: bool,
+}
+
+impl Writer {
+    pub(super) fn new(session: &Session, config: &Config) -> Writer {
+        let period = config.ping_interval;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Writer {
+            batch: Vec::new(),
+            heartbeat,
+            acknowledges: session.device_key().is_some(),
+            redelivery: super::Timer::default(),
+            unflushed: None,
+            open: true,
         }
-        sink
     }
-}
 
-/// How the writer ended.
-#[derive(PartialEq)]
-enum WriterEnd {
-    /// The close was written, or the client closed first: the reader waits
-    /// for, or answers, the client's close.
-    Closing,
-    /// Writing failed or timed out, or the session was terminated.
-    Broken,
-}
+    /// Whether anything more may be written: not after the close, a
+    /// client's close, or a failed write.
+    pub(super) fn is_open(&self) -> bool {
+        self.open
+    }
 
-async fn write_until_done<S>(
-    sink: &mut Sink<S>,
-    session: &Session,
-    config: &Config,
-    terminate: &Signal,
-) -> WriterEnd
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let queue = session.queue();
-    // Grown on demand: an idle session should not carry room for 64 frames.
-    let mut batch = Vec::new();
-    let period = config.ping_interval;
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Whether a batch waits for the socket's flush.
+    pub(super) fn is_flushing(&self) -> bool {
+        self.unflushed.is_some()
+    }
 
-    // Only a device's session waits for acknowledgements.
-    let acknowledges = session.device_key().is_some();
-    // Only a session that acknowledges ever sets it.
-    let mut redelivery_timer = super::Timer::default();
-    // Only set once a write has to wait for the socket.
-    let mut write_timer = super::Timer::default();
-    let terminated = terminate.fired();
-    tokio::pin!(terminated);
-    loop {
-        let redelivery = match acknowledges {
+    /// Waits for something to do. Cancel-safe: frames leave the queue only
+    /// when it completes.
+    pub(super) async fn next_work(&mut self, queue: &SessionQueue) -> Work {
+        let redelivery = match self.acknowledges {
             true => queue.next_redelivery(),
             false => None,
         };
-        let work = tokio::select! {
+        tokio::select! {
             biased;
-            _ = &mut terminated => return WriterEnd::Broken,
             // Before the queue, so a queue that never empties cannot starve
             // the heartbeat.
-            _ = heartbeat.tick() => WriterWork::Heartbeat,
-            _ = redelivery_timer.until(redelivery) => WriterWork::Redeliver,
-            batch = queue.next_batch(&mut batch, WRITE_BATCH) => WriterWork::Batch(batch),
-        };
+            _ = self.heartbeat.tick() => Work::Heartbeat,
+            _ = self.redelivery.until(redelivery) => Work::Redeliver,
+            batch = queue.next_batch(&mut self.batch, WRITE_BATCH) => Work::Batch(batch),
+        }
+    }
+
+    /// The queue's next batch, if there is one now.
+    pub(super) fn poll_queue(&mut self, queue: &SessionQueue, cx: &mut Context<'_>) -> Poll<Work> {
+        queue
+            .poll_batch(cx, &mut self.batch, WRITE_BATCH)
+            .map(Work::Batch)
+    }
+
+    /// Does `work`: hands its frames, and the ping or close, to the socket
+    /// and starts the flush. `None` when there was nothing to write;
+    /// otherwise the flush, to be finished with
+    /// [`poll_flush`](Socket::poll_flush) while it is pending, and its
+    /// result given to [`written`](Writer::written).
+    pub(super) fn begin<S>(
+        &mut self,
+        work: Work,
+        socket: &mut Socket<S>,
+        cx: &mut Context<'_>,
+        session: &Session,
+        config: &Config,
+    ) -> Option<Poll<Result<(), WsError>>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let queue = session.queue();
         let mut closing = false;
         // The frames themselves wait in `batch`.
         let control = match work {
-            WriterWork::Batch(Batch::Frames) => None,
-            WriterWork::Batch(Batch::Close(reason)) => {
+            Work::Batch(Batch::Frames) => None,
+            Work::Batch(Batch::Close(reason)) => {
                 debug!(session = %session.id(), code = reason.code, reason = reason.reason, "closing");
                 closing = true;
                 Some(Message::Close(Some(reason.frame())))
             }
-            // While a handler runs the reader is not reading, so the client
-            // cannot show it is alive; silence only counts between frames.
-            WriterWork::Heartbeat
+            // While a handler runs the session reads nothing, so the
+            // client cannot show it is alive; silence only counts between
+            // frames.
+            Work::Heartbeat
                 if !session.is_handling() && session.silent_for() > config.ping_timeout =>
             {
                 queue.close(CloseReason::HEARTBEAT_TIMEOUT);
-                continue;
+                return None;
             }
-            WriterWork::Heartbeat => Some(Message::Ping(Bytes::new())),
-            WriterWork::Redeliver => {
+            Work::Heartbeat => Some(Message::Ping(Bytes::new())),
+            Work::Redeliver => {
                 let again = queue.redeliver(tokio::time::Instant::now());
                 session.node().counters().redelivered.inc_by(again as u64);
-                continue;
+                return None;
             }
         };
-        let frames = batch.len() as u64;
-        // The write first: its timer is only read and set when the socket
-        // makes it wait.
-        let written = tokio::select! {
-            biased;
-            _ = &mut terminated => return WriterEnd::Broken,
-            written = write_all(sink, &mut batch, control) => Some(written),
-            _ = write_timer.after(config.write_timeout) => None,
-        };
-        match written {
-            Some(Ok(())) if closing => {
-                // The reader waits for the client's answering close.
-                return WriterEnd::Closing;
+        self.unflushed = Some(Unflushed {
+            frames: self.batch.len() as u64,
+            closing,
+        });
+        let mut handed = Ok(());
+        for frame in self.batch.drain(..) {
+            if handed.is_ok() {
+                handed = socket.write(cx, Message::Binary(frame));
             }
-            Some(Ok(())) => {
+        }
+        if let (Ok(()), Some(control)) = (&handed, control) {
+            handed = socket.write(cx, control);
+        }
+        Some(match handed {
+            Ok(()) => socket.poll_flush(cx),
+            Err(err) => Poll::Ready(Err(err)),
+        })
+    }
+
+    /// Takes the result of the flush [`begin`](Writer::begin) started.
+    pub(super) fn written(&mut self, result: Result<(), WsError>, session: &Session) -> Outcome {
+        let Some(Unflushed { frames, closing }) = self.unflushed.take() else {
+            return Outcome::Wrote;
+        };
+        let outcome = match result {
+            Ok(()) if closing => Outcome::Closed,
+            Ok(()) => {
                 session.count_sent(frames);
+                Outcome::Wrote
             }
-            Some(Err(
+            Err(
                 WsError::AlreadyClosed
                 | WsError::ConnectionClosed
                 | WsError::Protocol(ProtocolError::SendAfterClosing),
-            )) if !closing => {
-                // The client closed first: the reader answers its close and
-                // ends the session; cutting it off here would lose that answer.
-                return WriterEnd::Closing;
-            }
-            Some(Err(err)) => {
+            ) if !closing => Outcome::ClientClosed,
+            Err(err) => {
                 debug!(session = %session.id(), %err, "write failed");
-                return WriterEnd::Broken;
+                Outcome::Failed
             }
-            None => {
-                debug!(session = %session.id(), "write timed out; slow consumer");
-                queue.close(CloseReason::SLOW_CONSUMER);
-                return WriterEnd::Broken;
-            }
+        };
+        if outcome != Outcome::Wrote {
+            self.open = false;
         }
+        outcome
+    }
+
+    /// Writes what is queued and the close, for at most `--write-timeout`:
+    /// for a session that can read nothing more.
+    pub(super) async fn finish<S>(
+        &mut self,
+        socket: &mut Socket<S>,
+        session: &Session,
+        config: &Config,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let finish = async {
+            if self.is_flushing() {
+                let flushed = std::future::poll_fn(|cx| socket.poll_flush(cx)).await;
+                self.written(flushed, session);
+            }
+            while self.open {
+                let work = self.next_work(session.queue()).await;
+                let begun =
+                    super::with_context(|cx| self.begin(work, socket, cx, session, config)).await;
+                let flushed = match begun {
+                    None => continue,
+                    Some(Poll::Ready(flushed)) => flushed,
+                    Some(Poll::Pending) => std::future::poll_fn(|cx| socket.poll_flush(cx)).await,
+                };
+                self.written(flushed, session);
+            }
+        };
+        let _ = tokio::time::timeout(config.write_timeout, finish).await;
     }
 }
