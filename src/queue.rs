@@ -676,6 +676,14 @@ impl SessionQueue {
         self.inner.closing.fired()
     }
 
+    /// Gives back the memory of the queue's buffer, when it is empty.
+    pub fn shrink(&self) {
+        let mut state = self.state();
+        if state.frames.is_empty() {
+            state.frames = VecDeque::new();
+        }
+    }
+
     /// Frames waiting to be written.
     pub fn len(&self) -> usize {
         self.state().frames.len()
@@ -792,6 +800,22 @@ mod tests {
             queue.next_batch(&mut out, 16).await,
             Batch::Close(CloseReason::GOING_AWAY)
         );
+    }
+
+    #[tokio::test]
+    async fn shrinking_frees_an_empty_queues_buffer_and_keeps_a_busy_ones() {
+        let queue = SessionQueue::new(8);
+        queue.push(Bytes::from_static(b"a")).unwrap();
+        queue.shrink();
+        assert!(queue.state().frames.capacity() > 0, "a frame waits");
+        let mut out = Vec::new();
+        assert_eq!(queue.next_batch(&mut out, 8).await, Batch::Frames);
+        queue.shrink();
+        assert_eq!(queue.state().frames.capacity(), 0);
+        queue.push(Bytes::from_static(b"b")).unwrap();
+        out.clear();
+        assert_eq!(queue.next_batch(&mut out, 8).await, Batch::Frames);
+        assert_eq!(out, [Bytes::from_static(b"b")]);
     }
 
     #[tokio::test]

@@ -58,7 +58,7 @@ use crate::{
 /// The codec's read buffer per connection: small, because idle connections
 /// should cost little; [`ReadAhead`] beneath it reads from the socket in
 /// large chunks, and the buffer grows to fit a larger message.
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 /// Outgoing bytes buffered before a write is forced (frames are flushed per
 /// batch anyway).
 const WRITE_BUFFER: usize = 16 * 1024;

@@ -146,25 +146,32 @@ pub(crate) fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // WELCOME is queued before the session is reachable through the hub, so
-    // it is always the first frame.
-    send_welcome(&session, &config);
+    // WELCOME goes into the socket's buffer before the session is reachable
+    // through the hub, so it is always the first frame; not through the
+    // queue, so that a session nothing is sent to never grows the queue's
+    // buffer or the writer's.
+    let mut socket = socket;
+    let welcome = socket.write_first(Message::Binary(welcome(&session, &config).encode()));
     let opening = Box::pin(open(session.clone(), subscriptions));
     async move {
-        let mut socket = socket;
         let Opened {
             registration,
             user_stream,
         } = opening.await;
-        let ended = serve(
-            &mut socket,
-            &session,
-            &router,
-            &config,
-            &shutdown,
-            user_stream,
-        )
-        .await;
+        let ended = match welcome {
+            Ok(()) => {
+                serve(
+                    &mut socket,
+                    &session,
+                    &router,
+                    &config,
+                    &shutdown,
+                    user_stream,
+                )
+                .await
+            }
+            Err(_) => Ended { linger: false },
+        };
 
         count_ending(&session);
         drop(registration);
@@ -306,7 +313,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let queue = session.queue();
-    let mut writer = Writer::new(session, config);
+    // WELCOME waits in the socket's buffer (see `run`).
+    let mut writer = Writer::new(session, config, 1);
     // A device first recovers its user's critical pushes. Boxed: it runs
     // once. The client's frames wait (and its silence does not count)
     // until it is done.
@@ -713,7 +721,8 @@ fn handle_other(session: &Session, message: Message) {
     }
 }
 
-fn send_welcome(session: &Session, config: &Config) {
+/// The session's WELCOME frame.
+fn welcome(session: &Session, config: &Config) -> Frame {
     let welcome = v1::Welcome {
         session_id: session.id().to_owned(),
         user_id: session.user_id().unwrap_or_default().to_owned(),
@@ -731,7 +740,7 @@ fn send_welcome(session: &Session, config: &Config) {
             .try_into()
             .unwrap_or(u32::MAX),
     };
-    let _ = session.send(&Frame::new(opcode::WELCOME, welcome.encode_to_vec()));
+    Frame::new(opcode::WELCOME, welcome.encode_to_vec())
 }
 
 /// A number that differs from session to session and run to run.

@@ -78,6 +78,13 @@ where
         }
     }
 
+    /// Adds `message` to what the first flush writes, before the socket is
+    /// polled: only buffers it (tungstenite writes out only past its write
+    /// buffer's size, far more than one frame).
+    pub(crate) fn write_first(&mut self, message: Message) -> Result<(), WsError> {
+        self.write(&mut Context::from_waker(std::task::Waker::noop()), message)
+    }
+
     /// Writes out everything written so far, and the answers tungstenite
     /// owes the client (pongs, the close). A closed connection has nothing
     /// more to flush: that is not an error.

@@ -103,7 +103,9 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn new(session: &Session, config: &Config) -> Writer {
+    /// `unflushed`: frames already written into the socket's buffer, to be
+    /// flushed first.
+    pub(super) fn new(session: &Session, config: &Config, unflushed: u64) -> Writer {
         let period = config.ping_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,7 +114,10 @@ impl Writer {
             heartbeat,
             acknowledges: session.device_key().is_some(),
             redelivery: super::Timer::default(),
-            unflushed: None,
+            unflushed: (unflushed > 0).then_some(Unflushed {
+                frames: unflushed,
+                closing: false,
+            }),
             open: true,
         }
     }
@@ -187,7 +192,14 @@ impl Writer {
                 queue.close(CloseReason::HEARTBEAT_TIMEOUT);
                 return None;
             }
-            Work::Heartbeat => Some(Message::Ping(Bytes::new())),
+            Work::Heartbeat => {
+                // Quiet for a while: give back the batch's buffer and the
+                // queue's, which a burst grew (a busy session keeps them:
+                // growing them for every batch costs fan-out).
+                self.batch = Vec::new();
+                queue.shrink();
+                Some(Message::Ping(Bytes::new()))
+            }
             Work::Redeliver => {
                 let again = queue.redeliver(tokio::time::Instant::now());
                 session.node().counters().redelivered.inc_by(again as u64);
