@@ -107,7 +107,7 @@ fn encode(c: &mut Criterion) {
 }
 
 /// Moves every frame queued for `session` into `out` (emptied first), as
-/// the session's writer task would; returns how many there were.
+/// the session's writer would; returns how many there were.
 async fn drain(session: &Session, out: &mut Vec<Bytes>) -> usize {
     out.clear();
     // Only this thread queues, so a non-empty queue never makes this wait.

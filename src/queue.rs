@@ -157,9 +157,6 @@ struct Inner {
     capacity: usize,
     max_bytes: usize,
     state: std::sync::Mutex<State>,
-    /// Notified when the writer takes frames, for a reader held back by a
-    /// backlog.
-    drained: Notify,
     /// Notified (all waiters) when the writer takes frames, for a replay
     /// waiting for room.
     taken: Notify,
@@ -273,7 +270,6 @@ impl SessionQueue {
         SessionQueue {
             inner: Arc::new(Inner {
                 state: std::sync::Mutex::new(State::default()),
-                drained: Notify::new(),
                 taken: Notify::new(),
                 closing: Signal::new(),
                 capacity: capacity.max(1),
@@ -657,12 +653,11 @@ impl SessionQueue {
     }
 
     /// Sets the close reason of a queue that has none yet, releases the
-    /// lock, and tells whoever waits: the writer, a held-back reader, and
-    /// the closing signal's waiters.
+    /// lock, and tells whoever waits: the writer and the closing signal's
+    /// waiters.
     fn close_locked(&self, mut state: std::sync::MutexGuard<'_, State>, reason: CloseReason) {
         state.close = Some(reason);
         unlock_and_wake_writer(state);
-        self.inner.drained.notify_one();
         self.inner.closing.fire();
     }
 
@@ -700,8 +695,8 @@ impl SessionQueue {
     }
 
     /// True when more than half the queue is taken, in frames or in bytes.
-    /// The session's reader then reads no further request until the writer
-    /// has drained it: each request adds at most about one reply, so
+    /// The session then reads no further request until its writer has
+    /// drained it: each request adds at most about one reply, so
     /// replies alone never fill the queue, and the other half stays free
     /// for pushes.
     pub fn is_backlogged(&self) -> bool {
@@ -719,24 +714,6 @@ impl SessionQueue {
 
     fn backlogged(&self, state: &State) -> bool {
         state.frames.len() > self.inner.capacity / 2 || state.bytes > self.inner.max_bytes / 2
-    }
-
-    /// Completes once the queue is no longer
-    /// [backlogged](SessionQueue::is_backlogged) or is closing. Only the
-    /// session's reader calls this; the wait is as long as the writer takes
-    /// to write, which its write timeout bounds.
-    pub async fn backlog_drained(&self) {
-        loop {
-            // notify_one stores a permit when nobody waits, so a drain
-            // between this check and the wait is not missed.
-            {
-                let state = self.state();
-                if !self.backlogged(&state) || state.close.is_some() {
-                    return;
-                }
-            }
-            self.inner.drained.notified().await;
-        }
     }
 
     /// Waits for work: moves up to `max` pending frames into `out`, or, once
@@ -763,7 +740,6 @@ impl SessionQueue {
             }
             let pacing = state.pacing > 0;
             drop(guard);
-            self.inner.drained.notify_one();
             if pacing {
                 self.inner.taken.notify_waiters();
             }
@@ -827,27 +803,13 @@ mod tests {
         assert!(!queue.is_backlogged(), "half is not past half");
         queue.push(Bytes::from_static(b"x")).unwrap();
         assert!(queue.is_backlogged(), "3 of 4 frames");
-        let drained = tokio::spawn({
-            let queue = queue.clone();
-            async move { queue.backlog_drained().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!drained.is_finished());
         let mut out = Vec::new();
         assert_eq!(queue.next_batch(&mut out, 1).await, Batch::Frames);
-        tokio::time::timeout(std::time::Duration::from_secs(5), drained)
-            .await
-            .expect("woken by the writer")
-            .unwrap();
+        assert!(!queue.is_backlogged(), "the writer took one");
 
         let bytes = SessionQueue::with_limits(100, 100);
         bytes.push(Bytes::from(vec![0u8; 51])).unwrap();
         assert!(bytes.is_backlogged(), "51 of 100 bytes");
-        bytes.close(CloseReason::GOING_AWAY);
-        let closing = bytes.backlog_drained();
-        tokio::time::timeout(std::time::Duration::from_secs(5), closing)
-            .await
-            .expect("a closing queue holds no reader back");
     }
 
     #[tokio::test]

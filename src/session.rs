@@ -53,7 +53,7 @@ struct Inner {
     device: Option<Arc<str>>,
     /// Replaced by REFRESH_TOKEN.
     identity: RwLock<Arc<Identity>>,
-    /// Set when `identity` was replaced, so the reader re-arms the expiry timer.
+    /// Set when `identity` was replaced, so the session re-arms the expiry timer.
     identity_changed: AtomicBool,
     /// Verifies refreshed tokens; `None` in insecure mode.
     authenticator: Option<Arc<Authenticator>>,
@@ -265,9 +265,9 @@ impl Session {
         self.inner.connected_at.elapsed().saturating_sub(last)
     }
 
-    /// Marks whether a handler is running for this session, or its reader is
-    /// held back by a backlog of replies (the client cannot show it is alive
-    /// meanwhile: the reader is not reading).
+    /// Marks whether a handler is running for this session, or its reading
+    /// is held back by a backlog of replies (the client cannot show it is
+    /// alive meanwhile: nothing is read from it).
     pub(crate) fn set_handling(&self, handling: bool) {
         self.inner.handling.store(handling, Ordering::Relaxed);
     }
