@@ -115,7 +115,7 @@ impl Pacer {
 
 /// Events the task takes in a row without its full select: frames read,
 /// flushes done and batches taken as soon as they are there. Then the
-/// select checks its signals, timers and the heartbeat.
+/// select checks its signals and its timer (which the heartbeat shares).
 const QUICK_EVENTS: u32 = 16;
 
 /// How long after a shutdown begins this session is closed: spread evenly
@@ -344,9 +344,9 @@ where
             .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at))
     };
     let mut token_expiry = expiry_of(session);
-    // One timer for whichever deadline comes first, made when one is
-    // first set (each timer a session holds is memory every connection
-    // pays).
+    // One timer for whichever deadline comes first, the heartbeat
+    // included (each timer a session holds is memory every connection
+    // pays, and a registration in tokio's timer wheel).
     let mut timer = Timer::default();
     // Made once, not per wait: each registers with its signal. The guards
     // below never poll one again after it has completed.
@@ -375,6 +375,7 @@ where
         let deadline = [
             close_deadline.map(|at| (at, Deadline::Close)),
             write_deadline.map(|at| (at, Deadline::Write)),
+            writer.heartbeat_due().map(|at| (at, Deadline::Heartbeat)),
             drain_turn
                 .filter(|_| close_deadline.is_none())
                 .map(|at| (at, Deadline::DrainTurn)),
@@ -415,6 +416,17 @@ where
                         debug!(session = %session.id(), "write timed out; slow consumer");
                         queue.close(CloseReason::SLOW_CONSUMER);
                         break;
+                    }
+                    // Before the queue's branch, so a queue that never
+                    // empties cannot starve the heartbeat. A ping would
+                    // wait behind a write the socket makes wait, whose own
+                    // deadline covers the client.
+                    Some(Deadline::Heartbeat) => {
+                        writer.heartbeat_taken(config);
+                        if flushing {
+                            continue;
+                        }
+                        Event::Work(Work::Heartbeat)
                     }
                     Some(Deadline::DrainTurn) => {
                         queue.close(CloseReason::going_away_after(random_slot(session)));
@@ -757,15 +769,17 @@ enum Deadline {
     /// The writer's flush had its `--write-timeout`: the client does not
     /// read.
     Write,
+    /// Time to ping the client, or to close it if it has been silent.
+    Heartbeat,
     /// Its turn to be closed in a shutdown.
     DrainTurn,
     /// Its token expires.
     TokenExpiry,
 }
 
-/// A timer made on first use and reset after: most sessions never set one,
-/// and those that do keep one registration instead of a new timer per
-/// wait.
+/// A timer made on first use and reset after: one registration instead of
+/// a new timer per wait (a device's redelivery timer is never made for
+/// other sessions).
 #[derive(Default)]
 struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
 

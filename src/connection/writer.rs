@@ -78,6 +78,14 @@ pub(super) enum Outcome {
     Failed,
 }
 
+/// `period` from now (far in the future for a period past the clock's
+/// range).
+fn after(period: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(period)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+}
+
 /// What was handed to the socket and is not flushed yet.
 struct Unflushed {
     frames: u64,
@@ -93,7 +101,10 @@ struct Unflushed {
 pub(super) struct Writer {
     /// Grown on demand: an idle session should not carry room for 64 frames.
     batch: Vec<Bytes>,
-    heartbeat: tokio::time::Interval,
+    /// When the next ping is due. The session's one timer waits for it,
+    /// beside the session's other deadlines: an interval of its own would
+    /// be a second timer per session.
+    next_ping: tokio::time::Instant,
     /// Only a device's session waits for acknowledgements.
     acknowledges: bool,
     /// Only a session that acknowledges ever sets it.
@@ -106,12 +117,9 @@ impl Writer {
     /// `unflushed`: frames already written into the socket's buffer, to be
     /// flushed first.
     pub(super) fn new(session: &Session, config: &Config, unflushed: u64) -> Writer {
-        let period = config.ping_interval;
-        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Writer {
             batch: Vec::new(),
-            heartbeat,
+            next_ping: after(config.ping_interval),
             acknowledges: session.device_key().is_some(),
             redelivery: super::Timer::default(),
             unflushed: (unflushed > 0).then_some(Unflushed {
@@ -133,6 +141,16 @@ impl Writer {
         self.unflushed.is_some()
     }
 
+    /// When the next heartbeat is due, while anything may be written.
+    pub(super) fn heartbeat_due(&self) -> Option<tokio::time::Instant> {
+        self.open.then_some(self.next_ping)
+    }
+
+    /// The heartbeat came: the next one is a ping interval from now.
+    pub(super) fn heartbeat_taken(&mut self, config: &Config) {
+        self.next_ping = after(config.ping_interval);
+    }
+
     /// Waits for something to do. Cancel-safe: frames leave the queue only
     /// when it completes.
     pub(super) async fn next_work(&mut self, queue: &SessionQueue) -> Work {
@@ -142,9 +160,6 @@ impl Writer {
         };
         tokio::select! {
             biased;
-            // Before the queue, so a queue that never empties cannot starve
-            // the heartbeat.
-            _ = self.heartbeat.tick() => Work::Heartbeat,
             _ = self.redelivery.until(redelivery) => Work::Redeliver,
             batch = queue.next_batch(&mut self.batch, WRITE_BATCH) => Work::Batch(batch),
         }
