@@ -136,7 +136,7 @@ fn drain_delay(session: &Session, config: &Config) -> std::time::Duration {
 /// one-time setup is boxed, so that an idle session's future holds only
 /// what its loop needs.
 pub(crate) fn run<S>(
-    socket: Socket<S>,
+    mut socket: Socket<S>,
     session: Session,
     subscriptions: Vec<Topic>,
     router: Arc<Router>,
@@ -149,17 +149,19 @@ where
     // WELCOME goes into the socket's buffer before the session is reachable
     // through the hub, so it is always the first frame; not through the
     // queue, so that a session nothing is sent to never grows the queue's
-    // buffer or the writer's.
-    let mut socket = socket;
-    let welcome = socket.write_first(Message::Binary(welcome(&session, &config).encode()));
+    // buffer or the writer's. (Only a bool is kept: an error would stay in
+    // the future for the session's whole life.)
+    let welcomed = socket
+        .write_first(Message::Binary(welcome(&session, &config).encode()))
+        .is_ok();
     let opening = Box::pin(open(session.clone(), subscriptions));
     async move {
         let Opened {
             registration,
             user_stream,
         } = opening.await;
-        let ended = match welcome {
-            Ok(()) => {
+        let ended = match welcomed {
+            true => {
                 serve(
                     &mut socket,
                     &session,
@@ -170,7 +172,7 @@ where
                 )
                 .await
             }
-            Err(_) => Ended { linger: false },
+            false => Ended { linger: false },
         };
 
         count_ending(&session);
@@ -451,31 +453,24 @@ where
             Event::Work(work) => {
                 let begun =
                     with_context(|cx| writer.begin(work, socket, cx, session, config)).await;
-                match begun {
-                    None => {}
+                let flushed = match begun {
+                    None => continue,
                     Some(Poll::Pending) => {
                         // Only a write the socket makes wait reads the clock.
                         write_deadline = Some(tokio::time::Instant::now() + config.write_timeout);
+                        continue;
                     }
-                    Some(Poll::Ready(flushed)) => {
-                        if writer.written(flushed, session) == Outcome::Failed {
-                            break;
-                        }
-                        if held_back {
-                            // The replies are getting through: the client is reading.
-                            session.touch();
-                        }
-                    }
+                    Some(Poll::Ready(flushed)) => flushed,
+                };
+                if !take_flush(&mut writer, flushed, session, held_back) {
+                    break;
                 }
                 continue;
             }
             Event::Flushed(flushed) => {
                 write_deadline = None;
-                if writer.written(flushed, session) == Outcome::Failed {
+                if !take_flush(&mut writer, flushed, session, held_back) {
                     break;
-                }
-                if held_back {
-                    session.touch();
                 }
                 continue;
             }
@@ -563,6 +558,24 @@ where
         let_out |= pacer.handled();
     }
     Ended { linger: false }
+}
+
+/// Hands a finished flush to the writer; false when nothing more can be
+/// written.
+fn take_flush(
+    writer: &mut Writer,
+    flushed: Result<(), tungstenite::Error>,
+    session: &Session,
+    held_back: bool,
+) -> bool {
+    if writer.written(flushed, session) == Outcome::Failed {
+        return false;
+    }
+    if held_back {
+        // The replies are getting through: the client is reading.
+        session.touch();
+    }
+    true
 }
 
 /// The socket's flush, while the writer is `flushing`, and its next read,

@@ -72,9 +72,10 @@ where
     /// connection that is closing or closed.
     pub(crate) fn write(&mut self, cx: &mut Context<'_>, message: Message) -> Result<(), WsError> {
         let (protocol, mut io) = self.lend(cx);
-        match protocol.write(&mut io, message) {
-            Err(WsError::Io(err)) if err.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            other => other,
+        match would_block(protocol.write(&mut io, message)) {
+            // Buffered: the flush writes it.
+            Poll::Pending => Ok(()),
+            Poll::Ready(result) => result,
         }
     }
 
