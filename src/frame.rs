@@ -125,6 +125,13 @@ impl Frame {
         self
     }
 
+    /// The opcode of a message, without decoding the rest; `None` when it
+    /// is too short to have one.
+    pub fn peek_opcode(message: &[u8]) -> Option<u32> {
+        let word = message.get(..OPCODE_LEN)?;
+        Some(BigEndian::read_u32(word) & MAX_OPCODE)
+    }
+
     /// Decodes one message. The payload is a slice of `message`, not a copy.
     ///
     /// # Errors
@@ -304,6 +311,14 @@ mod tests {
         let bytes = frame.encode();
         assert_eq!(&bytes[..], &[0x80, 0, 0, 111, 0, 0, 0, 7]);
         assert_eq!(Frame::decode(bytes).unwrap(), frame);
+    }
+
+    #[test]
+    fn the_opcode_is_peeked_without_its_flags() {
+        let frame = Frame::new(111, "x").with_request_id(Some(7)).encode();
+        assert_eq!(Frame::peek_opcode(&frame), Some(111));
+        assert_eq!(Frame::peek_opcode(&Frame::new(110, "").encode()), Some(110));
+        assert_eq!(Frame::peek_opcode(&[0, 0, 110]), None);
     }
 
     #[test]

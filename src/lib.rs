@@ -71,6 +71,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod signal;
+mod stream;
 mod tls;
 pub mod topic;
 mod upgrade;

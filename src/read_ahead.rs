@@ -40,6 +40,19 @@ impl<S> ReadAhead<S> {
         }
     }
 
+    /// Reads `already` (read from the stream before) first.
+    pub fn with_pending(inner: S, already: &[u8]) -> ReadAhead<S> {
+        ReadAhead {
+            inner,
+            pending: BytesMut::from(already),
+        }
+    }
+
+    /// The stream beneath, and whether everything read ahead was taken.
+    pub fn inner_if_drained(&mut self) -> Option<&mut S> {
+        self.pending.is_empty().then_some(&mut self.inner)
+    }
+
     /// Bytes read ahead and not yet taken; for tests.
     #[cfg(test)]
     pub fn pending(&self) -> usize {

@@ -12,7 +12,6 @@
 //! ```
 
 use std::{
-    collections::{HashMap, HashSet},
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
@@ -34,10 +33,18 @@ use crate::{
 
 /// Maps application opcodes to handlers, and answers the protocol's own.
 pub struct Router {
-    handlers: HashMap<u32, Box<dyn Handler>>,
-    /// Opcodes whose handlers may run side by side with the next frames'
-    /// (see [`Router::handle_run`]).
-    pipelined: HashSet<u32>,
+    /// By opcode, ascending: a table of a few dozen entries is searched in
+    /// a handful of comparisons, where a `HashMap` hashed every frame's
+    /// opcode twice with SipHash.
+    routes: Vec<Route>,
+}
+
+struct Route {
+    opcode: u32,
+    handler: Box<dyn Handler>,
+    /// May run side by side with the next frames' handlers (see
+    /// [`Router::handle_run`]).
+    pipelined: bool,
 }
 
 impl Default for Router {
@@ -53,9 +60,27 @@ impl Router {
     ///
     /// [`handlers::with_protocol`]: crate::handlers::with_protocol
     pub fn new() -> Router {
-        Router {
-            handlers: HashMap::new(),
-            pipelined: HashSet::new(),
+        Router { routes: Vec::new() }
+    }
+
+    fn route_of(&self, opcode: u32) -> Option<&Route> {
+        let found = self.routes.binary_search_by_key(&opcode, |r| r.opcode);
+        found.ok().map(|at| &self.routes[at])
+    }
+
+    /// Adds a route; false when `opcode` has one already.
+    fn insert(&mut self, opcode: u32, handler: Box<dyn Handler>, pipelined: bool) -> bool {
+        match self.routes.binary_search_by_key(&opcode, |r| r.opcode) {
+            Ok(_) => false,
+            Err(at) => {
+                let route = Route {
+                    opcode,
+                    handler,
+                    pipelined,
+                };
+                self.routes.insert(at, route);
+                true
+            }
         }
     }
 
@@ -63,13 +88,22 @@ impl Router {
     ///
     /// # Panics
     /// When `opcode` is not reserved or already registered.
-    pub(crate) fn route_protocol(mut self, opcode: u32, handler: impl Handler) -> Router {
+    pub(crate) fn route_protocol(self, opcode: u32, handler: impl Handler) -> Router {
+        self.route_protocol_as(opcode, Box::new(handler), false)
+    }
+
+    fn route_protocol_as(
+        mut self,
+        opcode: u32,
+        handler: Box<dyn Handler>,
+        pipelined: bool,
+    ) -> Router {
         assert!(
             opcode::is_reserved(opcode),
             "opcode {opcode} is not reserved"
         );
-        let previous = self.handlers.insert(opcode, Box::new(handler));
-        assert!(previous.is_none(), "opcode {opcode} is already routed");
+        let added = self.insert(opcode, handler, pipelined);
+        assert!(added, "opcode {opcode} is already routed");
         self
     }
 
@@ -78,22 +112,22 @@ impl Router {
     /// its handler must do everything that orders it among other
     /// publications (hand the publication to the broker) in its first poll.
     pub(crate) fn route_protocol_pipelined(self, opcode: u32, handler: impl Handler) -> Router {
-        let mut router = self.route_protocol(opcode, handler);
-        router.pipelined.insert(opcode);
-        router
+        self.route_protocol_as(opcode, Box::new(handler), true)
     }
 
     /// Whether a binary message may join a run of frames handled side by
     /// side: its opcode's handler is pipelined. Undecodable messages may
     /// not (they are answered on their own).
     pub(crate) fn is_pipelined(&self, message: &Bytes) -> bool {
-        !self.pipelined.is_empty()
-            && Frame::decode(message.clone()).is_ok_and(|f| self.pipelined.contains(&f.opcode))
+        // The opcode first: most frames are not pipelined, and need no
+        // decoding here.
+        Frame::peek_opcode(message).is_some_and(|op| self.route_of(op).is_some_and(|r| r.pipelined))
+            && Frame::decode(message.clone()).is_ok()
     }
 
     /// Whether `opcode` has a handler.
     pub fn routes(&self, opcode: u32) -> bool {
-        self.handlers.contains_key(&opcode)
+        self.route_of(opcode).is_some()
     }
 
     /// Registers `handler` for `opcode`.
@@ -110,21 +144,18 @@ impl Router {
             opcode <= MAX_OPCODE,
             "opcode {opcode} exceeds the 24-bit maximum"
         );
-        let previous = self.handlers.insert(opcode, Box::new(handler));
-        assert!(previous.is_none(), "opcode {opcode} is already routed");
+        let added = self.insert(opcode, Box::new(handler), false);
+        assert!(added, "opcode {opcode} is already routed");
         self
     }
 
     /// The application opcodes that have a handler, in ascending order.
     pub fn opcodes(&self) -> Vec<u32> {
-        let mut opcodes: Vec<u32> = self
-            .handlers
-            .keys()
-            .copied()
+        self.routes
+            .iter()
+            .map(|r| r.opcode)
             .filter(|&op| !opcode::is_reserved(op))
-            .collect();
-        opcodes.sort_unstable();
-        opcodes
+            .collect()
     }
 
     /// Handles one binary message from `session`: decodes it, runs its
@@ -187,8 +218,8 @@ impl Router {
             "frame in"
         );
         let (op, request_id) = (frame.opcode, frame.request_id);
-        let running: BoxFuture = match self.handlers.get(&op) {
-            Some(handler) => handler.call(session.clone(), frame),
+        let running: BoxFuture = match self.route_of(op) {
+            Some(route) => route.handler.call(session.clone(), frame),
             // Rare, so boxed like a handler: a call stays small, and so does
             // the session's future that waits for it.
             None => Box::pin(std::future::ready(Err(HandlerError::protocol(

@@ -49,6 +49,7 @@ use crate::{
     read_ahead::ReadAhead,
     session::Session,
     signal::Signal,
+    stream::{self, SessionStream},
     tls,
     topic::Topic,
     upgrade::{self, UpgradeError},
@@ -69,7 +70,7 @@ const READ_BUFFER: usize = 512;
 const WRITE_BUFFER: usize = 32 * 1024;
 
 /// An upgraded connection's stream, read through [`ReadAhead`].
-type Upgraded = ReadAhead<TokioIo<hyper::upgrade::Upgraded>>;
+type Upgraded = ReadAhead<SessionStream>;
 
 /// Why a server cannot start: a setting to fix, or an address that cannot
 /// be bound. Each says what to do in one line, so a binary can print it as
@@ -872,7 +873,7 @@ where
                 return Err(());
             }
         };
-        Ok(Box::pin(serve(ReadAhead::new(TokioIo::new(upgraded)))))
+        Ok(Box::pin(serve(stream::upgraded(upgraded))))
     });
     state.tasks.spawn(async move {
         if let Ok(session) = opening.await {

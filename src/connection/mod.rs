@@ -47,6 +47,7 @@ use crate::{
     router::{Call, Router},
     session::{Registration, Session},
     signal::Signal,
+    stream::ReadReady,
     topic::Topic,
     Config,
 };
@@ -144,7 +145,7 @@ pub(crate) fn run<S>(
     shutdown: Signal,
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + ReadReady + Send + 'static,
 {
     // WELCOME goes into the socket's buffer before the session is reachable
     // through the hub, so it is always the first frame; not through the
@@ -312,7 +313,7 @@ async fn serve<S>(
     user_stream: Option<UserStream>,
 ) -> Ended
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + ReadReady,
 {
     let queue = session.queue();
     // WELCOME waits in the socket's buffer (see `run`).
@@ -587,7 +588,7 @@ fn poll_socket<S>(
     cx: &mut Context<'_>,
 ) -> Poll<Event>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + ReadReady,
 {
     if flushing {
         if let Poll::Ready(flushed) = socket.poll_flush(cx) {
@@ -613,7 +614,7 @@ fn poll_now<S>(
     cx: &mut Context<'_>,
 ) -> Option<Event>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + ReadReady,
 {
     let flushing = writer.is_flushing();
     match poll_socket(socket, flushing, may_read, cx) {
@@ -676,7 +677,7 @@ fn gather_run<S>(
     most: usize,
 ) -> Run
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + ReadReady,
 {
     let mut run = vec![first];
     while run.len() < most {

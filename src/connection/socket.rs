@@ -22,12 +22,17 @@ use tokio_tungstenite::tungstenite::{
     Message,
 };
 
+use crate::stream::ReadReady;
+
 /// One server-side WebSocket: the stream and the protocol's state.
 pub(crate) struct Socket<S> {
     stream: S,
     protocol: WebSocketContext,
     /// The connection is closed or failed: reads have nothing more.
     ended: bool,
+    /// The last read found no whole frame and the stream would block:
+    /// until the stream is readable, another read would find the same.
+    starved: bool,
 }
 
 impl<S> Socket<S>
@@ -40,30 +45,7 @@ where
             stream,
             protocol: WebSocketContext::new(Role::Server, Some(config)),
             ended: false,
-        }
-    }
-
-    /// The next message; `None` once the connection is closed (after the
-    /// close handshake, or when the stream ends). An error ends it too:
-    /// nothing more is read after one.
-    pub(crate) fn poll_read(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Message, WsError>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        let (protocol, mut io) = self.lend(cx);
-        match would_block(protocol.read(&mut io)) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(message)) => Poll::Ready(Some(Ok(message))),
-            Poll::Ready(Err(err)) => {
-                self.ended = true;
-                match err {
-                    WsError::AlreadyClosed | WsError::ConnectionClosed => Poll::Ready(None),
-                    err => Poll::Ready(Some(Err(err))),
-                }
-            }
+            starved: false,
         }
     }
 
@@ -109,8 +91,51 @@ where
         let io = Io {
             stream: &mut self.stream,
             cx,
+            write_blocked: false,
         };
         (&mut self.protocol, io)
+    }
+}
+
+impl<S> Socket<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ReadReady,
+{
+    /// The next message; `None` once the connection is closed (after the
+    /// close handshake, or when the stream ends). An error ends it too:
+    /// nothing more is read after one.
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, WsError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if self.starved {
+            if self.stream.poll_read_ready(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.starved = false;
+        }
+        let (protocol, mut io) = self.lend(cx);
+        let read = would_block(protocol.read(&mut io));
+        let write_blocked = io.write_blocked;
+        match read {
+            // Unless an answer the codec owes (a pong, a close) could not
+            // be written: the next read tries that again.
+            Poll::Pending => {
+                self.starved = !write_blocked;
+                Poll::Pending
+            }
+            Poll::Ready(Ok(message)) => Poll::Ready(Some(Ok(message))),
+            Poll::Ready(Err(err)) => {
+                self.ended = true;
+                match err {
+                    WsError::AlreadyClosed | WsError::ConnectionClosed => Poll::Ready(None),
+                    err => Poll::Ready(Some(Err(err))),
+                }
+            }
+        }
     }
 }
 
@@ -128,6 +153,8 @@ fn would_block<T>(result: Result<T, WsError>) -> Poll<Result<T, WsError>> {
 struct Io<'a, 'b, S> {
     stream: &'a mut S,
     cx: &'a mut Context<'b>,
+    /// A write or flush would have blocked.
+    write_blocked: bool,
 }
 
 impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
@@ -145,14 +172,20 @@ impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match Pin::new(&mut *self.stream).poll_write(self.cx, buf) {
             Poll::Ready(result) => result,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            Poll::Pending => {
+                self.write_blocked = true;
+                Err(io::ErrorKind::WouldBlock.into())
+            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match Pin::new(&mut *self.stream).poll_flush(self.cx) {
             Poll::Ready(result) => result,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            Poll::Pending => {
+                self.write_blocked = true;
+                Err(io::ErrorKind::WouldBlock.into())
+            }
         }
     }
 }
@@ -226,6 +259,47 @@ mod tests {
             Some(Ok(Message::Close(Some(answer)))) => assert_eq!(answer.code, CloseCode::Normal),
             other => panic!("expected the answering close, got {other:?}"),
         }
+    }
+
+    /// Over TCP, a read that found nothing leaves the socket's readiness
+    /// to wake the task; what arrives later is read, a ping sent meanwhile
+    /// is answered, and a client that goes away is noticed.
+    #[tokio::test]
+    async fn a_starved_read_wakes_for_what_arrives_later() {
+        use crate::{read_ahead::ReadAhead, stream::SessionStream};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client_tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client_tcp, (server_tcp, _)) =
+            tokio::try_join!(client_tcp, listener.accept()).unwrap();
+        let mut client = WebSocketStream::from_raw_socket(client_tcp, Role::Client, None).await;
+        let stream = ReadAhead::new(SessionStream::Tcp(server_tcp));
+        let mut server = Socket::new(stream, WebSocketConfig::default());
+
+        for round in 0..3u8 {
+            let nothing = poll_fn(|cx| Poll::Ready(server.poll_read(cx).is_pending())).await;
+            assert!(nothing, "round {round}: nothing sent yet");
+            assert!(server.starved, "round {round}");
+            let reader = async { poll_fn(|cx| server.poll_read(cx)).await };
+            let sender = async {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                client
+                    .send(Message::Ping(Bytes::from_static(b"p")))
+                    .await
+                    .unwrap();
+                client.send(Message::binary(vec![round; 3])).await.unwrap();
+            };
+            let (read, ()) = tokio::join!(reader, sender);
+            assert!(matches!(read, Some(Ok(Message::Ping(_)))), "{read:?}");
+            let read = poll_fn(|cx| server.poll_read(cx)).await;
+            assert_eq!(read.unwrap().unwrap(), Message::binary(vec![round; 3]));
+            poll_fn(|cx| server.poll_flush(cx)).await.unwrap();
+            assert!(matches!(client.next().await, Some(Ok(Message::Pong(_)))));
+        }
+        // Gone without a close handshake: an error, then nothing more.
+        drop(client);
+        let read = poll_fn(|cx| server.poll_read(cx)).await;
+        assert!(matches!(read, Some(Err(_))), "{read:?}");
+        assert!(poll_fn(|cx| server.poll_read(cx)).await.is_none(), "ended");
     }
 
     /// A client that does not read makes the flush wait, not fail, and
