@@ -375,20 +375,6 @@ where
         session.set_handling(held_back || busy.is_some());
         let may_read = busy.is_none() && !held_back && !let_out;
         let flushing = writer.is_flushing();
-        let deadline = [
-            close_deadline.map(|at| (at, Deadline::Close)),
-            write_deadline.map(|at| (at, Deadline::Write)),
-            writer.heartbeat_due().map(|at| (at, Deadline::Heartbeat)),
-            drain_turn
-                .filter(|_| close_deadline.is_none())
-                .map(|at| (at, Deadline::DrainTurn)),
-            token_expiry
-                .filter(|_| close_deadline.is_none())
-                .map(|at| (at, Deadline::TokenExpiry)),
-        ]
-        .into_iter()
-        .flatten()
-        .min_by_key(|(at, _)| *at);
 
         // What is here already (read past a run, or ready on the socket or
         // in the queue) is taken without the full select, a few in a row.
@@ -406,49 +392,67 @@ where
         };
         let event = match ready {
             Some(event) => event,
-            None => tokio::select! {
-                biased;
-                _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
-                    drain_turn = Some(tokio::time::Instant::now() + drain_delay(session, config));
-                    continue;
-                }
-                _ = &mut closing, if close_deadline.is_none() => continue,
-                _ = timer.until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
-                    Some(Deadline::Close) => break,
-                    Some(Deadline::Write) => {
-                        debug!(session = %session.id(), "write timed out; slow consumer");
-                        queue.close(CloseReason::SLOW_CONSUMER);
-                        break;
+            None => {
+                // Only for the select: most turns of the loop find an
+                // event without it.
+                let deadline = [
+                    close_deadline.map(|at| (at, Deadline::Close)),
+                    write_deadline.map(|at| (at, Deadline::Write)),
+                    writer.heartbeat_due().map(|at| (at, Deadline::Heartbeat)),
+                    drain_turn
+                        .filter(|_| close_deadline.is_none())
+                        .map(|at| (at, Deadline::DrainTurn)),
+                    token_expiry
+                        .filter(|_| close_deadline.is_none())
+                        .map(|at| (at, Deadline::TokenExpiry)),
+                ]
+                .into_iter()
+                .flatten()
+                .min_by_key(|(at, _)| *at);
+                tokio::select! {
+                    biased;
+                    _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
+                        drain_turn = Some(tokio::time::Instant::now() + drain_delay(session, config));
+                        continue;
                     }
-                    // Before the queue's branch, so a queue that never
-                    // empties cannot starve the heartbeat. A ping would
-                    // wait behind a write the socket makes wait, whose own
-                    // deadline covers the client.
-                    Some(Deadline::Heartbeat) => {
-                        writer.heartbeat_taken(config);
-                        if flushing {
+                    _ = &mut closing, if close_deadline.is_none() => continue,
+                    _ = timer.until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
+                        Some(Deadline::Close) => break,
+                        Some(Deadline::Write) => {
+                            debug!(session = %session.id(), "write timed out; slow consumer");
+                            queue.close(CloseReason::SLOW_CONSUMER);
+                            break;
+                        }
+                        // Before the queue's branch, so a queue that never
+                        // empties cannot starve the heartbeat. A ping would
+                        // wait behind a write the socket makes wait, whose own
+                        // deadline covers the client.
+                        Some(Deadline::Heartbeat) => {
+                            writer.heartbeat_taken(config);
+                            if flushing {
+                                continue;
+                            }
+                            Event::Work(Work::Heartbeat)
+                        }
+                        Some(Deadline::DrainTurn) => {
+                            queue.close(CloseReason::going_away_after(random_slot(session)));
                             continue;
                         }
-                        Event::Work(Work::Heartbeat)
-                    }
-                    Some(Deadline::DrainTurn) => {
-                        queue.close(CloseReason::going_away_after(random_slot(session)));
-                        continue;
-                    }
-                    Some(Deadline::TokenExpiry) => {
-                        queue.close(CloseReason::TOKEN_EXPIRED);
-                        continue;
-                    }
-                    None => continue,
-                },
-                () = std::future::poll_fn(|cx| match &mut busy {
-                    Some(busy) => busy.poll_done(session, cx),
-                    None => Poll::Pending,
-                }), if busy.is_some() => Event::Done,
-                work = writer.next_work(queue), if writer.is_open() && !flushing => Event::Work(work),
-                event = std::future::poll_fn(|cx| poll_socket(socket, flushing, may_read, cx)),
-                    if flushing || may_read => event,
-            },
+                        Some(Deadline::TokenExpiry) => {
+                            queue.close(CloseReason::TOKEN_EXPIRED);
+                            continue;
+                        }
+                        None => continue,
+                    },
+                    () = std::future::poll_fn(|cx| match &mut busy {
+                        Some(busy) => busy.poll_done(session, cx),
+                        None => Poll::Pending,
+                    }), if busy.is_some() => Event::Done,
+                    work = writer.next_work(queue), if writer.is_open() && !flushing => Event::Work(work),
+                    event = std::future::poll_fn(|cx| poll_socket(socket, flushing, may_read, cx)),
+                        if flushing || may_read => event,
+                }
+            }
         };
         let read = match event {
             Event::Work(work) => {
