@@ -68,20 +68,21 @@ impl Router {
         found.ok().map(|at| &self.routes[at])
     }
 
-    /// Adds a route; false when `opcode` has one already.
-    fn insert(&mut self, opcode: u32, handler: Box<dyn Handler>, pipelined: bool) -> bool {
-        match self.routes.binary_search_by_key(&opcode, |r| r.opcode) {
-            Ok(_) => false,
-            Err(at) => {
-                let route = Route {
-                    opcode,
-                    handler,
-                    pipelined,
-                };
-                self.routes.insert(at, route);
-                true
-            }
-        }
+    /// Adds a route.
+    ///
+    /// # Panics
+    /// When `opcode` has one already.
+    fn add(&mut self, opcode: u32, handler: Box<dyn Handler>, pipelined: bool) {
+        let at = match self.routes.binary_search_by_key(&opcode, |r| r.opcode) {
+            Ok(_) => panic!("opcode {opcode} is already routed"),
+            Err(at) => at,
+        };
+        let route = Route {
+            opcode,
+            handler,
+            pipelined,
+        };
+        self.routes.insert(at, route);
     }
 
     /// Registers the handler of one of the protocol's own opcodes.
@@ -102,8 +103,7 @@ impl Router {
             opcode::is_reserved(opcode),
             "opcode {opcode} is not reserved"
         );
-        let added = self.insert(opcode, handler, pipelined);
-        assert!(added, "opcode {opcode} is already routed");
+        self.add(opcode, handler, pipelined);
         self
     }
 
@@ -144,8 +144,7 @@ impl Router {
             opcode <= MAX_OPCODE,
             "opcode {opcode} exceeds the 24-bit maximum"
         );
-        let added = self.insert(opcode, Box::new(handler), false);
-        assert!(added, "opcode {opcode} is already routed");
+        self.add(opcode, Box::new(handler), false);
         self
     }
 

@@ -137,6 +137,7 @@ impl<S: ReadReady> ReadReady for ReadAhead<S> {
 }
 
 /// In-memory pipes (tests) cannot tell: always ready.
+#[cfg(test)]
 impl ReadReady for tokio::io::DuplexStream {
     fn poll_read_ready(&mut self, _: &mut Context<'_>) -> Poll<()> {
         Poll::Ready(())
