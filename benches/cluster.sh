@@ -2,6 +2,10 @@
 # Fan-out through the Redis broker against the in-process memory broker, in
 # one run, with `wsproto-client bench fanout` (256 B messages):
 #
+#   baseline-1x10k benches/baseline's batched-writer tokio-tungstenite
+#                  broadcast, the same load: the yardstick of
+#                  benches/compare.sh's fan-out, so the brokers' figures
+#                  compare with it too
 #   memory-1x10k   one node, memory broker, 10,000 subscribers, publisher on it
 #   redis-1x10k    one node on Redis, the same load: the cost of the broker
 #   redis-2x5k     two nodes on Redis, 5,000 subscribers each, publisher on
@@ -40,7 +44,7 @@ if [ -n "${BIN:-}" ]; then
     target="$BIN"
 else
     say "building (release)"
-    cargo build --release -p wsproto -p wsproto-client --bins
+    cargo build --release -p wsproto -p wsproto-client -p wsproto-baseline --bins
     target="$(cargo metadata --format-version 1 --no-deps |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
 fi
@@ -84,6 +88,9 @@ node() {
 }
 
 : >"$JSONL"
+base_port="$(free_port)"
+"${cpu0[@]}" "$target/baseline-server" --listen "127.0.0.1:$base_port" >"$scratch/baseline.log" 2>&1 &
+pids+=($!)
 mem="$(node mem memory)"
 r1="$(node r1 "redis://127.0.0.1:$redis_port")"
 ra="$(node ra "redis://127.0.0.1:$redis_port")"
@@ -103,6 +110,7 @@ for line in sys.stdin:
 }
 
 for _ in $(seq "$REPEAT"); do
+    run baseline-1x10k --url "ws://127.0.0.1:$base_port/" --subs "$SUBS" --rate max --raw
     run memory-1x10k --url "ws://127.0.0.1:$mem/ws" --subs "$SUBS" --rate max
     run redis-1x10k --url "ws://127.0.0.1:$r1/ws" --subs "$SUBS" --rate max
     run redis-2x5k --url "ws://127.0.0.1:$ra/ws" --subs "$SUBS" --rate max \
@@ -125,16 +133,18 @@ def med(cell, key):
 def lost(cell):
     return sum(r.get("lost", 0) for r in runs.get(cell, []))
 rows = [
+    ("batched tokio-tungstenite broadcast (benches/baseline)", "baseline-1x10k"),
     ("memory broker, 1 node", "memory-1x10k"),
     ("Redis broker, 1 node", "redis-1x10k"),
     ("Redis broker, 2 nodes × half", "redis-2x5k"),
 ]
 base = med("memory-1x10k", "deliveries_per_s")
+batched = med("baseline-1x10k", "deliveries_per_s")
 lines = [f"# Fan-out through Redis ({subs} subscribers, 256 B, max rate, median of {len(runs.get('memory-1x10k', []))})", "",
-         "| case | deliveries/s | vs memory, 1 node | lost |", "|---|---:|---:|---:|"]
+         "| case | deliveries/s | vs memory, 1 node | vs batched baseline | lost |", "|---|---:|---:|---:|---:|"]
 for name, cell in rows:
     d = med(cell, "deliveries_per_s")
-    lines.append(f"| {name} | {d:,.0f} | {d / base:.2f}× | {lost(cell)} |")
+    lines.append(f"| {name} | {d:,.0f} | {d / base:.2f}× | {d / batched:.2f}× | {lost(cell)} |")
 r1 = med("redis-1x10k", "deliveries_per_s")
 lines += ["", f"2 nodes × half vs 1 node (Redis): {med('redis-2x5k', 'deliveries_per_s') / r1:.2f}×", "",
           f"## Latency at a fixed rate ({lat_subs} subscribers × {lat_rate} msg/s)", "",

@@ -79,6 +79,15 @@ pub struct Config {
     #[arg(long, env = "WSPROTO_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024, help_heading = "Limits")]
     pub max_message_size: usize,
 
+    /// Bytes the WebSocket codec reads per call, and keeps allocated per
+    /// connection from the first read on. Small keeps idle connections
+    /// cheap (≈ 4.4 KB each at 512); a message larger than this takes one
+    /// pass through the codec per this many bytes, so a server whose
+    /// clients send many large messages trades memory for speed with a
+    /// larger value (benches/results/read-buffer.md).
+    #[arg(long, env = "WSPROTO_READ_BUFFER", default_value_t = 512, value_parser = parse_read_buffer, help_heading = "Limits")]
+    pub read_buffer: usize,
+
     /// Frames that may wait in one session's send queue; a client that lets
     /// it fill up is closed with 1008 (or loses droppable frames, per
     /// --topic-policy).
@@ -388,6 +397,7 @@ impl Default for Config {
             proxy_protocol: false,
             ws_path: "/ws".into(),
             max_message_size: 64 * 1024,
+            read_buffer: 512,
             send_queue: 256,
             send_queue_bytes: 1024 * 1024,
             ping_interval: Duration::from_secs(20),
@@ -462,6 +472,13 @@ fn parse_ack_window(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n @ 1..=1_000_000) => Ok(n),
         _ => Err(format!("expected 1 to 1000000 deliveries, got {s:?}")),
+    }
+}
+
+fn parse_read_buffer(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 64..=1_048_576) => Ok(n),
+        _ => Err(format!("expected 64 to 1048576 bytes, got {s:?}")),
     }
 }
 
@@ -664,6 +681,18 @@ mod tests {
             assert!(
                 bad.parse::<ListenAddr>().is_err(),
                 "{bad:?} should not parse"
+            );
+        }
+    }
+
+    #[test]
+    fn read_buffer_is_bounded() {
+        let cli = Cli::parse_from(["s", "--read-buffer", "8192"]);
+        assert_eq!(cli.config.read_buffer, 8192);
+        for bad in ["0", "63", "1048577", "4k"] {
+            assert!(
+                Cli::try_parse_from(["s", "--read-buffer", bad]).is_err(),
+                "{bad:?} should be refused"
             );
         }
     }

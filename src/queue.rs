@@ -29,7 +29,7 @@ use crate::{
     broker::Position,
     close::CloseReason,
     inflight::{AckSettings, Inflight},
-    signal::{Fired, Signal},
+    signal::{Event, Fired},
 };
 
 /// Why a push was refused.
@@ -161,7 +161,7 @@ struct Inner {
     /// waiting for room.
     taken: Notify,
     /// Fired once a close reason is set, for whoever waits on that.
-    closing: Signal,
+    closing: Event,
 }
 
 #[derive(Default)]
@@ -271,7 +271,7 @@ impl SessionQueue {
             inner: Arc::new(Inner {
                 state: std::sync::Mutex::new(State::default()),
                 taken: Notify::new(),
-                closing: Signal::new(),
+                closing: Event::default(),
                 capacity: capacity.max(1),
                 max_bytes,
             }),
@@ -701,6 +701,14 @@ impl SessionQueue {
     /// for pushes.
     pub fn is_backlogged(&self) -> bool {
         self.backlogged(&self.state())
+    }
+
+    /// The close reason, once there is one, and whether the queue is
+    /// [backlogged](SessionQueue::is_backlogged): what a session checks
+    /// before each turn, under one lock.
+    pub fn close_reason_and_backlog(&self) -> (Option<CloseReason>, bool) {
+        let state = self.state();
+        (state.close, self.backlogged(&state))
     }
 
     /// Frames that can still be queued before the queue is

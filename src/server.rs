@@ -56,10 +56,6 @@ use crate::{
     web, Config, Hub, Router,
 };
 
-/// The codec's read buffer per connection: small, because idle connections
-/// should cost little; [`ReadAhead`] beneath it reads from the socket in
-/// large chunks, and the buffer grows to fit a larger message.
-const READ_BUFFER: usize = 512;
 /// Outgoing bytes buffered before a write is forced. Frames are flushed per
 /// batch anyway, so this only has to hold a typical batch: at 16 KiB a
 /// fan-out's batch of 64 deliveries (325 B each with 256 B of data) went
@@ -256,7 +252,7 @@ impl Server {
             ));
         }
         let ws_config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
+            .read_buffer_size(config.read_buffer)
             .write_buffer_size(WRITE_BUFFER)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));

@@ -23,13 +23,7 @@ use tokio::sync::{futures::Notified, Notify};
 /// A one-time event; clones share it.
 #[derive(Clone, Default)]
 pub struct Signal {
-    inner: Arc<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    fired: AtomicBool,
-    notify: Notify,
+    inner: Arc<Event>,
 }
 
 impl Signal {
@@ -41,16 +35,44 @@ impl Signal {
     /// Makes the event happen: every [`Fired`] completes, now and later.
     /// Returns whether this call did it (false when it had happened already).
     pub fn fire(&self) -> bool {
-        let first = !self.inner.fired.swap(true, Ordering::AcqRel);
+        self.inner.fire()
+    }
+
+    /// Whether the event has happened.
+    pub fn is_fired(&self) -> bool {
+        self.inner.is_fired()
+    }
+
+    /// Completes once the event has happened.
+    pub fn fired(&self) -> Fired<'_> {
+        self.inner.fired()
+    }
+}
+
+/// A one-time event kept inside its owner, for an owner already shared
+/// (a session's queue): a session polls its queue's "closing" on every
+/// wait, and an event in its own allocation is one more cache miss per
+/// poll once thousands of sessions take turns.
+#[derive(Default)]
+pub struct Event {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Event {
+    /// Makes the event happen: every [`Fired`] completes, now and later.
+    /// Returns whether this call did it (false when it had happened already).
+    pub fn fire(&self) -> bool {
+        let first = !self.fired.swap(true, Ordering::AcqRel);
         if first {
-            self.inner.notify.notify_waiters();
+            self.notify.notify_waiters();
         }
         first
     }
 
     /// Whether the event has happened.
     pub fn is_fired(&self) -> bool {
-        self.inner.fired.load(Ordering::Acquire)
+        self.fired.load(Ordering::Acquire)
     }
 
     /// Completes once the event has happened.
@@ -59,8 +81,8 @@ impl Signal {
             // Made before the flag is first read: `notify_waiters` reaches
             // a `Notified` from the moment it exists, so an event between
             // the read and the registration is not missed.
-            notified: self.inner.notify.notified(),
-            fired: &self.inner.fired,
+            notified: self.notify.notified(),
+            fired: &self.fired,
             registered: None,
         }
     }

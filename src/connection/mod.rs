@@ -360,18 +360,19 @@ where
     let closing = queue.closing();
     tokio::pin!(shutting_down, closing);
     loop {
-        if close_deadline.is_none() && queue.close_reason().is_some() {
-            close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
-        }
         if let_out && (queue.is_empty() || !writer.is_open()) {
             let_out = false;
             pacer.pause().await;
+        }
+        let (close_reason, backlogged) = queue.close_reason_and_backlog();
+        if close_deadline.is_none() && close_reason.is_some() {
+            close_deadline = Some(tokio::time::Instant::now() + config.shutdown_timeout);
         }
         // Replies are queued past the bound: read nothing more until they
         // are written, so TCP holds the client back. Each request adds
         // about one reply, so replies alone never fill the queue. The
         // client cannot show it is alive meanwhile, as while a handler runs.
-        let held_back = close_deadline.is_none() && queue.is_backlogged();
+        let held_back = close_deadline.is_none() && backlogged;
         session.set_handling(held_back || busy.is_some());
         let may_read = busy.is_none() && !held_back && !let_out;
         let flushing = writer.is_flushing();
