@@ -18,7 +18,7 @@
 # same server budget); the load generator and Redis to CPU 1. Each cell runs
 # REPEAT times (default 3), alternating; the report shows medians and ratios.
 #
-#   benches/cluster.sh                 full run (about 5 minutes)
+#   benches/cluster.sh                 full run (about 8 minutes)
 #   QUICK=1 benches/cluster.sh         smoke run: 500 subscribers, 1 s, once
 #
 # Needs redis-server. Environment: DURATION, REPEAT, SUBS, LAT_SUBS, LAT_RATE,
