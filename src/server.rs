@@ -56,13 +56,14 @@ use crate::{
     web, Config, Hub, Router,
 };
 
-/// Outgoing bytes buffered before a write is forced. Frames are flushed per
-/// batch anyway, so this only has to hold a typical batch: at 16 KiB a
-/// fan-out's batch of 64 deliveries (325 B each with 256 B of data) went
-/// out in two `sendto` calls, and on loopback the call, not the bytes, is
-/// most of a delivery's cost. Not more: the codec keeps the buffer's
-/// capacity for as long as the session lives, and it grows as far as this
-/// (plus one frame) once a session has written a large batch.
+/// Outgoing bytes the codec buffers before a write is forced. A session's
+/// frames go around the codec (`Socket::write_batch`) on a stream with
+/// vectored writes; through it otherwise, flushed per batch anyway, so this
+/// only has to hold a typical batch: at 16 KiB a fan-out's batch of 64
+/// deliveries (325 B each with 256 B of data) went out in two `sendto`
+/// calls, and on loopback the call, not the bytes, is most of a delivery's
+/// cost. Not more: the codec keeps the buffer's capacity for as long as the
+/// session lives.
 const WRITE_BUFFER: usize = 32 * 1024;
 
 /// An upgraded connection's stream, read through [`ReadAhead`].

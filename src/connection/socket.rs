@@ -8,17 +8,32 @@
 //! is never split: reading and writing are done by the same task, so there
 //! is no lock between two halves, and no waker proxy per direction that
 //! wakes both halves on every readiness event.
+//!
+//! The session's outgoing frames skip the codec: tungstenite copies each
+//! message into its write buffer before writing it, which for a fan-out
+//! is a copy of every shared delivery per recipient, and a per-connection
+//! buffer that grows to the largest batch. [`Socket::write_batch`] writes
+//! them with one vectored write from their own buffers, each behind the
+//! header tungstenite formats; the codec still writes what the protocol
+//! owes (pongs, the close) and the session's first frame.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, IoSlice, Read, Write},
     pin::Pin,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
 };
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::{
-    error::Error as WsError,
-    protocol::{Role, WebSocketConfig, WebSocketContext},
+    error::{Error as WsError, ProtocolError},
+    protocol::{
+        frame::{
+            coding::{Data, OpCode},
+            FrameHeader,
+        },
+        Role, WebSocketConfig, WebSocketContext,
+    },
     Message,
 };
 
@@ -33,7 +48,26 @@ pub(crate) struct Socket<S> {
     /// The last read found no whole frame and the stream would block:
     /// until the stream is readable, another read would find the same.
     starved: bool,
+    /// Binary messages handed over by [`write_batch`](Socket::write_batch)
+    /// and not all written yet, written straight from their buffers. While
+    /// there are any, the codec writes nothing (a pong it owes waits), so
+    /// its frames cannot land inside one of these.
+    outgoing: Vec<Bytes>,
+    /// Of `outgoing`: the messages written in full, and the bytes of the
+    /// next one (its header included) written so far.
+    sent: usize,
+    sent_of_next: usize,
+    /// The ping or close handed over with `outgoing`, for the codec once
+    /// they are written: a close must come last.
+    then: Option<Message>,
 }
+
+/// Most messages put in one vectored write (two slices each: the header,
+/// the message).
+const MAX_VECTORED: usize = 64;
+/// The longest header of a frame from the server (unmasked): 2 bytes and
+/// an 8-byte length.
+const MAX_HEADER: usize = 10;
 
 impl<S> Socket<S>
 where
@@ -46,6 +80,74 @@ where
             protocol: WebSocketContext::new(Role::Server, Some(config)),
             ended: false,
             starved: false,
+            outgoing: Vec::new(),
+            sent: 0,
+            sent_of_next: 0,
+            then: None,
+        }
+    }
+
+    /// Hands `frames` (each a binary message), then `then` (a ping or the
+    /// close), to the next flush, in that order. `frames` is left empty
+    /// (with the capacity of an earlier batch: the two buffers take turns).
+    /// The error is for a connection that is closing or closed.
+    pub(crate) fn write_batch(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut Vec<Bytes>,
+        then: Option<Message>,
+    ) -> Result<(), WsError> {
+        debug_assert!(self.outgoing.is_empty(), "one batch at a time");
+        if !frames.is_empty() && !self.protocol.can_write() {
+            frames.clear();
+            return Err(WsError::Protocol(ProtocolError::SendAfterClosing));
+        }
+        if !self.stream.is_write_vectored() {
+            // One write per slice would be one system call (or one TLS
+            // record) per header: the codec's buffer does better.
+            for frame in frames.drain(..) {
+                self.write(cx, Message::Binary(frame))?;
+            }
+            return then.map_or(Ok(()), |then| self.write(cx, then));
+        }
+        std::mem::swap(&mut self.outgoing, frames);
+        match self.outgoing.is_empty() {
+            true => then.map_or(Ok(()), |then| self.write(cx, then)),
+            false => {
+                self.then = then;
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives back the memory of the last batch's list, when it is written.
+    pub(crate) fn shrink(&mut self) {
+        if self.outgoing.is_empty() {
+            self.outgoing = Vec::new();
+        }
+    }
+
+    /// Writes what [`write_batch`](Socket::write_batch) handed over, then
+    /// hands its ping or close to the codec.
+    fn poll_write_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        while self.sent < self.outgoing.len() {
+            let pending = &self.outgoing[self.sent..];
+            let stream = Pin::new(&mut self.stream);
+            // A reply or two (the usual case) without setting up room for
+            // a full batch's slices.
+            let (frames, of_next) = ready!(match pending.len() {
+                1 | 2 => poll_write_frames::<2, _>(stream, cx, pending, self.sent_of_next),
+                _ => poll_write_frames::<MAX_VECTORED, _>(stream, cx, pending, self.sent_of_next),
+            })?;
+            self.sent += frames;
+            self.sent_of_next = of_next;
+        }
+        self.outgoing.clear();
+        self.sent = 0;
+        self.sent_of_next = 0;
+        match self.then.take() {
+            Some(then) => Poll::Ready(self.write(cx, then)),
+            None => Poll::Ready(Ok(())),
         }
     }
 
@@ -72,6 +174,9 @@ where
     /// owes the client (pongs, the close). A closed connection has nothing
     /// more to flush: that is not an error.
     pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        if !self.outgoing.is_empty() {
+            ready!(self.poll_write_outgoing(cx))?;
+        }
         let (protocol, mut io) = self.lend(cx);
         match would_block(protocol.flush(&mut io)) {
             Poll::Ready(Err(WsError::ConnectionClosed)) => Poll::Ready(Ok(())),
@@ -92,6 +197,7 @@ where
             stream: &mut self.stream,
             cx,
             write_blocked: false,
+            hold_writes: !self.outgoing.is_empty(),
         };
         (&mut self.protocol, io)
     }
@@ -139,6 +245,65 @@ where
     }
 }
 
+/// One vectored write of up to `N` of `frames` (each behind its header),
+/// the first `skip` bytes of which were written before. Returns how many
+/// frames are now written in full, and the bytes written of the next.
+fn poll_write_frames<const N: usize, S: AsyncWrite>(
+    stream: Pin<&mut S>,
+    cx: &mut Context<'_>,
+    frames: &[Bytes],
+    mut skip: usize,
+) -> Poll<Result<(usize, usize), WsError>> {
+    let frames = &frames[..frames.len().min(N)];
+    let mut headers = [[0u8; MAX_HEADER]; N];
+    let mut header_lens = [0u8; N];
+    for (i, frame) in frames.iter().enumerate() {
+        header_lens[i] = binary_header(frame.len(), &mut headers[i])?;
+    }
+    // Two slices per frame; `[IoSlice; 2 * N]` needs a const expression.
+    let mut slices = [[IoSlice::new(&[]); 2]; N];
+    let mut used = 0;
+    let before = skip;
+    for (i, frame) in frames.iter().enumerate() {
+        for part in [&headers[i][..header_lens[i] as usize], &frame[..]] {
+            let cut = skip.min(part.len());
+            skip -= cut;
+            if cut < part.len() {
+                slices[used / 2][used % 2] = IoSlice::new(&part[cut..]);
+                used += 1;
+            }
+        }
+    }
+    let slices = slices.as_flattened();
+    let mut written = ready!(stream.poll_write_vectored(cx, &slices[..used]))?;
+    if written == 0 {
+        return Poll::Ready(Err(WsError::Io(io::ErrorKind::WriteZero.into())));
+    }
+    written += before;
+    let mut done = 0;
+    for (i, frame) in frames.iter().enumerate() {
+        let whole = header_lens[i] as usize + frame.len();
+        if written < whole {
+            break;
+        }
+        written -= whole;
+        done += 1;
+    }
+    Poll::Ready(Ok((done, written)))
+}
+
+/// Formats the header of a final binary frame of `len` bytes from the
+/// server into `out`; returns its length.
+fn binary_header(len: usize, out: &mut [u8; MAX_HEADER]) -> Result<u8, WsError> {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Binary),
+        ..FrameHeader::default()
+    };
+    let mut rest = &mut out[..];
+    header.format(len as u64, &mut rest)?;
+    Ok((MAX_HEADER - rest.len()) as u8)
+}
+
 /// `Poll::Pending` for an error that only says the stream would block.
 fn would_block<T>(result: Result<T, WsError>) -> Poll<Result<T, WsError>> {
     match result {
@@ -155,6 +320,8 @@ struct Io<'a, 'b, S> {
     cx: &'a mut Context<'b>,
     /// A write or flush would have blocked.
     write_blocked: bool,
+    /// Writes wait: the socket is in the middle of a batch of its own.
+    hold_writes: bool,
 }
 
 impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
@@ -170,6 +337,10 @@ impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
 
 impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.hold_writes {
+            self.write_blocked = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         match Pin::new(&mut *self.stream).poll_write(self.cx, buf) {
             Poll::Ready(result) => result,
             Poll::Pending => {
@@ -180,6 +351,10 @@ impl<S: AsyncWrite + Unpin> Write for Io<'_, '_, S> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.hold_writes {
+            self.write_blocked = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         match Pin::new(&mut *self.stream).poll_flush(self.cx) {
             Poll::Ready(result) => result,
             Poll::Pending => {
@@ -300,6 +475,116 @@ mod tests {
         let read = poll_fn(|cx| server.poll_read(cx)).await;
         assert!(matches!(read, Some(Err(_))), "{read:?}");
         assert!(poll_fn(|cx| server.poll_read(cx)).await.is_none(), "ended");
+    }
+
+    /// A batch too large for the socket's buffers goes out over several
+    /// writes, whole and in order, with headers of every length form; a
+    /// pong the codec owes meanwhile waits for the batch's end, and the
+    /// ping handed over with the batch follows it.
+    #[tokio::test]
+    async fn a_batch_is_written_whole_around_a_pong_the_codec_owes() {
+        use crate::{read_ahead::ReadAhead, stream::SessionStream};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Small kernel buffers, so the batch cannot fit in them.
+        let client_socket = tokio::net::TcpSocket::new_v4().unwrap();
+        client_socket.set_recv_buffer_size(64 * 1024).unwrap();
+        let client_tcp = client_socket.connect(listener.local_addr().unwrap());
+        let (client_tcp, (server_tcp, _)) =
+            tokio::try_join!(client_tcp, listener.accept()).unwrap();
+        socket2::SockRef::from(&server_tcp)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+        let mut client = WebSocketStream::from_raw_socket(client_tcp, Role::Client, None).await;
+        let stream = ReadAhead::new(SessionStream::Tcp(server_tcp));
+        let mut server = Socket::new(stream, WebSocketConfig::default());
+
+        let sizes = [0usize, 1, 125, 126, 65_535, 65_536, 3_000_000, 7];
+        let sent: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
+            .collect();
+        let mut batch = sent.clone();
+        poll_fn(|cx| {
+            Poll::Ready(server.write_batch(cx, &mut batch, Some(Message::Ping("hb".into()))))
+        })
+        .await
+        .unwrap();
+        assert!(batch.is_empty(), "the socket took the frames");
+        let flushed = poll_fn(|cx| Poll::Ready(server.poll_flush(cx))).await;
+        assert!(
+            flushed.is_pending(),
+            "3 MB do not fit in the socket's buffers"
+        );
+
+        client
+            .send(Message::Ping(Bytes::from_static(b"p")))
+            .await
+            .unwrap();
+        let reading = async {
+            let mut got = Vec::new();
+            while got.len() < sent.len() + 2 {
+                got.push(client.next().await.unwrap().unwrap());
+            }
+            got
+        };
+        let serving = async {
+            let read = poll_fn(|cx| server.poll_read(cx)).await;
+            assert!(matches!(read, Some(Ok(Message::Ping(_)))), "{read:?}");
+            poll_fn(|cx| server.poll_flush(cx)).await.unwrap();
+        };
+        let (got, ()) = tokio::join!(reading, serving);
+        for (i, frame) in sent.iter().enumerate() {
+            assert_eq!(got[i], Message::Binary(frame.clone()), "frame {i}");
+        }
+        let mut rest: Vec<String> = got[sent.len()..]
+            .iter()
+            .map(|message| format!("{message:?}"))
+            .collect();
+        rest.sort();
+        assert_eq!(rest.len(), 2);
+        assert!(rest[0].starts_with("Ping"), "{rest:?}");
+        assert!(rest[1].starts_with("Pong"), "{rest:?}");
+    }
+
+    /// A stream without vectored writes (an in-memory pipe here, TLS in
+    /// some builds) takes a batch through the codec: the frames, then the
+    /// close, in order; nothing more is taken after the close.
+    #[tokio::test]
+    async fn a_batch_goes_through_the_codec_on_a_stream_without_vectored_writes() {
+        let (mut client, mut server) = pair(64 * 1024);
+        let mut batch = vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")];
+        let bye = CloseFrame {
+            code: CloseCode::Away,
+            reason: "bye".into(),
+        };
+        poll_fn(|cx| {
+            Poll::Ready(server.write_batch(cx, &mut batch, Some(Message::Close(Some(bye.clone())))))
+        })
+        .await
+        .unwrap();
+        poll_fn(|cx| server.poll_flush(cx)).await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::binary(&b"one"[..])
+        );
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::binary(&b"two"[..])
+        );
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::Close(Some(bye))
+        );
+        let mut late = vec![Bytes::from_static(b"late")];
+        let refused = poll_fn(|cx| Poll::Ready(server.write_batch(cx, &mut late, None))).await;
+        assert!(
+            matches!(
+                refused,
+                Err(WsError::Protocol(ProtocolError::SendAfterClosing))
+            ),
+            "{refused:?}"
+        );
     }
 
     /// A client that does not read makes the flush wait, not fail, and

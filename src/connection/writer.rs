@@ -212,6 +212,7 @@ impl Writer {
                 // queue's, which a burst grew (a busy session keeps them:
                 // growing them for every batch costs fan-out).
                 self.batch = Vec::new();
+                socket.shrink();
                 queue.shrink();
                 Some(Message::Ping(Bytes::new()))
             }
@@ -225,16 +226,7 @@ impl Writer {
             frames: self.batch.len() as u64,
             closing,
         });
-        let mut handed = Ok(());
-        for frame in self.batch.drain(..) {
-            if handed.is_ok() {
-                handed = socket.write(cx, Message::Binary(frame));
-            }
-        }
-        if let (Ok(()), Some(control)) = (&handed, control) {
-            handed = socket.write(cx, control);
-        }
-        Some(match handed {
+        Some(match socket.write_batch(cx, &mut self.batch, control) {
             Ok(()) => socket.poll_flush(cx),
             Err(err) => Poll::Ready(Err(err)),
         })
