@@ -49,9 +49,10 @@ pub(crate) struct Socket<S> {
     /// until the stream is readable, another read would find the same.
     starved: bool,
     /// Binary messages handed over by [`write_batch`](Socket::write_batch)
-    /// and not all written yet, written straight from their buffers. While
-    /// there are any, the codec writes nothing (a pong it owes waits), so
-    /// its frames cannot land inside one of these.
+    /// and not all written yet, written straight from their buffers: after
+    /// what the codec holds, and once the first byte is out, with the
+    /// codec's writes held (a pong it owes waits), so its frames cannot
+    /// land inside one of these.
     outgoing: Vec<Bytes>,
     /// Of `outgoing`: the messages written in full, and the bytes of the
     /// next one (its header included) written so far.
@@ -103,8 +104,9 @@ where
             return Err(WsError::Protocol(ProtocolError::SendAfterClosing));
         }
         if !self.stream.is_write_vectored() {
-            // One write per slice would be one system call (or one TLS
-            // record) per header: the codec's buffer does better.
+            // One write per slice would be one system call per header:
+            // the codec's buffer does better. (TLS streams are vectored:
+            // rustls packs the slices into records.)
             for frame in frames.drain(..) {
                 self.write(cx, Message::Binary(frame))?;
             }
@@ -146,6 +148,9 @@ where
         self.sent = 0;
         self.sent_of_next = 0;
         match self.then.take() {
+            // The client's close came while the batch was written: the
+            // codec answers it, and a ping or our close has no place.
+            Some(_) if !self.protocol.can_write() => Poll::Ready(Ok(())),
             Some(then) => Poll::Ready(self.write(cx, then)),
             None => Poll::Ready(Ok(())),
         }
@@ -175,13 +180,44 @@ where
     /// more to flush: that is not an error.
     pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         if !self.outgoing.is_empty() {
-            ready!(self.poll_write_outgoing(cx))?;
+            // What the codec holds goes first: a pong it could write only
+            // in part (the socket was full) must end before a frame starts.
+            if !self.is_mid_batch() {
+                let flushed = ready!(self.poll_flush_codec(cx));
+                if flushed.is_err() || !self.protocol.can_write() {
+                    self.drop_outgoing();
+                    return Poll::Ready(flushed);
+                }
+            }
+            if let Err(err) = ready!(self.poll_write_outgoing(cx)) {
+                self.drop_outgoing();
+                return Poll::Ready(Err(err));
+            }
         }
+        self.poll_flush_codec(cx)
+    }
+
+    fn poll_flush_codec(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         let (protocol, mut io) = self.lend(cx);
         match would_block(protocol.flush(&mut io)) {
             Poll::Ready(Err(WsError::ConnectionClosed)) => Poll::Ready(Ok(())),
             other => other,
         }
+    }
+
+    /// Part of a batch is written and the rest is not: nothing else may
+    /// be written now.
+    fn is_mid_batch(&self) -> bool {
+        self.sent > 0 || self.sent_of_next > 0
+    }
+
+    /// Forgets a batch that can no longer be written (the connection
+    /// failed or closed).
+    fn drop_outgoing(&mut self) {
+        self.outgoing.clear();
+        self.sent = 0;
+        self.sent_of_next = 0;
+        self.then = None;
     }
 
     /// The stream beneath, for the last steps of a close.
@@ -193,11 +229,12 @@ where
         &'a mut self,
         cx: &'a mut Context<'b>,
     ) -> (&'a mut WebSocketContext, Io<'a, 'b, S>) {
+        let hold_writes = self.is_mid_batch();
         let io = Io {
             stream: &mut self.stream,
             cx,
             write_blocked: false,
-            hold_writes: !self.outgoing.is_empty(),
+            hold_writes,
         };
         (&mut self.protocol, io)
     }
@@ -547,8 +584,8 @@ mod tests {
         assert!(rest[1].starts_with("Pong"), "{rest:?}");
     }
 
-    /// A stream without vectored writes (an in-memory pipe here, TLS in
-    /// some builds) takes a batch through the codec: the frames, then the
+    /// A stream without vectored writes (an in-memory pipe) takes a batch
+    /// through the codec: the frames, then the
     /// close, in order; nothing more is taken after the close.
     #[tokio::test]
     async fn a_batch_goes_through_the_codec_on_a_stream_without_vectored_writes() {
@@ -585,6 +622,145 @@ mod tests {
             ),
             "{refused:?}"
         );
+    }
+
+    /// An in-memory pipe that says it writes vectored, so batches take
+    /// the socket's own path over it.
+    struct Vectored(tokio::io::DuplexStream);
+
+    impl AsyncRead for Vectored {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Vectored {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        }
+    }
+
+    impl ReadReady for Vectored {
+        fn poll_read_ready(&mut self, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Ready(())
+        }
+    }
+
+    /// A pong the codec could write only in part (the pipe was full) is
+    /// finished before the next batch starts: the client reads whole
+    /// frames.
+    #[tokio::test]
+    async fn a_pong_written_in_part_ends_before_a_batch_starts() {
+        let (client_io, server_io) = tokio::io::duplex(64);
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let mut server = Socket::new(Vectored(server_io), WebSocketConfig::default());
+
+        // 42 of the pipe's 64 bytes taken.
+        let mut batch = vec![Bytes::from(vec![1u8; 40])];
+        poll_fn(|cx| Poll::Ready(server.write_batch(cx, &mut batch, None)))
+            .await
+            .unwrap();
+        poll_fn(|cx| server.poll_flush(cx)).await.unwrap();
+        // The answer to a 100-byte ping is 102 bytes: 22 fit.
+        let ping = Bytes::from(vec![9u8; 100]);
+        let sending = client.send(Message::Ping(ping.clone()));
+        let reading = poll_fn(|cx| server.poll_read(cx));
+        let (sent, read) = tokio::join!(sending, reading);
+        sent.unwrap();
+        assert!(matches!(read, Some(Ok(Message::Ping(_)))), "{read:?}");
+
+        let mut batch = vec![Bytes::from_static(b"after")];
+        poll_fn(|cx| Poll::Ready(server.write_batch(cx, &mut batch, None)))
+            .await
+            .unwrap();
+        let reading = async {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(client.next().await.unwrap().unwrap());
+            }
+            got
+        };
+        let (got, flushed) = tokio::join!(reading, poll_fn(|cx| server.poll_flush(cx)));
+        flushed.unwrap();
+        assert_eq!(got[0], Message::Binary(Bytes::from(vec![1u8; 40])));
+        assert_eq!(got[1], Message::Pong(ping));
+        assert_eq!(got[2], Message::binary(&b"after"[..]));
+    }
+
+    /// The client's close, read while a batch with our close is half
+    /// written: the batch ends whole, the codec answers the client's close,
+    /// and ours is dropped without an error.
+    #[tokio::test]
+    async fn a_clients_close_during_a_batch_is_answered_after_it() {
+        let (client_io, server_io) = tokio::io::duplex(64);
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let mut server = Socket::new(Vectored(server_io), WebSocketConfig::default());
+
+        let big = Bytes::from(vec![3u8; 200]);
+        let ours = CloseFrame {
+            code: CloseCode::Away,
+            reason: "ours".into(),
+        };
+        let mut batch = vec![big.clone()];
+        poll_fn(|cx| {
+            Poll::Ready(server.write_batch(
+                cx,
+                &mut batch,
+                Some(Message::Close(Some(ours.clone()))),
+            ))
+        })
+        .await
+        .unwrap();
+        let flushed = poll_fn(|cx| Poll::Ready(server.poll_flush(cx))).await;
+        assert!(flushed.is_pending(), "200 B do not fit in 64");
+
+        let theirs = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "theirs".into(),
+        };
+        client
+            .send(Message::Close(Some(theirs.clone())))
+            .await
+            .unwrap();
+        let read = poll_fn(|cx| server.poll_read(cx)).await;
+        assert_eq!(read.unwrap().unwrap(), Message::Close(Some(theirs)));
+
+        let reading = async {
+            let first = client.next().await.unwrap().unwrap();
+            let second = client.next().await.unwrap().unwrap();
+            (first, second)
+        };
+        let both = async { tokio::join!(reading, poll_fn(|cx| server.poll_flush(cx))) };
+        let ((first, second), flushed) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), both)
+                .await
+                .expect("the batch and the answer arrive");
+        flushed.unwrap();
+        assert_eq!(first, Message::Binary(big));
+        match second {
+            Message::Close(Some(answer)) => assert_eq!(answer.code, CloseCode::Normal),
+            other => panic!("expected the answer to the client's close, got {other:?}"),
+        }
     }
 
     /// A client that does not read makes the flush wait, not fail, and
