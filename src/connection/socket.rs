@@ -48,6 +48,10 @@ pub(crate) struct Socket<S> {
     /// The last read found no whole frame and the stream would block:
     /// until the stream is readable, another read would find the same.
     starved: bool,
+    /// The codec may hold bytes it has not written: something was handed
+    /// to it, or one of its writes would have blocked, since its last
+    /// complete flush.
+    codec_owes: bool,
     /// Binary messages handed over by [`write_batch`](Socket::write_batch)
     /// and not all written yet, written straight from their buffers: after
     /// what the codec holds, and once the first byte is out, with the
@@ -81,6 +85,7 @@ where
             protocol: WebSocketContext::new(Role::Server, Some(config)),
             ended: false,
             starved: false,
+            codec_owes: false,
             outgoing: Vec::new(),
             sent: 0,
             sent_of_next: 0,
@@ -160,6 +165,7 @@ where
     /// even when the socket cannot take more right now; the error is for a
     /// connection that is closing or closed.
     pub(crate) fn write(&mut self, cx: &mut Context<'_>, message: Message) -> Result<(), WsError> {
+        self.codec_owes = true;
         let (protocol, mut io) = self.lend(cx);
         match would_block(protocol.write(&mut io, message)) {
             // Buffered: the flush writes it.
@@ -183,7 +189,10 @@ where
             // What the codec holds goes first: a pong it could write only
             // in part (the socket was full) must end before a frame starts.
             if !self.is_mid_batch() {
-                let flushed = ready!(self.poll_flush_codec(cx));
+                let flushed = match self.codec_owes {
+                    true => ready!(self.poll_flush_codec(cx)),
+                    false => Ok(()),
+                };
                 if flushed.is_err() || !self.protocol.can_write() {
                     self.drop_outgoing();
                     return Poll::Ready(flushed);
@@ -199,10 +208,14 @@ where
 
     fn poll_flush_codec(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         let (protocol, mut io) = self.lend(cx);
-        match would_block(protocol.flush(&mut io)) {
+        let flushed = match would_block(protocol.flush(&mut io)) {
             Poll::Ready(Err(WsError::ConnectionClosed)) => Poll::Ready(Ok(())),
             other => other,
+        };
+        if let Poll::Ready(Ok(())) = flushed {
+            self.codec_owes = false;
         }
+        flushed
     }
 
     /// Part of a batch is written and the rest is not: nothing else may
@@ -263,6 +276,7 @@ where
         let (protocol, mut io) = self.lend(cx);
         let read = would_block(protocol.read(&mut io));
         let write_blocked = io.write_blocked;
+        self.codec_owes |= write_blocked;
         match read {
             // Unless an answer the codec owes (a pong, a close) could not
             // be written: the next read tries that again.
@@ -688,6 +702,9 @@ mod tests {
         let (sent, read) = tokio::join!(sending, reading);
         sent.unwrap();
         assert!(matches!(read, Some(Ok(Message::Ping(_)))), "{read:?}");
+        // The next read writes the pong, as far as it fits.
+        let more = poll_fn(|cx| Poll::Ready(server.poll_read(cx).is_pending())).await;
+        assert!(more, "nothing more to read");
 
         let mut batch = vec![Bytes::from_static(b"after")];
         poll_fn(|cx| Poll::Ready(server.write_batch(cx, &mut batch, None)))
@@ -700,7 +717,10 @@ mod tests {
             }
             got
         };
-        let (got, flushed) = tokio::join!(reading, poll_fn(|cx| server.poll_flush(cx)));
+        let both = async { tokio::join!(reading, poll_fn(|cx| server.poll_flush(cx))) };
+        let (got, flushed) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .expect("whole frames arrive");
         flushed.unwrap();
         assert_eq!(got[0], Message::Binary(Bytes::from(vec![1u8; 40])));
         assert_eq!(got[1], Message::Pong(ping));
