@@ -31,21 +31,15 @@ impl Signal {
     pub fn new() -> Signal {
         Signal::default()
     }
+}
 
-    /// Makes the event happen: every [`Fired`] completes, now and later.
-    /// Returns whether this call did it (false when it had happened already).
-    pub fn fire(&self) -> bool {
-        self.inner.fire()
-    }
+/// A handle on the shared event: [`Event::fire`], [`Event::fired`] and
+/// [`Event::is_fired`] act on it.
+impl std::ops::Deref for Signal {
+    type Target = Event;
 
-    /// Whether the event has happened.
-    pub fn is_fired(&self) -> bool {
-        self.inner.is_fired()
-    }
-
-    /// Completes once the event has happened.
-    pub fn fired(&self) -> Fired<'_> {
-        self.inner.fired()
+    fn deref(&self) -> &Event {
+        &self.inner
     }
 }
 

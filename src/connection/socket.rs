@@ -115,16 +115,13 @@ where
             for frame in frames.drain(..) {
                 self.write(cx, Message::Binary(frame))?;
             }
-            return then.map_or(Ok(()), |then| self.write(cx, then));
+        } else if !frames.is_empty() {
+            std::mem::swap(&mut self.outgoing, frames);
+            // For the codec once the frames are written.
+            self.then = then;
+            return Ok(());
         }
-        std::mem::swap(&mut self.outgoing, frames);
-        match self.outgoing.is_empty() {
-            true => then.map_or(Ok(()), |then| self.write(cx, then)),
-            false => {
-                self.then = then;
-                Ok(())
-            }
-        }
+        then.map_or(Ok(()), |then| self.write(cx, then))
     }
 
     /// Gives back the memory of the last batch's list, when it is written.
@@ -149,10 +146,9 @@ where
             self.sent += frames;
             self.sent_of_next = of_next;
         }
-        self.outgoing.clear();
-        self.sent = 0;
-        self.sent_of_next = 0;
-        match self.then.take() {
+        let then = self.then.take();
+        self.drop_outgoing();
+        match then {
             // The client's close came while the batch was written: the
             // codec answers it, and a ping or our close has no place.
             Some(_) if !self.protocol.can_write() => Poll::Ready(Ok(())),
@@ -224,7 +220,7 @@ where
         self.sent > 0 || self.sent_of_next > 0
     }
 
-    /// Forgets a batch that can no longer be written (the connection
+    /// Forgets the batch: written, or no longer writable (the connection
     /// failed or closed).
     fn drop_outgoing(&mut self) {
         self.outgoing.clear();
@@ -599,8 +595,8 @@ mod tests {
     }
 
     /// A stream without vectored writes (an in-memory pipe) takes a batch
-    /// through the codec: the frames, then the
-    /// close, in order; nothing more is taken after the close.
+    /// through the codec: the frames, then the close, in order; nothing
+    /// more is taken after the close.
     #[tokio::test]
     async fn a_batch_goes_through_the_codec_on_a_stream_without_vectored_writes() {
         let (mut client, mut server) = pair(64 * 1024);
