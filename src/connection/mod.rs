@@ -24,7 +24,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -379,11 +379,20 @@ where
 
         // What is here already (read past a run, or ready on the socket or
         // in the queue) is taken without the full select, a few in a row.
+        // The quick path's polls registered the task with the socket and
+        // the queue just now, in this same poll of the task: the select's
+        // first poll need not repeat them (each a readiness check or a
+        // lock), only its later ones, once something woke the task.
+        let mut just_polled = false;
         let ready = match may_read && read_past_run.is_some() {
             true => read_past_run.take().map(Event::Read),
             false if quick < QUICK_EVENTS => {
-                with_context(|cx| poll_now(socket, &mut writer, &mut pacer, queue, may_read, cx))
-                    .await
+                let ready = with_context(|cx| {
+                    poll_now(socket, &mut writer, &mut pacer, queue, may_read, cx)
+                })
+                .await;
+                just_polled = ready.is_none();
+                ready
             }
             false => None,
         };
@@ -452,9 +461,11 @@ where
                         Some(busy) => busy.poll_done(session, cx),
                         None => Poll::Pending,
                     }), if busy.is_some() => Event::Done,
-                    work = writer.next_work(queue), if writer.is_open() && !flushing => Event::Work(work),
-                    event = std::future::poll_fn(|cx| poll_socket(socket, flushing, may_read, cx)),
-                        if flushing || may_read => event,
+                    work = writer.next_work(queue, just_polled), if writer.is_open() && !flushing => Event::Work(work),
+                    event = std::future::poll_fn(|cx| match std::mem::take(&mut just_polled) {
+                        true => Poll::Pending,
+                        false => poll_socket(socket, flushing, may_read, cx),
+                    }), if flushing || may_read => event,
                 }
             }
         };
@@ -803,24 +814,54 @@ enum Deadline {
 /// a new timer per wait (a device's redelivery timer is never made for
 /// other sessions).
 #[derive(Default)]
-struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
+struct Timer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The task the armed timer will wake: until it fires, polling it
+    /// again for the same task and deadline would change nothing. (A
+    /// session's select polls its timer on every wait, and tokio's poll
+    /// of a sleep costs more than this check.)
+    registered: Option<Waker>,
+}
 
 impl Timer {
     /// Completes at `due`, or never when nothing is due.
     async fn until(&mut self, due: Option<tokio::time::Instant>) {
+        std::future::poll_fn(|cx| self.poll_until(due, cx)).await
+    }
+
+    fn poll_until(&mut self, due: Option<tokio::time::Instant>, cx: &mut Context<'_>) -> Poll<()> {
         let Some(due) = due else {
-            return std::future::pending().await;
+            return Poll::Pending;
         };
-        let sleep = match &mut self.0 {
-            Some(sleep) => {
-                if sleep.deadline() != due {
-                    sleep.as_mut().reset(due);
+        let sleep = match &mut self.sleep {
+            Some(sleep) if sleep.deadline() == due => {
+                let registered = self
+                    .registered
+                    .as_ref()
+                    .is_some_and(|waker| waker.will_wake(cx.waker()));
+                if registered && !sleep.is_elapsed() {
+                    return Poll::Pending;
                 }
                 sleep
             }
-            None => self.0.insert(Box::pin(tokio::time::sleep_until(due))),
+            Some(sleep) => {
+                sleep.as_mut().reset(due);
+                self.registered = None;
+                sleep
+            }
+            None => self.sleep.insert(Box::pin(tokio::time::sleep_until(due))),
         };
-        sleep.as_mut().await
+        // Out of its cooperative budget, tokio returns Pending without
+        // registering the task with the timer.
+        let budgeted = tokio::task::coop::has_budget_remaining();
+        let poll = sleep.as_mut().poll(cx);
+        if poll.is_pending() && budgeted {
+            match &self.registered {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => self.registered = Some(cx.waker().clone()),
+            }
+        }
+        poll
     }
 }
 
@@ -830,6 +871,40 @@ mod tests {
 
     use super::*;
     use crate::{identity::Identity, node::Node};
+
+    /// The timer skips polls that could change nothing, but a first poll
+    /// that tokio's cooperative budget turned away registered nothing: the
+    /// next one must reach tokio, or the timer would never fire.
+    #[tokio::test]
+    async fn a_timer_first_polled_out_of_budget_still_fires() {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..1_000 {
+            sender.send(i).unwrap();
+        }
+        let mut timer = Timer::default();
+        let due = tokio::time::Instant::now() + Duration::from_millis(20);
+        std::future::poll_fn(|cx| {
+            // Each message taken spends budget, until tokio says Pending.
+            while let Poll::Ready(Some(_)) = receiver.poll_recv(cx) {}
+            assert!(!tokio::task::coop::has_budget_remaining());
+            assert!(timer.poll_until(Some(due), cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(5), timer.until(Some(due)))
+            .await
+            .expect("the timer fires");
+        // Armed again, and polled many times while waiting: still fires.
+        let due = tokio::time::Instant::now() + Duration::from_millis(20);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            for _ in 0..3 {
+                assert!(futures_util::poll!(std::pin::pin!(timer.until(Some(due)))).is_pending());
+            }
+            timer.until(Some(due)).await
+        })
+        .await
+        .expect("the timer fires");
+    }
 
     /// A connection's task lives as long as it does, idle or not: its
     /// future's size is memory every connection pays. Printed with

@@ -152,16 +152,22 @@ impl Writer {
     }
 
     /// Waits for something to do. Cancel-safe: frames leave the queue only
-    /// when it completes.
-    pub(super) async fn next_work(&mut self, queue: &SessionQueue) -> Work {
+    /// when it completes. `just_polled`: [`poll_queue`](Writer::poll_queue)
+    /// found the queue empty in this same poll of the task, so the first
+    /// poll skips it.
+    pub(super) async fn next_work(&mut self, queue: &SessionQueue, mut just_polled: bool) -> Work {
         let redelivery = match self.acknowledges {
             true => queue.next_redelivery(),
             false => None,
         };
+        let batch = &mut self.batch;
         tokio::select! {
             biased;
             _ = self.redelivery.until(redelivery) => Work::Redeliver,
-            batch = queue.next_batch(&mut self.batch, WRITE_BATCH) => Work::Batch(batch),
+            batch = std::future::poll_fn(|cx| match std::mem::take(&mut just_polled) {
+                true => Poll::Pending,
+                false => queue.poll_batch(cx, batch, WRITE_BATCH),
+            }) => Work::Batch(batch),
         }
     }
 
@@ -275,7 +281,7 @@ impl Writer {
                 self.written(flushed, session);
             }
             while self.open {
-                let work = self.next_work(session.queue()).await;
+                let work = self.next_work(session.queue(), false).await;
                 let begun =
                     super::with_context(|cx| self.begin(work, socket, cx, session, config)).await;
                 let flushed = match begun {
