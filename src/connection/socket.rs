@@ -45,9 +45,19 @@ pub(crate) struct Socket<S> {
     protocol: WebSocketContext,
     /// The connection is closed or failed: reads have nothing more.
     ended: bool,
-    /// The last read found no whole frame and the stream would block:
-    /// until the stream is readable, another read would find the same.
+    /// The last read found no whole frame and the stream would block, or
+    /// took the last byte the codec had: until the stream is readable,
+    /// another read would find nothing.
     starved: bool,
+    /// Bytes handed to the codec that the messages it returned do not
+    /// account for, counting each message as one frame with the shortest
+    /// header a client can send: at least what its read buffer still
+    /// holds. At zero the buffer is empty, and the next read can wait for
+    /// the stream's readiness instead of going through the codec (a read
+    /// that finds nothing costs about twice a readiness check). A client
+    /// that fragments its messages, or pads its headers, leaves it above
+    /// zero: the reads go through the codec, as before.
+    unparsed: u64,
     /// The codec may hold bytes it has not written: something was handed
     /// to it, or one of its writes would have blocked, since its last
     /// complete flush.
@@ -85,6 +95,7 @@ where
             protocol: WebSocketContext::new(Role::Server, Some(config)),
             ended: false,
             starved: false,
+            unparsed: 0,
             codec_owes: false,
             outgoing: Vec::new(),
             sent: 0,
@@ -242,6 +253,7 @@ where
         let io = Io {
             stream: &mut self.stream,
             cx,
+            read: 0,
             write_blocked: false,
             hold_writes,
         };
@@ -272,6 +284,7 @@ where
         let (protocol, mut io) = self.lend(cx);
         let read = would_block(protocol.read(&mut io));
         let write_blocked = io.write_blocked;
+        self.unparsed += io.read;
         self.codec_owes |= write_blocked;
         match read {
             // Unless an answer the codec owes (a pong, a close) could not
@@ -280,7 +293,18 @@ where
                 self.starved = !write_blocked;
                 Poll::Pending
             }
-            Poll::Ready(Ok(message)) => Poll::Ready(Some(Ok(message))),
+            Poll::Ready(Ok(message)) => {
+                self.unparsed = self.unparsed.saturating_sub(shortest_frame(&message));
+                // After a ping or a close, the codec's next read writes the
+                // pong or reports the end, whatever the stream holds; and,
+                // as above, a read retries what the codec could not write.
+                let data = matches!(
+                    message,
+                    Message::Binary(_) | Message::Text(_) | Message::Pong(_)
+                );
+                self.starved = data && self.unparsed == 0 && !write_blocked;
+                Poll::Ready(Some(Ok(message)))
+            }
             Poll::Ready(Err(err)) => {
                 self.ended = true;
                 match err {
@@ -351,6 +375,22 @@ fn binary_header(len: usize, out: &mut [u8; MAX_HEADER]) -> Result<u8, WsError> 
     Ok((MAX_HEADER - rest.len()) as u8)
 }
 
+/// The fewest bytes `message` can take on the wire from a client: one
+/// masked frame, its length in the shortest form. (A close message may
+/// carry the codec's own reason rather than the client's: counted empty.)
+fn shortest_frame(message: &Message) -> u64 {
+    let len = match message {
+        Message::Close(_) => 0,
+        message => message.len() as u64,
+    };
+    let extended = match len {
+        0..=125 => 0,
+        126..=0xFFFF => 2,
+        _ => 8,
+    };
+    2 + extended + 4 + len
+}
+
 /// `Poll::Pending` for an error that only says the stream would block.
 fn would_block<T>(result: Result<T, WsError>) -> Poll<Result<T, WsError>> {
     match result {
@@ -365,6 +405,8 @@ fn would_block<T>(result: Result<T, WsError>) -> Poll<Result<T, WsError>> {
 struct Io<'a, 'b, S> {
     stream: &'a mut S,
     cx: &'a mut Context<'b>,
+    /// Bytes read.
+    read: u64,
     /// A write or flush would have blocked.
     write_blocked: bool,
     /// Writes wait: the socket is in the middle of a batch of its own.
@@ -375,7 +417,11 @@ impl<S: AsyncRead + Unpin> Read for Io<'_, '_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut buf = ReadBuf::new(buf);
         match Pin::new(&mut *self.stream).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                self.read += n as u64;
+                Ok(n)
+            }
             Poll::Ready(Err(err)) => Err(err),
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -480,6 +526,159 @@ mod tests {
         match client.next().await {
             Some(Ok(Message::Close(Some(answer)))) => assert_eq!(answer.code, CloseCode::Normal),
             other => panic!("expected the answering close, got {other:?}"),
+        }
+    }
+
+    /// Messages that arrive together are all read without waiting for
+    /// more to arrive, whatever the form of their headers, fragmented or
+    /// not, and whatever the codec's read size: a read may wait for the
+    /// socket's readiness only once the codec holds nothing.
+    #[tokio::test]
+    async fn messages_that_arrive_together_are_read_without_waiting_for_more() {
+        use tokio::io::AsyncWriteExt;
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+
+        use crate::{read_ahead::ReadAhead, stream::SessionStream};
+
+        fn wire(frame: Frame, out: &mut Vec<u8>) {
+            let mut frame = frame;
+            frame.header_mut().mask = Some([7, 1, 9, 3]);
+            frame.format(out).unwrap();
+        }
+        let sizes = [0usize, 1, 125, 126, 4096, 65535, 65536, 70_000];
+        let mut bytes = Vec::new();
+        let mut expected = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            let data = Bytes::from(vec![i as u8; size]);
+            wire(
+                Frame::message(data.clone(), OpCode::Data(Data::Binary), true),
+                &mut bytes,
+            );
+            expected.push(Message::Binary(data));
+        }
+        wire(
+            Frame::message("héllo", OpCode::Data(Data::Text), true),
+            &mut bytes,
+        );
+        expected.push(Message::text("héllo"));
+        wire(Frame::ping(&b"p"[..]), &mut bytes);
+        expected.push(Message::Ping(Bytes::from_static(b"p")));
+        // Many short messages, all in the codec's buffer at the end: an
+        // estimate off by one byte a message would leave the last waiting.
+        for _ in 0..20 {
+            wire(
+                Frame::message(Bytes::new(), OpCode::Data(Data::Binary), true),
+                &mut bytes,
+            );
+            expected.push(Message::Binary(Bytes::new()));
+        }
+        let whole_frames = (bytes.len(), expected.len());
+        // Three fragments, then a five-byte message whose length takes
+        // the 16-bit form it does not need: more bytes than the shortest.
+        for (part, opcode, last) in [
+            (&b"ab"[..], OpCode::Data(Data::Binary), false),
+            (&b"cd"[..], OpCode::Data(Data::Continue), false),
+            (&b"ef"[..], OpCode::Data(Data::Continue), true),
+        ] {
+            wire(Frame::message(part, opcode, last), &mut bytes);
+        }
+        expected.push(Message::binary(&b"abcdef"[..]));
+        bytes.extend_from_slice(&[0x82, 0x80 | 126, 0, 5, 0, 0, 0, 0]);
+        bytes.extend_from_slice(b"hello");
+        expected.push(Message::binary(&b"hello"[..]));
+        wire(
+            Frame::message(&b"last"[..], OpCode::Data(Data::Binary), true),
+            &mut bytes,
+        );
+        expected.push(Message::binary(&b"last"[..]));
+
+        for read_buffer in [64, 512, 128 * 1024] {
+            // Whole, shortest frames: afterwards the codec holds nothing,
+            // and the count says so. The client stays open: no end of
+            // stream wakes a waiting read.
+            let (mut client, mut server) = connect(read_buffer).await;
+            client.write_all(&bytes[..whole_frames.0]).await.unwrap();
+            read_all(&mut server, &expected[..whole_frames.1], read_buffer).await;
+            let nothing = poll_fn(|cx| Poll::Ready(server.poll_read(cx).is_pending())).await;
+            assert!(nothing, "read buffer {read_buffer}: nothing more was sent");
+
+            // A ping alone: the read after it writes the pong.
+            let mut ping = Vec::new();
+            wire(Frame::ping(&b"q"[..]), &mut ping);
+            client.write_all(&ping).await.unwrap();
+            let ping = [Message::Ping(Bytes::from_static(b"q"))];
+            read_all(&mut server, &ping, read_buffer).await;
+            let nothing = poll_fn(|cx| Poll::Ready(server.poll_read(cx).is_pending())).await;
+            assert!(nothing, "read buffer {read_buffer}: nothing after the ping");
+            let mut pong = Vec::new();
+            while !pong.windows(3).any(|w| w == [0x8A, 1, b'q']) {
+                let mut buf = [0u8; 256];
+                let n = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    tokio::io::AsyncReadExt::read(&mut client, &mut buf),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("read buffer {read_buffer}: no pong"))
+                .unwrap();
+                assert!(n > 0, "read buffer {read_buffer}: closed without a pong");
+                pong.extend_from_slice(&buf[..n]);
+            }
+
+            // A close, however its reason is reported, ends the reads.
+            // (Code 1005 may not be sent: the codec reports its own reason.)
+            let mut close = Vec::new();
+            let close_frame = Frame::close(Some(CloseFrame {
+                code: CloseCode::from(1005),
+                reason: "".into(),
+            }));
+            wire(close_frame, &mut close);
+            client.write_all(&close).await.unwrap();
+            let read = poll_fn(|cx| server.poll_read(cx)).await;
+            assert!(matches!(read, Some(Ok(Message::Close(_)))), "{read:?}");
+            let end = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                poll_fn(|cx| server.poll_read(cx)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("read buffer {read_buffer}: reads did not end"));
+            assert!(end.is_none(), "{end:?}");
+
+            // Fragments and padded headers take more bytes than counted:
+            // the count stays above zero, and reads go through the codec.
+            let (mut client, mut server) = connect(read_buffer).await;
+            client.write_all(&bytes).await.unwrap();
+            read_all(&mut server, &expected, read_buffer).await;
+            let nothing = poll_fn(|cx| Poll::Ready(server.poll_read(cx).is_pending())).await;
+            assert!(nothing, "read buffer {read_buffer}: nothing more was sent");
+        }
+
+        async fn connect(
+            read_buffer: usize,
+        ) -> (tokio::net::TcpStream, Socket<ReadAhead<SessionStream>>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+            let (client, (server_tcp, _)) = tokio::try_join!(client, listener.accept()).unwrap();
+            let config = WebSocketConfig::default().read_buffer_size(read_buffer);
+            let server = Socket::new(ReadAhead::new(SessionStream::Tcp(server_tcp)), config);
+            (client, server)
+        }
+
+        async fn read_all<S>(server: &mut Socket<S>, expected: &[Message], read_buffer: usize)
+        where
+            S: AsyncRead + AsyncWrite + Unpin + ReadReady,
+        {
+            for (i, want) in expected.iter().enumerate() {
+                let read = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    poll_fn(|cx| server.poll_read(cx)),
+                )
+                .await;
+                let got = read
+                    .unwrap_or_else(|_| panic!("read buffer {read_buffer}: message {i} never read"))
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&got, want, "read buffer {read_buffer}: message {i}");
+            }
         }
     }
 
