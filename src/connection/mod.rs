@@ -359,9 +359,14 @@ where
     let mut drain_turn: Option<tokio::time::Instant> = None;
     let closing = queue.closing();
     tokio::pin!(shutting_down, closing);
+    // A read found nothing earlier in this same poll of the task, which
+    // is registered to be woken by the socket's readiness: until the task
+    // has waited (the select, a pause), another look would find the same.
+    let mut read_registered = false;
     loop {
         if let_out && (queue.is_empty() || !writer.is_open()) {
             let_out = false;
+            read_registered = false;
             pacer.pause().await;
         }
         let (close_reason, backlogged) = queue.close_reason_and_backlog();
@@ -388,7 +393,11 @@ where
             true => read_past_run.take().map(Event::Read),
             false if quick < QUICK_EVENTS => {
                 let ready = with_context(|cx| {
-                    poll_now(socket, &mut writer, &mut pacer, queue, may_read, cx)
+                    let now = Now {
+                        may_read,
+                        read_registered: &mut read_registered,
+                    };
+                    poll_now(socket, &mut writer, &mut pacer, queue, now, cx)
                 })
                 .await;
                 just_polled = ready.is_none();
@@ -403,6 +412,7 @@ where
         let event = match ready {
             Some(event) => event,
             None => {
+                read_registered = false;
                 // Only for the select: most turns of the loop find an
                 // event without it.
                 let deadline = [
@@ -622,6 +632,13 @@ where
     Poll::Pending
 }
 
+/// Whether [`poll_now`] looks for the next frame.
+struct Now<'a> {
+    may_read: bool,
+    /// See `read_registered` in `serve`: set when a read found nothing.
+    read_registered: &'a mut bool,
+}
+
 /// What is ready now: the socket's flush or next read, or the queue's next
 /// batch (see `QUICK_EVENTS`).
 fn poll_now<S>(
@@ -629,16 +646,20 @@ fn poll_now<S>(
     writer: &mut Writer,
     pacer: &mut Pacer,
     queue: &SessionQueue,
-    may_read: bool,
+    now: Now<'_>,
     cx: &mut Context<'_>,
 ) -> Option<Event>
 where
     S: AsyncRead + AsyncWrite + Unpin + ReadReady,
 {
     let flushing = writer.is_flushing();
-    match poll_socket(socket, flushing, may_read, cx) {
+    let read = now.may_read && !*now.read_registered;
+    match poll_socket(socket, flushing, read, cx) {
         Poll::Ready(event) => return Some(event),
-        Poll::Pending if may_read => pacer.caught_up(),
+        Poll::Pending if now.may_read => {
+            *now.read_registered = true;
+            pacer.caught_up();
+        }
         Poll::Pending => {}
     }
     match !flushing && writer.is_open() {
