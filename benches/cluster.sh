@@ -91,6 +91,11 @@ node() {
 base_port="$(free_port)"
 "${cpu0[@]}" "$target/baseline-server" --listen "127.0.0.1:$base_port" >"$scratch/baseline.log" 2>&1 &
 pids+=($!)
+# It has no health endpoint: wait until it accepts connections.
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$base_port") 2>/dev/null && break
+    sleep 0.05
+done
 mem="$(node mem memory)"
 r1="$(node r1 "redis://127.0.0.1:$redis_port")"
 ra="$(node ra "redis://127.0.0.1:$redis_port")"
