@@ -393,11 +393,16 @@ where
             true => read_past_run.take().map(Event::Read),
             false if quick < QUICK_EVENTS => {
                 let ready = with_context(|cx| {
-                    let now = Now {
+                    let registered = &mut read_registered;
+                    poll_now(
+                        socket,
+                        &mut writer,
+                        &mut pacer,
+                        queue,
                         may_read,
-                        read_registered: &mut read_registered,
-                    };
-                    poll_now(socket, &mut writer, &mut pacer, queue, now, cx)
+                        registered,
+                        cx,
+                    )
                 })
                 .await;
                 just_polled = ready.is_none();
@@ -472,10 +477,8 @@ where
                         None => Poll::Pending,
                     }), if busy.is_some() => Event::Done,
                     work = writer.next_work(queue, just_polled), if writer.is_open() && !flushing => Event::Work(work),
-                    event = std::future::poll_fn(|cx| match std::mem::take(&mut just_polled) {
-                        true => Poll::Pending,
-                        false => poll_socket(socket, flushing, may_read, cx),
-                    }), if flushing || may_read => event,
+                    event = after_first(just_polled, |cx| poll_socket(socket, flushing, may_read, cx)),
+                        if flushing || may_read => event,
                 }
             }
         };
@@ -632,11 +635,17 @@ where
     Poll::Pending
 }
 
-/// Whether [`poll_now`] looks for the next frame.
-struct Now<'a> {
-    may_read: bool,
-    /// See `read_registered` in `serve`: set when a read found nothing.
-    read_registered: &'a mut bool,
+/// `poll` as a future whose first poll is skipped when `just_polled`: the
+/// caller found it pending a moment ago, in the same poll of the task, so
+/// the task is registered to be woken already.
+pub(super) fn after_first<T>(
+    mut just_polled: bool,
+    mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
+) -> impl Future<Output = T> {
+    std::future::poll_fn(move |cx| match std::mem::take(&mut just_polled) {
+        true => Poll::Pending,
+        false => poll(cx),
+    })
 }
 
 /// What is ready now: the socket's flush or next read, or the queue's next
@@ -646,18 +655,20 @@ fn poll_now<S>(
     writer: &mut Writer,
     pacer: &mut Pacer,
     queue: &SessionQueue,
-    now: Now<'_>,
+    may_read: bool,
+    // See `read_registered` in `serve`: set when a read found nothing.
+    read_registered: &mut bool,
     cx: &mut Context<'_>,
 ) -> Option<Event>
 where
     S: AsyncRead + AsyncWrite + Unpin + ReadReady,
 {
     let flushing = writer.is_flushing();
-    let read = now.may_read && !*now.read_registered;
+    let read = may_read && !*read_registered;
     match poll_socket(socket, flushing, read, cx) {
         Poll::Ready(event) => return Some(event),
-        Poll::Pending if now.may_read => {
-            *now.read_registered = true;
+        Poll::Pending if may_read => {
+            *read_registered = true;
             pacer.caught_up();
         }
         Poll::Pending => {}

@@ -155,7 +155,7 @@ impl Writer {
     /// when it completes. `just_polled`: [`poll_queue`](Writer::poll_queue)
     /// found the queue empty in this same poll of the task, so the first
     /// poll skips it.
-    pub(super) async fn next_work(&mut self, queue: &SessionQueue, mut just_polled: bool) -> Work {
+    pub(super) async fn next_work(&mut self, queue: &SessionQueue, just_polled: bool) -> Work {
         let redelivery = match self.acknowledges {
             true => queue.next_redelivery(),
             false => None,
@@ -164,10 +164,7 @@ impl Writer {
         tokio::select! {
             biased;
             _ = self.redelivery.until(redelivery) => Work::Redeliver,
-            batch = std::future::poll_fn(|cx| match std::mem::take(&mut just_polled) {
-                true => Poll::Pending,
-                false => queue.poll_batch(cx, batch, WRITE_BATCH),
-            }) => Work::Batch(batch),
+            batch = super::after_first(just_polled, |cx| queue.poll_batch(cx, batch, WRITE_BATCH)) => Work::Batch(batch),
         }
     }
 
