@@ -16,7 +16,7 @@
 use std::fmt;
 
 use byteorder::{BigEndian, ByteOrder};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{ErrorCode, HandlerError};
 
@@ -165,11 +165,13 @@ impl Frame {
                 len: message.len(),
             });
         }
-        let payload = message.split_off(header_len);
+        // The header is skipped, not split off: a split of a buffer the
+        // codec handed over whole would allocate a shared owner for it.
+        message.advance(header_len);
         Ok(Frame {
             opcode,
             request_id,
-            payload,
+            payload: message,
         })
     }
 

@@ -53,6 +53,47 @@ impl<S> ReadAhead<S> {
         self.pending.is_empty().then_some(&mut self.inner)
     }
 
+    /// Offers `take` the bytes read ahead, or else those of one read from
+    /// the stream: it returns how many it took from the front, and what it
+    /// made of them, or `None` to take nothing. What it leaves is read
+    /// next, by either. `Ok(None)` when nothing was taken (at the stream's
+    /// end too: the next read reports it).
+    ///
+    /// A reader that understands whole frames takes them straight from the
+    /// socket's bytes, without a copy into a buffer of its own.
+    pub fn poll_take<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        take: impl FnOnce(&[u8]) -> Option<(usize, T)>,
+    ) -> Poll<io::Result<Option<T>>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        if !self.pending.is_empty() {
+            let taken = take(&self.pending).map(|(n, taken)| {
+                self.pending.advance(n);
+                taken
+            });
+            return Poll::Ready(Ok(taken));
+        }
+        let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
+        let mut read = ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut self.inner).poll_read(cx, &mut read) {
+            Poll::Pending => {
+                self.pending = BytesMut::new();
+                return Poll::Pending;
+            }
+            Poll::Ready(result) => result?,
+        }
+        let filled = read.filled();
+        let (n, taken) = match take(filled) {
+            Some((n, taken)) => (n, Some(taken)),
+            None => (0, None),
+        };
+        self.pending.extend_from_slice(&filled[n..]);
+        Poll::Ready(Ok(taken))
+    }
+
     /// Bytes read ahead and not yet taken; for tests.
     #[cfg(test)]
     pub fn pending(&self) -> usize {

@@ -35,6 +35,19 @@ pub(crate) trait ReadReady {
     /// error; `Pending`, with the task registered to be woken, while it
     /// would block. A stream that cannot tell is always ready.
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+
+    /// Offers `take` the next bytes to read, so that it can take whole
+    /// frames from them without a copy into a codec's buffer (see
+    /// [`ReadAhead::poll_take`]). A stream that cannot offers nothing:
+    /// `Ok(None)`.
+    fn poll_take<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        take: impl FnOnce(&[u8]) -> Option<(usize, T)>,
+    ) -> Poll<io::Result<Option<T>>> {
+        let _ = (cx, take);
+        Poll::Ready(Ok(None))
+    }
 }
 
 /// The stream of an upgraded connection.
@@ -127,12 +140,20 @@ impl AsyncWrite for SessionStream {
 }
 
 /// Ready at once while bytes read ahead wait.
-impl<S: ReadReady> ReadReady for ReadAhead<S> {
+impl<S: ReadReady + AsyncRead + Unpin> ReadReady for ReadAhead<S> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.inner_if_drained() {
             Some(inner) => inner.poll_read_ready(cx),
             None => Poll::Ready(()),
         }
+    }
+
+    fn poll_take<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        take: impl FnOnce(&[u8]) -> Option<(usize, T)>,
+    ) -> Poll<io::Result<Option<T>>> {
+        ReadAhead::poll_take(self, cx, take)
     }
 }
 

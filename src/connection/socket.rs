@@ -75,6 +75,9 @@ pub(crate) struct Socket<S> {
     /// The ping or close handed over with `outgoing`, for the codec once
     /// they are written: a close must come last.
     then: Option<Message>,
+    /// The longest message the codec accepts (and frame: the two limits
+    /// are one here).
+    max_message: usize,
 }
 
 /// Most messages put in one vectored write (two slices each: the header,
@@ -90,6 +93,11 @@ where
 {
     /// The server's side of an upgraded connection.
     pub(crate) fn new(stream: S, config: WebSocketConfig) -> Socket<S> {
+        let max_message = [config.max_message_size, config.max_frame_size]
+            .into_iter()
+            .map(|limit| limit.unwrap_or(usize::MAX))
+            .min()
+            .unwrap_or(usize::MAX);
         Socket {
             stream,
             protocol: WebSocketContext::new(Role::Server, Some(config)),
@@ -101,6 +109,7 @@ where
             sent: 0,
             sent_of_next: 0,
             then: None,
+            max_message,
         }
     }
 
@@ -210,7 +219,13 @@ where
                 return Poll::Ready(Err(err));
             }
         }
-        self.poll_flush_codec(cx)
+        match self.codec_owes {
+            true => self.poll_flush_codec(cx),
+            // Only the stream may hold something (a TLS stream does).
+            false => Pin::new(&mut self.stream)
+                .poll_flush(cx)
+                .map_err(WsError::Io),
+        }
     }
 
     fn poll_flush_codec(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
@@ -275,6 +290,29 @@ where
         if self.ended {
             return Poll::Ready(None);
         }
+        // The codec holds nothing, owes nothing and is open: a whole data
+        // frame at the front of what the stream reads next is taken from
+        // there, which is all the codec would do with it. Anything else
+        // (control frames, fragments, a frame cut short or invalid) is left
+        // to the codec. The stream's read is a readiness check itself.
+        if self.unparsed == 0 && !self.codec_owes && self.protocol.can_write() {
+            let max = self.max_message;
+            match self.stream.poll_take(cx, |bytes| whole_message(bytes, max)) {
+                Poll::Pending => {
+                    self.starved = true;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(Some(message))) => {
+                    self.starved = true;
+                    return Poll::Ready(Some(Ok(message)));
+                }
+                Poll::Ready(Ok(None)) => self.starved = false,
+                Poll::Ready(Err(err)) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(WsError::Io(err))));
+                }
+            }
+        }
         if self.starved {
             if self.stream.poll_read_ready(cx).is_pending() {
                 return Poll::Pending;
@@ -295,6 +333,9 @@ where
             }
             Poll::Ready(Ok(message)) => {
                 self.unparsed = self.unparsed.saturating_sub(shortest_frame(&message));
+                // The codec owes the pong or the close's answer, which its
+                // next read or flush writes.
+                self.codec_owes |= matches!(message, Message::Ping(_) | Message::Close(_));
                 // After a ping or a close, the codec's next read writes the
                 // pong or reports the end, whatever the stream holds; and,
                 // as above, a read retries what the codec could not write.
@@ -373,6 +414,48 @@ fn binary_header(len: usize, out: &mut [u8; MAX_HEADER]) -> Result<u8, WsError> 
     let mut rest = &mut out[..];
     header.format(len as u64, &mut rest)?;
     Ok((MAX_HEADER - rest.len()) as u8)
+}
+
+/// The message of the whole frame at the front of `bytes`, and the bytes
+/// it took, when the codec would make one of it on its own: a final,
+/// masked binary or text frame (text that is UTF-8) of at most `max`
+/// bytes, without reserved bits. `None` for anything else, for the codec
+/// to read (and to fail where it must).
+fn whole_message(bytes: &[u8], max: usize) -> Option<(usize, Message)> {
+    let mut cursor = io::Cursor::new(bytes);
+    let (header, len) = FrameHeader::parse(&mut cursor).ok()??;
+    let mask = header.mask?;
+    let text = match header.opcode {
+        OpCode::Data(Data::Binary) => false,
+        OpCode::Data(Data::Text) => true,
+        _ => return None,
+    };
+    if !header.is_final || header.rsv1 || header.rsv2 || header.rsv3 || len > max as u64 {
+        return None;
+    }
+    let start = cursor.position() as usize;
+    let end = start + len as usize;
+    let mut payload = bytes.get(start..end)?.to_vec();
+    unmask(&mut payload, mask);
+    let payload = Bytes::from(payload);
+    let message = match text {
+        false => Message::Binary(payload),
+        true => Message::Text(payload.try_into().ok()?),
+    };
+    Some((end, message))
+}
+
+/// Removes a client's mask from `payload` (RFC 6455, 5.3), a word at a time.
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u32::from_ne_bytes(mask);
+    let mut words = payload.chunks_exact_mut(4);
+    for chunk in &mut words {
+        let unmasked = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) ^ word;
+        chunk.copy_from_slice(&unmasked.to_ne_bytes());
+    }
+    for (byte, mask) in words.into_remainder().iter_mut().zip(mask) {
+        *byte ^= mask;
+    }
 }
 
 /// The fewest bytes `message` can take on the wire from a client: one
@@ -992,5 +1075,198 @@ mod tests {
         let (read, flushed) = tokio::join!(client.next(), poll_fn(|cx| server.poll_flush(cx)));
         flushed.unwrap();
         assert_eq!(read.unwrap().unwrap(), Message::Binary(big));
+    }
+
+    /// Whatever a client sends, in whatever pieces it arrives, the socket
+    /// reads the same messages, and ends the same way, as the codec alone
+    /// reading the same bytes: the frames it takes straight from the
+    /// stream are exactly those the codec would have made the same message
+    /// of, and everything else (fragments, control frames, invalid or
+    /// oversized frames, frames cut short) still goes through the codec.
+    mod same_as_the_codec {
+        use std::io::Cursor;
+
+        use proptest::{collection::vec, prelude::*};
+        use tokio::io::AsyncWriteExt;
+        use tokio_tungstenite::tungstenite::protocol::WebSocket;
+
+        use super::*;
+        use crate::read_ahead::ReadAhead;
+
+        /// Limits small enough for the frames below to cross them.
+        const MAX: usize = 1024;
+
+        fn config() -> WebSocketConfig {
+            WebSocketConfig::default()
+                .max_message_size(Some(MAX))
+                .max_frame_size(Some(MAX))
+        }
+
+        /// One frame as a client could put it on the wire, valid or not.
+        #[derive(Debug, Clone)]
+        struct RawFrame {
+            opcode: u8,
+            fin: bool,
+            rsv: bool,
+            masked: bool,
+            /// A 16-bit length where 7 bits would do.
+            padded: bool,
+            mask: [u8; 4],
+            payload: Vec<u8>,
+        }
+
+        impl RawFrame {
+            fn wire(&self, out: &mut Vec<u8>) {
+                out.push(
+                    self.opcode | if self.fin { 0x80 } else { 0 } | if self.rsv { 0x40 } else { 0 },
+                );
+                let masked = if self.masked { 0x80 } else { 0 };
+                match self.payload.len() {
+                    len if len < 126 && !self.padded => out.push(masked | len as u8),
+                    len if len <= 0xFFFF => {
+                        out.push(masked | 126);
+                        out.extend_from_slice(&(len as u16).to_be_bytes());
+                    }
+                    len => {
+                        out.push(masked | 127);
+                        out.extend_from_slice(&(len as u64).to_be_bytes());
+                    }
+                }
+                if self.masked {
+                    out.extend_from_slice(&self.mask);
+                }
+                out.extend(
+                    self.payload
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| b ^ if self.masked { self.mask[i % 4] } else { 0 }),
+                );
+            }
+        }
+
+        fn raw_frame() -> impl Strategy<Value = RawFrame> {
+            let opcode = prop_oneof![
+                8 => Just(2u8),
+                4 => Just(1u8),
+                2 => Just(0u8),
+                1 => Just(8u8),
+                2 => Just(9u8),
+                1 => Just(10u8),
+                1 => Just(3u8),
+                1 => Just(11u8),
+            ];
+            let payload = prop_oneof![
+                6 => vec(any::<u8>(), 0..140),
+                3 => any::<String>().prop_map(String::into_bytes),
+                1 => vec(any::<u8>(), MAX - 8..MAX + 8),
+            ];
+            (
+                opcode,
+                prop::bool::weighted(0.85),
+                prop::bool::weighted(0.03),
+                prop::bool::weighted(0.97),
+                prop::bool::weighted(0.1),
+                any::<[u8; 4]>(),
+                payload,
+            )
+                .prop_map(|(opcode, fin, rsv, masked, padded, mask, payload)| {
+                    RawFrame {
+                        opcode,
+                        fin,
+                        rsv,
+                        masked,
+                        padded,
+                        mask,
+                        payload,
+                    }
+                })
+        }
+
+        /// What a reader made of the bytes: its messages, then how it ended.
+        fn outcome(messages: Vec<Message>, end: Option<WsError>) -> Vec<String> {
+            let mut seen: Vec<String> = messages.iter().map(|m| format!("{m:?}")).collect();
+            seen.push(match end {
+                None | Some(WsError::ConnectionClosed | WsError::AlreadyClosed) => "closed".into(),
+                Some(err) => format!("error: {err}"),
+            });
+            seen
+        }
+
+        /// The codec alone, reading `bytes` and then the stream's end.
+        fn codec_reads(bytes: &[u8]) -> Vec<String> {
+            struct Wire(Cursor<Vec<u8>>);
+            impl Read for Wire {
+                fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                    self.0.read(buf)
+                }
+            }
+            impl Write for Wire {
+                fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                    Ok(buf.len())
+                }
+                fn flush(&mut self) -> io::Result<()> {
+                    Ok(())
+                }
+            }
+            let wire = Wire(Cursor::new(bytes.to_vec()));
+            let mut codec = WebSocket::from_raw_socket(wire, Role::Server, Some(config()));
+            let mut messages = Vec::new();
+            loop {
+                match codec.read() {
+                    Ok(message) => messages.push(message),
+                    Err(err) => return outcome(messages, Some(err)),
+                }
+            }
+        }
+
+        /// The session's socket, reading `bytes` as they arrive in pieces
+        /// `cuts` long (each read until it would wait), then the end.
+        async fn socket_reads(bytes: &[u8], cuts: &[usize]) -> Vec<String> {
+            let (mut client, server) = tokio::io::duplex(4 << 20);
+            let mut socket = Socket::new(ReadAhead::new(server), config());
+            let mut messages = Vec::new();
+            let mut rest = bytes;
+            let mut cuts = cuts.iter().copied().cycle();
+            while !rest.is_empty() {
+                let (piece, after) =
+                    rest.split_at(cuts.next().unwrap_or(usize::MAX).min(rest.len()));
+                rest = after;
+                client.write_all(piece).await.unwrap();
+                loop {
+                    match poll_fn(|cx| Poll::Ready(socket.poll_read(cx))).await {
+                        Poll::Pending => break,
+                        Poll::Ready(Some(Ok(message))) => messages.push(message),
+                        Poll::Ready(Some(Err(err))) => return outcome(messages, Some(err)),
+                        Poll::Ready(None) => return outcome(messages, None),
+                    }
+                }
+            }
+            client.shutdown().await.unwrap();
+            loop {
+                match poll_fn(|cx| socket.poll_read(cx)).await {
+                    Some(Ok(message)) => messages.push(message),
+                    Some(Err(err)) => return outcome(messages, Some(err)),
+                    None => return outcome(messages, None),
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn whatever_arrives_is_read_as_the_codec_reads_it(
+                frames in vec(raw_frame(), 0..16),
+                cuts in vec(1usize..300, 0..8),
+            ) {
+                let mut bytes = Vec::new();
+                for frame in &frames {
+                    frame.wire(&mut bytes);
+                }
+                let expected = codec_reads(&bytes);
+                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let got = runtime.block_on(socket_reads(&bytes, &cuts));
+                prop_assert_eq!(got, expected);
+            }
+        }
     }
 }
