@@ -201,7 +201,7 @@ impl Frame {
             }
         };
         dst.put_slice(&header[..header_len]);
-        dst.put_slice(&self.payload);
+        crate::copy::put_slice(dst, &self.payload);
     }
 
     /// Encodes the frame into one buffer, ready to be shared by every recipient.

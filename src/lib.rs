@@ -50,6 +50,7 @@ pub mod broker;
 pub mod close;
 pub mod config;
 mod connection;
+mod copy;
 pub mod error;
 pub mod frame;
 pub mod handler;

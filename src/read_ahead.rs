@@ -90,7 +90,7 @@ impl<S> ReadAhead<S> {
             Some((n, taken)) => (n, Some(taken)),
             None => (0, None),
         };
-        self.pending.extend_from_slice(&filled[n..]);
+        crate::copy::put_slice(&mut self.pending, &filled[n..]);
         Poll::Ready(Ok(taken))
     }
 
@@ -130,7 +130,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         let filled = read.filled();
         let n = filled.len().min(out.remaining());
         out.put_slice(&filled[..n]);
-        this.pending.extend_from_slice(&filled[n..]);
+        crate::copy::put_slice(&mut this.pending, &filled[n..]);
         Poll::Ready(Ok(()))
     }
 }

@@ -435,9 +435,7 @@ fn whole_message(bytes: &[u8], max: usize) -> Option<(usize, Message)> {
     }
     let start = cursor.position() as usize;
     let end = start + len as usize;
-    let mut payload = bytes.get(start..end)?.to_vec();
-    unmask(&mut payload, mask);
-    let payload = Bytes::from(payload);
+    let payload = Bytes::from(unmasked(bytes.get(start..end)?, mask));
     let message = match text {
         false => Message::Binary(payload),
         true => Message::Text(payload.try_into().ok()?),
@@ -445,8 +443,12 @@ fn whole_message(bytes: &[u8], max: usize) -> Option<(usize, Message)> {
     Some((end, message))
 }
 
-/// Removes a client's mask from `payload` (RFC 6455, 5.3), a word at a time.
-fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+/// A copy of `masked` without the client's mask (RFC 6455, 5.3). Copied
+/// in pieces (see [`crate::copy`]), then unmasked in place a word at a
+/// time.
+fn unmasked(masked: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(masked.len());
+    crate::copy::put_slice(&mut payload, masked);
     let word = u32::from_ne_bytes(mask);
     let mut words = payload.chunks_exact_mut(4);
     for chunk in &mut words {
@@ -456,6 +458,7 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     for (byte, mask) in words.into_remainder().iter_mut().zip(mask) {
         *byte ^= mask;
     }
+    payload
 }
 
 /// The fewest bytes `message` can take on the wire from a client: one
