@@ -81,10 +81,10 @@ pub struct Config {
 
     /// Bytes the WebSocket codec reads per call, and keeps allocated per
     /// connection from the first read on. Small keeps idle connections
-    /// cheap (≈ 4.4 KB each at 512); a message larger than this takes one
-    /// pass through the codec per this many bytes, so a server whose
-    /// clients send many large messages trades memory for speed with a
-    /// larger value (benches/results/read-buffer.md).
+    /// cheap (≈ 4.4 KB each at 512). Whole data frames skip the codec
+    /// (the session takes them straight from what it read), so this only
+    /// paces fragmented messages and control frames: a fragment larger
+    /// than this takes one pass through the codec per this many bytes.
     #[arg(long, env = "WSPROTO_READ_BUFFER", default_value_t = 512, value_parser = parse_read_buffer, help_heading = "Limits")]
     pub read_buffer: usize,
 
