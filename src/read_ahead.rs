@@ -80,6 +80,7 @@ impl<S> ReadAhead<S> {
         let mut read = ReadBuf::uninit(&mut chunk);
         match Pin::new(&mut self.inner).poll_read(cx, &mut read) {
             Poll::Pending => {
+                // Idle: give the memory of the last burst back.
                 self.pending = BytesMut::new();
                 return Poll::Pending;
             }
@@ -108,30 +109,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(out.remaining());
-            out.put_slice(&this.pending[..n]);
-            this.pending.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        if out.remaining() >= CHUNK {
+        if this.pending.is_empty() && out.remaining() >= CHUNK {
             return Pin::new(&mut this.inner).poll_read(cx, out);
         }
-        let mut chunk = [MaybeUninit::<u8>::uninit(); CHUNK];
-        let mut read = ReadBuf::uninit(&mut chunk);
-        match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-            Poll::Pending => {
-                // Idle: give the memory of the last burst back.
-                this.pending = BytesMut::new();
-                return Poll::Pending;
-            }
-            Poll::Ready(result) => result?,
-        }
-        let filled = read.filled();
-        let n = filled.len().min(out.remaining());
-        out.put_slice(&filled[..n]);
-        crate::copy::put_slice(&mut this.pending, &filled[n..]);
-        Poll::Ready(Ok(()))
+        // The reader takes what fits; at the stream's end, nothing.
+        let take = |bytes: &[u8]| {
+            let n = bytes.len().min(out.remaining());
+            out.put_slice(&bytes[..n]);
+            Some((n, ()))
+        };
+        this.poll_take(cx, take).map_ok(drop)
     }
 }
 
