@@ -434,7 +434,8 @@ fn whole_message(bytes: &[u8], max: usize) -> Option<(usize, Message)> {
         return None;
     }
     let start = cursor.position() as usize;
-    let end = start + len as usize;
+    // Without a size limit, a length near 2⁶⁴ must not wrap.
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
     let payload = Bytes::from(unmasked(bytes.get(start..end)?, mask));
     let message = match text {
         false => Message::Binary(payload),
@@ -1078,6 +1079,16 @@ mod tests {
         let (read, flushed) = tokio::join!(client.next(), poll_fn(|cx| server.poll_flush(cx)));
         flushed.unwrap();
         assert_eq!(read.unwrap().unwrap(), Message::Binary(big));
+    }
+
+    /// A frame that claims a length near 2⁶⁴, with no size limit to stop
+    /// it first, is left to the codec: no overflow, no panic.
+    #[test]
+    fn a_length_near_two_to_the_64_is_left_to_the_codec() {
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&u64::MAX.to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4, 5, 6]);
+        assert!(whole_message(&frame, usize::MAX).is_none());
     }
 
     /// Whatever a client sends, in whatever pieces it arrives, the socket
