@@ -16,6 +16,13 @@
 //! them with one vectored write from their own buffers, each behind the
 //! header tungstenite formats; the codec still writes what the protocol
 //! owes (pongs, the close) and the session's first frame.
+//!
+//! So do the client's whole data frames, while the codec holds nothing and
+//! owes nothing: [`Socket::poll_read`] takes a final, masked binary or text
+//! frame straight from the bytes the stream read (parsed with tungstenite's
+//! `FrameHeader::parse`), where the codec would have copied it into its
+//! 512 B buffer a piece at a time. Everything else goes through the codec,
+//! and `tests::same_as_the_codec` checks that the two read alike.
 
 use std::{
     io::{self, IoSlice, Read, Write},
