@@ -82,9 +82,6 @@ pub(crate) struct Socket<S> {
     /// The ping or close handed over with `outgoing`, for the codec once
     /// they are written: a close must come last.
     then: Option<Message>,
-    /// The longest message the codec accepts (and frame: the two limits
-    /// are one here).
-    max_message: usize,
 }
 
 /// Most messages put in one vectored write (two slices each: the header,
@@ -100,11 +97,6 @@ where
 {
     /// The server's side of an upgraded connection.
     pub(crate) fn new(stream: S, config: WebSocketConfig) -> Socket<S> {
-        let max_message = [config.max_message_size, config.max_frame_size]
-            .into_iter()
-            .map(|limit| limit.unwrap_or(usize::MAX))
-            .min()
-            .unwrap_or(usize::MAX);
         Socket {
             stream,
             protocol: WebSocketContext::new(Role::Server, Some(config)),
@@ -116,7 +108,6 @@ where
             sent: 0,
             sent_of_next: 0,
             then: None,
-            max_message,
         }
     }
 
@@ -303,7 +294,14 @@ where
         // (control frames, fragments, a frame cut short or invalid) is left
         // to the codec. The stream's read is a readiness check itself.
         if self.unparsed == 0 && !self.codec_owes && self.protocol.can_write() {
-            let max = self.max_message;
+            // The codec's limits, the frame's and the message's: a frame
+            // taken whole is both.
+            let config = self.protocol.get_config();
+            let max = [config.max_frame_size, config.max_message_size]
+                .into_iter()
+                .map(|limit| limit.unwrap_or(usize::MAX))
+                .min()
+                .unwrap_or(usize::MAX);
             match self.stream.poll_take(cx, |bytes| whole_message(bytes, max)) {
                 Poll::Pending => {
                     self.starved = true;
