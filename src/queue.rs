@@ -18,7 +18,10 @@ use std::{
     collections::{HashMap, VecDeque},
     fmt,
     str::FromStr,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{Context, Poll, Waker},
 };
 
@@ -156,6 +159,10 @@ pub struct SessionQueue {
 struct Inner {
     capacity: usize,
     max_bytes: usize,
+    /// The writer's own task runs something that may push (a handler) and
+    /// looks at the queue before it waits again: a push need not wake it.
+    /// Read under the state's lock (see [`SessionQueue::while_writer_runs`]).
+    writer_runs: AtomicBool,
     state: std::sync::Mutex<State>,
     /// Notified (all waiters) when the writer takes frames, for a replay
     /// waiting for room.
@@ -194,15 +201,6 @@ struct Pacing<'a>(&'a SessionQueue);
 impl Drop for Pacing<'_> {
     fn drop(&mut self) {
         self.0.state().pacing -= 1;
-    }
-}
-
-/// Releases the state's lock, then wakes the writer if it waits for frames.
-fn unlock_and_wake_writer(mut state: std::sync::MutexGuard<'_, State>) {
-    let writer = state.writer.take();
-    drop(state);
-    if let Some(writer) = writer {
-        writer.wake();
     }
 }
 
@@ -274,6 +272,7 @@ impl SessionQueue {
                 closing: Event::default(),
                 capacity: capacity.max(1),
                 max_bytes,
+                writer_runs: AtomicBool::new(false),
             }),
         }
     }
@@ -296,6 +295,38 @@ impl SessionQueue {
                     _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(64 * line));
                 }
             }
+        }
+    }
+
+    /// Runs `f` on the writer's own task, which looks at the queue before
+    /// it waits again: what `f` pushes (a handler's reply) wakes no one. A
+    /// wake would only have tokio poll the task once more, for nothing.
+    pub(crate) fn while_writer_runs<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        self.inner.writer_runs.store(true, Ordering::Relaxed);
+        let _done = Done(&self.inner.writer_runs);
+        f()
+    }
+
+    /// Releases the state's lock, then wakes the writer if it waits for
+    /// frames.
+    fn unlock_and_wake_writer(&self, mut state: std::sync::MutexGuard<'_, State>) {
+        // Read under the lock: a push that sees the flag set comes before
+        // the writer's next look at the queue, which takes this lock after
+        // clearing the flag, so the writer finds what was pushed. (Other
+        // tasks' pushes too: the writer is awake then either way.)
+        let writer = match self.inner.writer_runs.load(Ordering::Relaxed) {
+            true => None,
+            false => state.writer.take(),
+        };
+        drop(state);
+        if let Some(writer) = writer {
+            writer.wake();
         }
     }
 
@@ -498,7 +529,7 @@ impl SessionQueue {
         }
         state.bytes += len;
         state.frames.push_back(entry);
-        unlock_and_wake_writer(state);
+        self.unlock_and_wake_writer(state);
         Ok(Pushed::Queued)
     }
 
@@ -623,7 +654,7 @@ impl SessionQueue {
                 if self.fits(&state, entry.frame.len()) {
                     state.bytes += entry.frame.len();
                     state.frames.push_back(entry);
-                    unlock_and_wake_writer(state);
+                    self.unlock_and_wake_writer(state);
                     return true;
                 }
                 state.pacing += 1;
@@ -657,7 +688,7 @@ impl SessionQueue {
     /// waiters.
     fn close_locked(&self, mut state: std::sync::MutexGuard<'_, State>, reason: CloseReason) {
         state.close = Some(reason);
-        unlock_and_wake_writer(state);
+        self.unlock_and_wake_writer(state);
         self.inner.closing.fire();
     }
 
@@ -1024,5 +1055,37 @@ mod tests {
         tokio::task::yield_now().await;
         producer.push(Bytes::from_static(b"late")).unwrap();
         assert_eq!(writer.await.unwrap(), [Bytes::from_static(b"late")]);
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What the writer's own task pushes while it runs wakes nothing (it
+    /// looks at the queue before it waits again, and finds it there);
+    /// after that, a push wakes it as before.
+    #[test]
+    fn pushes_while_the_writer_runs_wake_nothing_and_are_found() {
+        let queue = SessionQueue::new(8);
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut out = Vec::new();
+        assert!(queue.poll_batch(&mut cx, &mut out, 8).is_pending());
+
+        queue.while_writer_runs(|| queue.push(Bytes::from_static(b"reply")).unwrap());
+        assert_eq!(count.0.load(Ordering::Relaxed), 0, "woken by its own reply");
+        assert!(queue.poll_batch(&mut cx, &mut out, 8).is_ready());
+        assert_eq!(out, [Bytes::from_static(b"reply")]);
+
+        out.clear();
+        assert!(queue.poll_batch(&mut cx, &mut out, 8).is_pending());
+        queue.push(Bytes::from_static(b"push")).unwrap();
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "not woken by a push");
     }
 }

@@ -476,9 +476,12 @@ where
                         Some(busy) => busy.poll_done(session, cx),
                         None => Poll::Pending,
                     }), if busy.is_some() => Event::Done,
-                    work = writer.next_work(queue, just_polled), if writer.is_open() && !flushing => Event::Work(work),
+                    // The socket before the queue: a session its client woke
+                    // reads without a look at the queue, which it takes
+                    // before it waits again anyway.
                     event = after_first(just_polled, |cx| poll_socket(socket, flushing, may_read, cx)),
                         if flushing || may_read => event,
+                    work = writer.next_work(queue, just_polled), if writer.is_open() && !flushing => Event::Work(work),
                 }
             }
         };
@@ -570,20 +573,23 @@ where
                 )));
                 continue;
             }
+            // Handled right here (most handlers are done at once), and the
+            // next turn writes what they pushed: the pushes wake no one.
             Message::Binary(data) => {
                 session.count_received(1);
-                if let Some(mut call) = router.start(session, data) {
-                    // Most handlers are done at once.
-                    if with_context(|cx| call.poll_answered(session, cx))
-                        .await
-                        .is_pending()
-                    {
-                        busy = Some(Busy::Frame(call));
-                        continue;
-                    }
+                let pending = with_context(|cx| {
+                    queue.while_writer_runs(|| {
+                        let mut call = router.start(session, data)?;
+                        call.poll_answered(session, cx).is_pending().then_some(call)
+                    })
+                })
+                .await;
+                if let Some(call) = pending {
+                    busy = Some(Busy::Frame(call));
+                    continue;
                 }
             }
-            message => handle_other(session, message),
+            message => queue.while_writer_runs(|| handle_other(session, message)),
         }
         if session.take_identity_changed() {
             token_expiry = expiry_of(session);
