@@ -467,21 +467,31 @@ fn whole_message(bytes: &[u8], max: usize) -> Option<(usize, Message)> {
     Some((end, message))
 }
 
-/// A copy of `masked` without the client's mask (RFC 6455, 5.3). Copied
-/// in pieces (see [`crate::copy`]), then unmasked in place a word at a
-/// time.
+/// A copy of `masked` without the client's mask (RFC 6455, 5.3), made in
+/// one pass 16 bytes at a time: the compiler turns each block into one
+/// vector XOR, and no `memcpy` runs (see [`crate::copy`] for why a large
+/// one can be slow here). A word at a time after a copy cost about an
+/// instruction per byte.
 fn unmasked(masked: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    // 16 is a multiple of 4: every block starts at the mask's first byte,
+    // and so does the rest after them.
+    let mask16: [u8; 16] = std::array::from_fn(|i| mask[i % 4]);
     let mut payload = Vec::with_capacity(masked.len());
-    crate::copy::put_slice(&mut payload, masked);
-    let word = u32::from_ne_bytes(mask);
-    let mut words = payload.chunks_exact_mut(4);
-    for chunk in &mut words {
-        let unmasked = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) ^ word;
-        chunk.copy_from_slice(&unmasked.to_ne_bytes());
+    let spare = &mut payload.spare_capacity_mut()[..masked.len()];
+    let mut blocks = spare.chunks_exact_mut(16);
+    let mut from_blocks = masked.chunks_exact(16);
+    for (block, from) in (&mut blocks).zip(&mut from_blocks) {
+        for ((byte, from), mask) in block.iter_mut().zip(from).zip(mask16) {
+            byte.write(from ^ mask);
+        }
     }
-    for (byte, mask) in words.into_remainder().iter_mut().zip(mask) {
-        *byte ^= mask;
+    let (rest, from_rest) = (blocks.into_remainder(), from_blocks.remainder());
+    for ((byte, from), mask) in rest.iter_mut().zip(from_rest).zip(mask16) {
+        byte.write(from ^ mask);
     }
+    // SAFETY: the loops above wrote every one of the first `masked.len()`
+    // bytes (the blocks and the rest together are exactly that long).
+    unsafe { payload.set_len(masked.len()) };
     payload
 }
 
