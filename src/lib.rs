@@ -51,6 +51,7 @@ pub mod close;
 pub mod config;
 mod connection;
 mod copy;
+mod deadline;
 pub mod error;
 pub mod frame;
 pub mod handler;

@@ -144,6 +144,9 @@ pub enum Batch {
     Frames,
     /// Send this close frame; nothing follows it.
     Close(CloseReason),
+    /// A heartbeat is due (see `SessionQueue::request_heartbeat`): it
+    /// comes before frames, so a queue that never empties cannot starve it.
+    Heartbeat,
 }
 
 /// A cheaply cloned handle to one session's send queue.
@@ -192,6 +195,9 @@ struct State {
     /// Paced pushes waiting for the writer to take frames; `taken` is
     /// notified only when there are some.
     pacing: usize,
+    /// A heartbeat is due: the writer's next batch is
+    /// [`Batch::Heartbeat`].
+    heartbeat: bool,
 }
 
 /// Counts a paced push as waiting for room until it stops waiting, however
@@ -692,6 +698,25 @@ impl SessionQueue {
         self.inner.closing.fire();
     }
 
+    /// Asks the writer for a heartbeat (a ping, or a close if the client
+    /// has been silent too long), ahead of the frames waiting; called when
+    /// one is due (see `deadline`). Nothing happens once the session is
+    /// closing.
+    pub(crate) fn request_heartbeat(&self) {
+        let mut state = self.state();
+        if state.close.is_some() {
+            return;
+        }
+        state.heartbeat = true;
+        self.unlock_and_wake_writer(state);
+    }
+
+    /// Whether a heartbeat was asked for and not taken yet.
+    #[cfg(test)]
+    pub(crate) fn heartbeat_requested(&self) -> bool {
+        self.state().heartbeat
+    }
+
     /// The reason the session is closing, once it is.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.state().close
@@ -770,6 +795,9 @@ impl SessionQueue {
         max: usize,
     ) -> Poll<Batch> {
         let mut guard = self.state();
+        if std::mem::take(&mut guard.heartbeat) && guard.close.is_none() {
+            return Poll::Ready(Batch::Heartbeat);
+        }
         if !guard.frames.is_empty() {
             let n = guard.frames.len().min(max.max(1));
             let state = &mut *guard;

@@ -340,16 +340,11 @@ where
     // When the writer's flush has to be done by; set when the socket makes
     // it wait.
     let mut write_deadline: Option<tokio::time::Instant> = None;
-    let expiry_of = |session: &Session| {
-        session
-            .identity()
-            .expires_at
-            .map(|at| tokio::time::Instant::now() + crate::auth::time_left(at))
-    };
-    let mut token_expiry = expiry_of(session);
-    // One timer for whichever deadline comes first, the heartbeat
-    // included (each timer a session holds is memory every connection
-    // pays, and a registration in tokio's timer wheel).
+    writer.expire_at(token_expiry(session));
+    // One timer for whichever of the rare deadlines comes first (each
+    // timer a session holds is memory every connection pays, and a
+    // registration in tokio's timer wheel). The heartbeat and the token's
+    // expiry are the deadline thread's (see `Writer`).
     let mut timer = Timer::default();
     // Made once, not per wait: each registers with its signal. The guards
     // below never poll one again after it has completed.
@@ -423,13 +418,9 @@ where
                 let deadline = [
                     close_deadline.map(|at| (at, Deadline::Close)),
                     write_deadline.map(|at| (at, Deadline::Write)),
-                    writer.heartbeat_due().map(|at| (at, Deadline::Heartbeat)),
                     drain_turn
                         .filter(|_| close_deadline.is_none())
                         .map(|at| (at, Deadline::DrainTurn)),
-                    token_expiry
-                        .filter(|_| close_deadline.is_none())
-                        .map(|at| (at, Deadline::TokenExpiry)),
                 ]
                 .into_iter()
                 .flatten()
@@ -451,23 +442,8 @@ where
                             queue.close(CloseReason::SLOW_CONSUMER);
                             break;
                         }
-                        // Before the queue's branch, so a queue that never
-                        // empties cannot starve the heartbeat. A ping would
-                        // wait behind a write the socket makes wait, whose own
-                        // deadline covers the client.
-                        Some(Deadline::Heartbeat) => {
-                            writer.heartbeat_taken(config);
-                            if flushing {
-                                continue;
-                            }
-                            Event::Work(Work::Heartbeat)
-                        }
                         Some(Deadline::DrainTurn) => {
                             queue.close(CloseReason::going_away_after(random_slot(session)));
-                            continue;
-                        }
-                        Some(Deadline::TokenExpiry) => {
-                            queue.close(CloseReason::TOKEN_EXPIRED);
                             continue;
                         }
                         None => continue,
@@ -514,7 +490,7 @@ where
                 busy = None;
                 session.touch();
                 if session.take_identity_changed() {
-                    token_expiry = expiry_of(session);
+                    writer.expire_at(token_expiry(session));
                 }
                 let_out |= pacer.handled();
                 continue;
@@ -592,7 +568,7 @@ where
             message => queue.while_writer_runs(|| handle_other(session, message)),
         }
         if session.take_identity_changed() {
-            token_expiry = expiry_of(session);
+            writer.expire_at(token_expiry(session));
         }
         let_out |= pacer.handled();
     }
@@ -840,12 +816,14 @@ enum Deadline {
     /// The writer's flush had its `--write-timeout`: the client does not
     /// read.
     Write,
-    /// Time to ping the client, or to close it if it has been silent.
-    Heartbeat,
     /// Its turn to be closed in a shutdown.
     DrainTurn,
-    /// Its token expires.
-    TokenExpiry,
+}
+
+/// When the session's token expires, if it does.
+fn token_expiry(session: &Session) -> Option<std::time::Instant> {
+    let left = crate::auth::time_left(session.identity().expires_at?);
+    std::time::Instant::now().checked_add(left)
 }
 
 /// A timer made on first use and reset after: one registration instead of

@@ -3,7 +3,7 @@
 
 use std::{
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use tracing::debug;
 use super::socket::Socket;
 use crate::{
     close::CloseReason,
+    deadline::Deadlines,
     queue::{Batch, SessionQueue},
     session::Session,
     Config,
@@ -60,7 +61,6 @@ where
 /// Something for the writer to do.
 pub(super) enum Work {
     Batch(Batch),
-    Heartbeat,
     Redeliver,
 }
 
@@ -80,8 +80,8 @@ pub(super) enum Outcome {
 
 /// `period` from now (far in the future for a period past the clock's
 /// range).
-fn after(period: Duration) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
+fn after(period: Duration) -> Instant {
+    let now = Instant::now();
     now.checked_add(period)
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
 }
@@ -101,10 +101,10 @@ struct Unflushed {
 pub(super) struct Writer {
     /// Grown on demand: an idle session should not carry room for 64 frames.
     batch: Vec<Bytes>,
-    /// When the next ping is due. The session's one timer waits for it,
-    /// beside the session's other deadlines: an interval of its own would
-    /// be a second timer per session.
-    next_ping: tokio::time::Instant,
+    /// The session's next heartbeat and its token's expiry, kept by the
+    /// process's deadline thread rather than a timer of the session's own
+    /// (see [`deadline`](crate::deadline)).
+    deadlines: Deadlines,
     /// Only a device's session waits for acknowledgements.
     acknowledges: bool,
     /// Only a session that acknowledges ever sets it.
@@ -117,9 +117,11 @@ impl Writer {
     /// `unflushed`: frames already written into the socket's buffer, to be
     /// flushed first.
     pub(super) fn new(session: &Session, config: &Config, unflushed: u64) -> Writer {
+        let deadlines = Deadlines::register(session.queue().clone());
+        deadlines.heartbeat_at(after(config.ping_interval));
         Writer {
             batch: Vec::new(),
-            next_ping: after(config.ping_interval),
+            deadlines,
             acknowledges: session.device_key().is_some(),
             redelivery: super::Timer::default(),
             unflushed: (unflushed > 0).then_some(Unflushed {
@@ -141,14 +143,10 @@ impl Writer {
         self.unflushed.is_some()
     }
 
-    /// When the next heartbeat is due, while anything may be written.
-    pub(super) fn heartbeat_due(&self) -> Option<tokio::time::Instant> {
-        self.open.then_some(self.next_ping)
-    }
-
-    /// The heartbeat came: the next one is a ping interval from now.
-    pub(super) fn heartbeat_taken(&mut self, config: &Config) {
-        self.next_ping = after(config.ping_interval);
+    /// Closes the session with TOKEN_EXPIRED at `at` (or never), replacing
+    /// the expiry set before.
+    pub(super) fn expire_at(&self, at: Option<Instant>) {
+        self.deadlines.expire_at(at);
     }
 
     /// Waits for something to do. Cancel-safe: frames leave the queue only
@@ -201,16 +199,17 @@ impl Writer {
                 closing = true;
                 Some(Message::Close(Some(reason.frame())))
             }
-            // While a handler runs the session reads nothing, so the
-            // client cannot show it is alive; silence only counts between
-            // frames.
-            Work::Heartbeat
-                if !session.is_handling() && session.silent_for() > config.ping_timeout =>
-            {
-                queue.close(CloseReason::HEARTBEAT_TIMEOUT);
-                return None;
-            }
-            Work::Heartbeat => {
+            Work::Batch(Batch::Heartbeat) => {
+                // The next one is a ping interval from now, whatever this
+                // one does.
+                self.deadlines.heartbeat_at(after(config.ping_interval));
+                // While a handler runs the session reads nothing, so the
+                // client cannot show it is alive; silence only counts
+                // between frames.
+                if !session.is_handling() && session.silent_for() > config.ping_timeout {
+                    queue.close(CloseReason::HEARTBEAT_TIMEOUT);
+                    return None;
+                }
                 // Quiet for a while: give back the batch's buffer and the
                 // queue's, which a burst grew (a busy session keeps them:
                 // growing them for every batch costs fan-out).

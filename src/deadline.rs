@@ -1,0 +1,306 @@
+//! The deadlines every open session has, its next heartbeat and its token's
+//! expiry, kept by one thread for the whole process instead of a tokio
+//! timer per session.
+//!
+//! Why a thread: while any tokio timer is pending, every time a worker
+//! parks it runs the timer wheel and passes a timeout to `epoll_wait`,
+//! which arms a kernel timer. A heartbeat is due every `--ping-interval`
+//! whatever the session does, so a timer per session meant one always
+//! pending, and that cost about 1 µs of CPU per request of a single client
+//! on the benchmark machine (a virtual machine, where arming a timer is
+//! dear). This thread sleeps until the earliest deadline, then tells the
+//! session through its queue (a heartbeat request, or a close), which
+//! wakes the session like any push. Tokio's timers are left to what is
+//! rare: a write the socket makes wait, a close handshake, a shutdown.
+
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    sync::{LazyLock, Mutex, MutexGuard},
+    thread::Thread,
+    time::Instant,
+};
+
+use crate::{close::CloseReason, queue::SessionQueue};
+
+/// One session's place among the deadlines; dropping it forgets them.
+#[must_use = "the deadlines are forgotten when this is dropped"]
+pub(crate) struct Deadlines {
+    slot: u32,
+    generation: u32,
+}
+
+impl Deadlines {
+    /// Keeps deadlines for the session whose queue this is (none yet).
+    pub(crate) fn register(queue: SessionQueue) -> Deadlines {
+        let mut state = KEEPER.state();
+        let slot = match state.free.pop() {
+            Some(slot) => slot,
+            None => {
+                state.slots.push(Slot::default());
+                u32::try_from(state.slots.len() - 1).expect("fewer than 2^32 sessions")
+            }
+        };
+        state.live += 1;
+        let entry = &mut state.slots[slot as usize];
+        entry.queue = Some(queue);
+        Deadlines {
+            slot,
+            generation: entry.generation,
+        }
+    }
+
+    /// Asks for the session's next heartbeat at `at` (the writer's
+    /// [`Batch::Heartbeat`](crate::queue::Batch::Heartbeat)), replacing the
+    /// one asked for before.
+    pub(crate) fn heartbeat_at(&self, at: Instant) {
+        self.set(Kind::Heartbeat, Some(at));
+    }
+
+    /// Closes the session with [`CloseReason::TOKEN_EXPIRED`] at `at`, or
+    /// never; replaces the expiry set before.
+    pub(crate) fn expire_at(&self, at: Option<Instant>) {
+        self.set(Kind::Expiry, at);
+    }
+
+    fn set(&self, kind: Kind, at: Option<Instant>) {
+        let mut state = KEEPER.state();
+        let slot = &mut state.slots[self.slot as usize];
+        *slot.deadline(kind) = at;
+        let Some(at) = at else { return };
+        state.heap.push(Reverse(Due {
+            at,
+            slot: self.slot,
+            generation: self.generation,
+            kind,
+        }));
+        // The thread sleeps until its earliest deadline: wake it for an
+        // earlier one.
+        let sooner = state.wakes_at.is_none_or(|wakes_at| at < wakes_at);
+        if sooner {
+            state.wakes_at = Some(at);
+        }
+        drop(state);
+        if sooner {
+            KEEPER.thread.unpark();
+        }
+    }
+}
+
+impl Drop for Deadlines {
+    fn drop(&mut self) {
+        let mut state = KEEPER.state();
+        let slot = &mut state.slots[self.slot as usize];
+        // What is still in the heap for this slot no longer matches it.
+        slot.generation = slot.generation.wrapping_add(1);
+        let queue = slot.queue.take();
+        slot.heartbeat = None;
+        slot.expiry = None;
+        state.free.push(self.slot);
+        state.live -= 1;
+        drop(state);
+        drop(queue);
+    }
+}
+
+/// What a deadline does when it comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Heartbeat,
+    Expiry,
+}
+
+/// A deadline in the heap. It still counts only while its slot holds the
+/// same generation and the same deadline of its kind: replaced or
+/// forgotten deadlines are left in the heap and skipped when they come.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Due {
+    at: Instant,
+    slot: u32,
+    generation: u32,
+    kind: Kind,
+}
+
+#[derive(Default)]
+struct Slot {
+    generation: u32,
+    queue: Option<SessionQueue>,
+    heartbeat: Option<Instant>,
+    expiry: Option<Instant>,
+}
+
+impl Slot {
+    /// Whether `due` is still this slot's deadline of its kind.
+    fn is_current(&self, due: &Due) -> bool {
+        let deadline = match due.kind {
+            Kind::Heartbeat => self.heartbeat,
+            Kind::Expiry => self.expiry,
+        };
+        self.generation == due.generation && deadline == Some(due.at)
+    }
+
+    fn deadline(&mut self, kind: Kind) -> &mut Option<Instant> {
+        match kind {
+            Kind::Heartbeat => &mut self.heartbeat,
+            Kind::Expiry => &mut self.expiry,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Sessions registered: what the heap holds past twice this is stale.
+    live: usize,
+    heap: BinaryHeap<Reverse<Due>>,
+    /// When the thread looks next, while it sleeps until a deadline.
+    wakes_at: Option<Instant>,
+}
+
+/// The process's one keeper of session deadlines, and its thread.
+struct Keeper {
+    state: Mutex<State>,
+    thread: Thread,
+}
+
+static KEEPER: LazyLock<Keeper> = LazyLock::new(|| {
+    // The thread waits for this initialisation to finish before it runs.
+    let thread = std::thread::Builder::new()
+        .name("wsproto-deadlines".into())
+        .spawn(|| KEEPER.run())
+        .expect("spawn the session deadline thread");
+    Keeper {
+        state: Mutex::new(State::default()),
+        thread: thread.thread().clone(),
+    }
+});
+
+impl Keeper {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every change under this lock is a single step: a panic elsewhere
+        // cannot leave it half done.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) {
+        let mut due = Vec::new();
+        loop {
+            let mut state = self.state();
+            let now = Instant::now();
+            while state.heap.peek().is_some_and(|next| next.0.at <= now) {
+                let Some(Reverse(next)) = state.heap.pop() else {
+                    break;
+                };
+                let slot = &mut state.slots[next.slot as usize];
+                if !slot.is_current(&next) {
+                    continue;
+                }
+                *slot.deadline(next.kind) = None;
+                if let Some(queue) = &slot.queue {
+                    due.push((queue.clone(), next.kind));
+                }
+            }
+            // Stale deadlines (replaced, or of closed sessions) wait in the
+            // heap until they come; past twice the live ones, drop them.
+            if state.heap.len() > 2 * state.live + 64 {
+                let State { heap, slots, .. } = &mut *state;
+                heap.retain(|Reverse(due)| slots[due.slot as usize].is_current(due));
+            }
+            let next = state.heap.peek().map(|next| next.0.at);
+            state.wakes_at = next;
+            drop(state);
+            // Outside the lock: waking a session may take a while.
+            for (queue, kind) in due.drain(..) {
+                match kind {
+                    Kind::Heartbeat => queue.request_heartbeat(),
+                    Kind::Expiry => {
+                        queue.close(CloseReason::TOKEN_EXPIRED);
+                    }
+                }
+            }
+            match next {
+                Some(at) => std::thread::park_timeout(at.saturating_duration_since(Instant::now())),
+                None => std::thread::park(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::queue::Batch;
+
+    async fn next_batch(queue: &SessionQueue) -> Batch {
+        let mut out = Vec::new();
+        let batch = std::future::poll_fn(|cx| queue.poll_batch(cx, &mut out, 16));
+        tokio::time::timeout(Duration::from_secs(5), batch)
+            .await
+            .expect("the deadline came")
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_comes_through_the_queue_when_due() {
+        let queue = SessionQueue::new(8);
+        let deadlines = Deadlines::register(queue.clone());
+        let start = Instant::now();
+        deadlines.heartbeat_at(start + Duration::from_millis(30));
+        assert_eq!(next_batch(&queue).await, Batch::Heartbeat);
+        assert!(start.elapsed() >= Duration::from_millis(30), "not early");
+        // Once only.
+        let mut out = Vec::new();
+        let again = std::future::poll_fn(|cx| queue.poll_batch(cx, &mut out, 16));
+        assert!(tokio::time::timeout(Duration::from_millis(100), again)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn an_earlier_deadline_wakes_the_thread_and_a_replaced_one_is_skipped() {
+        let queue = SessionQueue::new(8);
+        let deadlines = Deadlines::register(queue.clone());
+        // The thread goes to sleep until an hour from now...
+        deadlines.heartbeat_at(Instant::now() + Duration::from_secs(3600));
+        std::thread::sleep(Duration::from_millis(20));
+        // ...and this, which replaces it, comes within the test's timeout.
+        deadlines.heartbeat_at(Instant::now() + Duration::from_millis(10));
+        assert_eq!(next_batch(&queue).await, Batch::Heartbeat);
+    }
+
+    #[tokio::test]
+    async fn an_expiry_closes_the_session_and_a_dropped_one_never_comes() {
+        let expiring = SessionQueue::new(8);
+        let deadlines = Deadlines::register(expiring.clone());
+        deadlines.expire_at(Some(Instant::now() + Duration::from_millis(20)));
+        assert_eq!(
+            next_batch(&expiring).await,
+            Batch::Close(CloseReason::TOKEN_EXPIRED)
+        );
+
+        let forgotten = SessionQueue::new(8);
+        let dropped = Deadlines::register(forgotten.clone());
+        dropped.expire_at(Some(Instant::now() + Duration::from_millis(20)));
+        dropped.heartbeat_at(Instant::now() + Duration::from_millis(20));
+        drop(dropped);
+        // A new session may take the slot; the old deadlines do not reach it.
+        let reused = SessionQueue::new(8);
+        let _taker = Deadlines::register(reused.clone());
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(forgotten.close_reason(), None);
+        assert_eq!(reused.close_reason(), None);
+        assert!(!reused.heartbeat_requested());
+    }
+
+    #[tokio::test]
+    async fn an_expiry_set_to_never_is_cancelled() {
+        let queue = SessionQueue::new(8);
+        let deadlines = Deadlines::register(queue.clone());
+        deadlines.expire_at(Some(Instant::now() + Duration::from_millis(20)));
+        deadlines.expire_at(None);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(queue.close_reason(), None);
+    }
+}
