@@ -1,6 +1,6 @@
-//! The deadlines every open session has, its next heartbeat and its token's
-//! expiry, kept by one thread for the whole process instead of a tokio
-//! timer per session.
+//! The deadlines every open session has (its next heartbeat, its token's
+//! expiry, and in a shutdown its turn to be closed), kept by one thread
+//! for the whole process instead of a tokio timer per session.
 //!
 //! Why a thread: while any tokio timer is pending, every time a worker
 //! parks it runs the timer wheel and passes a timeout to `epoll_wait`,
@@ -16,9 +16,13 @@
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
-    sync::{LazyLock, Mutex, MutexGuard},
+    hash::BuildHasher,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        LazyLock, Mutex, MutexGuard,
+    },
     thread::Thread,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crate::{close::CloseReason, queue::SessionQueue};
@@ -26,13 +30,59 @@ use crate::{close::CloseReason, queue::SessionQueue};
 /// One session's place among the deadlines; dropping it forgets them.
 #[must_use = "the deadlines are forgotten when this is dropped"]
 pub(crate) struct Deadlines {
+    /// Its own until dropped.
     slot: u32,
-    generation: u32,
+}
+
+/// The sessions of one server, which its shutdown closes (see
+/// [`Drain::begin`]); several servers may share a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Drain(u64);
+
+impl Drain {
+    pub(crate) fn new() -> Drain {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Drain(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Closes these sessions with 1001, each at a random moment within
+    /// `spread` from now (and those registered later within what is left
+    /// of it), so that the clients of a node being restarted reconnect
+    /// elsewhere a few at a time rather than all at once. Each is served
+    /// normally until then.
+    pub(crate) fn begin(self, spread: Duration) {
+        let now = Instant::now();
+        let mut state = KEEPER.state();
+        state.draining.push((self, now + spread));
+        let mut sooner = false;
+        for slot in 0..state.slots.len() {
+            let entry = &state.slots[slot];
+            if entry.drain == Some(self) && entry.queue.is_some() {
+                sooner |=
+                    state.schedule(slot as u32, Kind::Drain, Some(now + random_within(spread)));
+            }
+        }
+        drop(state);
+        if sooner {
+            KEEPER.thread.unpark();
+        }
+    }
+}
+
+/// A random span up to `span`.
+fn random_within(span: Duration) -> Duration {
+    let fraction = (random() % 1_000_000) as f64 / 1_000_000.0;
+    span.mul_f64(fraction)
+}
+
+fn random() -> u64 {
+    std::hash::RandomState::new().hash_one(Instant::now())
 }
 
 impl Deadlines {
-    /// Keeps deadlines for the session whose queue this is (none yet).
-    pub(crate) fn register(queue: SessionQueue) -> Deadlines {
+    /// Keeps deadlines for the session whose queue this is (none yet but
+    /// its turn, if `drain` has begun).
+    pub(crate) fn register(queue: SessionQueue, drain: Drain) -> Deadlines {
         let mut state = KEEPER.state();
         let slot = match state.free.pop() {
             Some(slot) => slot,
@@ -44,10 +94,22 @@ impl Deadlines {
         state.live += 1;
         let entry = &mut state.slots[slot as usize];
         entry.queue = Some(queue);
-        Deadlines {
-            slot,
-            generation: entry.generation,
+        entry.drain = Some(drain);
+        let now = Instant::now();
+        let ends = state
+            .draining
+            .iter()
+            .find(|(d, _)| *d == drain)
+            .map(|(_, ends)| *ends);
+        let sooner = ends.is_some_and(|ends| {
+            let turn = now + random_within(ends.saturating_duration_since(now));
+            state.schedule(slot, Kind::Drain, Some(turn))
+        });
+        drop(state);
+        if sooner {
+            KEEPER.thread.unpark();
         }
+        Deadlines { slot }
     }
 
     /// Asks for the session's next heartbeat at `at` (the writer's
@@ -65,21 +127,7 @@ impl Deadlines {
 
     fn set(&self, kind: Kind, at: Option<Instant>) {
         let mut state = KEEPER.state();
-        let slot = &mut state.slots[self.slot as usize];
-        *slot.deadline(kind) = at;
-        let Some(at) = at else { return };
-        state.heap.push(Reverse(Due {
-            at,
-            slot: self.slot,
-            generation: self.generation,
-            kind,
-        }));
-        // The thread sleeps until its earliest deadline: wake it for an
-        // earlier one.
-        let sooner = state.wakes_at.is_none_or(|wakes_at| at < wakes_at);
-        if sooner {
-            state.wakes_at = Some(at);
-        }
+        let sooner = state.schedule(self.slot, kind, at);
         drop(state);
         if sooner {
             KEEPER.thread.unpark();
@@ -96,6 +144,8 @@ impl Drop for Deadlines {
         let queue = slot.queue.take();
         slot.heartbeat = None;
         slot.expiry = None;
+        slot.turn = None;
+        slot.drain = None;
         state.free.push(self.slot);
         state.live -= 1;
         drop(state);
@@ -108,6 +158,8 @@ impl Drop for Deadlines {
 enum Kind {
     Heartbeat,
     Expiry,
+    /// Its turn to be closed in a shutdown.
+    Drain,
 }
 
 /// A deadline in the heap. It still counts only while its slot holds the
@@ -125,8 +177,12 @@ struct Due {
 struct Slot {
     generation: u32,
     queue: Option<SessionQueue>,
+    /// The server whose shutdown closes it.
+    drain: Option<Drain>,
     heartbeat: Option<Instant>,
     expiry: Option<Instant>,
+    /// Its turn to be closed, once its server shuts down.
+    turn: Option<Instant>,
 }
 
 impl Slot {
@@ -135,6 +191,7 @@ impl Slot {
         let deadline = match due.kind {
             Kind::Heartbeat => self.heartbeat,
             Kind::Expiry => self.expiry,
+            Kind::Drain => self.turn,
         };
         self.generation == due.generation && deadline == Some(due.at)
     }
@@ -143,6 +200,7 @@ impl Slot {
         match kind {
             Kind::Heartbeat => &mut self.heartbeat,
             Kind::Expiry => &mut self.expiry,
+            Kind::Drain => &mut self.turn,
         }
     }
 }
@@ -156,6 +214,29 @@ struct State {
     heap: BinaryHeap<Reverse<Due>>,
     /// When the thread looks next, while it sleeps until a deadline.
     wakes_at: Option<Instant>,
+    /// Servers shutting down, and when their spread ends.
+    draining: Vec<(Drain, Instant)>,
+}
+
+impl State {
+    /// Sets `slot`'s deadline of `kind`; true when the thread must be
+    /// woken for it (it sleeps until its earliest deadline).
+    fn schedule(&mut self, slot: u32, kind: Kind, at: Option<Instant>) -> bool {
+        let entry = &mut self.slots[slot as usize];
+        *entry.deadline(kind) = at;
+        let Some(at) = at else { return false };
+        self.heap.push(Reverse(Due {
+            at,
+            slot,
+            generation: entry.generation,
+            kind,
+        }));
+        let sooner = self.wakes_at.is_none_or(|wakes_at| at < wakes_at);
+        if sooner {
+            self.wakes_at = Some(at);
+        }
+        sooner
+    }
 }
 
 /// The process's one keeper of session deadlines, and its thread.
@@ -217,6 +298,9 @@ impl Keeper {
                     Kind::Expiry => {
                         queue.close(CloseReason::TOKEN_EXPIRED);
                     }
+                    Kind::Drain => {
+                        queue.close(CloseReason::going_away_after(random() as usize));
+                    }
                 }
             }
             match next {
@@ -245,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn a_heartbeat_comes_through_the_queue_when_due() {
         let queue = SessionQueue::new(8);
-        let deadlines = Deadlines::register(queue.clone());
+        let deadlines = Deadlines::register(queue.clone(), Drain::new());
         let start = Instant::now();
         deadlines.heartbeat_at(start + Duration::from_millis(30));
         assert_eq!(next_batch(&queue).await, Batch::Heartbeat);
@@ -261,7 +345,7 @@ mod tests {
     #[tokio::test]
     async fn an_earlier_deadline_wakes_the_thread_and_a_replaced_one_is_skipped() {
         let queue = SessionQueue::new(8);
-        let deadlines = Deadlines::register(queue.clone());
+        let deadlines = Deadlines::register(queue.clone(), Drain::new());
         // The thread goes to sleep until an hour from now...
         deadlines.heartbeat_at(Instant::now() + Duration::from_secs(3600));
         std::thread::sleep(Duration::from_millis(20));
@@ -273,7 +357,7 @@ mod tests {
     #[tokio::test]
     async fn an_expiry_closes_the_session_and_a_dropped_one_never_comes() {
         let expiring = SessionQueue::new(8);
-        let deadlines = Deadlines::register(expiring.clone());
+        let deadlines = Deadlines::register(expiring.clone(), Drain::new());
         deadlines.expire_at(Some(Instant::now() + Duration::from_millis(20)));
         assert_eq!(
             next_batch(&expiring).await,
@@ -281,13 +365,13 @@ mod tests {
         );
 
         let forgotten = SessionQueue::new(8);
-        let dropped = Deadlines::register(forgotten.clone());
+        let dropped = Deadlines::register(forgotten.clone(), Drain::new());
         dropped.expire_at(Some(Instant::now() + Duration::from_millis(20)));
         dropped.heartbeat_at(Instant::now() + Duration::from_millis(20));
         drop(dropped);
         // A new session may take the slot; the old deadlines do not reach it.
         let reused = SessionQueue::new(8);
-        let _taker = Deadlines::register(reused.clone());
+        let _taker = Deadlines::register(reused.clone(), Drain::new());
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(forgotten.close_reason(), None);
         assert_eq!(reused.close_reason(), None);
@@ -297,10 +381,34 @@ mod tests {
     #[tokio::test]
     async fn an_expiry_set_to_never_is_cancelled() {
         let queue = SessionQueue::new(8);
-        let deadlines = Deadlines::register(queue.clone());
+        let deadlines = Deadlines::register(queue.clone(), Drain::new());
         deadlines.expire_at(Some(Instant::now() + Duration::from_millis(20)));
         deadlines.expire_at(None);
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(queue.close_reason(), None);
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_its_servers_sessions_within_the_spread_and_no_others() {
+        let drain = Drain::new();
+        let before = SessionQueue::new(8);
+        let _before = Deadlines::register(before.clone(), drain);
+        let other = SessionQueue::new(8);
+        let _other = Deadlines::register(other.clone(), Drain::new());
+        let start = Instant::now();
+        drain.begin(Duration::from_millis(200));
+        // Registered once the drain has begun: closed within what is left.
+        let after = SessionQueue::new(8);
+        let _after = Deadlines::register(after.clone(), drain);
+        for queue in [&before, &after] {
+            let batch = next_batch(queue).await;
+            assert!(
+                matches!(batch, Batch::Close(reason) if reason.code == 1001),
+                "{batch:?}"
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(2));
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(other.close_reason(), None, "another server's session");
     }
 }

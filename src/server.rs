@@ -36,7 +36,9 @@ use crate::{
     broker::{Broker, BrokerStatus, HistoryPolicies, MemoryBroker, RedisBroker, RedisSettings},
     close::{self, CloseReason},
     config::{BrokerChoice, ListenAddr},
-    connection, handlers,
+    connection,
+    deadline::Drain,
+    handlers,
     hub::HubConfig,
     identity::Identity,
     inflight::AckSettings,
@@ -147,6 +149,8 @@ struct AppState {
     /// Terminates TLS when a certificate is configured.
     tls: Option<TlsAcceptor>,
     shutdown: Signal,
+    /// Closes this server's sessions a few at a time once it shuts down.
+    drain: Drain,
     /// Fired when the shutdown deadline passes: sessions still open end at once.
     abort: Signal,
     tasks: TaskTracker,
@@ -324,6 +328,7 @@ impl Server {
             router: Arc::new(handlers::with_protocol(router)),
             node,
             shutdown: Signal::new(),
+            drain: Drain::new(),
             abort: Signal::new(),
             tasks: TaskTracker::new(),
             ws_config,
@@ -492,6 +497,9 @@ impl Server {
         let open = state.node.hub().len();
         info!(sessions = open, "shutting down: closing sessions with 1001");
         state.shutdown.fire();
+        // Spread over the first half of the shutdown timeout, leaving the
+        // second for the clients' answers.
+        state.drain.begin(state.config.shutdown_timeout / 2);
         state.tasks.close();
         let drain = async {
             // Sessions give clients shutdown_timeout to answer; allow a little
@@ -1024,11 +1032,11 @@ async fn protocol_endpoint(
         let reason = format!("at most {} subscriptions\n", state.config.max_subscriptions);
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
-    let (node, router, config, shutdown, authenticator) = (
+    let (node, router, config, drain, authenticator) = (
         state.node.clone(),
         state.router.clone(),
         state.config.clone(),
-        state.shutdown.clone(),
+        state.drain,
         state.auth.clone(),
     );
     let ws_config = state.ws_config;
@@ -1049,14 +1057,7 @@ async fn protocol_endpoint(
             params.device,
         );
         let socket = connection::Socket::new(stream, ws_config);
-        connection::run(
-            socket,
-            session,
-            params.subscriptions,
-            router,
-            config,
-            shutdown,
-        )
+        connection::run(socket, session, params.subscriptions, router, config, drain)
     })
 }
 

@@ -37,6 +37,7 @@ use wsproto_proto::v1;
 
 use crate::{
     close::CloseReason,
+    deadline::Drain,
     error::ErrorCode,
     frame::{Frame, Preview},
     metrics,
@@ -46,7 +47,6 @@ use crate::{
     rate::{RateLimit, Verdict},
     router::{Call, Router},
     session::{Registration, Session},
-    signal::Signal,
     stream::ReadReady,
     topic::Topic,
     Config,
@@ -119,18 +119,9 @@ impl Pacer {
 /// select checks its signals and its timer (which the heartbeat shares).
 const QUICK_EVENTS: u32 = 16;
 
-/// How long after a shutdown begins this session is closed: spread evenly
-/// over the first half of `--shutdown-timeout`, so that the clients of a
-/// node being restarted reconnect elsewhere a few at a time rather than
-/// all at once (the session is served normally until then).
-fn drain_delay(session: &Session, config: &Config) -> std::time::Duration {
-    let spread = random_slot(session) % 1_000_000;
-    config.shutdown_timeout / 2 * spread as u32 / 1_000_000
-}
-
 /// Runs one opcode-protocol connection until it ends, then unregisters it.
-/// `shutdown` asks for a Close 1001 handshake. (At the shutdown deadline
-/// the server drops this future.)
+/// Its server's `drain` closes it with 1001 in a shutdown. (At the
+/// shutdown deadline the server drops this future.)
 ///
 /// Not an `async fn`: an async function's arguments stay in its future for
 /// as long as it lives, and this one lives as long as the connection. The
@@ -142,7 +133,7 @@ pub(crate) fn run<S>(
     subscriptions: Vec<Topic>,
     router: Arc<Router>,
     config: Arc<Config>,
-    shutdown: Signal,
+    drain: Drain,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Unpin + ReadReady + Send + 'static,
@@ -162,17 +153,7 @@ where
             user_stream,
         } = opening.await;
         let ended = match welcomed {
-            true => {
-                serve(
-                    &mut socket,
-                    &session,
-                    &router,
-                    &config,
-                    &shutdown,
-                    user_stream,
-                )
-                .await
-            }
+            true => serve(&mut socket, &session, &router, &config, drain, user_stream).await,
             false => Ended { linger: false },
         };
 
@@ -309,7 +290,7 @@ async fn serve<S>(
     session: &Session,
     router: &Router,
     config: &Config,
-    shutdown: &Signal,
+    drain: Drain,
     user_stream: Option<UserStream>,
 ) -> Ended
 where
@@ -317,7 +298,7 @@ where
 {
     let queue = session.queue();
     // WELCOME waits in the socket's buffer (see `run`).
-    let mut writer = Writer::new(session, config, 1);
+    let mut writer = Writer::new(session, config, drain, 1);
     // A device first recovers its user's critical pushes. Boxed: it runs
     // once. The client's frames wait (and its silence does not count)
     // until it is done.
@@ -346,14 +327,10 @@ where
     // registration in tokio's timer wheel). The heartbeat and the token's
     // expiry are the deadline thread's (see `Writer`).
     let mut timer = Timer::default();
-    // Made once, not per wait: each registers with its signal. The guards
-    // below never poll one again after it has completed.
-    let shutting_down = shutdown.fired();
-    // When this session's turn to be closed by a shutdown comes (see
-    // `drain_delay`).
-    let mut drain_turn: Option<tokio::time::Instant> = None;
+    // Made once, not per wait: it registers with its signal. The guard
+    // below never polls it again after it has completed.
     let closing = queue.closing();
-    tokio::pin!(shutting_down, closing);
+    tokio::pin!(closing);
     // A read found nothing earlier in this same poll of the task, which
     // is registered to be woken by the socket's readiness: until the task
     // has waited (the select, a pause), another look would find the same.
@@ -418,19 +395,12 @@ where
                 let deadline = [
                     close_deadline.map(|at| (at, Deadline::Close)),
                     write_deadline.map(|at| (at, Deadline::Write)),
-                    drain_turn
-                        .filter(|_| close_deadline.is_none())
-                        .map(|at| (at, Deadline::DrainTurn)),
                 ]
                 .into_iter()
                 .flatten()
                 .min_by_key(|(at, _)| *at);
                 tokio::select! {
                     biased;
-                    _ = &mut shutting_down, if close_deadline.is_none() && drain_turn.is_none() => {
-                        drain_turn = Some(tokio::time::Instant::now() + drain_delay(session, config));
-                        continue;
-                    }
                     // A close wakes the queue's writer too: while the writer's
                     // branch waits on the queue, this one would only touch
                     // one more cache line per wait.
@@ -441,10 +411,6 @@ where
                             debug!(session = %session.id(), "write timed out; slow consumer");
                             queue.close(CloseReason::SLOW_CONSUMER);
                             break;
-                        }
-                        Some(Deadline::DrainTurn) => {
-                            queue.close(CloseReason::going_away_after(random_slot(session)));
-                            continue;
                         }
                         None => continue,
                     },
@@ -802,12 +768,6 @@ fn welcome(session: &Session, config: &Config) -> Frame {
     Frame::new(opcode::WELCOME, welcome.encode_to_vec())
 }
 
-/// A number that differs from session to session and run to run.
-fn random_slot(session: &Session) -> usize {
-    use std::hash::BuildHasher;
-    std::hash::RandomState::new().hash_one(session.id()) as usize
-}
-
 /// What the session's one timer is set for.
 #[derive(Debug, Clone, Copy)]
 enum Deadline {
@@ -816,8 +776,6 @@ enum Deadline {
     /// The writer's flush had its `--write-timeout`: the client does not
     /// read.
     Write,
-    /// Its turn to be closed in a shutdown.
-    DrainTurn,
 }
 
 /// When the session's token expires, if it does.
@@ -943,7 +901,7 @@ mod tests {
             Vec::new(),
             Arc::new(Router::new()),
             Arc::new(Config::default()),
-            Signal::new(),
+            crate::deadline::Drain::new(),
         );
         let size = std::mem::size_of_val(&task);
         println!("connection task future: {size} B");

@@ -21,7 +21,7 @@ use tracing::debug;
 use super::socket::Socket;
 use crate::{
     close::CloseReason,
-    deadline::Deadlines,
+    deadline::{Deadlines, Drain},
     queue::{Batch, SessionQueue},
     session::Session,
     Config,
@@ -114,10 +114,11 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// `unflushed`: frames already written into the socket's buffer, to be
-    /// flushed first.
-    pub(super) fn new(session: &Session, config: &Config, unflushed: u64) -> Writer {
-        let deadlines = Deadlines::register(session.queue().clone());
+    /// `drain`: the server whose shutdown closes the session. `unflushed`:
+    /// frames already written into the socket's buffer, to be flushed
+    /// first.
+    pub(super) fn new(session: &Session, config: &Config, drain: Drain, unflushed: u64) -> Writer {
+        let deadlines = Deadlines::register(session.queue().clone(), drain);
         deadlines.heartbeat_at(after(config.ping_interval));
         Writer {
             batch: Vec::new(),
