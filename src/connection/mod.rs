@@ -399,13 +399,16 @@ where
                 .into_iter()
                 .flatten()
                 .min_by_key(|(at, _)| *at);
+                if deadline.is_none() {
+                    timer.clear();
+                }
                 tokio::select! {
                     biased;
                     // A close wakes the queue's writer too: while the writer's
                     // branch waits on the queue, this one would only touch
                     // one more cache line per wait.
                     _ = &mut closing, if close_deadline.is_none() && (flushing || !writer.is_open()) => continue,
-                    _ = timer.until(deadline.map(|(at, _)| at)) => match deadline.map(|(_, what)| what) {
+                    _ = timer.until(deadline.map(|(at, _)| at)), if deadline.is_some() => match deadline.map(|(_, what)| what) {
                         Some(Deadline::Close) => break,
                         Some(Deadline::Write) => {
                             debug!(session = %session.id(), "write timed out; slow consumer");
@@ -784,9 +787,9 @@ fn token_expiry(session: &Session) -> Option<std::time::Instant> {
     std::time::Instant::now().checked_add(left)
 }
 
-/// A timer made on first use and reset after: one registration instead of
-/// a new timer per wait (a device's redelivery timer is never made for
-/// other sessions).
+/// A timer made on first use, reset while a deadline follows another (one
+/// registration instead of a new timer per wait), and dropped once none is
+/// due (a device's redelivery timer is never made for other sessions).
 #[derive(Default)]
 struct Timer {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -798,6 +801,17 @@ struct Timer {
 }
 
 impl Timer {
+    /// Forgets the deadline. The timer is dropped rather than left armed:
+    /// while any tokio timer is registered, every park of a worker runs
+    /// the timer wheel and gives `epoll_wait` a timeout (see
+    /// [`deadline`](crate::deadline)).
+    fn clear(&mut self) {
+        if self.sleep.is_some() {
+            self.sleep = None;
+            self.registered = None;
+        }
+    }
+
     /// Completes at `due`, or never when nothing is due.
     async fn until(&mut self, due: Option<tokio::time::Instant>) {
         std::future::poll_fn(|cx| self.poll_until(due, cx)).await
@@ -805,6 +819,7 @@ impl Timer {
 
     fn poll_until(&mut self, due: Option<tokio::time::Instant>, cx: &mut Context<'_>) -> Poll<()> {
         let Some(due) = due else {
+            self.clear();
             return Poll::Pending;
         };
         let sleep = match &mut self.sleep {
