@@ -209,7 +209,7 @@ impl Slot {
 struct State {
     slots: Vec<Slot>,
     free: Vec<u32>,
-    /// Sessions registered: what the heap holds past twice this is stale.
+    /// Sessions registered (see the heap's sweep in `Keeper::run`).
     live: usize,
     heap: BinaryHeap<Reverse<Due>>,
     /// When the thread looks next, while it sleeps until a deadline.
@@ -283,8 +283,10 @@ impl Keeper {
                 }
             }
             // Stale deadlines (replaced, or of closed sessions) wait in the
-            // heap until they come; past twice the live ones, drop them.
-            if state.heap.len() > 2 * state.live + 64 {
+            // heap until they come. A session has at most three current
+            // ones, so past four per session, at least one per session is
+            // stale: drop them (a sweep per that many closes or changes).
+            if state.heap.len() > 4 * state.live + 64 {
                 let State { heap, slots, .. } = &mut *state;
                 heap.retain(|Reverse(due)| slots[due.slot as usize].is_current(due));
             }
@@ -410,5 +412,31 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2));
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(other.close_reason(), None, "another server's session");
+    }
+
+    #[test]
+    fn deadlines_of_closed_sessions_do_not_pile_up() {
+        let later = Instant::now() + Duration::from_secs(3600);
+        for _ in 0..2_000 {
+            let deadlines = Deadlines::register(SessionQueue::new(8), Drain::new());
+            deadlines.heartbeat_at(later);
+            deadlines.expire_at(Some(later));
+        }
+        // Wakes the thread, which sweeps the heap before it sleeps again.
+        let queue = SessionQueue::new(8);
+        let deadlines = Deadlines::register(queue.clone(), Drain::new());
+        deadlines.heartbeat_at(Instant::now());
+        let start = Instant::now();
+        while !queue.heartbeat_requested() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let state = KEEPER.state();
+        // Other tests' sessions share the heap: a generous bound.
+        assert!(
+            state.heap.len() <= 4 * state.live + 64 + 100,
+            "{} deadlines for {} sessions",
+            state.heap.len(),
+            state.live
+        );
     }
 }
