@@ -34,51 +34,6 @@ pub(crate) struct Deadlines {
     slot: u32,
 }
 
-/// The sessions of one server, which its shutdown closes (see
-/// [`Drain::begin`]); several servers may share a process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Drain(u64);
-
-impl Drain {
-    pub(crate) fn new() -> Drain {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        Drain(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Closes these sessions with 1001, each at a random moment within
-    /// `spread` from now (and those registered later within what is left
-    /// of it), so that the clients of a node being restarted reconnect
-    /// elsewhere a few at a time rather than all at once. Each is served
-    /// normally until then.
-    pub(crate) fn begin(self, spread: Duration) {
-        let now = Instant::now();
-        let mut state = KEEPER.state();
-        state.draining.push((self, now + spread));
-        let mut sooner = false;
-        for slot in 0..state.slots.len() {
-            let entry = &state.slots[slot];
-            if entry.drain == Some(self) && entry.queue.is_some() {
-                sooner |=
-                    state.schedule(slot as u32, Kind::Drain, Some(now + random_within(spread)));
-            }
-        }
-        drop(state);
-        if sooner {
-            KEEPER.thread.unpark();
-        }
-    }
-}
-
-/// A random span up to `span`.
-fn random_within(span: Duration) -> Duration {
-    let fraction = (random() % 1_000_000) as f64 / 1_000_000.0;
-    span.mul_f64(fraction)
-}
-
-fn random() -> u64 {
-    std::hash::RandomState::new().hash_one(Instant::now())
-}
-
 impl Deadlines {
     /// Keeps deadlines for the session whose queue this is (none yet but
     /// its turn, if `drain` has begun).
@@ -151,6 +106,51 @@ impl Drop for Deadlines {
         drop(state);
         drop(queue);
     }
+}
+
+/// The sessions of one server, which its shutdown closes (see
+/// [`Drain::begin`]); several servers may share a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Drain(u64);
+
+impl Drain {
+    pub(crate) fn new() -> Drain {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Drain(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Closes these sessions with 1001, each at a random moment within
+    /// `spread` from now (and those registered later within what is left
+    /// of it), so that the clients of a node being restarted reconnect
+    /// elsewhere a few at a time rather than all at once. Each is served
+    /// normally until then.
+    pub(crate) fn begin(self, spread: Duration) {
+        let now = Instant::now();
+        let mut state = KEEPER.state();
+        state.draining.push((self, now + spread));
+        let mut sooner = false;
+        for slot in 0..state.slots.len() {
+            let entry = &state.slots[slot];
+            if entry.drain == Some(self) && entry.queue.is_some() {
+                sooner |=
+                    state.schedule(slot as u32, Kind::Drain, Some(now + random_within(spread)));
+            }
+        }
+        drop(state);
+        if sooner {
+            KEEPER.thread.unpark();
+        }
+    }
+}
+
+/// A random span up to `span`.
+fn random_within(span: Duration) -> Duration {
+    let fraction = (random() % 1_000_000) as f64 / 1_000_000.0;
+    span.mul_f64(fraction)
+}
+
+fn random() -> u64 {
+    std::hash::RandomState::new().hash_one(Instant::now())
 }
 
 /// What a deadline does when it comes.
