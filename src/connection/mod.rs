@@ -116,7 +116,7 @@ impl Pacer {
 
 /// Events the task takes in a row without its full select: frames read,
 /// flushes done and batches taken as soon as they are there. Then the
-/// select checks its signals and its timer (which the heartbeat shares).
+/// select checks the closing signal and the timer of its rare deadlines.
 const QUICK_EVENTS: u32 = 16;
 
 /// Runs one opcode-protocol connection until it ends, then unregisters it.
