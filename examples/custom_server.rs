@@ -12,8 +12,9 @@ use wsproto::{
     handlers, Config, Frame, HandlerError, HandlerResult, Reply, Router, Server, Session,
 };
 
-/// Opcode 200: replies with the text upper-cased.
-async fn shout(_session: Session, frame: Frame) -> HandlerResult {
+/// Opcode 200: replies with the text upper-cased. It never waits, so it is
+/// a plain function (routed with `route_sync`).
+fn shout(_session: &Session, frame: Frame) -> HandlerResult {
     Ok(Reply::text(frame.text()?.to_uppercase()))
 }
 
@@ -44,7 +45,9 @@ async fn countdown(session: Session, frame: Frame) -> HandlerResult {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").init();
-    let router: Router = handlers::builtin().route(200, shout).route(201, countdown);
+    let router: Router = handlers::builtin()
+        .route_sync(200, shout)
+        .route(201, countdown);
     let config = Config {
         listen: ":8090".parse()?,
         ..Config::default()

@@ -48,6 +48,25 @@ pub trait Handler: Send + Sync + 'static {
     fn call(&self, session: Session, frame: Frame) -> BoxFuture;
 }
 
+/// A handler that is done as soon as it is called: it never waits. Every
+/// `fn(&Session, Frame) -> HandlerResult` and matching closure is one.
+/// Registered with [`Router::route_sync`](crate::Router::route_sync), it
+/// runs without a future, a box for it or a handle on the session, which
+/// an `async fn` costs on every frame.
+pub trait SyncHandler: Send + Sync + 'static {
+    /// Handles one frame from `session`.
+    fn call(&self, session: &Session, frame: Frame) -> HandlerResult;
+}
+
+impl<F> SyncHandler for F
+where
+    F: Fn(&Session, Frame) -> HandlerResult + Send + Sync + 'static,
+{
+    fn call(&self, session: &Session, frame: Frame) -> HandlerResult {
+        self(session, frame)
+    }
+}
+
 impl<F, Fut> Handler for F
 where
     F: Fn(Session, Frame) -> Fut + Send + Sync + 'static,

@@ -83,7 +83,7 @@ pub use close::CloseReason;
 pub use config::{Config, ListenAddr};
 pub use error::{ErrorCode, HandlerError};
 pub use frame::{Frame, FrameError};
-pub use handler::{Handler, HandlerResult, Reply};
+pub use handler::{Handler, HandlerResult, Reply, SyncHandler};
 pub use hub::Hub;
 pub use node::Node;
 pub use router::Router;

@@ -8,7 +8,12 @@
 //!     Ok(Reply::text(text.to_uppercase()))
 //! }
 //!
-//! let router = Router::new().route(200, shout);
+//! // A handler that never waits may be a plain function: it costs less.
+//! fn whisper(_session: &Session, frame: Frame) -> HandlerResult {
+//!     Ok(Reply::text(frame.text()?.to_lowercase()))
+//! }
+//!
+//! let router = Router::new().route(200, shout).route_sync(201, whisper);
 //! ```
 
 use std::{
@@ -23,7 +28,7 @@ use futures_util::{future::CatchUnwind, stream::FuturesOrdered, FutureExt, Strea
 use tracing::{debug, warn};
 
 use crate::handler::BoxFuture;
-pub use crate::handler::{Handler, HandlerResult, Reply};
+pub use crate::handler::{Handler, HandlerResult, Reply, SyncHandler};
 use crate::{
     error::{ErrorCode, HandlerError},
     frame::{Frame, Preview, MAX_OPCODE},
@@ -41,10 +46,18 @@ pub struct Router {
 
 struct Route {
     opcode: u32,
-    handler: Box<dyn Handler>,
+    handler: Run,
     /// May run side by side with the next frames' handlers (see
     /// [`Router::handle_run`]).
     pipelined: bool,
+}
+
+/// How a route's handler runs.
+enum Run {
+    /// To completion, polled as a future.
+    Async(Box<dyn Handler>),
+    /// Done when called.
+    Sync(Box<dyn SyncHandler>),
 }
 
 impl Default for Router {
@@ -72,7 +85,7 @@ impl Router {
     ///
     /// # Panics
     /// When `opcode` has one already.
-    fn add(&mut self, opcode: u32, handler: Box<dyn Handler>, pipelined: bool) {
+    fn add(&mut self, opcode: u32, handler: Run, pipelined: bool) {
         let at = match self.routes.binary_search_by_key(&opcode, |r| r.opcode) {
             Ok(_) => panic!("opcode {opcode} is already routed"),
             Err(at) => at,
@@ -90,15 +103,16 @@ impl Router {
     /// # Panics
     /// When `opcode` is not reserved or already registered.
     pub(crate) fn route_protocol(self, opcode: u32, handler: impl Handler) -> Router {
-        self.route_protocol_as(opcode, Box::new(handler), false)
+        self.route_protocol_as(opcode, Run::Async(Box::new(handler)), false)
     }
 
-    fn route_protocol_as(
-        mut self,
-        opcode: u32,
-        handler: Box<dyn Handler>,
-        pipelined: bool,
-    ) -> Router {
+    /// [`route_protocol`](Router::route_protocol) for a handler that never
+    /// waits (see [`Router::route_sync`]).
+    pub(crate) fn route_protocol_sync(self, opcode: u32, handler: impl SyncHandler) -> Router {
+        self.route_protocol_as(opcode, Run::Sync(Box::new(handler)), false)
+    }
+
+    fn route_protocol_as(mut self, opcode: u32, handler: Run, pipelined: bool) -> Router {
         assert!(
             opcode::is_reserved(opcode),
             "opcode {opcode} is not reserved"
@@ -112,7 +126,7 @@ impl Router {
     /// its handler must do everything that orders it among other
     /// publications (hand the publication to the broker) in its first poll.
     pub(crate) fn route_protocol_pipelined(self, opcode: u32, handler: impl Handler) -> Router {
-        self.route_protocol_as(opcode, Box::new(handler), true)
+        self.route_protocol_as(opcode, Run::Async(Box::new(handler)), true)
     }
 
     /// Whether a binary message may join a run of frames handled side by
@@ -135,7 +149,24 @@ impl Router {
     /// # Panics
     /// When `opcode` is reserved (below 100), above the 24-bit maximum, or
     /// already registered: each is a programming error, caught at start-up.
-    pub fn route(mut self, opcode: u32, handler: impl Handler) -> Router {
+    pub fn route(self, opcode: u32, handler: impl Handler) -> Router {
+        self.route_app(opcode, Run::Async(Box::new(handler)))
+    }
+
+    /// Registers `handler`, which never waits, for `opcode`: it is called
+    /// in the session's task as the frame is read, and its reply is queued
+    /// at once. For handlers that do not `.await`, this saves what an
+    /// `async fn` costs per frame (its future, boxed, and a handle on the
+    /// session). A panic becomes an INTERNAL error frame, as for any
+    /// handler.
+    ///
+    /// # Panics
+    /// As [`Router::route`].
+    pub fn route_sync(self, opcode: u32, handler: impl SyncHandler) -> Router {
+        self.route_app(opcode, Run::Sync(Box::new(handler)))
+    }
+
+    fn route_app(mut self, opcode: u32, handler: Run) -> Router {
         assert!(
             !opcode::is_reserved(opcode),
             "opcode {opcode} is reserved for the protocol"
@@ -144,7 +175,7 @@ impl Router {
             opcode <= MAX_OPCODE,
             "opcode {opcode} exceeds the 24-bit maximum"
         );
-        self.add(opcode, Box::new(handler), false);
+        self.add(opcode, handler, false);
         self
     }
 
@@ -217,34 +248,46 @@ impl Router {
             "frame in"
         );
         let (op, request_id) = (frame.opcode, frame.request_id);
-        let running: BoxFuture = match self.route_of(op) {
-            Some(route) => route.handler.call(session.clone(), frame),
-            // Rare, so boxed like a handler: a call stays small, and so does
-            // the session's future that waits for it.
-            None => Box::pin(std::future::ready(Err(HandlerError::protocol(
+        let state = match self.route_of(op).map(|route| &route.handler) {
+            Some(Run::Async(handler)) => {
+                let running = handler.call(session.clone(), frame);
+                State::Running(AssertUnwindSafe(running).catch_unwind())
+            }
+            Some(Run::Sync(handler)) => {
+                let result =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(session, frame)));
+                State::Done(Some(result.ok()))
+            }
+            None => State::Done(Some(Some(Err(HandlerError::protocol(
                 ErrorCode::UnknownOpcode,
                 unknown_opcode_message(op),
-            )))),
+            ))))),
         };
         Some(Call {
             op,
             request_id,
-            running: AssertUnwindSafe(running).catch_unwind(),
+            state,
         })
     }
 }
 
-/// A frame's handler, running.
+/// A frame's handler, running or done.
 pub(crate) struct Call {
     op: u32,
     request_id: Option<u32>,
-    running: CatchUnwind<AssertUnwindSafe<BoxFuture>>,
+    state: State,
+}
+
+enum State {
+    Running(CatchUnwind<AssertUnwindSafe<BoxFuture>>),
+    /// The result (`None`: the handler panicked) until it is taken.
+    Done(Option<Option<HandlerResult>>),
 }
 
 impl Call {
     /// Runs the handler; once it is done, queues its answer for `session`.
     pub(crate) fn poll_answered(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
-        let result = std::task::ready!(self.running.poll_unpin(cx)).ok();
+        let result = std::task::ready!(self.poll_unpin(cx));
         answer(session, self.op, self.request_id, result);
         Poll::Ready(())
     }
@@ -255,7 +298,10 @@ impl Future for Call {
     type Output = Option<HandlerResult>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<HandlerResult>> {
-        self.running.poll_unpin(cx).map(Result::ok)
+        match &mut self.state {
+            State::Running(running) => running.poll_unpin(cx).map(Result::ok),
+            State::Done(result) => Poll::Ready(result.take().expect("a call is polled once done")),
+        }
     }
 }
 

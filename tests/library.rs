@@ -29,6 +29,17 @@ async fn explode(_session: Session, _frame: Frame) -> HandlerResult {
     panic!("handler bug")
 }
 
+/// A handler that never waits: a plain function, routed with `route_sync`.
+fn shout(session: &Session, frame: Frame) -> HandlerResult {
+    let loud = frame.text()?.to_uppercase();
+    session.send(&Frame::new(307, "before the reply")).unwrap();
+    Ok(Reply::text(loud))
+}
+
+fn explode_at_once(_session: &Session, _frame: Frame) -> HandlerResult {
+    panic!("handler bug")
+}
+
 fn router() -> Router {
     Router::new()
         .route(300, silent)
@@ -43,6 +54,11 @@ fn router() -> Router {
                 opcode: 0x0100_0000,
                 payload: Bytes::new(),
             })
+        })
+        .route_sync(307, shout)
+        .route_sync(308, explode_at_once)
+        .route_sync(309, |session: &Session, _frame: Frame| {
+            Ok(Reply::text(session.id().to_owned()))
         })
 }
 
@@ -99,6 +115,57 @@ async fn handler_errors_and_panics_become_error_frames() {
     assert_error(&invalid_reply, ErrorCode::Internal, 306);
     // The session survived its handler's panic.
     assert_eq!(client.call(305, "").await.unwrap().opcode, 305);
+}
+
+#[tokio::test]
+async fn handlers_that_never_wait_answer_like_async_ones() {
+    let server = TestServer::with_router(config(), router()).await;
+    let mut client = server.client().await;
+    // Pushes first, then the reply with the request's id.
+    client
+        .send(&Frame::new(307, "hush").with_request_id(Some(9)))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.recv().await.unwrap(),
+        Frame::new(307, "before the reply")
+    );
+    assert_eq!(
+        client.recv().await.unwrap(),
+        Frame::new(307, "HUSH").with_request_id(Some(9))
+    );
+    // A `?` on the payload is a BAD_PAYLOAD error frame.
+    assert_error(
+        &client.call(307, vec![0xff, 0xfe]).await.unwrap(),
+        ErrorCode::BadPayload,
+        307,
+    );
+    // A panic is an INTERNAL error frame, and the session goes on.
+    assert_error(
+        &client.call(308, "").await.unwrap(),
+        ErrorCode::Internal,
+        308,
+    );
+    let id = client.call(309, "").await.unwrap();
+    assert_eq!(id.opcode, 309);
+    assert!(!id.payload.is_empty());
+    // Frames in a row are answered in order, sync and async alike.
+    for (i, op) in [309, 305, 309, 300].into_iter().enumerate() {
+        client
+            .send(&Frame::new(op, "").with_request_id(Some(i as u32)))
+            .await
+            .unwrap();
+    }
+    for (i, op) in [309, 305, 309, opcode::ACK].into_iter().enumerate() {
+        let reply = client.recv().await.unwrap();
+        assert_eq!((reply.opcode, reply.request_id), (op, Some(i as u32)));
+    }
+}
+
+#[test]
+#[should_panic(expected = "reserved")]
+fn reserved_opcodes_cannot_be_routed_sync_either() {
+    let _ = Router::new().route_sync(opcode::PING, shout);
 }
 
 #[tokio::test]

@@ -25,9 +25,9 @@ async fn start_server() -> Running {
     let received = Arc::new(Mutex::new(Vec::new()));
     let record = received.clone();
     let router = Router::new()
-        .route(100, handlers::echo)
-        .route(111, handlers::get_info)
-        .route(110, move |session: Session, frame: Frame| {
+        .route_sync(100, handlers::echo)
+        .route_sync(111, handlers::get_info)
+        .route_sync(110, move |session: &Session, frame: Frame| {
             record.lock().unwrap().push(frame.encode());
             handlers::add_friend(session, frame)
         });

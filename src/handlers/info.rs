@@ -8,9 +8,9 @@ use crate::{Frame, HandlerResult, Reply, Session};
 /// those of the session's user, shared by all its connections on this node
 /// (see [`add_friend`](super::add_friend)); a session without a user id
 /// has its own.
-pub async fn get_info(session: Session, frame: Frame) -> HandlerResult {
+pub fn get_info(session: &Session, frame: Frame) -> HandlerResult {
     let request: v1::InfoRequest = frame.message()?;
-    let (friend_count, friends) = friends_of(&session, request.include_friends);
+    let (friend_count, friends) = friends_of(session, request.include_friends);
     let (node, hub) = (session.node(), session.hub());
     Ok(Reply::message(&v1::Info {
         server: crate::SERVER_NAME.to_owned(),

@@ -24,9 +24,9 @@ use crate::{opcode, Frame, HandlerResult, Reply, Router, Session};
 /// A router with every built-in application handler registered.
 pub fn builtin() -> Router {
     Router::new()
-        .route(opcode::ECHO, echo)
-        .route(opcode::ADD_FRIEND, add_friend)
-        .route(opcode::GET_INFO, get_info)
+        .route_sync(opcode::ECHO, echo)
+        .route_sync(opcode::ADD_FRIEND, add_friend)
+        .route_sync(opcode::GET_INFO, get_info)
 }
 
 /// `router` with the protocol's own opcodes (10–18: topics, rooms, direct
@@ -47,12 +47,12 @@ pub fn with_protocol(router: Router) -> Router {
         .route_protocol_pipelined(opcode::SEND, pubsub::send)
         .route_protocol(opcode::PRESENCE, pubsub::presence)
         .route_protocol(opcode::ACKNOWLEDGE, pubsub::acknowledge)
-        .route_protocol(opcode::PING, pong)
+        .route_protocol_sync(opcode::PING, pong)
         .route_protocol(opcode::REFRESH_TOKEN, refresh::refresh_token)
 }
 
 /// Opcode 3: answers PONG with the same payload.
-async fn pong(_session: Session, frame: Frame) -> HandlerResult {
+fn pong(_session: &Session, frame: Frame) -> HandlerResult {
     Ok(Reply::Frame {
         opcode: opcode::PONG,
         payload: frame.payload,

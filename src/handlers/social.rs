@@ -105,7 +105,7 @@ pub(super) fn friends_of(session: &Session, names: bool) -> (u32, Vec<String>) {
 /// connection without a user id).
 ///
 /// Idempotent: adding a name twice reports `already_friends`.
-pub async fn add_friend(session: Session, frame: Frame) -> HandlerResult {
+pub fn add_friend(session: &Session, frame: Frame) -> HandlerResult {
     let name = frame.text()?.trim();
     let chars = name.chars().count();
     if chars == 0 || chars > MAX_NAME_CHARS || name.chars().any(char::is_control) {
@@ -113,7 +113,7 @@ pub async fn add_friend(session: Session, frame: Frame) -> HandlerResult {
             "a friend's name is 1 to {MAX_NAME_CHARS} printable characters"
         )));
     }
-    let reply = with_friends(&session, |friends| {
+    let reply = with_friends(session, |friends| {
         let already_friends = friends.0.iter().any(|f| f == name);
         if !already_friends {
             if friends.0.len() >= MAX_FRIENDS {
