@@ -26,6 +26,15 @@
 #   fan-out), FANOUT_FIXED=0 (max rate only), IDLE_CONNS (0: no idle run). E.g.
 #     ECHO_CONNS=1000 ECHO_SIZES=4096 ECHO_DEPTHS=1 FANOUT_SUBS="1000 10000" \
 #     FANOUT_FIXED=0 IDLE_CONNS=0 benches/compare.sh
+#   SERVER_CPU_QUOTA  percent of one CPU each server may use (a CFS bandwidth
+#             quota per 10 ms period; needs root and the cgroup cpu
+#             controller). On two cores the load generator costs about what
+#             a server does per round trip, so without a quota it, not the
+#             server, sets the pace of the busy echo cells; with
+#             SERVER_CPU_QUOTA=50 the server is the bottleneck and the
+#             ratios are the servers' own. It is also what a container
+#             with a CPU limit gets. E.g.
+#     SERVER_CPU_QUOTA=50 ECHO_DEPTHS=1 FANOUT_SUBS="" IDLE_CONNS=0 benches/compare.sh
 #
 # Exits non-zero when a build fails, a server does not start or dies, or a
 # bench run produces no JSON. A run that reports errors or lost messages is
@@ -156,6 +165,10 @@ start_server() {
     esac
     server_pid[$name]=$!
     server_log[$name]="$log"
+    if [ -n "$quota_group" ]; then
+        echo "${server_pid[$name]}" >"$quota_group/cgroup.procs" ||
+            fail "cannot move the $name server into $quota_group"
+    fi
     local _
     for _ in $(seq 100); do
         alive "${server_pid[$name]}" || fail "$name server exited while starting" "$log"
@@ -191,10 +204,39 @@ cleanup() {
         stop_server "$name"
     done
     rm -rf "$scratch"
+    if [ -n "${quota_group:-}" ]; then
+        rmdir "$quota_group" 2>/dev/null || true
+    fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# The optional CPU quota: one cgroup (v2 or v1) that every server joins.
+quota="${SERVER_CPU_QUOTA:-}"
+quota_group=""
+if [ -n "$quota" ]; then
+    case "$quota" in
+        *[!0-9]* | 0) fail "SERVER_CPU_QUOTA is a percent of one CPU, 1 to 100 (got '$quota')" ;;
+    esac
+    [ "$quota" -le 100 ] || fail "SERVER_CPU_QUOTA is at most 100 (got $quota)"
+    period=10000
+    if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+        quota_group="/sys/fs/cgroup/wsproto-bench-$$"
+        echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+        { mkdir "$quota_group" && echo "$((period * quota / 100)) $period" >"$quota_group/cpu.max"; } ||
+            fail "cannot set a cgroup v2 CPU quota in $quota_group (run as root)"
+    elif [ -d /sys/fs/cgroup/cpu ]; then
+        quota_group="/sys/fs/cgroup/cpu/wsproto-bench-$$"
+        { mkdir "$quota_group" && echo "$period" >"$quota_group/cpu.cfs_period_us" &&
+            echo "$((period * quota / 100))" >"$quota_group/cpu.cfs_quota_us"; } ||
+            fail "cannot set a cgroup v1 CPU quota in $quota_group (run as root)"
+    else
+        fail "SERVER_CPU_QUOTA needs the cgroup cpu controller"
+    fi
+    pinning="$pinning; each server limited to $quota% of a CPU (CFS quota per 10 ms)"
+    say "servers limited to $quota% of a CPU ($quota_group)"
+fi
 
 # bench NAME MODE ARGS...: one load-generator run against server NAME; its JSON
 # line, tagged with "server", is appended to $JSONL.
