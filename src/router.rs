@@ -222,7 +222,8 @@ impl Router {
     }
 
     /// Decodes `message` and starts its handler; `None` when the frame was
-    /// answered at once (it does not decode).
+    /// answered at once (it does not decode, its opcode has no handler, or
+    /// its handler never waits).
     pub(crate) fn start(&self, session: &Session, message: Bytes) -> Option<Call> {
         let len = message.len();
         let frame = match Frame::decode(message) {
@@ -248,46 +249,43 @@ impl Router {
             "frame in"
         );
         let (op, request_id) = (frame.opcode, frame.request_id);
-        let state = match self.route_of(op).map(|route| &route.handler) {
-            Some(Run::Async(handler)) => {
-                let running = handler.call(session.clone(), frame);
-                State::Running(AssertUnwindSafe(running).catch_unwind())
-            }
+        // A handler that is done at once, or an unknown opcode, is answered
+        // right here. (Neither is ever part of a run, whose answers keep
+        // the frames' order: pipelined routes are all async.)
+        let running = match self.route_of(op).map(|route| &route.handler) {
+            Some(Run::Async(handler)) => handler.call(session.clone(), frame),
             Some(Run::Sync(handler)) => {
                 let result =
                     std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(session, frame)));
-                State::Done(Some(result.ok()))
+                answer(session, op, request_id, result.ok());
+                return None;
             }
-            None => State::Done(Some(Some(Err(HandlerError::protocol(
-                ErrorCode::UnknownOpcode,
-                unknown_opcode_message(op),
-            ))))),
+            None => {
+                let message = unknown_opcode_message(op);
+                let unknown = HandlerError::protocol(ErrorCode::UnknownOpcode, message);
+                answer(session, op, request_id, Some(Err(unknown)));
+                return None;
+            }
         };
         Some(Call {
             op,
             request_id,
-            state,
+            running: AssertUnwindSafe(running).catch_unwind(),
         })
     }
 }
 
-/// A frame's handler, running or done.
+/// A frame's handler, running.
 pub(crate) struct Call {
     op: u32,
     request_id: Option<u32>,
-    state: State,
-}
-
-enum State {
-    Running(CatchUnwind<AssertUnwindSafe<BoxFuture>>),
-    /// The result (`None`: the handler panicked) until it is taken.
-    Done(Option<Option<HandlerResult>>),
+    running: CatchUnwind<AssertUnwindSafe<BoxFuture>>,
 }
 
 impl Call {
     /// Runs the handler; once it is done, queues its answer for `session`.
     pub(crate) fn poll_answered(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
-        let result = std::task::ready!(self.poll_unpin(cx));
+        let result = std::task::ready!(self.running.poll_unpin(cx)).ok();
         answer(session, self.op, self.request_id, result);
         Poll::Ready(())
     }
@@ -298,10 +296,7 @@ impl Future for Call {
     type Output = Option<HandlerResult>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<HandlerResult>> {
-        match &mut self.state {
-            State::Running(running) => running.poll_unpin(cx).map(Result::ok),
-            State::Done(result) => Poll::Ready(result.take().expect("a call is polled once done")),
-        }
+        self.running.poll_unpin(cx).map(Result::ok)
     }
 }
 
