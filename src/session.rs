@@ -44,7 +44,7 @@ pub struct Session {
     inner: Arc<Inner>,
 }
 
-// `repr(C)`: `hot` first, in a cache line of its own (see `Hot`).
+// `repr(C)`: `hot` first, its fields kept together (see `Hot`).
 #[repr(C)]
 struct Inner {
     hot: Hot,
