@@ -30,7 +30,7 @@ use prost::Message as _;
 use tokio::runtime::Runtime;
 use wsproto::{
     handlers, identity::Identity, opcode, proto::v1, session::Registration, topic::Topic, Frame,
-    Node, Router, Session,
+    Node, Outgoing, Router, Session,
 };
 
 /// Payload sizes of the codec benchmarks: empty, a small command, a page.
@@ -108,7 +108,7 @@ fn encode(c: &mut Criterion) {
 
 /// Moves every frame queued for `session` into `out` (emptied first), as
 /// the session's writer would; returns how many there were.
-async fn drain(session: &Session, out: &mut Vec<Bytes>) -> usize {
+async fn drain(session: &Session, out: &mut Vec<Outgoing>) -> usize {
     out.clear();
     // Only this thread queues, so a non-empty queue never makes this wait.
     while !session.queue().is_empty() {
@@ -123,7 +123,7 @@ async fn dispatch_one(
     router: &Router,
     session: &Session,
     message: Bytes,
-    out: &mut Vec<Bytes>,
+    out: &mut Vec<Outgoing>,
 ) -> usize {
     router.handle_message(session, message).await;
     drain(session, out).await
@@ -135,7 +135,7 @@ fn only_reply(router: &Router, session: &Session, message: &Bytes) -> Frame {
     let mut out = Vec::new();
     let queued = runtime().block_on(dispatch_one(router, session, message.clone(), &mut out));
     assert_eq!(queued, 1, "one answer to one request");
-    Frame::decode(out[0].clone()).expect("queued frames are valid")
+    Frame::decode(out[0].clone().into_bytes()).expect("queued frames are valid")
 }
 
 fn dispatch(c: &mut Criterion) {
@@ -199,7 +199,7 @@ impl Fanout {
 
     /// Dispatches `message` (a PUBLISH frame) from the publisher, then
     /// drains its reply and every subscriber's queue; returns the deliveries.
-    async fn publish(&self, router: &Router, message: Bytes, out: &mut Vec<Bytes>) -> usize {
+    async fn publish(&self, router: &Router, message: Bytes, out: &mut Vec<Outgoing>) -> usize {
         dispatch_one(router, &self.publisher, message, out).await;
         let mut delivered = 0;
         for subscriber in &self.subscribers {

@@ -35,7 +35,7 @@ async fn countdown(session: Session, frame: Frame) -> HandlerResult {
     }
     for n in (1..=from).rev() {
         session
-            .send(&Frame::new(201, n.to_string()))
+            .send(Frame::new(201, n.to_string()))
             .map_err(|e| HandlerError::internal(e.to_string()))?;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

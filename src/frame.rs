@@ -187,6 +187,13 @@ impl Frame {
 
     /// Appends the encoded frame to `dst`.
     pub fn encode_into(&self, dst: &mut impl BufMut) {
+        let (header, header_len) = self.header();
+        dst.put_slice(&header[..header_len as usize]);
+        crate::copy::put_slice(dst, &self.payload);
+    }
+
+    /// The opcode word and request id as encoded, and their length.
+    fn header(&self) -> (Header, u8) {
         let mut header = [0u8; OPCODE_LEN + REQUEST_ID_LEN];
         let opcode = self.opcode & MAX_OPCODE;
         let header_len = match self.request_id {
@@ -200,8 +207,7 @@ impl Frame {
                 OPCODE_LEN
             }
         };
-        dst.put_slice(&header[..header_len]);
-        crate::copy::put_slice(dst, &self.payload);
+        (header, header_len as u8)
     }
 
     /// Encodes the frame into one buffer, ready to be shared by every recipient.
@@ -227,6 +233,104 @@ impl Frame {
     /// A BAD_PAYLOAD [`HandlerError`] when it does not decode.
     pub fn message<M: prost::Message + Default>(&self) -> Result<M, HandlerError> {
         Ok(M::decode(self.payload.clone())?)
+    }
+}
+
+/// A frame's encoded header: the opcode word and the request id.
+type Header = [u8; OPCODE_LEN + REQUEST_ID_LEN];
+
+/// A frame on its way to the client: the encoded header kept apart from
+/// the payload. Queuing a reply this way takes neither a buffer of its own
+/// nor a copy of the payload (often the request's own bytes); the socket
+/// writes the two together. A frame encoded once for many recipients
+/// ([`Frame::encode`]) is one with an empty header.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    header: Header,
+    header_len: u8,
+    payload: Bytes,
+}
+
+impl Outgoing {
+    /// The encoded header (empty for a frame encoded as a whole).
+    pub fn header(&self) -> &[u8] {
+        &self.header[..self.header_len as usize]
+    }
+
+    /// What follows the header.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Bytes of the encoded frame.
+    pub fn len(&self) -> usize {
+        self.header_len as usize + self.payload.len()
+    }
+
+    /// Whether the encoded frame has no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The encoded frame in one buffer: a copy, unless the header is empty.
+    pub fn into_bytes(self) -> Bytes {
+        if self.header_len == 0 {
+            return self.payload;
+        }
+        let mut buf = BytesMut::with_capacity(self.len());
+        buf.put_slice(self.header());
+        crate::copy::put_slice(&mut buf, &self.payload);
+        buf.freeze()
+    }
+}
+
+impl From<Bytes> for Outgoing {
+    /// A frame already encoded whole.
+    fn from(encoded: Bytes) -> Outgoing {
+        Outgoing {
+            header: Header::default(),
+            header_len: 0,
+            payload: encoded,
+        }
+    }
+}
+
+impl From<Frame> for Outgoing {
+    fn from(frame: Frame) -> Outgoing {
+        let (header, header_len) = frame.header();
+        Outgoing {
+            header,
+            header_len,
+            payload: frame.payload,
+        }
+    }
+}
+
+impl From<&Frame> for Outgoing {
+    fn from(frame: &Frame) -> Outgoing {
+        let (header, header_len) = frame.header();
+        Outgoing {
+            header,
+            header_len,
+            payload: frame.payload.clone(),
+        }
+    }
+}
+
+impl PartialEq<Bytes> for Outgoing {
+    /// Whether `encoded` is this frame encoded whole.
+    fn eq(&self, encoded: &Bytes) -> bool {
+        let (header, payload) = encoded.split_at(encoded.len().min(self.header().len()));
+        header == self.header() && payload == self.payload
+    }
+}
+
+impl fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("header", &Preview::new(self.header(), usize::MAX))
+            .field("payload", &Preview::new(&self.payload, usize::MAX))
+            .finish()
     }
 }
 
@@ -400,6 +504,20 @@ mod tests {
             let bytes = frame.encode();
             prop_assert_eq!(bytes.len(), frame.encoded_len());
             prop_assert_eq!(Frame::decode(bytes).unwrap(), frame);
+        }
+
+        #[test]
+        fn a_frame_queued_with_its_header_apart_is_the_same_bytes(frame in any_frame()) {
+            let encoded = frame.encode();
+            let apart = Outgoing::from(&frame);
+            prop_assert_eq!(apart.len(), encoded.len());
+            prop_assert_eq!(&apart, &encoded);
+            prop_assert_eq!(&[apart.header(), &apart.payload()[..]].concat()[..], &encoded[..]);
+            prop_assert_eq!(Outgoing::from(frame).into_bytes(), encoded.clone());
+            // Encoded whole: no header apart, and the same buffer.
+            let whole = Outgoing::from(encoded.clone());
+            prop_assert!(whole.header().is_empty());
+            prop_assert_eq!(whole.into_bytes().as_ptr(), encoded.as_ptr());
         }
 
         #[test]

@@ -82,7 +82,7 @@ mod web;
 pub use close::CloseReason;
 pub use config::{Config, ListenAddr};
 pub use error::{ErrorCode, HandlerError};
-pub use frame::{Frame, FrameError};
+pub use frame::{Frame, FrameError, Outgoing};
 pub use handler::{Handler, HandlerResult, Reply, SyncHandler};
 pub use hub::Hub;
 pub use node::Node;

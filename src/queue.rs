@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 use crate::{
     broker::Position,
     close::CloseReason,
+    frame::Outgoing,
     inflight::{AckSettings, Inflight},
     signal::{Event, Fired},
 };
@@ -235,16 +236,16 @@ enum Follow {
 }
 
 struct Entry {
-    frame: Bytes,
+    frame: Outgoing,
     policy: DeliveryPolicy,
     /// The topic a conflated frame belongs to.
     topic: Option<Arc<str>>,
 }
 
 /// A queue entry; the topic is kept only where conflation needs it.
-fn entry(frame: Bytes, policy: DeliveryPolicy, topic: Option<&Arc<str>>) -> Entry {
+fn entry(frame: impl Into<Outgoing>, policy: DeliveryPolicy, topic: Option<&Arc<str>>) -> Entry {
     Entry {
-        frame,
+        frame: frame.into(),
         policy,
         // Not cloned (an atomic increment per recipient of a fan-out)
         // for anything but conflation.
@@ -349,7 +350,7 @@ impl SessionQueue {
     /// [`PushError::Full`] when the queue was full (the session is then
     /// closed with 1008 and its pending frames dropped), and
     /// [`PushError::Closed`] when the session is already closing.
-    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+    pub fn push(&self, frame: impl Into<Outgoing>) -> Result<(), PushError> {
         self.push_with(frame, DeliveryPolicy::default(), None)
             .map(drop)
     }
@@ -361,7 +362,7 @@ impl SessionQueue {
     /// other way to make room.
     pub fn push_with(
         &self,
-        frame: Bytes,
+        frame: impl Into<Outgoing>,
         policy: DeliveryPolicy,
         topic: Option<&Arc<str>>,
     ) -> Result<Pushed, PushError> {
@@ -623,7 +624,8 @@ impl SessionQueue {
         if entry.policy.critical {
             let mut state = self.state();
             if state.inflight.as_ref().is_some_and(|i| i.has_replay_room()) {
-                self.track(&mut state, stream, position, &entry.frame);
+                // A numbered delivery is encoded whole (no header apart).
+                self.track(&mut state, stream, position, entry.frame.payload());
             }
         }
         self.push_paced(entry).await
@@ -783,7 +785,7 @@ impl SessionQueue {
     /// Waits for work: moves up to `max` pending frames into `out`, or, once
     /// none are left and the queue is closing, returns the close reason.
     /// Only the session's writer calls this.
-    pub async fn next_batch(&self, out: &mut Vec<Bytes>, max: usize) -> Batch {
+    pub async fn next_batch(&self, out: &mut Vec<Outgoing>, max: usize) -> Batch {
         std::future::poll_fn(|cx| self.poll_batch(cx, out, max)).await
     }
 
@@ -791,7 +793,7 @@ impl SessionQueue {
     pub(crate) fn poll_batch(
         &self,
         cx: &mut Context<'_>,
-        out: &mut Vec<Bytes>,
+        out: &mut Vec<Outgoing>,
         max: usize,
     ) -> Poll<Batch> {
         let mut guard = self.state();
@@ -904,7 +906,7 @@ mod tests {
         if !queue.is_empty() {
             queue.next_batch(&mut out, usize::MAX).await;
         }
-        out
+        out.into_iter().map(Outgoing::into_bytes).collect()
     }
 
     #[test]

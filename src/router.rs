@@ -326,7 +326,7 @@ fn answer(session: &Session, op: u32, request_id: Option<u32>, result: Option<Ha
         }
     };
     // A full queue closes the session; nothing else to do here.
-    let _ = session.send(&reply.with_request_id(request_id));
+    let _ = session.send(reply.with_request_id(request_id));
 }
 
 fn unknown_opcode_message(op: u32) -> String {

@@ -26,7 +26,7 @@ use crate::{
     auth::Authenticator,
     broker::{BrokerError, Sender},
     error::ErrorCode,
-    frame::Frame,
+    frame::{Frame, Outgoing},
     hub::Hub,
     identity::Identity,
     metrics,
@@ -227,13 +227,14 @@ impl Session {
         self.inner.hot.frames_sent.load(Ordering::Relaxed)
     }
 
-    /// Queues a frame for the client.
+    /// Queues a frame for the client: a [`Frame`], owned (its payload is
+    /// written from where it is, without a copy) or borrowed.
     ///
     /// # Errors
     /// When the session is closing, or its queue is full (the session is
     /// then closed as a slow consumer).
-    pub fn send(&self, frame: &Frame) -> Result<(), PushError> {
-        self.send_encoded(frame.encode())
+    pub fn send(&self, frame: impl Into<Outgoing>) -> Result<(), PushError> {
+        self.inner.hot.queue.push(frame)
     }
 
     /// Queues an already-encoded frame; lets one encoding serve many sessions.
@@ -257,7 +258,7 @@ impl Session {
             opcode,
         };
         let frame = Frame::new(opcode::ERROR, error.encode_to_vec()).with_request_id(request_id);
-        let _ = self.send(&frame);
+        let _ = self.send(frame);
     }
 
     /// Runs `f` on this session's value of type `T` (created with

@@ -13,7 +13,7 @@ async fn silent(_session: Session, _frame: Frame) -> HandlerResult {
 
 async fn push_three_then_reply(session: Session, frame: Frame) -> HandlerResult {
     for i in 0..3 {
-        session.send(&Frame::new(301, format!("push {i}"))).unwrap();
+        session.send(Frame::new(301, format!("push {i}"))).unwrap();
     }
     Ok(Reply::Frame {
         opcode: 302,
@@ -32,7 +32,7 @@ async fn explode(_session: Session, _frame: Frame) -> HandlerResult {
 /// A handler that never waits: a plain function, routed with `route_sync`.
 fn shout(session: &Session, frame: Frame) -> HandlerResult {
     let loud = frame.text()?.to_uppercase();
-    session.send(&Frame::new(307, "before the reply")).unwrap();
+    session.send(Frame::new(307, "before the reply")).unwrap();
     Ok(Reply::text(loud))
 }
 

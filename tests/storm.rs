@@ -95,11 +95,14 @@ async fn clients_from_one_address_reconnecting_at_once_all_get_in() {
         "every refusal was an HTTP answer; first errors: {:?}",
         UNANSWERED.lock().unwrap()
     );
-    // What the defaults promise for a storm (measured here: under 2 s in a
-    // debug build, so this leaves room for a slow machine).
+    // What the defaults promise for a storm: measured here under 2 s in a
+    // debug build alone, and once over 10 s while the whole suite shared
+    // two cores. Limits that kept turning clients away would show as
+    // several back-off windows of up to 10 s each, so 20 s still catches
+    // them.
     assert!(
-        took <= Duration::from_secs(10),
-        "{CLIENTS} clients from one address took {took:?} to get in; the defaults should admit them within 10 s"
+        took <= Duration::from_secs(20),
+        "{CLIENTS} clients from one address took {took:?} to get in; the defaults should admit them within 20 s"
     );
     drop(clients);
     server.wait_for_sessions(0).await;

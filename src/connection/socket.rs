@@ -14,8 +14,9 @@
 //! is a copy of every shared delivery per recipient, and a per-connection
 //! buffer that grows to the largest batch. [`Socket::write_batch`] writes
 //! them with one vectored write from their own buffers, each behind the
-//! header tungstenite formats; the codec still writes what the protocol
-//! owes (pongs, the close) and the session's first frame.
+//! header tungstenite formats (and a reply's own header, which is kept
+//! apart from its payload: see [`Outgoing`]); the codec still writes what
+//! the protocol owes (pongs, the close) and the session's first frame.
 //!
 //! So do the client's whole data frames, while the codec holds nothing and
 //! owes nothing: [`Socket::poll_read`] takes a final, masked binary or text
@@ -44,7 +45,7 @@ use tokio_tungstenite::tungstenite::{
     Message,
 };
 
-use crate::stream::ReadReady;
+use crate::{frame::Outgoing, stream::ReadReady};
 
 /// One server-side WebSocket: the stream and the protocol's state.
 pub(crate) struct Socket<S> {
@@ -74,9 +75,9 @@ pub(crate) struct Socket<S> {
     /// what the codec holds, and once the first byte is out, with the
     /// codec's writes held (a pong it owes waits), so its frames cannot
     /// land inside one of these.
-    outgoing: Vec<Bytes>,
+    outgoing: Vec<Outgoing>,
     /// Of `outgoing`: the messages written in full, and the bytes of the
-    /// next one (its header included) written so far.
+    /// next one (its headers included) written so far.
     sent: usize,
     sent_of_next: usize,
     /// The ping or close handed over with `outgoing`, for the codec once
@@ -84,8 +85,8 @@ pub(crate) struct Socket<S> {
     then: Option<Message>,
 }
 
-/// Most messages put in one vectored write (two slices each: the header,
-/// the message).
+/// Most messages put in one vectored write (up to three slices each: the
+/// WebSocket header, the frame's header, its payload).
 const MAX_VECTORED: usize = 64;
 /// The longest header of a frame from the server (unmasked): 2 bytes and
 /// an 8-byte length.
@@ -124,7 +125,7 @@ where
     pub(crate) fn write_batch(
         &mut self,
         cx: &mut Context<'_>,
-        frames: &mut Vec<Bytes>,
+        frames: &mut Vec<Outgoing>,
         then: Option<Message>,
     ) -> Result<(), WsError> {
         debug_assert!(self.outgoing.is_empty(), "one batch at a time");
@@ -137,7 +138,7 @@ where
             // the codec's buffer does better. (TLS streams are vectored:
             // rustls packs the slices into records.)
             for frame in frames.drain(..) {
-                self.write(cx, Message::Binary(frame))?;
+                self.write(cx, Message::Binary(frame.into_bytes()))?;
             }
         } else if !frames.is_empty() {
             std::mem::swap(&mut self.outgoing, frames);
@@ -368,13 +369,14 @@ where
     }
 }
 
-/// One vectored write of up to `N` of `frames` (each behind its header),
-/// the first `skip` bytes of which were written before. Returns how many
-/// frames are now written in full, and the bytes written of the next.
+/// One vectored write of up to `N` of `frames` (each behind its
+/// WebSocket header), the first `skip` bytes of which were written before.
+/// Returns how many frames are now written in full, and the bytes written
+/// of the next.
 fn poll_write_frames<const N: usize, S: AsyncWrite>(
     stream: Pin<&mut S>,
     cx: &mut Context<'_>,
-    frames: &[Bytes],
+    frames: &[Outgoing],
     mut skip: usize,
 ) -> Poll<Result<(usize, usize), WsError>> {
     let frames = &frames[..frames.len().min(N)];
@@ -383,16 +385,22 @@ fn poll_write_frames<const N: usize, S: AsyncWrite>(
     for (i, frame) in frames.iter().enumerate() {
         header_lens[i] = binary_header(frame.len(), &mut headers[i])?;
     }
-    // Two slices per frame; `[IoSlice; 2 * N]` needs a const expression.
-    let mut slices = [[IoSlice::new(&[]); 2]; N];
+    // Up to three slices per frame (an empty part takes none);
+    // `[IoSlice; 3 * N]` needs a const expression.
+    let mut slices = [[IoSlice::new(&[]); 3]; N];
     let mut used = 0;
     let before = skip;
     for (i, frame) in frames.iter().enumerate() {
-        for part in [&headers[i][..header_lens[i] as usize], &frame[..]] {
+        let parts = [
+            &headers[i][..header_lens[i] as usize],
+            frame.header(),
+            frame.payload(),
+        ];
+        for part in parts {
             let cut = skip.min(part.len());
             skip -= cut;
             if cut < part.len() {
-                slices[used / 2][used % 2] = IoSlice::new(&part[cut..]);
+                slices[used / 3][used % 3] = IoSlice::new(&part[cut..]);
                 used += 1;
             }
         }
@@ -885,7 +893,7 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
             .collect();
-        let mut batch = sent.clone();
+        let mut batch = sent.iter().cloned().map(Outgoing::from).collect();
         poll_fn(|cx| {
             Poll::Ready(server.write_batch(cx, &mut batch, Some(Message::Ping("hb".into()))))
         })
@@ -934,7 +942,10 @@ mod tests {
     #[tokio::test]
     async fn a_batch_goes_through_the_codec_on_a_stream_without_vectored_writes() {
         let (mut client, mut server) = pair(64 * 1024);
-        let mut batch = vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")];
+        let mut batch = vec![
+            Bytes::from_static(b"one").into(),
+            Bytes::from_static(b"two").into(),
+        ];
         let bye = CloseFrame {
             code: CloseCode::Away,
             reason: "bye".into(),
@@ -957,7 +968,7 @@ mod tests {
             client.next().await.unwrap().unwrap(),
             Message::Close(Some(bye))
         );
-        let mut late = vec![Bytes::from_static(b"late")];
+        let mut late = vec![Bytes::from_static(b"late").into()];
         let refused = poll_fn(|cx| Poll::Ready(server.write_batch(cx, &mut late, None))).await;
         assert!(
             matches!(
@@ -1020,7 +1031,7 @@ mod tests {
         let mut server = Socket::new(Vectored(server_io), WebSocketConfig::default());
 
         // 42 of the pipe's 64 bytes taken.
-        let mut batch = vec![Bytes::from(vec![1u8; 40])];
+        let mut batch = vec![Bytes::from(vec![1u8; 40]).into()];
         poll_fn(|cx| Poll::Ready(server.write_batch(cx, &mut batch, None)))
             .await
             .unwrap();
@@ -1036,7 +1047,7 @@ mod tests {
         let more = poll_fn(|cx| Poll::Ready(server.poll_read(cx).is_pending())).await;
         assert!(more, "nothing more to read");
 
-        let mut batch = vec![Bytes::from_static(b"after")];
+        let mut batch = vec![Bytes::from_static(b"after").into()];
         poll_fn(|cx| Poll::Ready(server.write_batch(cx, &mut batch, None)))
             .await
             .unwrap();
@@ -1071,7 +1082,7 @@ mod tests {
             code: CloseCode::Away,
             reason: "ours".into(),
         };
-        let mut batch = vec![big.clone()];
+        let mut batch = vec![big.clone().into()];
         poll_fn(|cx| {
             Poll::Ready(server.write_batch(
                 cx,
@@ -1340,6 +1351,7 @@ mod tests {
         use tokio_tungstenite::tungstenite::protocol::Role;
 
         use super::*;
+        use crate::frame::Frame;
 
         /// A pipe that takes at most `most` bytes per write, from as many
         /// slices as that covers.
@@ -1400,7 +1412,7 @@ mod tests {
             }
         }
 
-        async fn written(batches: &[Vec<Bytes>], most: usize, pipe: usize) -> Vec<Bytes> {
+        async fn written(batches: &[Vec<Outgoing>], most: usize, pipe: usize) -> Vec<Bytes> {
             let (client_io, server_io) = tokio::io::duplex(pipe);
             let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
             let narrow = Narrow {
@@ -1439,19 +1451,27 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(128))]
             #[test]
             fn batches_arrive_whole_and_in_order(
-                sizes in vec(vec(0usize..1500, 1..8), 1..6),
+                sizes in vec(vec((0usize..1500, 0u8..3), 1..8), 1..6),
                 most in 1usize..700,
                 pipe in 1usize..2048,
             ) {
                 let mut n = 0u8;
-                let batches: Vec<Vec<Bytes>> = sizes
+                // Frames encoded whole, and replies with a header of 4 or
+                // 8 bytes kept apart from their payload.
+                let batches: Vec<Vec<Outgoing>> = sizes
                     .iter()
                     .map(|batch| {
                         batch
                             .iter()
-                            .map(|&len| {
+                            .map(|&(len, header)| {
                                 n = n.wrapping_add(1);
-                                Bytes::from(vec![n; len])
+                                let payload = Bytes::from(vec![n; len]);
+                                let frame = Frame::new(u32::from(n), payload.clone());
+                                match header {
+                                    0 => Outgoing::from(payload),
+                                    1 => Outgoing::from(frame),
+                                    _ => Outgoing::from(frame.with_request_id(Some(7))),
+                                }
                             })
                             .collect()
                     })
@@ -1461,7 +1481,11 @@ mod tests {
                     .build()
                     .unwrap();
                 let got = runtime.block_on(written(&batches, most, pipe));
-                let expected: Vec<Bytes> = batches.into_iter().flatten().collect();
+                let expected: Vec<Bytes> = batches
+                    .into_iter()
+                    .flatten()
+                    .map(Outgoing::into_bytes)
+                    .collect();
                 prop_assert_eq!(got, expected);
             }
         }

@@ -22,6 +22,7 @@ use super::socket::Socket;
 use crate::{
     close::CloseReason,
     deadline::{Deadlines, Drain},
+    frame::Outgoing,
     queue::{Batch, SessionQueue},
     session::Session,
     Config,
@@ -100,7 +101,7 @@ struct Unflushed {
 /// one batch is written at a time.
 pub(super) struct Writer {
     /// Grown on demand: an idle session should not carry room for 64 frames.
-    batch: Vec<Bytes>,
+    batch: Vec<Outgoing>,
     /// The session's next heartbeat and its token's expiry, kept by the
     /// process's deadline thread rather than a timer of the session's own
     /// (see [`deadline`](crate::deadline)).
