@@ -343,8 +343,9 @@ impl SessionQueue {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues an encoded reply or control frame for the writer (the default
-    /// policy: a full queue closes the session).
+    /// Queues a reply or control frame for the writer (the default policy:
+    /// a full queue closes the session): encoded whole (`Bytes`), or a
+    /// [`Frame`](crate::Frame) with its header apart ([`Outgoing`]).
     ///
     /// # Errors
     /// [`PushError::Full`] when the queue was full (the session is then

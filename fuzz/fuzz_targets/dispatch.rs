@@ -60,7 +60,8 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
             for frame in &frames {
-                let frame = Frame::decode(frame.clone()).expect("queued frames are valid");
+                let frame =
+                    Frame::decode(frame.clone().into_bytes()).expect("queued frames are valid");
                 if frame.opcode == opcode::ERROR {
                     v1::Error::decode(frame.payload.clone()).expect("error payloads decode");
                 }
@@ -69,7 +70,12 @@ fuzz_target!(|data: &[u8]| {
             // an ERROR), queued last; one without may get none (e.g. LEAVE).
             if let Some(id) = request.and_then(|r| r.request_id) {
                 let answer = frames.last().expect("a request with an id gets an answer");
-                assert_eq!(Frame::decode(answer.clone()).unwrap().request_id, Some(id));
+                assert_eq!(
+                    Frame::decode(answer.clone().into_bytes())
+                        .unwrap()
+                        .request_id,
+                    Some(id)
+                );
             }
         }
         drop(session);
