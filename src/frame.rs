@@ -212,9 +212,8 @@ impl Frame {
 
     /// Encodes the frame into one buffer, ready to be shared by every recipient.
     pub fn encode(&self) -> Bytes {
-        let mut buf = BytesMut::with_capacity(self.encoded_len());
-        self.encode_into(&mut buf);
-        buf.freeze()
+        let (header, header_len) = self.header();
+        joined(&header[..header_len as usize], &self.payload)
     }
 
     /// The payload as UTF-8 text.
@@ -238,6 +237,14 @@ impl Frame {
 
 /// A frame's encoded header: the opcode word and the request id.
 type Header = [u8; OPCODE_LEN + REQUEST_ID_LEN];
+
+/// `header` then `payload`, in one new buffer.
+fn joined(header: &[u8], payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(header.len() + payload.len());
+    buf.put_slice(header);
+    crate::copy::put_slice(&mut buf, payload);
+    buf.freeze()
+}
 
 /// A frame on its way to the client: the encoded header kept apart from
 /// the payload. Queuing a reply this way takes neither a buffer of its own
@@ -274,13 +281,10 @@ impl Outgoing {
 
     /// The encoded frame in one buffer: a copy, unless the header is empty.
     pub fn into_bytes(self) -> Bytes {
-        if self.header_len == 0 {
-            return self.payload;
+        match self.header_len {
+            0 => self.payload,
+            _ => joined(self.header(), &self.payload),
         }
-        let mut buf = BytesMut::with_capacity(self.len());
-        buf.put_slice(self.header());
-        crate::copy::put_slice(&mut buf, &self.payload);
-        buf.freeze()
     }
 }
 
@@ -308,12 +312,7 @@ impl From<Frame> for Outgoing {
 
 impl From<&Frame> for Outgoing {
     fn from(frame: &Frame) -> Outgoing {
-        let (header, header_len) = frame.header();
-        Outgoing {
-            header,
-            header_len,
-            payload: frame.payload.clone(),
-        }
+        Outgoing::from(frame.clone())
     }
 }
 
